@@ -1,0 +1,163 @@
+"""DualViewEncoder: DCM -> ONE vision-tower call over every crop -> DEM -> thumbnail fusion."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import grid as G
+from ._checks import check_choice
+from .cropping import DCM, DualCrops
+from .enhance import DEM
+
+Tower = Callable[[torch.Tensor], torch.Tensor]
+"""Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
+
+
+class DualViewEncoder(nn.Module):
+    """High-resolution image encoder of INF-LLaVA, generalised.
+
+    Every crop of the batch (``2*R*C`` per image plus the thumbnails) goes through ``tower`` in
+    ONE call (or in chunks of ``tower_batch_size`` to bound memory); DEM fuses the local and
+    global tokens; the thumbnail's tokens are then mixed in.
+
+    Args:
+        tower: callable (N, c, s, s) -> (N, h*w, D). If it has a ``patch_size`` attribute, the
+            token grid ``(h, w) = (s // patch_size,) * 2`` is known without running it.
+        dcm: the cropping module (its ``crop_size`` is the tower's input size).
+        dem: the enhancement module (its ``dim`` is the tower's ``D``).
+        thumbnail_fusion: ``"mean"`` (released: ``(thumb + dem) / 2``, needs ``out_size == (h, w)``),
+            ``"concat"`` (thumbnail tokens, then DEM tokens) or ``"none"`` (DEM tokens only).
+        tower_batch_size: run the tower on at most this many crops at a time.
+        patch_size: the tower's patch size, when the tower does not say it (for :meth:`budget`).
+
+    Shapes:
+        forward((B, c, H, W)) -> (B, tokens, D);
+        forward([(c, H_i, W_i), ...]) -> [(tokens_i, D), ...] (images grouped by grid, each
+        group one DEM call, all crops one tower call).
+    """
+
+    def __init__(
+        self,
+        tower: Tower,
+        dcm: DCM,
+        dem: DEM,
+        *,
+        thumbnail_fusion: str = "mean",
+        tower_batch_size: Optional[int] = None,
+        patch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if not callable(tower):
+            raise TypeError(f"tower must be callable (N, 3, s, s) -> (N, h*w, D), got {type(tower).__name__}")
+        if not isinstance(dcm, DCM):
+            raise TypeError(f"dcm must be a dualview.DCM, got {type(dcm).__name__}")
+        if not isinstance(dem, DEM):
+            raise TypeError(f"dem must be a dualview.DEM, got {type(dem).__name__}")
+        check_choice(thumbnail_fusion, "thumbnail_fusion", ("mean", "concat", "none"))
+        if thumbnail_fusion != "none" and not dcm.thumbnail:
+            raise ValueError(f"thumbnail_fusion={thumbnail_fusion!r} needs DCM(thumbnail=True)")
+        if thumbnail_fusion == "mean" and dem.out_size is None:
+            raise ValueError(
+                "thumbnail_fusion='mean' averages the thumbnail's h*w tokens with DEM's: it needs "
+                "DEM(out_size=(h, w)), got out_size=None; use 'concat' or 'none' for the full map"
+            )
+        if tower_batch_size is not None:
+            G.check_positive_int(tower_batch_size, "tower_batch_size")
+        self.tower = tower
+        self.dcm = dcm
+        self.dem = dem
+        self.thumbnail_fusion = thumbnail_fusion
+        self.tower_batch_size = tower_batch_size
+        self.patch_size = patch_size if patch_size is not None else getattr(tower, "patch_size", None)
+
+    @classmethod
+    def inf_llava(cls, tower: Tower, dem: DEM) -> "DualViewEncoder":
+        """The released ``encode_images``: squash to ``3*336`` (bicubic, align_corners=False, no
+        antialias, float32), 3x3 local + global crops, a bicubic thumbnail of the input, DEM to
+        24x24, ``(thumb + dem) / 2``. ``dem`` is typically ``DEM.from_inf_llava(checkpoint)``."""
+        released = dict(out_size=(24, 24), directions="both", fusion="linear_concat", resample="bilinear")
+        actual = {key: getattr(dem, key) for key in released}
+        if actual != released:
+            raise ValueError(f"dem must have the released configuration {released}, got {actual}")
+        dcm = DCM(336, (3, 3), fit="squash", thumbnail=True, interpolation="bicubic", antialias=False)
+        return cls(tower, dcm, dem, thumbnail_fusion="mean")
+
+    @property
+    def feat_size(self) -> Optional[G.Size]:
+        """Token grid ``(h, w)`` of one crop, if the tower's patch size is known."""
+        if self.patch_size is None:
+            return None
+        return G.crop_tokens(self.dcm.crop_size, self.patch_size)
+
+    def budget(self, image_size: G.Size) -> G.Budget:
+        """Tower passes and output tokens for one image of ``(H, W)`` pixels; runs nothing."""
+        grid = self.dcm.grid_for(G.check_size(tuple(image_size), "image_size"))
+        return G.dual_view_budget(
+            grid,
+            self.dcm.crop_size,
+            self.feat_size,
+            out_size=self.dem.out_size,
+            thumbnail=self.dcm.thumbnail,
+            thumbnail_fusion=self.thumbnail_fusion,
+        )
+
+    def forward(self, images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Union[torch.Tensor, list[torch.Tensor]]:
+        crops = self.dcm(images)
+        if isinstance(crops, DualCrops):
+            return self.encode_crops([crops])[0]
+        return [tokens[0] for tokens in self.encode_crops(crops)]
+
+    def encode_crops(self, crops: Sequence[DualCrops]) -> list[torch.Tensor]:
+        """Encode DCM outputs: one tower call for all of them, one DEM call per grid.
+
+        -> one (B_i, tokens, D) tensor per element of ``crops``.
+        """
+        parts = []
+        for c in crops:
+            parts += [c.local_view.flatten(0, 1), c.global_view.flatten(0, 1)]
+            parts += [] if c.thumbnail is None else [c.thumbnail]
+        feats = iter(self.run_tower(torch.cat(parts)).split([p.shape[0] for p in parts]))
+        local, glob, thumb = [], [], []
+        for c in crops:
+            batch_crops = c.local_view.shape[:2]
+            local.append(next(feats).unflatten(0, batch_crops))
+            glob.append(next(feats).unflatten(0, batch_crops))
+            thumb.append(None if c.thumbnail is None else next(feats))
+        # Inputs that share a grid form one batch for DEM.
+        by_grid: dict[G.Grid, list[int]] = defaultdict(list)
+        for i, c in enumerate(crops):
+            by_grid[c.grid].append(i)
+        out: list[Optional[torch.Tensor]] = [None] * len(crops)
+        for grid, idx in by_grid.items():
+            fused = self.dem(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), grid)
+            for i, tokens in zip(idx, fused.split([local[i].shape[0] for i in idx])):
+                out[i] = self._fuse_thumbnail(tokens, thumb[i])
+        return out
+
+    def run_tower(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, c, s, s) -> (N, T, D), in one call or in chunks of ``tower_batch_size``."""
+        if self.tower_batch_size is None or pixels.shape[0] <= self.tower_batch_size:
+            feats = self.tower(pixels)
+        else:
+            feats = torch.cat([self.tower(chunk) for chunk in pixels.split(self.tower_batch_size)])
+        if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or feats.shape[0] != pixels.shape[0]:
+            got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+            raise ValueError(f"tower must return (N={pixels.shape[0]}, h*w, D) patch tokens, got {got}")
+        return feats
+
+    def _fuse_thumbnail(self, dem_tokens: torch.Tensor, thumb: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.thumbnail_fusion == "none":
+            return dem_tokens
+        if self.thumbnail_fusion == "concat":
+            return torch.cat((thumb, dem_tokens), dim=1)
+        if thumb.shape != dem_tokens.shape:
+            raise ValueError(
+                f"thumbnail_fusion='mean' needs thumbnail tokens {tuple(thumb.shape)} and DEM tokens "
+                f"{tuple(dem_tokens.shape)} of one shape: set DEM out_size to the tower's (h, w)"
+            )
+        return (thumb + dem_tokens) / 2
+

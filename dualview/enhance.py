@@ -1,0 +1,278 @@
+"""DEM, the Dual-perspective Enhancement Module: local and global feature maps attend to each other.
+
+Weight names are those of the released INF-LLaVA ``SpatialEmbed`` (``attention.linears.{0..3}``,
+``attention.ln``, ``ffn_crop``, ``ffn_stride``, ``ln_fuse``), so a released checkpoint loads with
+``load_state_dict`` unchanged (see :meth:`DEM.from_inf_llava`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Final, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from . import grid as G
+from . import layout
+from ._checks import check_choice, check_float_tensor, check_same_shape
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+Directions = Literal["both", "local_to_global", "global_to_local"]
+Fusion = Literal["linear_concat", "add", "conv3x3"]
+Resample = Optional[Literal["bilinear", "avgpool"]]
+
+
+class CrossAttention(nn.Module):
+    """``A(q, kv) = LayerNorm(W_o(MHA(W_q q, W_k kv, W_v kv)) + q)``, the block INF-LLaVA shares
+    between both directions. Runs as one ``scaled_dot_product_attention`` over all sequences.
+
+    Shapes: q (N, T, D), kv (N, S, D) -> (N, T, D).
+    """
+
+    fused_attn: Final[bool]
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        eps: float = 1e-5,
+        fused_attn: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.fused_attn = fused_attn
+        # W_q, W_k, W_v, W_o in one ModuleList: the released checkpoint's layout.
+        self.linears = nn.ModuleList(nn.Linear(dim, dim, device=device, dtype=dtype) for _ in range(4))
+        self.ln = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        w_q, w_k, w_v, w_o = self.linears
+        heads = "n t (h d) -> n h t d"
+        query = rearrange(w_q(q), heads, h=self.num_heads)
+        key = rearrange(w_k(kv), heads, h=self.num_heads)
+        value = rearrange(w_v(kv), heads, h=self.num_heads)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(query, key, value)
+        else:  # the reference formula, for debugging and comparison
+            scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
+            out = scores.softmax(dim=-1) @ value
+        return self.ln(w_o(rearrange(out, "n h t d -> n t (h d)")) + q)
+
+
+def _ffn(dim: int, hidden: int, out: int, device, dtype) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(dim, hidden, device=device, dtype=dtype),
+        nn.GELU(),
+        nn.Linear(hidden, out, device=device, dtype=dtype),
+    )
+
+
+class DEM(nn.Module):
+    """Dual-perspective Enhancement Module.
+
+    The local sub-images' tokens are laid side by side into the local map ``ML`` and the global
+    sub-images' tokens interleaved into the global map ``MG``; both are ``(R*h, C*w)`` maps in
+    which the same position holds the same canvas region. Then, with one shared attention block:
+
+    * global <- local (``"local_to_global"``): each contiguous ``h x w`` window of ``MG`` queries
+      the same window of ``ML`` (local detail enhances global context), giving ``EG``;
+    * local <- global (``"global_to_local"``): each strided group ``map[a::R, b::C]`` of ``ML``
+      queries the same group of ``MG`` (whole-image context enhances each local token), giving
+      ``EL``.
+
+    ``directions`` names the flow of information ``source_to_target``; a direction left out keeps
+    its raw map (``EL = ML`` or ``EG = MG``). Both directions run as ONE batched attention call.
+    Fusion (released ``"linear_concat"``):
+    ``LN(concat(FFN_crop(EL), FFN_stride(EG)) + EG + EL)``; ``"add"``: ``LN(EL + EG)``;
+    ``"conv3x3"``: ``LN(Conv3x3(concat(EL, EG)) + EG + EL)``. Finally the fused map is resampled
+    to ``out_size`` in float32 (``"bilinear"`` as released, align_corners=False; ``"avgpool"``:
+    adaptive average pooling; ``None``: no resampling, ``out_size`` must then equal the map size).
+
+    Args:
+        dim: ``D``, channels of the vision tower's tokens.
+        num_heads: attention heads (8 in the release).
+        out_size: ``(out_h, out_w)`` of the output map, or None for the full fused map.
+        directions: ``"both"``, ``"local_to_global"`` or ``"global_to_local"``.
+        fusion: ``"linear_concat"``, ``"add"`` or ``"conv3x3"``.
+        resample: ``"bilinear"``, ``"avgpool"`` or None.
+        ffn_hidden: hidden width of the fusion FFNs (released: ``dim // 16``).
+        eps: LayerNorm epsilon.
+        fused_attn: use ``scaled_dot_product_attention`` (else the explicit softmax formula).
+
+    Shapes:
+        forward(local_feats (B, R*C, h*w, D), global_feats (B, R*C, h*w, D), grid=(R, C))
+        -> (B, out_h*out_w, D), or (B, R*h*C*w, D) row-major over the canvas with out_size=None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        out_size: Optional[G.Size] = (24, 24),
+        directions: Directions = "both",
+        fusion: Fusion = "linear_concat",
+        resample: Resample = "bilinear",
+        ffn_hidden: Optional[int] = None,
+        eps: float = 1e-5,
+        fused_attn: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        G.check_positive_int(dim, "dim")
+        G.check_positive_int(num_heads, "num_heads")
+        check_choice(directions, "directions", ("both", "local_to_global", "global_to_local"))
+        check_choice(fusion, "fusion", ("linear_concat", "add", "conv3x3"))
+        check_choice(resample, "resample", ("bilinear", "avgpool", None))
+        self.dim = dim
+        self.out_size = None if out_size is None else G.check_size(tuple(out_size), "out_size")
+        self.directions = directions
+        self.fusion = fusion
+        self.resample = resample
+        self.attention = CrossAttention(dim, num_heads, eps=eps, fused_attn=fused_attn, device=device, dtype=dtype)
+        if fusion == "linear_concat":
+            if dim % 2:
+                raise ValueError(f"fusion='linear_concat' concatenates two dim//2 halves: dim must be even, got {dim}")
+            hidden = G.check_positive_int(ffn_hidden if ffn_hidden is not None else max(dim // 16, 1), "ffn_hidden")
+            self.ffn_crop = _ffn(dim, hidden, dim // 2, device, dtype)
+            self.ffn_stride = _ffn(dim, hidden, dim // 2, device, dtype)
+        elif fusion == "conv3x3":
+            self.fuse_conv = nn.Conv2d(2 * dim, dim, kernel_size=3, padding=1, device=device, dtype=dtype)
+        self.ln_fuse = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.num_heads
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, out_size={self.out_size}, "
+            f"directions={self.directions!r}, fusion={self.fusion!r}, resample={self.resample!r}"
+        )
+
+    def output_tokens(self, grid: G.Grid, feat_size: G.Size) -> int:
+        """Tokens per image for a grid and a per-crop token grid ``(h, w)``."""
+        if self.out_size is None:
+            return grid[0] * grid[1] * feat_size[0] * feat_size[1]
+        return self.out_size[0] * self.out_size[1]
+
+    def forward(
+        self,
+        local_feats: torch.Tensor,
+        global_feats: torch.Tensor,
+        grid: G.Grid,
+        feat_size: Optional[G.Size] = None,
+    ) -> torch.Tensor:
+        rows, cols = G.check_grid(grid)
+        h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
+        l_map = layout.windows_to_map(local_feats, rows, cols, h, w)  # ML (B, R*h, C*w, D)
+        g_map = layout.groups_to_map(global_feats, rows, cols, h, w)  # MG (B, R*h, C*w, D)
+        # Global queries see the local tokens of the same window: window (r, c) of MG, tile (r, c).
+        q_global, kv_global = layout.map_to_windows(g_map, rows, cols), local_feats
+        # Local queries see the global tokens of the same strided group: ML[a::R, b::C], G[(a, b)].
+        q_local, kv_local = layout.map_to_groups(l_map, rows, cols), global_feats
+        if self.directions == "both":  # one attention call for both directions
+            q = torch.cat((q_global, q_local)).flatten(0, 1)
+            kv = torch.cat((kv_global, kv_local)).flatten(0, 1)
+            e_global, e_local = self.attention(q, kv).unflatten(0, (2, -1, rows * cols))
+        elif self.directions == "local_to_global":
+            e_global = self.attention(q_global.flatten(0, 1), kv_global.flatten(0, 1)).unflatten(0, (-1, rows * cols))
+        else:
+            e_local = self.attention(q_local.flatten(0, 1), kv_local.flatten(0, 1)).unflatten(0, (-1, rows * cols))
+        eg = g_map if self.directions == "global_to_local" else layout.windows_to_map(e_global, rows, cols, h, w)
+        el = l_map if self.directions == "local_to_global" else layout.groups_to_map(e_local, rows, cols, h, w)
+        return self._resample(self._fuse(el, eg))
+
+    def _check_inputs(
+        self, local_feats: torch.Tensor, global_feats: torch.Tensor, num_crops: int, feat_size: Optional[G.Size]
+    ) -> G.Size:
+        check_float_tensor(local_feats, "local_feats", 4, "(B, R*C, h*w, D)")
+        check_float_tensor(global_feats, "global_feats", 4, "(B, R*C, h*w, D)")
+        check_same_shape(local_feats, "local_feats", global_feats, "global_feats")
+        batch, crops, tokens, dim = local_feats.shape
+        if batch == 0:
+            raise ValueError("local_feats must hold at least one image, got batch size 0")
+        if dim != self.dim:
+            raise ValueError(f"local_feats must have D={self.dim} channels (last dim), got shape {tuple(local_feats.shape)}")
+        if crops != num_crops:
+            raise ValueError(
+                f"local_feats dim 1 must be R*C={num_crops} sub-images for the given grid, got shape {tuple(local_feats.shape)}"
+            )
+        if feat_size is None:
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ValueError(
+                    f"local_feats has {tokens} tokens per sub-image, not a square h*w: pass feat_size=(h, w)"
+                )
+            return side, side
+        h, w = G.check_size(tuple(feat_size), "feat_size")
+        if h * w != tokens:
+            raise ValueError(f"feat_size={feat_size} gives h*w={h * w} tokens, but local_feats has {tokens} per sub-image")
+        return h, w
+
+    def _fuse(self, el: torch.Tensor, eg: torch.Tensor) -> torch.Tensor:
+        """(B, R*h, C*w, D) twice -> (B, R*h, C*w, D)."""
+        if self.fusion == "add":
+            return self.ln_fuse(el + eg)
+        if self.fusion == "linear_concat":  # concat order as released: crop (local) half first
+            mixed = torch.cat((self.ffn_crop(el), self.ffn_stride(eg)), dim=-1)
+        else:
+            pair = rearrange(torch.cat((el, eg), dim=-1), "b y x d -> b d y x")
+            mixed = rearrange(self.fuse_conv(pair), "b d y x -> b y x d")
+        return self.ln_fuse(mixed + eg + el)
+
+    def _resample(self, fused: torch.Tensor) -> torch.Tensor:
+        """(B, R*h, C*w, D) -> (B, out_h*out_w, D), resampling in float32 as released."""
+        map_size = tuple(fused.shape[1:3])
+        if self.out_size is None or (self.resample is None and self.out_size == map_size):
+            return fused.flatten(1, 2)
+        if self.resample is None:
+            raise ValueError(
+                f"resample=None keeps the fused map of {map_size}, which differs from out_size={self.out_size}: "
+                "choose resample='bilinear' or 'avgpool', or out_size=None"
+            )
+        chans_first = rearrange(fused, "b y x d -> b d y x").float()
+        if self.resample == "bilinear":
+            out = F.interpolate(chans_first, size=self.out_size, mode="bilinear", align_corners=False)
+        else:
+            out = F.adaptive_avg_pool2d(chans_first, self.out_size)
+        return rearrange(out.to(fused.dtype), "b d y x -> b (y x) d")
+
+    @classmethod
+    def from_inf_llava(
+        cls, state_dict_or_path: Union[dict, str, "PathLike[str]"], **overrides
+    ) -> "DEM":
+        """A DEM holding a released INF-LLaVA checkpoint's ``spatial_embed`` weights.
+
+        ``state_dict_or_path``: a state dict (bare keys, or keys with any prefix ending in
+        ``spatial_embed.``, e.g. ``model.spatial_embed.``) or a path to a ``.safetensors`` /
+        ``.bin`` file or a (sharded) checkpoint folder. ``dim`` is inferred; ``overrides`` go to
+        the constructor (e.g. ``out_size=None``). Loads strictly: a missing or unexpected key is a
+        ValueError that names it.
+        """
+        from .checkpoints import load_dem_state
+
+        state = load_dem_state(state_dict_or_path)
+        if "dim" in overrides:
+            raise ValueError("dim is inferred from the checkpoint; do not pass it to from_inf_llava")
+        dim = state["attention.linears.0.weight"].shape[0]
+        dem = cls(dim, **overrides)
+        incompatible = dem.load_state_dict(state, strict=False)
+        if incompatible.missing_keys or incompatible.unexpected_keys:
+            raise ValueError(
+                "checkpoint does not match DEM("
+                + ", ".join([f"dim={dim}"] + [f"{k}={v!r}" for k, v in overrides.items()])
+                + f"): missing keys {sorted(incompatible.missing_keys)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
+            )
+        return dem

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The two set-up commands of the README:
+#   bash run.sh demo   # the main job: DCM -> tower -> DEM on the embedded demo image
+#   bash run.sh test   # the test suite
+# Both create .venv on first use and install everything the project needs into it (about 2.5 min
+# on this machine, where pip serves torch from local disk). Extra arguments go to the demo / pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${DUALVIEW_VENV:-.venv}"
+# torch<=2.14.1 / torchvision<=0.29.1 are served from local disk here; elsewhere pip takes them
+# from PyPI (a CUDA build on Linux x86_64). Override with DUALVIEW_TORCH="torch==X torchvision==Y".
+TORCH_SPEC="${DUALVIEW_TORCH:-torch<=2.14.1 torchvision<=0.29.1}"
+STAMP="$VENV/.dualview-installed"
+WANT="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)"
+
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[run.sh] installing into $VENV ..." >&2
+  python3 -m venv "$VENV"
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q $TORCH_SPEC
+  "$VENV/bin/pip" install -q -e ".[hf,timm,dev]"
+  echo "$WANT" > "$STAMP"
+fi
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo) exec "$VENV/bin/python" -m dualview.demo "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash run.sh demo|test [args...]" >&2; exit 2 ;;
+esac
