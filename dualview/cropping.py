@@ -18,7 +18,8 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest-exact", "area")
 
 
 def resize(images: torch.Tensor, size: G.Size, mode: str, antialias: bool) -> torch.Tensor:
-    """Resize (B, c, H, W) to ``size`` in float32 (as the released code does), back in the input dtype.
+    """Resize (B, c, H, W) to ``size`` in at least float32 (as the released code does), back in the
+    input dtype.
 
     The same size returns the input itself: an image that already fits is never resampled.
     """
@@ -26,7 +27,7 @@ def resize(images: torch.Tensor, size: G.Size, mode: str, antialias: bool) -> to
         return images
     smooth = mode in ("bicubic", "bilinear")
     out = F.interpolate(
-        images.float(),
+        images.to(torch.promote_types(images.dtype, torch.float32)),
         size=size,
         mode=mode,
         align_corners=False if smooth else None,

@@ -120,7 +120,10 @@ class DualViewEncoder(nn.Module):
         for c in crops:
             parts += [c.local_view.flatten(0, 1), c.global_view.flatten(0, 1)]
             parts += [] if c.thumbnail is None else [c.thumbnail]
-        feats = iter(self.run_tower(torch.cat(parts)).split([p.shape[0] for p in parts]))
+        feats = self.run_tower(torch.cat(parts))
+        if feats.shape[-1] != self.dem.dim:
+            raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
+        feats = iter(feats.split([p.shape[0] for p in parts]))
         local, glob, thumb = [], [], []
         for c in crops:
             batch_crops = c.local_view.shape[:2]

@@ -175,9 +175,8 @@ class DEM(nn.Module):
         feat_size: Optional[G.Size] = None,
     ) -> torch.Tensor:
         rows, cols = G.check_grid(grid)
-        h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
-        l_map = layout.windows_to_map(local_feats, rows, cols, h, w)  # ML (B, R*h, C*w, D)
-        g_map = layout.groups_to_map(global_feats, rows, cols, h, w)  # MG (B, R*h, C*w, D)
+        l_map, g_map = self.maps(local_feats, global_feats, (rows, cols), feat_size)
+        h, w = l_map.shape[1] // rows, l_map.shape[2] // cols
         # Global queries see the local tokens of the same window: window (r, c) of MG, tile (r, c).
         q_global, kv_global = layout.map_to_windows(g_map, rows, cols), local_feats
         # Local queries see the global tokens of the same strided group: ML[a::R, b::C], G[(a, b)].
@@ -193,6 +192,22 @@ class DEM(nn.Module):
         eg = g_map if self.directions == "global_to_local" else layout.windows_to_map(e_global, rows, cols, h, w)
         el = l_map if self.directions == "local_to_global" else layout.groups_to_map(e_local, rows, cols, h, w)
         return self._resample(self._fuse(el, eg))
+
+    def maps(
+        self,
+        local_feats: torch.Tensor,
+        global_feats: torch.Tensor,
+        grid: G.Grid,
+        feat_size: Optional[G.Size] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local map ``ML`` and the global map ``MG``, both (B, R*h, C*w, D); position
+        ``(y, x)`` of either holds the features of the same canvas region."""
+        rows, cols = G.check_grid(grid)
+        h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
+        return (
+            layout.windows_to_map(local_feats, rows, cols, h, w),
+            layout.groups_to_map(global_feats, rows, cols, h, w),
+        )
 
     def _check_inputs(
         self, local_feats: torch.Tensor, global_feats: torch.Tensor, num_crops: int, feat_size: Optional[G.Size]
@@ -242,7 +257,8 @@ class DEM(nn.Module):
                 f"resample=None keeps the fused map of {map_size}, which differs from out_size={self.out_size}: "
                 "choose resample='bilinear' or 'avgpool', or out_size=None"
             )
-        chans_first = rearrange(fused, "b y x d -> b d y x").float()
+        # at least float32, as released (float64 stays float64)
+        chans_first = rearrange(fused, "b y x d -> b d y x").to(torch.promote_types(fused.dtype, torch.float32))
         if self.resample == "bilinear":
             out = F.interpolate(chans_first, size=self.out_size, mode="bilinear", align_corners=False)
         else:

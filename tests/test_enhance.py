@@ -1,0 +1,283 @@
+"""DEM: INF-LLaVA equivalence, a loop reference for any grid, map alignment, gradients, loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from dualview import DCM, DEM
+from dualview import layout
+
+from .conftest import FIXTURES
+
+
+def dem_fixture():
+    fx = load_file(FIXTURES / "inf_llava_dem_n3_d32.safetensors")
+    state = {k[len("state."):]: v for k, v in fx.items() if k.startswith("state.")}
+    return fx, state
+
+
+def test_from_inf_llava_reproduces_the_released_dem():
+    fx, state = dem_fixture()
+    dem = DEM.from_inf_llava(state)
+    assert (dem.dim, dem.num_heads, dem.out_size) == (32, 8, (24, 24))
+    with torch.no_grad():
+        out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
+    assert out.shape == fx["output"].shape == (1, 576, 32)
+    assert (out - fx["output"]).abs().max().item() <= 1e-4
+
+
+def test_explicit_softmax_path_matches_the_fixture_too():
+    fx, state = dem_fixture()
+    dem = DEM.from_inf_llava(state, fused_attn=False)
+    with torch.no_grad():
+        out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
+    assert (out - fx["output"]).abs().max().item() <= 1e-4
+
+
+def reference_dem(dem: DEM, local: torch.Tensor, glob: torch.Tensor, rows: int, cols: int, h: int, w: int):
+    """The released algorithm written out with loops, generalised to R x C grids and h x w tokens
+    (spec: tests/fixtures/inf_llava/README.md). Shares only the weights with the module."""
+    b, _, _, d = local.shape
+    heads = dem.num_heads
+    wq, wk, wv, wo = dem.attention.linears
+
+    def attend(q, kv):
+        def split(x):
+            return x.view(b, -1, heads, d // heads).transpose(1, 2)
+
+        qh, kh, vh = split(wq(q)), split(wk(kv)), split(wv(kv))
+        att = torch.softmax(qh @ kh.transpose(-2, -1) / math.sqrt(d // heads), -1) @ vh
+        return dem.attention.ln(wo(att.transpose(1, 2).reshape(b, -1, d)) + q)
+
+    ml = torch.zeros(b, rows * h, cols * w, d, dtype=local.dtype)
+    mg = torch.zeros_like(ml)
+    for r in range(rows):
+        for c in range(cols):
+            ml[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = local[:, r * cols + c].view(b, h, w, d)
+            mg[:, r::rows, c::cols] = glob[:, r * cols + c].view(b, h, w, d)
+    eg = torch.zeros_like(ml)
+    el = torch.zeros_like(ml)
+    for r in range(rows):
+        for c in range(cols):
+            win = (slice(None), slice(r * h, (r + 1) * h), slice(c * w, (c + 1) * w))
+            eg[win] = attend(mg[win].reshape(b, h * w, d), ml[win].reshape(b, h * w, d)).view(b, h, w, d)
+            grp = (slice(None), slice(r, None, rows), slice(c, None, cols))
+            el[grp] = attend(ml[grp].reshape(b, h * w, d), mg[grp].reshape(b, h * w, d)).view(b, h, w, d)
+    fused = dem.ln_fuse(torch.cat([dem.ffn_crop(el), dem.ffn_stride(eg)], -1) + eg + el)
+    out = F.interpolate(fused.permute(0, 3, 1, 2).float(), size=dem.out_size, mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(b, -1, d)
+
+
+@given(
+    grid=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    hw=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    batch=st.integers(1, 2),
+    out=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    seed=st.integers(0, 999),
+)
+def test_batched_dem_equals_loop_reference_for_any_grid(grid, hw, batch, out, seed):
+    torch.manual_seed(seed)
+    rows, cols = grid
+    h, w = hw
+    dem = DEM(32, num_heads=4, out_size=out).eval()
+    local = torch.randn(batch, rows * cols, h * w, 32)
+    glob = torch.randn(batch, rows * cols, h * w, 32)
+    with torch.no_grad():
+        got = dem(local, glob, grid, feat_size=hw)
+        want = reference_dem(dem, local, glob, rows, cols, h, w)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@given(grid=st.tuples(st.integers(1, 6), st.integers(1, 6)), s=st.integers(1, 6))
+def test_local_and_global_maps_put_the_same_canvas_region_at_the_same_position(grid, s):
+    """Features that encode their own canvas coordinates (a 1-pixel-patch tower) give two maps
+    that are both the canvas; so DEM's window / group pairs see the same region."""
+    rows, cols = grid
+    height, width = rows * s, cols * s
+    yx = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).float()
+    canvas = torch.cat([yx, torch.zeros(1, height, width)]).unsqueeze(0)  # (1, 3, H, W): (y, x, 0)
+    crops = DCM(s, grid, thumbnail=False)(canvas)
+
+    def tower(views):  # (B, RC, 3, s, s) -> (B, RC, s*s, 4): one token per pixel, D=4
+        tokens = views.flatten(-2).transpose(-1, -2)
+        return torch.cat([tokens, torch.ones_like(tokens[..., :1])], -1)
+
+    dem = DEM(4, num_heads=1, fusion="add")
+    ml, mg = dem.maps(tower(crops.local_view), tower(crops.global_view), grid)
+    coords = canvas[0, :2].permute(1, 2, 0)
+    assert torch.equal(ml[0, ..., :2], coords)
+    assert torch.equal(mg[0, ..., :2], coords)
+    # the pairs DEM attends over: window (r, c) of MG with local tile (r, c); group (a, b) of ML with G[(a, b)]
+    assert torch.equal(layout.map_to_windows(mg, rows, cols), tower(crops.local_view))
+    assert torch.equal(layout.map_to_groups(ml, rows, cols), tower(crops.global_view))
+
+
+@pytest.mark.parametrize("fusion", ["linear_concat", "add", "conv3x3"])
+@pytest.mark.parametrize("directions", ["both", "local_to_global", "global_to_local"])
+def test_gradcheck_and_every_parameter_gets_a_gradient(fusion, directions):
+    torch.manual_seed(0)
+    dem = DEM(16, num_heads=2, out_size=(3, 5), fusion=fusion, directions=directions, dtype=torch.float64)
+    local = torch.randn(1, 6, 4, 16, dtype=torch.float64, requires_grad=True)
+    glob = torch.randn(1, 6, 4, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: dem(a, b, (2, 3)), (local, glob), eps=1e-6, atol=1e-5)
+    dem(local, glob, (2, 3)).square().sum().backward()
+    for name, p in dem.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_directions_change_what_is_enhanced():
+    torch.manual_seed(0)
+    local, glob = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    outs = {}
+    for directions in ("both", "local_to_global", "global_to_local"):
+        torch.manual_seed(1)
+        dem = DEM(16, num_heads=2, out_size=None, directions=directions)
+        outs[directions] = dem(local, glob, (2, 2))
+    assert not torch.allclose(outs["both"], outs["local_to_global"])
+    assert not torch.allclose(outs["both"], outs["global_to_local"])
+    # one direction only: the other map is the raw one
+    torch.manual_seed(1)
+    dem = DEM(16, num_heads=2, out_size=None, directions="global_to_local", fusion="add")
+    ml, mg = dem.maps(local, glob, (2, 2))
+    el = layout.groups_to_map(
+        dem.attention(layout.map_to_groups(ml, 2, 2).flatten(0, 1), glob.flatten(0, 1)).unflatten(0, (2, 4)), 2, 2, 3, 3
+    )
+    torch.testing.assert_close(dem(local, glob, (2, 2)), dem.ln_fuse(el + mg).flatten(1, 2))
+
+
+def test_output_sizes_and_resampling_modes():
+    local, glob = torch.randn(1, 6, 16, 8), torch.randn(1, 6, 16, 8)
+    full = DEM(8, num_heads=2, out_size=None)
+    assert full(local, glob, (2, 3)).shape == (1, 8 * 12, 8)
+    same = DEM(8, num_heads=2, out_size=(8, 12), resample=None)
+    same.load_state_dict(full.state_dict())
+    assert torch.equal(same(local, glob, (2, 3)), full(local, glob, (2, 3)))
+    with pytest.raises(ValueError, match="resample=None keeps the fused map"):
+        same(local, glob, (3, 2))
+    pooled = DEM(8, num_heads=2, out_size=(4, 6), resample="avgpool")
+    pooled.load_state_dict(full.state_dict())
+    fmap = full(local, glob, (2, 3)).view(1, 8, 12, 8)
+    expected = F.avg_pool2d(fmap.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1).reshape(1, 24, 8)
+    torch.testing.assert_close(pooled(local, glob, (2, 3)), expected)
+    assert DEM(8, num_heads=2).output_tokens((3, 3), (24, 24)) == 576
+    assert full.output_tokens((2, 3), (4, 4)) == 96
+
+
+def test_batch_equals_one_image_at_a_time():
+    torch.manual_seed(0)
+    dem = DEM(32, num_heads=8, out_size=(7, 5)).eval()
+    local, glob = torch.randn(3, 6, 16, 32), torch.randn(3, 6, 16, 32)
+    with torch.no_grad():
+        batched = dem(local, glob, (3, 2))
+        single = torch.cat([dem(local[i:i + 1], glob[i:i + 1], (3, 2)) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_output_dtype_and_device_follow_the_input(dtype):
+    dem = DEM(16, num_heads=2, out_size=(5, 5), dtype=dtype)
+    local = torch.randn(1, 4, 9, 16, dtype=dtype)
+    out = dem(local, local.clone(), (2, 2))
+    assert out.dtype == dtype and out.device == local.device
+    assert bool(torch.isfinite(out).all())
+
+
+def test_from_inf_llava_accepts_prefixes_files_and_folders(tmp_path):
+    fx, state = dem_fixture()
+    expected = DEM.from_inf_llava(state)(fx["local_feats"], fx["global_feats"], (3, 3))
+    prefixed = {f"model.spatial_embed.{k}": v for k, v in state.items()}
+    prefixed["model.mm_projector.0.weight"] = torch.randn(4, 32)
+    prefixed["model.layers.0.self_attn.q_proj.weight"] = torch.randn(4, 4)
+    save_file(prefixed, tmp_path / "ckpt.safetensors")
+    torch.save(prefixed, tmp_path / "mm_projector.bin")
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    keys = sorted(prefixed)
+    save_file({k: prefixed[k] for k in keys[::2]}, shard_dir / "model-00001-of-00002.safetensors")
+    save_file({k: prefixed[k] for k in keys[1::2]}, shard_dir / "model-00002-of-00002.safetensors")
+    for source in (prefixed, tmp_path / "ckpt.safetensors", str(tmp_path / "mm_projector.bin"), shard_dir):
+        dem = DEM.from_inf_llava(source)
+        torch.testing.assert_close(dem(fx["local_feats"], fx["global_feats"], (3, 3)), expected, atol=0, rtol=0)
+    full = DEM.from_inf_llava(prefixed, out_size=None)
+    assert full(fx["local_feats"], fx["global_feats"], (3, 3)).shape == (1, 72 * 72, 32)
+
+
+def test_from_inf_llava_errors_name_the_keys(tmp_path):
+    _, state = dem_fixture()
+    broken = dict(state)
+    del broken["ln_fuse.bias"]
+    broken["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['ln_fuse.bias'\], unexpected keys \['extra.weight'\]"):
+        DEM.from_inf_llava(broken)
+    with pytest.raises(ValueError, match="missing keys.*fuse_conv"):
+        DEM.from_inf_llava(state, fusion="conv3x3")
+    with pytest.raises(ValueError, match="no INF-LLaVA DEM weights"):
+        DEM.from_inf_llava({"model.mm_projector.0.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="several 'spatial_embed.' prefixes"):
+        DEM.from_inf_llava({**{f"a.spatial_embed.{k}": v for k, v in state.items()}, "b.spatial_embed.x": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DEM.from_inf_llava(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        DEM.from_inf_llava(tmp_path / "bad.safetensors")
+    (tmp_path / "evil.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        DEM.from_inf_llava(tmp_path / "evil.bin")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dim=30, num_heads=8), "dim must be divisible by num_heads"),
+        (dict(dim=32, directions="global"), "directions must be one of"),
+        (dict(dim=32, fusion="mul"), "fusion must be one of"),
+        (dict(dim=32, resample="nearest"), "resample must be one of"),
+        (dict(dim=32, out_size=(0, 4)), "out_size must be"),
+        (dict(dim=18, num_heads=2, fusion="linear_concat", ffn_hidden=0), "ffn_hidden must be a positive int"),
+        (dict(dim=0), "dim must be a positive int"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DEM(**kwargs)
+
+
+def test_forward_errors_name_the_argument():
+    dem = DEM(16, num_heads=2)
+    good = torch.randn(1, 4, 9, 16)
+    with pytest.raises(ValueError, match=r"local_feats must be 4-D"):
+        dem(good[0], good[0], (2, 2))
+    with pytest.raises(ValueError, match=r"same shape, got \(1, 4, 9, 16\) and \(1, 4, 4, 16\)"):
+        dem(good, torch.randn(1, 4, 4, 16), (2, 2))
+    with pytest.raises(ValueError, match=r"R\*C=6 sub-images"):
+        dem(good, good, (2, 3))
+    with pytest.raises(ValueError, match="D=16 channels"):
+        dem(torch.randn(1, 4, 9, 8), torch.randn(1, 4, 9, 8), (2, 2))
+    with pytest.raises(ValueError, match="not a square h\\*w: pass feat_size"):
+        dem(torch.randn(1, 4, 6, 16), torch.randn(1, 4, 6, 16), (2, 2))
+    with pytest.raises(ValueError, match="feat_size=\\(2, 2\\) gives h\\*w=4"):
+        dem(good, good, (2, 2), feat_size=(2, 2))
+    with pytest.raises(ValueError, match="grid must be"):
+        dem(good, good, (4, 0))
+    with pytest.raises(TypeError, match="floating-point"):
+        dem(good.long(), good.long(), (2, 2))
+
+
+def test_gradcheck_with_respect_to_every_parameter():
+    torch.manual_seed(0)
+    dem = DEM(16, num_heads=2, out_size=(3, 3), dtype=torch.float64)
+    local, glob = torch.randn(1, 4, 4, 16, dtype=torch.float64), torch.randn(1, 4, 4, 16, dtype=torch.float64)
+    names = [n for n, _ in dem.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in dem.parameters())
+
+    def run(*flat):
+        return torch.func.functional_call(dem, dict(zip(names, flat)), (local, glob, (2, 2)))
+
+    assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-5, fast_mode=True)
