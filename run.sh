@@ -17,9 +17,13 @@ WANT="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[run.sh] installing into $VENV ..." >&2
   python3 -m venv "$VENV"
+  log="$VENV/install.log"
   # shellcheck disable=SC2086
-  "$VENV/bin/pip" install -q $TORCH_SPEC
-  "$VENV/bin/pip" install -q -e ".[hf,timm,dev]"
+  if ! { "$VENV/bin/pip" install $TORCH_SPEC && "$VENV/bin/pip" install -e ".[hf,timm,dev]"; } > "$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "[run.sh] install failed; full log: $log" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 

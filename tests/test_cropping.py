@@ -29,6 +29,13 @@ def coordinate_canvas(batch: int, rows: int, cols: int, s: int, dtype) -> torch.
     return torch.stack([y, x, b], dim=1).to(dtype)
 
 
+def assert_partition(views: torch.Tensor, batch: int, height: int, width: int) -> None:
+    """Every canvas pixel (batch, row, col) appears exactly once over all crops of ``views``."""
+    codes = views.long()
+    flat = (codes[:, :, 2] * height + codes[:, :, 0]) * width + codes[:, :, 1]
+    assert torch.equal(flat.flatten().sort().values, torch.arange(batch * height * width))
+
+
 @given(grid=grids, s=crop_sizes, batch=batches, dtype=dtypes)
 def test_local_crops_partition_the_canvas_in_place(grid, s, batch, dtype):
     rows, cols = grid
@@ -42,10 +49,7 @@ def test_local_crops_partition_the_canvas_in_place(grid, s, batch, dtype):
             tile = crops.local_view[:, r * cols + c].long()
             assert torch.equal(tile[:, 0], (r * s + i).expand(batch, s, s))
             assert torch.equal(tile[:, 1], (c * s + j).expand(batch, s, s))
-    # every (batch, row, col) exactly once over all tiles
-    codes = crops.local_view.long()
-    flat = (codes[:, :, 2] * rows * s + codes[:, :, 0]) * cols * s + codes[:, :, 1]
-    assert torch.equal(flat.flatten().sort().values, torch.arange(batch * rows * s * cols * s))
+    assert_partition(crops.local_view, batch, rows * s, cols * s)
 
 
 @given(grid=grids, s=crop_sizes, batch=batches, dtype=dtypes)
@@ -61,9 +65,7 @@ def test_global_crop_pixel_ij_is_canvas_pixel_iR_plus_a_jC_plus_b(grid, s, batch
             assert torch.equal(sample[:, 0], (i * rows + a).expand(batch, s, s))
             assert torch.equal(sample[:, 1], (j * cols + b).expand(batch, s, s))
             assert torch.equal(crops.global_view[:, a * cols + b], canvas[:, :, a::rows, b::cols])
-    codes = crops.global_view.long()
-    flat = (codes[:, :, 2] * rows * s + codes[:, :, 0]) * cols * s + codes[:, :, 1]
-    assert torch.equal(flat.flatten().sort().values, torch.arange(batch * rows * s * cols * s))
+    assert_partition(crops.global_view, batch, rows * s, cols * s)
 
 
 @given(grid=grids, s=crop_sizes, batch=batches, dtype=dtypes, seed=st.integers(0, 2**16))
