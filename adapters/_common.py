@@ -1,0 +1,98 @@
+"""What every adapter shares: the dual-view options, recorded in the host model's config so that
+``save_pretrained`` / ``from_pretrained`` round-trips them, and the DEM weight reload."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from torch import nn
+
+from dualview import DCM, DEM, DualViewEncoder
+from dualview import grid as G
+from dualview.checkpoints import read_tensors, strip_prefix
+
+CONFIG_KEY = "dualview"
+"""Attribute of the host model's config (and key of its config.json) holding the options."""
+
+
+@dataclass
+class DualViewOptions:
+    """The dual-view choices of an adapted model. Defaults are the released INF-LLaVA: a 3x3 grid
+    squashed to ``3*crop`` (upstream pads to square before), DEM to the tower's token grid,
+    ``(thumbnail + dem) / 2``: as many LLM tokens as plain LLaVA-1.5."""
+
+    grid: Union[tuple[int, int], str] = (3, 3)
+    fit: str = "squash"
+    max_tiles: int = 9
+    pinpoints: Optional[Sequence[Sequence[int]]] = None
+    num_heads: int = 8
+    out_size: Union[tuple[int, int], str, None] = "tower"  # "tower": the tower's (h, w)
+    directions: str = "both"
+    fusion: str = "linear_concat"
+    resample: Optional[str] = "bilinear"
+    thumbnail_fusion: str = "mean"
+    tower_batch_size: Optional[int] = None
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> "DualViewOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown dual-view option(s) {unknown}; known: {sorted(known)}")
+        opts = cls(**options)
+        if isinstance(opts.grid, list):
+            opts.grid = tuple(opts.grid)
+        if isinstance(opts.out_size, list):
+            opts.out_size = tuple(opts.out_size)
+        return opts
+
+    def to_dict(self) -> dict:
+        """JSON-able (tuples become lists), for ``config.json``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def build(self, tower, *, dim: int, crop_size: int, patch_size: int, like: Optional[nn.Module] = None) -> DualViewEncoder:
+        """A DualViewEncoder over ``tower`` with a fresh DEM of ``dim`` channels, on the device and
+        in the dtype of ``like`` (the host's projector)."""
+        feat = G.crop_tokens(crop_size, patch_size)
+        out_size = feat if self.out_size == "tower" else self.out_size
+        dcm = DCM(crop_size, self.grid, fit=self.fit, max_tiles=self.max_tiles, pinpoints=self.pinpoints)
+        dem = DEM(
+            dim, self.num_heads, out_size=out_size, directions=self.directions, fusion=self.fusion,
+            resample=self.resample,
+        )
+        if like is not None:
+            ref = next(like.parameters())
+            dem.to(device=ref.device, dtype=ref.dtype)
+        return DualViewEncoder(
+            tower, dcm, dem, thumbnail_fusion=self.thumbnail_fusion, tower_batch_size=self.tower_batch_size,
+            patch_size=patch_size,
+        )
+
+
+def record_options(config: Any, options: DualViewOptions) -> None:
+    """Store the options on the host config so that ``save_pretrained`` writes them."""
+    setattr(config, CONFIG_KEY, options.to_dict())
+
+
+def recorded_options(config: Any) -> Optional[dict]:
+    return getattr(config, CONFIG_KEY, None)
+
+
+def load_dem_weights(dem: DEM, folder: Union[str, Path], prefix: str) -> None:
+    """Load ``<prefix>*`` tensors of a saved checkpoint folder into ``dem``, strictly.
+
+    ``from_pretrained`` of the plain host class drops the DEM keys it does not know; this puts
+    them back, bit-exactly."""
+    state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix)), prefix)
+    if not state:
+        raise ValueError(f"checkpoint {str(folder)!r} holds no '{prefix}*' DEM weights")
+    ref = next(dem.parameters())
+    incompatible = dem.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()}, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise ValueError(
+            f"DEM weights under '{prefix}' in {str(folder)!r} do not match the recorded options: missing keys "
+            f"{sorted(incompatible.missing_keys)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
+        )
+
