@@ -96,3 +96,21 @@ def load_dem_weights(dem: DEM, folder: Union[str, Path], prefix: str) -> None:
             f"{sorted(incompatible.missing_keys)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
         )
 
+
+
+def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(path)`` of the plain host class, told that the DEM keys it does not
+    know (``*spatial_embed.*``) are expected: they are loaded afterwards by :func:`load_dem_weights`.
+
+    The ignore pattern is set on the class only for the duration of the call."""
+    pattern = r"(^|\.)spatial_embed\."
+    had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
+    old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    cls._keys_to_ignore_on_load_unexpected = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []) + [pattern]
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    finally:
+        if had:
+            cls._keys_to_ignore_on_load_unexpected = old
+        else:
+            del cls._keys_to_ignore_on_load_unexpected

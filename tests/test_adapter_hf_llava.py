@@ -1,0 +1,149 @@
+"""transformers' LlavaForConditionalGeneration with dual view: loss, generate, gradients, save/load,
+token counts, feature-layer options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
+from transformers.models.llava.image_processing_llava import LlavaImageProcessor  # noqa: E402
+
+from dualview.adapters import hf_llava  # noqa: E402
+
+from . import tiny_models as tiny  # noqa: E402
+
+
+def make_model(**config_kwargs):
+    tiny.seeded(0)
+    config = LlavaConfig(
+        vision_config=tiny.clip_config(), text_config=tiny.llama_config(), image_token_id=tiny.IMAGE_TOKEN_ID,
+        vision_feature_layer=-2, **config_kwargs,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+def make_processor():
+    image_processor = LlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tiny.tokenizer(), patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+
+
+def adapted(**options):
+    model = hf_llava.apply(make_model(), **options)
+    processor = hf_llava.prepare_processor(make_processor(), model)
+    return model, processor
+
+
+def test_forward_with_labels_gives_a_finite_loss_and_the_documented_token_count():
+    model, processor = adapted()
+    inputs = processor(images=[tiny.pil_image(40, 70), tiny.pil_image(90, 30, seed=1)], text=[tiny.PROMPT] * 2,
+                       return_tensors="pt", padding=True)
+    assert inputs["pixel_values"].shape == (2, 3, 84, 84)  # 3x3 canvas of 28-pixel crops
+    tokens = hf_llava.encoder_of(model).budget((84, 84)).tokens
+    assert tokens == 4  # DEM resampled to the tower's 2x2 token grid, averaged with the thumbnail
+    assert ((inputs["input_ids"] == tiny.IMAGE_TOKEN_ID).sum(1) == tokens).all()
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(out.loss)
+    feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert len(feats) == 2 and feats[0].shape == (tokens, model.config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize(
+    "options, tokens",
+    [
+        (dict(grid=(2, 3), out_size=None, thumbnail_fusion="concat"), 4 + 6 * 4),
+        (dict(grid=(1, 2), out_size=(3, 3), thumbnail_fusion="none"), 9),
+    ],
+)
+def test_token_count_follows_the_options(options, tokens):
+    model, processor = adapted(**options)
+    inputs = processor(images=tiny.pil_image(50, 50), text=tiny.PROMPT, return_tensors="pt")
+    assert int((inputs["input_ids"] == tiny.IMAGE_TOKEN_ID).sum()) == tokens
+    assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
+
+
+def test_generate_produces_tokens():
+    model, processor = adapted()
+    inputs = processor(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+def test_gradients_reach_dem_and_projector_not_the_frozen_tower():
+    model, processor = adapted()
+    inputs = processor(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    dem = model.model.spatial_embed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dem.parameters())
+    assert all(p.grad is not None for p in model.model.multi_modal_projector.parameters())
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_save_pretrained_round_trip_keeps_the_dem_bit_exactly(tmp_path):
+    model, processor = adapted(grid=(2, 2), fusion="conv3x3")
+    with torch.no_grad():
+        for p in model.model.spatial_embed.parameters():
+            p.add_(torch.randn_like(p))  # weights no fresh init could reproduce
+    model.save_pretrained(tmp_path)
+    before = getattr(LlavaForConditionalGeneration, "_keys_to_ignore_on_load_unexpected", None)
+    loaded = hf_llava.from_pretrained(tmp_path).eval()
+    assert getattr(LlavaForConditionalGeneration, "_keys_to_ignore_on_load_unexpected", None) == before
+    for (name, a), (_, b) in zip(model.model.spatial_embed.state_dict().items(),
+                                 loaded.model.spatial_embed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.config.dualview["grid"] == [2, 2] and loaded.config.dualview["fusion"] == "conv3x3"
+    inputs = processor(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    assert any(k.startswith("model.spatial_embed.") for k in model.state_dict())
+    assert not any("dual_view_encoder" in k for k in model.state_dict())
+
+
+def test_plain_checkpoint_is_refused_by_the_dual_view_loader(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no 'dualview' entry"):
+        hf_llava.from_pretrained(tmp_path)
+
+
+def test_list_of_feature_layers_is_concatenated_on_channels():
+    model = make_model()
+    model.config.vision_feature_layer = [-2, -1]
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(model.config)
+    hf_llava.apply(model)
+    assert model.model.spatial_embed.dim == 64
+    processor = hf_llava.prepare_processor(make_processor(), model)
+    inputs = processor(images=tiny.pil_image(50, 50), text=tiny.PROMPT, return_tensors="pt")
+    assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
+    with pytest.raises(ValueError, match="vision_feature_layer=-1 differs"):
+        model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1)
+
+
+def test_processor_pads_to_square_with_the_mean_colour():
+    model, processor = adapted(grid=(1, 1))
+    inputs = processor(images=tiny.pil_image(10, 60), text=tiny.PROMPT, return_tensors="pt")
+    pixels = inputs["pixel_values"][0]
+    # the wide image sits in the middle rows; the top rows are padding, which normalises to ~0
+    assert pixels[:, :5].abs().max() < 0.05
+    assert pixels[:, 12:16].abs().max() > 0.5
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="strategy='full' keeps the CLS token"):
+        hf_llava.apply(make_model(vision_feature_select_strategy="full"))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        hf_llava.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="unknown dual-view option"):
+        hf_llava.apply(make_model(), grids=(2, 2))
+    model = hf_llava.apply(make_model())
+    with pytest.raises(ValueError, match="already has dual view"):
+        hf_llava.apply(model)
+    with pytest.raises(ValueError, match="has no dual view"):
+        hf_llava.encoder_of(make_model())
+    with pytest.raises(ValueError, match="fixed grid"):
+        hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model(), grid="auto"))
