@@ -1,0 +1,1 @@
+"""Benchmarks of dual view against plain AnyRes tiling (``python -m dualview.bench``)."""
