@@ -59,8 +59,9 @@ class CrossAttention(nn.Module):
         w_q, w_k, w_v, w_o = self.linears
         heads = "n t (h d) -> n h t d"
         query = rearrange(w_q(q), heads, h=self.num_heads)
-        key = rearrange(w_k(kv), heads, h=self.num_heads)
-        value = rearrange(w_v(kv), heads, h=self.num_heads)
+        # K and V read the same tokens: one (D -> 2D) matmul instead of two
+        kv_proj = F.linear(kv, torch.cat((w_k.weight, w_v.weight)), torch.cat((w_k.bias, w_v.bias)))
+        key, value = rearrange(kv_proj, "n t (two h d) -> two n h t d", two=2, h=self.num_heads)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(query, key, value)
         else:  # the reference formula, for debugging and comparison
