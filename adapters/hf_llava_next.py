@@ -1,0 +1,267 @@
+"""Dual view in transformers' ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6 ports
+such as ``llava-hf/llava-v1.6-mistral-7b-hf``).
+
+    model = LlavaNextForConditionalGeneration.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")
+    apply(model)                                  # in place; the processor stays as it is
+    processor = AutoProcessor.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")
+    inputs = processor(images=image, text="[INST] <image>\\nWhat is small here? [/INST]", return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=20)
+    model.save_pretrained("out");  model = from_pretrained("out")   # DEM weights and options kept
+
+What changes: AnyRes cuts the resized and padded ``R*s x C*s`` canvas into ``R*C`` tiles (the local
+view). The adapter puts the canvas back together from those tiles and also cuts it into the ``R*C``
+strided global crops ``canvas[a::R, b::C]``; the vision tower runs ONCE over the base images, the
+tiles and the global crops of the whole batch; DEM (``out_size=None``) fuses the local and global
+maps into a full ``R*h x C*w`` map, which takes the place of the tile map.
+
+What stays: the grid choice (``image_grid_pinpoints``), the base image's features, the projector,
+``pack_image_features`` (unpad + ``image_newline``), hence the number of image tokens:
+
+    LLM tokens per image   = plain AnyRes = h*w + H'*(W' + 1)   (grid.anyres_budget; H' x W' the unpadded map)
+    tower passes per image = 1 + 2*R*C                          (plain AnyRes: 1 + R*C)
+
+so the unchanged ``LlavaNextProcessor`` expands ``<image>`` correctly. ``vision_feature_layer`` may be
+a list (layers concatenated on channels; DEM ``dim = hidden * len(layers)``). DEM needs the spatial
+patch tokens only, so ``vision_feature_select_strategy`` must drop exactly the tower's prefix tokens:
+``"default"`` with a CLS tower (CLIP), ``"full"`` with a tower without one (SigLIP); ``"full"`` with
+CLIP is a ValueError (plain LLaVA-NeXT cannot pack it either). The DEM is registered at
+``model.model.spatial_embed`` (keys ``model.spatial_embed.*``, as in INF-LLaVA checkpoints); the
+options go to ``config.dualview`` (written by ``save_pretrained``). A per-call
+``vision_feature_layer`` is honoured when it gives the DEM's channel count; other vision-tower
+kwargs (``output_attentions``, ...) are not forwarded.
+
+Public: :func:`apply`, :func:`from_pretrained`, :func:`budget`, :func:`encoder_of`.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from dualview import DualCrops, DualViewEncoder
+from dualview import grid as G
+from dualview import layout
+
+from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, record_options, recorded_options
+from .towers import HFVisionTower
+
+DEM_PREFIX = "model.spatial_embed."
+_ENCODER = "_dual_view_encoder"  # kept in __dict__: registering it would duplicate the tower's weights
+
+# AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
+# replaces the tile map and the base image stays in front (the encoder's "concat" thumbnail).
+_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
+
+Layers = Union[int, Sequence[int]]
+
+
+def _layers(layer: Layers) -> list[int]:
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as config.json holds it (tuples become lists), for comparing options."""
+    return json.loads(json.dumps(value))
+
+
+def _check_strategy(strategy: str, tower: HFVisionTower) -> None:
+    """``vision_feature_select_strategy`` must drop exactly the tower's prefix tokens, as the tower's
+    ``select="patch"`` does: DEM needs the spatial patch tokens only."""
+    wanted = {"default": 1, "full": 0}  # prefix tokens each strategy drops
+    if strategy not in wanted:
+        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+    if wanted[strategy] != tower.num_prefix_tokens:
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r} drops {wanted[strategy]} token(s), but the vision tower "
+            f"has {tower.num_prefix_tokens} prefix (CLS) token(s): DEM needs the spatial patch tokens only, use "
+            f"{'default' if tower.num_prefix_tokens else 'full'!r}"
+        )
+
+
+def _options(config: Any, options: dict) -> DualViewOptions:
+    """The user's options with AnyRes's fixed choices; a conflicting fixed choice is a ValueError."""
+    fixed = dict(_FIXED, pinpoints=_jsonable(config.image_grid_pinpoints))
+    for name in sorted(fixed.keys() & options.keys()):
+        if _jsonable(options[name]) != fixed[name]:
+            raise ValueError(
+                f"option {name} is fixed by LLaVA-NeXT's AnyRes to {fixed[name]!r} "
+                f"(pinpoints: config.image_grid_pinpoints), got {options[name]!r}"
+            )
+    return DualViewOptions.from_kwargs(**{**options, **fixed})
+
+
+def encoder_of(model: nn.Module) -> DualViewEncoder:
+    """The DualViewEncoder that :func:`apply` installed; its ``dem`` is ``model.model.spatial_embed``,
+    also after that attribute is replaced (e.g. by a trained ``DEM.from_inf_llava(ckpt, out_size=None)``)."""
+    inner = getattr(model, "model", model)
+    if _ENCODER not in inner.__dict__:
+        raise ValueError("model has no dual view: call dualview.adapters.hf_llava_next.apply(model) first")
+    encoder: DualViewEncoder = inner.__dict__[_ENCODER]
+    if encoder.dem is not inner.spatial_embed:
+        encoder.dem = inner.spatial_embed
+    return encoder
+
+
+def apply(model: nn.Module, **options: Any) -> nn.Module:
+    """Install dual view into a ``LlavaNextForConditionalGeneration`` in place; returns it.
+
+    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` that AnyRes leaves
+    free (``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``); ``grid``, ``fit``,
+    ``pinpoints``, ``out_size``, ``resample`` and ``thumbnail_fusion`` are fixed by AnyRes (passing
+    the fixed value is allowed). The DEM is new (random), in the projector's dtype and device: train
+    it, reload it with :func:`from_pretrained`, or set ``model.model.spatial_embed`` to a trained one
+    (e.g. ``DEM.from_inf_llava(ckpt, out_size=None)``, with the same options).
+    """
+    inner = getattr(model, "model", None)
+    needed = ("vision_tower", "multi_modal_projector", "image_newline", "pack_image_features")
+    if inner is None or not all(hasattr(inner, name) for name in needed):
+        raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}")
+    if _ENCODER in inner.__dict__:
+        raise ValueError("model already has dual view applied")
+    config = model.config
+    opts = _options(config, options)
+    layers = _layers(config.vision_feature_layer)
+    tower = HFVisionTower(inner.vision_tower, layer=layers)
+    _check_strategy(config.vision_feature_select_strategy, tower)
+    vision = config.vision_config
+    encoder = opts.build(
+        tower, dim=vision.hidden_size * len(layers), crop_size=vision.image_size,
+        patch_size=vision.patch_size, like=inner.multi_modal_projector,
+    )
+    inner.spatial_embed = encoder.dem
+    inner.__dict__[_ENCODER] = encoder
+    inner.get_image_features = types.MethodType(_dual_view_image_features, inner)
+    record_options(config, opts)
+    return model
+
+
+def budget(model: nn.Module, image_size: G.Size) -> G.Budget:
+    """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's) for one ``(H, W)`` image; runs nothing."""
+    encoder = encoder_of(model)
+    size = G.check_size(tuple(image_size), "image_size")
+    grid = encoder.dcm.grid_for(size)
+    plain = G.anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)
+    passes = encoder.budget(size).tower_passes
+    return G.Budget("dual_view_anyres", grid, plain.canvas_size, passes, plain.tokens)
+
+
+def _encoder_for(self: nn.Module, layers: list[int], strategy: str) -> DualViewEncoder:
+    """The installed encoder, or one sharing its DCM and DEM for per-call layers / strategy."""
+    encoder = encoder_of(self)
+    if layers == encoder.tower.layers:
+        _check_strategy(strategy, encoder.tower)
+        return encoder
+    tower = HFVisionTower(self.vision_tower, layer=layers)
+    _check_strategy(strategy, tower)
+    dim = self.config.vision_config.hidden_size * len(layers)
+    if dim != encoder.dem.dim:
+        raise ValueError(
+            f"vision_feature_layer={layers} gives {dim} channels, but the DEM was built for {encoder.dem.dim} "
+            f"(config.vision_feature_layer={encoder.tower.layers})"
+        )
+    return DualViewEncoder(
+        tower, encoder.dcm, encoder.dem, thumbnail_fusion=encoder.thumbnail_fusion,
+        tower_batch_size=encoder.tower_batch_size, patch_size=encoder.patch_size,
+    )
+
+
+def _patches_per_image(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """pixel_values (B, P, 3, s, s) zero-padded on P, or (sum counts, 3, s, s) stacked
+    -> per image (counts[i], 3, s, s): the base image, then the R*C tiles row-major."""
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
+            raise ValueError(
+                f"pixel_values (B, patches, 3, s, s) must hold {len(counts)} images of up to {max(counts)} patches "
+                f"(base + R*C tiles, from image_sizes), got shape {tuple(pixel_values.shape)}"
+            )
+        return [pv[:n] for pv, n in zip(pixel_values, counts)]
+    if pixel_values.dim() == 4:
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(
+                f"stacked pixel_values (patches, 3, s, s) must hold {sum(counts)} patches (base + R*C tiles "
+                f"per image, from image_sizes), got shape {tuple(pixel_values.shape)}"
+            )
+        return list(pixel_values.split(counts))
+    raise ValueError(f"pixel_values must be 5-D (B, patches, 3, s, s) or 4-D, got shape {tuple(pixel_values.shape)}")
+
+
+def _dual_crops(patches: torch.Tensor, grid: G.Grid, image_size: G.Size) -> DualCrops:
+    """(1 + R*C, 3, s, s) AnyRes patches -> both views of the canvas the tiles were cut from."""
+    tiles = patches[None, 1:]  # (1, R*C, 3, s, s)
+    canvas = layout.merge_local(tiles, *grid)  # (1, 3, R*s, C*s)
+    crop = patches.shape[-1]
+    return DualCrops(
+        local_view=tiles,
+        global_view=layout.split_global(canvas, *grid),
+        thumbnail=patches[None, 0],
+        grid=grid,
+        content_box=G.fit_box(image_size, (grid[0] * crop, grid[1] * crop), "pad"),
+        image_size=image_size,
+    )
+
+
+def _dual_view_image_features(
+    self: nn.Module,
+    pixel_values: torch.Tensor,
+    image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
+    vision_feature_layer: Optional[Layers] = None,
+    vision_feature_select_strategy: Optional[str] = None,
+    **kwargs: Any,
+):
+    """Replaces ``LlavaNextModel.get_image_features``.
+
+    pixel_values (B, patches, 3, s, s) (or stacked 4-D), image_sizes (B, 2) as ``(H, W)`` -> output
+    whose ``pooler_output`` is a list of B (tokens_i, text_dim) tensors, packed by the model's own
+    ``pack_image_features``; tokens_i is plain AnyRes's. Other tower kwargs are not forwarded.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config = self.config
+    layers = _layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+    strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+    encoder = _encoder_for(self, layers, strategy)
+    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
+    grids = [encoder.dcm.grid_for(size) for size in sizes]
+    crop = config.vision_config.image_size
+    if tuple(pixel_values.shape[-2:]) != (crop, crop):
+        raise ValueError(f"pixel_values patches must be {crop}x{crop} (vision_config.image_size), got shape {tuple(pixel_values.shape)}")
+    dem_param = next(encoder.dem.parameters())
+    pixel_values = pixel_values.to(device=dem_param.device, dtype=dem_param.dtype)
+    patches = _patches_per_image(pixel_values, [1 + r * c for r, c in grids])
+
+    # One tower call over every base image, tile and global crop; one DEM call per grid.
+    encoded = encoder.encode_crops([_dual_crops(p, g, s) for p, g, s in zip(patches, grids, sizes)])
+    h, w = encoder.feat_size
+    per_image = []
+    for tokens, (rows, cols) in zip(encoded, grids):
+        base, fused = tokens[:, : h * w], tokens[:, h * w :]  # (1, h*w, D), (1, R*h*C*w, D)
+        # Back to AnyRes's layout, (R*C, h*w, D) tile windows, so its own packing applies.
+        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)[0]
+        per_image.append(torch.cat((base, windows)))
+    projected = self.multi_modal_projector(torch.cat(per_image)).split([t.shape[0] for t in per_image])
+    packed, _ = self.pack_image_features(
+        list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
+    )
+    out = BaseModelOutputWithPooling(pooler_output=packed)
+    return out.to_tuple() if kwargs.get("return_dict") is False else out
+
+
+def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
+    the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
+    options in its config.json, then the DEM weights restored strictly.
+    ``kwargs`` go to ``LlavaNextForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = from_pretrained_without_dem(LlavaNextForConditionalGeneration, path, **kwargs)
+    options = recorded_options(model.config)
+    if options is None:
+        raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no 'dualview' entry")
+    apply(model, **options)
+    load_dem_weights(encoder_of(model).dem, path, DEM_PREFIX)
+    return model

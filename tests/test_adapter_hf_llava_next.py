@@ -1,0 +1,334 @@
+"""The LLaVA-NeXT adapter on a tiny random LlavaNextForConditionalGeneration and a local processor:
+plain AnyRes's token counts, one tower call, DEM-fused tiles, training, generation, save / load."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dualview import DEM
+from dualview import grid as G
+from dualview.adapters import hf_llava_next as adapter
+from dualview.adapters._common import recorded_options
+
+transformers = pytest.importorskip("transformers")
+
+S, PATCH = 28, 14  # crop size and patch size: 2x2 tokens per crop
+H = W = S // PATCH
+PINPOINTS = [[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]]
+WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "user", "assistant", "what", "is", "in", "the", "picture",
+         "a", "cat", "dog", ":", "?", "."]
+IMAGE_TOKEN_ID = WORDS.index("<image>")
+# 1:3 to 3:1, exact and odd sizes: every grid of PINPOINTS occurs.
+SIZES = [(28, 84), (84, 28), (30, 90), (90, 31), (57, 41), (41, 57), (100, 100), (13, 37), (45, 23), (201, 67), (56, 57)]
+
+
+def tiny_model(vision_feature_layer=-2, tower="clip", strategy="default", seed=0):
+    vision = dict(image_size=S, patch_size=PATCH, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2)
+    vision_config = (transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig)(**vision)
+    text_config = transformers.LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+    )
+    config = transformers.LlavaNextConfig(
+        vision_config=vision_config, text_config=text_config, image_grid_pinpoints=PINPOINTS,
+        image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlavaNextForConditionalGeneration(config).eval()
+
+
+def plain_and_adapted(**model_kwargs):
+    """The same random model twice: plain AnyRes, and dual view (DEM weights randomised too)."""
+    plain = tiny_model(**model_kwargs)
+    adapted = adapter.apply(copy.deepcopy(plain), num_heads=2)
+    return plain, adapted
+
+
+def tiny_processor(strategy="default", extra_tokens=1):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    image_processor = transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": S}, crop_size={"height": S, "width": S}, image_grid_pinpoints=PINPOINTS,
+    )
+    return transformers.LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+    )
+
+
+def images(sizes):
+    """Random RGB images, each a function of its size alone."""
+    return [np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def batch(sizes, processor=None):
+    processor = processor or tiny_processor()
+    prompts = ["user : <image> what is in the picture ?" + " a" * i for i in range(len(sizes))]
+    return processor(images=images(sizes), text=prompts, return_tensors="pt", padding=True)
+
+
+def grid_of(size):
+    return G.select_grid(size, S, G.grids_from_pinpoints(PINPOINTS, S))
+
+
+class TowerCalls:
+    """Forward hook on the vision tower: the batch size of every call."""
+
+    def __init__(self, model):
+        self.sizes: list[int] = []
+        model.model.vision_tower.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        self.sizes.append(pixels.shape[0])
+
+
+def image_features(model, inputs, **kwargs):
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **kwargs)
+    return out.pooler_output
+
+
+def reference_tile_features(model, pixel_values, image_size, layers):
+    """What the tile part must be, built independently of the adapter: canvas from the tiles by
+    concatenation, global crops by strided slicing, the tower, the model's DEM and projector, then
+    LLaVA-NeXT's unpad (grid.unpad_box) and one image_newline per row. -> (tokens, text_dim)."""
+    inner = model.model
+    rows, cols = grid_of(image_size)
+    tiles = pixel_values[1 : 1 + rows * cols]
+    canvas = torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
+    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    with torch.no_grad():
+        hidden = inner.vision_tower(pixel_values=torch.cat((tiles, strided)), output_hidden_states=True).hidden_states
+        feats = torch.cat([hidden[i] for i in layers], dim=-1)[:, 1:]  # CLS dropped
+        local, global_ = feats.split(rows * cols)
+        fused = inner.spatial_embed(local[None], global_[None], (rows, cols))[0]
+        fmap = inner.multi_modal_projector(fused).view(rows * H, cols * W, -1)
+    box = G.unpad_box(image_size, (rows * H, cols * W))
+    fmap = fmap[box.slices]
+    newline = inner.image_newline.detach().expand(fmap.shape[0], 1, -1)
+    return torch.cat((fmap, newline), dim=1).flatten(0, 1)
+
+
+# (a) token counts ---------------------------------------------------------------------------------
+
+
+def test_token_counts_equal_plain_anyres_and_the_processor_for_every_size():
+    plain, adapted = plain_and_adapted()
+    inputs = batch(SIZES)
+    dual = image_features(adapted, inputs)
+    anyres = image_features(plain, inputs)
+    in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    grids = set()
+    for i, size in enumerate(SIZES):
+        rows, cols = grid_of(size)
+        grids.add((rows, cols))
+        # the grid the adapter asks dualview.grid for is transformers' own choice
+        best = transformers.image_processing_utils.select_best_resolution(size, PINPOINTS)
+        assert (rows, cols) == (best[0] // S, best[1] // S)
+        expected = G.anyres_budget(size, (rows, cols), S, (H, W)).tokens
+        assert dual[i].shape == anyres[i].shape == (expected, 32), size
+        assert in_prompt[i] == expected, size
+        cost = adapter.budget(adapted, size)
+        assert (cost.grid, cost.tokens, cost.tower_passes) == ((rows, cols), expected, 1 + 2 * rows * cols)
+    assert len(grids) == len(PINPOINTS)
+
+
+def test_single_images_and_stacked_pixel_values_give_the_same_features():
+    _, adapted = plain_and_adapted()
+    inputs = batch(SIZES[:4])
+    together = image_features(adapted, inputs)
+    counts = [1 + r * c for r, c in map(grid_of, SIZES[:4])]
+    stacked = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], counts)])
+    for i, feats in enumerate(image_features(adapted, {"pixel_values": stacked, "image_sizes": inputs["image_sizes"]})):
+        torch.testing.assert_close(feats, together[i])
+    for i in range(4):
+        alone = image_features(adapted, batch([SIZES[i]]))[0]
+        torch.testing.assert_close(alone, together[i], atol=1e-5, rtol=1e-4)
+
+
+# (f) one tower call, DEM-fused tiles, untouched base image ----------------------------------------
+
+
+@pytest.mark.parametrize("layers", [-2, [-2, -1]], ids=["layer-2", "layers-2,-1"])
+def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
+    plain, adapted = plain_and_adapted(vision_feature_layer=layers)
+    assert adapted.model.spatial_embed.dim == 16 * len(adapter._layers(layers))
+    sizes = [(30, 90), (57, 41), (201, 67)]
+    inputs = batch(sizes)
+    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    anyres = image_features(plain, inputs)
+    dual = image_features(adapted, inputs)
+    grids = [grid_of(s) for s in sizes]
+    assert plain_calls.sizes == [sum(1 + r * c for r, c in grids)]
+    assert dual_calls.sizes == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
+    layer_list = adapter._layers(layers)
+    for i, size in enumerate(sizes):
+        base, tiles = dual[i][: H * W], dual[i][H * W :]
+        torch.testing.assert_close(base, anyres[i][: H * W])  # the base image as in plain LLaVA-NeXT
+        assert (tiles - anyres[i][H * W :]).abs().max() > 1e-3  # the tiles are not plain AnyRes's
+        reference = reference_tile_features(adapted, inputs["pixel_values"][i], size, layer_list)
+        torch.testing.assert_close(tiles, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_dem_is_the_only_new_state_and_the_tower_is_not_duplicated():
+    plain, adapted = plain_and_adapted()
+    new = set(adapted.state_dict()) - set(plain.state_dict())
+    assert new and all(k.startswith(adapter.DEM_PREFIX) for k in new)
+    assert set(plain.state_dict()) <= set(adapted.state_dict())
+    assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in plain.parameters()) + sum(
+        p.numel() for p in adapted.model.spatial_embed.parameters()
+    )
+    assert adapter.encoder_of(adapted).dem is adapted.model.spatial_embed
+    assert recorded_options(adapted.config)["pinpoints"] == PINPOINTS
+
+
+def test_a_replaced_spatial_embed_is_the_dem_used():
+    _, model = plain_and_adapted()
+    inputs = batch([(57, 41)])
+    before = image_features(model, inputs)[0]
+    torch.manual_seed(1)
+    model.model.spatial_embed = DEM(16, num_heads=2, out_size=None, fusion="add")
+    after = image_features(model, inputs)[0]
+    assert adapter.encoder_of(model).dem is model.model.spatial_embed
+    torch.testing.assert_close(after[: H * W], before[: H * W])
+    assert (after[H * W :] - before[H * W :]).abs().max() > 1e-3
+    torch.testing.assert_close(after[H * W :], reference_tile_features(model, inputs["pixel_values"][0], (57, 41), [-2]))
+
+
+# (b) forward with labels, (c) generate, (d) gradients -------------------------------------------
+
+
+def labelled(inputs):
+    labels = inputs["input_ids"].clone()
+    labels[(labels == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0)] = -100
+    return labels
+
+
+def test_mixed_size_batch_trains_with_a_finite_loss_and_gradients_reach_dem_and_projector():
+    _, model = plain_and_adapted()
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    inputs = batch([(30, 90), (100, 100), (90, 31), (13, 37)])
+    assert len({grid_of(tuple(s)) for s in inputs["image_sizes"].tolist()}) == 4
+    out = model(**inputs, labels=labelled(inputs))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.model.spatial_embed.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in model.model.multi_modal_projector.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_generate_produces_tokens_for_a_mixed_batch():
+    _, model = plain_and_adapted()
+    inputs = batch([(41, 57), (201, 67)])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+# (e) save / load ----------------------------------------------------------------------------------
+
+
+def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
+    model = adapter.apply(tiny_model(), num_heads=2, fusion="conv3x3", directions="global_to_local")
+    torch.manual_seed(123)  # DEM weights unlike any fresh init
+    with torch.no_grad():
+        for p in model.model.spatial_embed.parameters():
+            p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
+    assert saved == recorded_options(model.config)
+    loaded = adapter.from_pretrained(tmp_path)
+    assert recorded_options(loaded.config) == saved
+    dem, again = model.model.spatial_embed, loaded.model.spatial_embed
+    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 2, None)
+    assert dem.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
+    inputs = batch([(57, 41), (30, 90)])
+    for a, b in zip(image_features(model, inputs), image_features(loaded.eval(), inputs)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dualview"):
+        adapter.from_pretrained(tmp_path)
+
+
+# vision_feature_select_strategy, options, misuse ---------------------------------------------------
+
+
+def test_full_strategy_with_a_cls_tower_is_refused():
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+        adapter.apply(tiny_model(strategy="full"))
+    _, model = plain_and_adapted()
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+        image_features(model, batch([(30, 90)]), vision_feature_select_strategy="full")
+
+
+def test_full_strategy_with_siglip_matches_plain_anyres():
+    plain, adapted = plain_and_adapted(tower="siglip", strategy="full")
+    sizes = [(30, 90), (57, 41)]
+    inputs = batch(sizes, tiny_processor(strategy="full", extra_tokens=0))
+    anyres, dual = image_features(plain, inputs), image_features(adapted, inputs)
+    in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    for i, size in enumerate(sizes):
+        assert dual[i].shape == anyres[i].shape and dual[i].shape[0] == in_prompt[i]
+        torch.testing.assert_close(dual[i][: H * W], anyres[i][: H * W])
+    with pytest.raises(ValueError, match="'default'"):
+        adapter.apply(tiny_model(tower="siglip", strategy="default"))
+
+
+def test_per_call_layers_must_fit_the_dem():
+    _, model = plain_and_adapted()
+    inputs = batch([(30, 90)])
+    same_width = image_features(model, inputs, vision_feature_layer=-1)  # honoured: 16 channels as built
+    assert (same_width[0] - image_features(model, inputs)[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        image_features(model, inputs, vision_feature_layer=[-2, -1])
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(fit="squash"), ValueError, "fit"),
+        (dict(out_size=(2, 2)), ValueError, "out_size"),
+        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
+        (dict(pinpoints=[[S, S]]), ValueError, "pinpoints"),
+        (dict(num_heads=3), ValueError, "num_heads"),
+        (dict(bogus=1), TypeError, "bogus"),
+    ],
+)
+def test_bad_options_are_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        adapter.apply(tiny_model(), **options)
+
+
+def test_fixed_options_may_be_restated_and_misuse_is_refused():
+    model = adapter.apply(tiny_model(), num_heads=2, grid="auto", fit="pad", out_size=None, pinpoints=PINPOINTS)
+    with pytest.raises(ValueError, match="already"):
+        adapter.apply(model)
+    with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration"):
+        adapter.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="apply"):
+        adapter.encoder_of(tiny_model())
+    inputs = batch([(30, 90), (100, 100)])
+    with pytest.raises(ValueError, match="pixel_values"):
+        image_features(model, {"pixel_values": inputs["pixel_values"][:, :3], "image_sizes": inputs["image_sizes"]})
