@@ -14,6 +14,8 @@ import torch
 DEM_MARK = "spatial_embed."
 """Released INF-LLaVA checkpoints keep the DEM under ``model.spatial_embed.``."""
 PROJECTOR_MARK = "mm_projector."
+DEM_TOP_LEVEL = ("attention.", "ffn_crop.", "ffn_stride.", "ln_fuse.", "fuse_conv.")
+"""First names of the DEM's own keys, to find bare DEM keys in a file."""
 
 PathLike = Union[str, "os.PathLike[str]"]
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -90,7 +92,7 @@ def load_dem_state(source: Union[Mapping[str, torch.Tensor], PathLike]) -> dict[
     (file or folder) holding them.
     """
     if isinstance(source, (str, os.PathLike)):
-        source = read_tensors(source, keep=lambda k: DEM_MARK in k or k.startswith("attention."))
+        source = read_tensors(source, keep=lambda k: DEM_MARK in k or k.startswith(DEM_TOP_LEVEL))
     if not isinstance(source, Mapping):
         raise TypeError(f"state_dict_or_path must be a dict or a path, got {type(source).__name__}")
     state = strip_prefix(source, DEM_MARK) or dict(source)

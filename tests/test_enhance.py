@@ -281,3 +281,12 @@ def test_gradcheck_with_respect_to_every_parameter():
         return torch.func.functional_call(dem, dict(zip(names, flat)), (local, glob, (2, 2)))
 
     assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_from_inf_llava_reads_a_file_with_bare_keys(tmp_path):
+    fx, state = dem_fixture()
+    save_file(state, tmp_path / "bare.safetensors")
+    dem = DEM.from_inf_llava(tmp_path / "bare.safetensors")
+    with torch.no_grad():
+        out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
+    assert (out - fx["output"]).abs().max().item() <= 1e-4
