@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Mapping, Union
@@ -34,10 +35,14 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tenso
         try:
             # mmap reads only the tensors kept, but needs the zip format (torch >= 1.6 files)
             mmap = zipfile.is_zipfile(path)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():  # the refusal is reported below, once
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # pickle refusals and truncation both end here
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ValueError(
-                f"checkpoint {str(path)!r} could not be read with torch.load(weights_only=True): {e}"
+                f"checkpoint {str(path)!r} could not be read with torch.load(weights_only=True), which accepts "
+                f"tensors and plain containers only: {reason}"
             ) from None
         if not isinstance(state, Mapping):
             raise ValueError(f"checkpoint {str(path)!r} must hold a dict of tensors, got {type(state).__name__}")

@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import grid as G
+from .budget import compare, table
 from .cropping import DCM
 from .encoder import DualViewEncoder
 from .enhance import DEM
@@ -22,16 +23,6 @@ from .sample import demo_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def parse_grid(text: str) -> G.GridSpec:
-    """``"auto"`` or ``"RxC"`` (e.g. ``"3x3"``), else a ValueError naming the argument."""
-    if text == "auto":
-        return "auto"
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"grid must be 'auto' or RxC like '3x3', got {text!r}")
-    return G.check_grid((int(parts[0]), int(parts[1])))
 
 
 def tiny_clip_tower(crop_size: int, patch_size: int = 14, dim: int = 64):
@@ -73,7 +64,7 @@ def main(argv=None) -> None:
     image = demo_image()
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     pixels = ((image - mean) / std).unsqueeze(0)
-    dcm = DCM(args.crop_size, parse_grid(args.grid), fit=args.fit, max_tiles=args.max_tiles)
+    dcm = DCM(args.crop_size, G.parse_grid(args.grid), fit=args.fit, max_tiles=args.max_tiles)
     tower = CallCounter(tiny_clip_tower(args.crop_size))
     h, w = G.crop_tokens(args.crop_size, tower.patch_size)
     dem = DEM(64, num_heads=8, out_size=(h, w)).eval()
@@ -98,18 +89,11 @@ def main(argv=None) -> None:
     print(f"output           {tuple(tokens.shape)} (B, tokens, D), finite: {bool(torch.isfinite(tokens).all())}")
     print(f"time             {seconds:.2f} s on {pixels.device} (tiny random tower)")
 
-    size = tuple(image.shape[1:])
-    anyres_grid = G.select_grid(size, args.crop_size, G.candidate_grids(args.max_tiles))
-    rows_out = [
-        encoder.budget(size),
-        G.anyres_budget(size, anyres_grid, args.crop_size, (h, w)),
-        G.resize_budget(args.crop_size, (h, w)),
-        G.s2_budget(args.crop_size, (h, w)),
-    ]
-    print("\nper image        tower passes   LLM tokens   grid")
-    for b in rows_out:
-        print(f"  {b.scheme:<14} {b.tower_passes:>12} {b.tokens:>12}   {b.grid[0]}x{b.grid[1]}")
-    if rows_out[0].tower_passes != tower.crops:
+    budgets = compare(tuple(image.shape[1:]), crop_size=args.crop_size, patch_size=tower.patch_size,
+                      grid=G.parse_grid(args.grid), max_tiles=args.max_tiles)
+    print("\nper image, computed without running anything:")
+    print(table(budgets))
+    if encoder.budget(tuple(image.shape[1:])).tower_passes != tower.crops:
         raise SystemExit("budget disagrees with the crops the tower saw")
 
 

@@ -62,6 +62,16 @@ def check_grid(grid: object, name: str = "grid") -> Grid:
     return int(grid[0]), int(grid[1])
 
 
+def parse_grid(text: str) -> GridSpec:
+    """``"auto"`` or ``"RxC"`` (e.g. ``"3x3"``) from a command line, else a ValueError."""
+    if text == "auto":
+        return "auto"
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"grid must be 'auto' or RxC like '3x3', got {text!r}")
+    return check_grid((int(parts[0]), int(parts[1])))
+
+
 def check_positive_int(value: object, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -19,7 +19,7 @@ def test_demo_prints_grid_crops_passes_and_tokens(capsys):
     assert "both reassemble the same canvas bit-exactly: True" in out
     assert re.search(r"tower\s+17 crops in 1 call\(s\)", out)
     assert "output           (1, 576, 64)" in out
-    assert re.search(r"dual_view\s+17\s+576\s+2x4", out)
+    assert re.search(r"dual_view\s+2x4\s+17\s+576", out)
 
 
 def test_demo_fixed_grid_and_bad_grid(capsys):

@@ -1,0 +1,121 @@
+"""The ``dualview`` command (also ``python -m dualview``): see the crops, compare budgets, convert
+INF-LLaVA checkpoints, run the CPU benchmark.
+
+    dualview show [IMAGE] [--grid auto|RxC] [--crop-size 336] [--max-tiles N] -o crops.png
+    dualview budget --size HxW [--grid ...] [--json]
+    dualview convert-inf-llava SOURCE -o dem.safetensors
+    dualview bench [--out DIR]
+
+Errors are one line on stderr and exit code 1 (2 for a malformed command line), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from . import grid as G
+
+EXIT_ERROR = 1
+
+
+class CommandError(Exception):
+    """A failure the user can fix; printed as one line."""
+
+
+def parse_size(text: str) -> G.Size:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--size must be HxW with positive ints, like 1000x1800, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def cmd_show(args) -> None:
+    from .sample import demo_image
+    from .show import load_image, render
+
+    image = load_image(Path(args.image)) if args.image else demo_image()
+    name = args.image or "embedded demo image"
+    grid = G.parse_grid(args.grid)
+    width, height = render(image, Path(args.output), crop_size=args.crop_size, grid=grid, max_tiles=args.max_tiles,
+                           title=f"dual view of {name}: crop {args.crop_size}, grid {args.grid}")
+    print(f"wrote {args.output} ({width}x{height} PNG)")
+
+
+def cmd_budget(args) -> None:
+    from .budget import compare, table
+
+    size = parse_size(args.size)
+    budgets = compare(size, crop_size=args.crop_size, patch_size=args.patch_size, grid=G.parse_grid(args.grid),
+                      max_tiles=args.max_tiles)
+    if args.json:
+        print(json.dumps({"image_size": list(size), "budgets": [asdict(b) for b in budgets]}, indent=2))
+    else:
+        print(f"image {size[0]}x{size[1]}, crop {args.crop_size}, patch {args.patch_size}, grid {args.grid}")
+        print(table(budgets))
+
+
+def cmd_convert(args) -> None:
+    from .convert import convert_inf_llava
+
+    summary = convert_inf_llava(Path(args.source), Path(args.output))
+    print(f"wrote {args.output}: DEM dim {summary['dim']} ({summary['dem_tensors']} tensors)"
+          + (f", projector ({summary['projector_tensors']} tensors)" if summary["projector_tensors"] else ""))
+
+
+def cmd_bench(args) -> None:
+    from .bench import run
+
+    run.main(["--device", "cpu", "--out", str(args.out)] + (["--repeats", str(args.repeats)] if args.repeats else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualview", description="INF-LLaVA's dual-view cropping and enhancement")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def grid_options(p):
+        p.add_argument("--grid", default="auto", help="'auto' (LLaVA-NeXT's AnyRes choice) or RxC, e.g. 3x3")
+        p.add_argument("--crop-size", type=int, default=336, help="vision tower input size s (default 336)")
+        p.add_argument("--max-tiles", type=int, default=9, help="largest R*C for --grid auto (default 9)")
+
+    show = sub.add_parser("show", help="draw the image, its grid, the local and the global crops, and the budgets")
+    show.add_argument("image", nargs="?", help="any image PIL reads (default: the embedded demo image)")
+    grid_options(show)
+    show.add_argument("-o", "--output", default="crops.png", help="PNG to write (default crops.png)")
+    show.set_defaults(run=cmd_show)
+
+    budget = sub.add_parser("budget", help="tower passes and LLM tokens per image, scheme by scheme")
+    budget.add_argument("--size", required=True, help="image size HxW, e.g. 1000x1800")
+    grid_options(budget)
+    budget.add_argument("--patch-size", type=int, default=14, help="vision tower patch size (default 14)")
+    budget.add_argument("--json", action="store_true", help="print JSON")
+    budget.set_defaults(run=cmd_budget)
+
+    convert = sub.add_parser("convert-inf-llava", help="extract the DEM (and projector) of an INF-LLaVA checkpoint")
+    convert.add_argument("source", help="checkpoint folder (sharded .safetensors / .bin) or one file (mm_projector.bin)")
+    convert.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    convert.set_defaults(run=cmd_convert)
+
+    bench = sub.add_parser("bench", help="the CPU benchmark: dual view vs AnyRes vs a naive loop")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
+    bench.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, ValueError, TypeError, FileNotFoundError, OSError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the exception held
+        print(f"dualview {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
