@@ -19,7 +19,11 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   python3 -m venv "$VENV"
   log="$VENV/install.log"
   # shellcheck disable=SC2086
-  if ! { "$VENV/bin/pip" install $TORCH_SPEC && "$VENV/bin/pip" install -e ".[hf,timm,dev]"; } > "$log" 2>&1; then
+  # llava-torch (the original LLaVA code, module `llava`) pins torch 2.0-era releases: installed
+  # without its dependencies, beside the modern stack (dualview.adapters.llava15 needs nothing more).
+  if ! { "$VENV/bin/pip" install $TORCH_SPEC \
+         && "$VENV/bin/pip" install -e ".[hf,timm,dev]" \
+         && "$VENV/bin/pip" install --no-deps "llava-torch==1.2.2.post1"; } > "$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "[run.sh] install failed; full log: $log" >&2
     exit 1

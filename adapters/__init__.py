@@ -1,4 +1,17 @@
 """Shims that put dual view into existing vision-language stacks (installed as ``dualview.adapters``).
 
-- :mod:`dualview.adapters.towers`: transformers CLIP / SigLIP and timm ViT models as DualViewEncoder towers.
+Each adapter has ``apply(model, **options) -> model``: it changes the model in place, registers the
+DEM as ``spatial_embed`` (so ``state_dict`` / ``save_pretrained`` carry it), records the options in
+the model's config, and leaves everything else alone; its ``from_pretrained(path)`` loads it back.
+
+- :mod:`dualview.adapters.llava15`: the original LLaVA code (``llava-torch``, module ``llava``).
+- :mod:`dualview.adapters.hf_llava`: transformers' ``LlavaForConditionalGeneration``.
+- :mod:`dualview.adapters.hf_llava_next`: transformers' ``LlavaNextForConditionalGeneration``.
+- :mod:`dualview.adapters.towers`: CLIP / SigLIP (transformers) and timm ViT models as towers.
+
+Adapter modules import their host library lazily; importing this package needs only the core.
 """
+
+from ._common import DualViewOptions, record_options, recorded_options
+
+__all__ = ["DualViewOptions", "record_options", "recorded_options"]

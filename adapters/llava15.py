@@ -1,0 +1,342 @@
+"""Dual view in the original LLaVA code (the ``llava`` package of haotian-liu/LLaVA, as released on
+PyPI as ``llava-torch``): ``LlavaLlamaForCausalLM`` (LLaVA-1.5, INF-LLaVA), ``LlavaMistralForCausalLM``
+and ``LlavaMptForCausalLM``.
+
+    from dualview.adapters import llava15
+    apply(model)                                   # 3x3 dual view, as many image tokens as before
+    processor = image_processor(model)             # CLIPImageProcessor at 3*336, pads to square
+    images = process_images([pil_image], processor)
+    model.generate(input_ids, images=images, max_new_tokens=20)     # input_ids from llava's tokenizer_image_token
+    model.save_pretrained("out");  model = from_pretrained("out")     # DEM weights and options kept
+    model = from_pretrained(snapshot_download("WeihuangLin/INF-LLaVA-sft"))  # INF-LLaVA's keys as they are
+
+``encode_images`` becomes DCM -> llava's own vision tower over every crop in ONE call (so
+``mm_vision_select_layer`` / ``mm_vision_select_feature`` hold, and the tower stays frozen under its
+``@torch.no_grad``) -> DEM -> thumbnail fusion -> ``mm_projector``. The DEM is registered at
+``model.get_model().spatial_embed`` (state-dict keys ``model.spatial_embed.*``, INF-LLaVA's names);
+the encoder itself is kept out of the module tree so the tower's weights are not listed twice.
+Image tokens per image: ``encoder_of(model).budget((H, W)).tokens`` (576 by default for CLIP-336:
+DEM resampled to the tower's 24x24 and averaged with the thumbnail). ``docs/upstream.md`` is the same
+change written as a patch of ``llava/model/llava_arch.py``.
+
+Sizes here are ``(height, width)``; ``llava.mm_utils`` and PIL use ``(width, height)``.
+
+Shims (installed per model by :func:`apply`, nothing is patched on the classes):
+
+1. transformers 5 ``generate()`` hands the KV cache to the model as ``cache=``; llava's ``forward``
+   only knows ``past_key_values=`` and raises TypeError. ``prepare_inputs_for_generation`` (where
+   generate builds the forward's keywords) is wrapped to hand it on as ``past_key_values``;
+   ``forward`` itself is left alone, since generate reads its signature. On transformers 4 the
+   wrapper changes nothing.
+2. MPT only: llava-torch 1.2.2's ``LlavaMptForCausalLM.forward`` calls
+   ``prepare_inputs_labels_for_multimodal`` with its pre-1.2 five-argument signature and raises
+   TypeError on every call, with or without dual view. It is replaced by the same forward with the
+   current signature. (llava's MPT has no ``generate`` of its own: its output starts with the prompt.)
+3. ``image_newline`` (a ``torch.empty`` parameter) exists only for ``mm_patch_merge_type='*unpad*'``
+   (LLaVA-1.6 AnyRes). Dual view replaces AnyRes and needs the flat merge, so :func:`apply`
+   refuses spatial merges and ``image_aspect_ratio='anyres'``; ``image_newline`` is never read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from dualview import DualViewEncoder
+from dualview import grid as G
+from dualview.checkpoints import read_tensors
+
+from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, record_options, recorded_options
+
+try:
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "dualview.adapters.llava15 needs the original LLaVA code: pip install --no-deps llava-torch==1.2.2.post1"
+    ) from e
+
+_ENCODER = "dual_view_encoder"  # kept in __dict__: registering it would list the tower's weights twice
+# config.model_type -> (module, class) of the llava model classes, imported on demand
+MODEL_CLASSES = {
+    "llava_llama": ("llava.model.language_model.llava_llama", "LlavaLlamaForCausalLM"),
+    "llava_mistral": ("llava.model.language_model.llava_mistral", "LlavaMistralForCausalLM"),
+    "llava_mpt": ("llava.model.language_model.llava_mpt", "LlavaMptForCausalLM"),
+}
+
+
+def encoder_of(model: nn.Module) -> DualViewEncoder:
+    """The DualViewEncoder that :func:`apply` installed (its ``dem`` is ``model.get_model().spatial_embed``)."""
+    inner = model.get_model() if isinstance(model, LlavaMetaForCausalLM) else model
+    if _ENCODER not in inner.__dict__:
+        raise ValueError("model has no dual view: call dualview.adapters.llava15.apply(model) first")
+    return inner.__dict__[_ENCODER]
+
+
+def _check_llava_config(config: Any) -> None:
+    """Dual view replaces llava's single-crop path; it cannot sit under AnyRes or CLS tokens."""
+    if getattr(config, "mm_vision_tower", None) is None:
+        raise ValueError("model.config.mm_vision_tower is not set: the model has no vision tower to adapt")
+    select = getattr(config, "mm_vision_select_feature", "patch")
+    if select != "patch":
+        raise ValueError(
+            "config.mm_vision_select_feature must be 'patch' (DEM needs the square grid of patch tokens), "
+            f"got {select!r}"
+        )
+    merge = getattr(config, "mm_patch_merge_type", "flat") or "flat"
+    if merge != "flat":
+        raise ValueError(
+            f"config.mm_patch_merge_type must be 'flat' (dual view replaces LLaVA-1.6 AnyRes), got {merge!r}"
+        )
+    if getattr(config, "image_aspect_ratio", None) == "anyres":
+        raise ValueError("config.image_aspect_ratio must not be 'anyres' (dual view replaces AnyRes); use 'pad'")
+
+
+def apply(model: nn.Module, **options: Any) -> nn.Module:
+    """Install dual view into a llava ``Llava*ForCausalLM`` in place; returns it.
+
+    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` (default: the released
+    INF-LLaVA, 3x3 squashed, DEM to the tower's token grid, thumbnail mean). A delay-loaded vision
+    tower is loaded (and put on the projector's device and dtype). The DEM is new (random); trained
+    weights come with :func:`from_pretrained` / :func:`load_checkpoint` or ``DEM.from_inf_llava``.
+    """
+    if not isinstance(model, LlavaMetaForCausalLM):
+        raise TypeError(
+            f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
+        )
+    inner = model.get_model()
+    if _ENCODER in inner.__dict__:
+        raise ValueError("model already has dual view applied")
+    opts = DualViewOptions.from_kwargs(**options)
+    _check_llava_config(model.config)
+    attach(inner, model.config, opts)
+    model.encode_images = types.MethodType(_encode_images, model)
+    model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, model)
+    if type(model).__name__ == "LlavaMptForCausalLM":
+        model.forward = types.MethodType(_mpt_forward, model)
+    return model
+
+
+def attach(inner: nn.Module, config: Any, opts: DualViewOptions) -> DualViewEncoder:
+    """Build the encoder over ``inner``'s (llava ``LlavaMetaModel``) vision tower, register its DEM as
+    ``inner.spatial_embed`` and record the options in ``config``. Exactly what ``docs/upstream.md``
+    adds to ``LlavaMetaModel``."""
+    tower = inner.get_vision_tower()
+    if not tower.is_loaded:  # llava builds the tower with delay_load=True
+        tower.load_model()
+        ref = next(inner.mm_projector.parameters())
+        tower.to(device=ref.device, dtype=ref.dtype)
+    dim = int(getattr(config, "mm_hidden_size", tower.hidden_size))
+    if dim != tower.hidden_size:
+        raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
+    vision = tower.config
+    encoder = opts.build(
+        tower, dim=dim, crop_size=vision.image_size, patch_size=vision.patch_size, like=inner.mm_projector
+    )
+    inner.spatial_embed = encoder.dem
+    inner.__dict__[_ENCODER] = encoder
+    record_options(config, opts)
+    return encoder
+
+
+def _encode_images(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Replaces ``LlavaMetaForCausalLM.encode_images``: (B, 3, H, W) pixels -> (B, tokens, hidden)."""
+    feats = self.get_model().__dict__[_ENCODER](images)  # (B, tokens, mm_hidden_size)
+    return self.get_model().mm_projector(feats)
+
+
+def _prepare_inputs_for_generation(
+    self: nn.Module, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> dict:
+    """llava's ``prepare_inputs_for_generation``, with transformers 5's ``cache`` handed on as
+    ``past_key_values`` (shim 1). Keeps llava's parameter names: generate reads them."""
+    inputs = type(self).prepare_inputs_for_generation(
+        self, input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+    )
+    if "cache" in inputs:
+        inputs["past_key_values"] = inputs.pop("cache")
+    return inputs
+
+
+def _mpt_forward(
+    self: nn.Module,
+    input_ids: Optional[torch.Tensor] = None,
+    past_key_values: Any = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    use_cache: Optional[bool] = None,
+    output_attentions: Optional[bool] = None,
+    output_hidden_states: Optional[bool] = None,
+    return_dict: Optional[bool] = None,
+    images: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+):
+    """``LlavaMptForCausalLM.forward`` calling ``prepare_inputs_labels_for_multimodal`` with its
+    current signature (shim 2). MPT has ALiBi, no position ids."""
+    if inputs_embeds is None:
+        prepared = self.prepare_inputs_labels_for_multimodal(
+            input_ids, None, attention_mask, past_key_values, labels, images
+        )
+        input_ids, _, attention_mask, past_key_values, inputs_embeds, labels = prepared
+    base_forward = super(_model_class("llava_mpt"), self).forward
+    # transformers 5 calls the cache ``cache``; 4.x ``past_key_values``
+    cache_key = "cache" if "cache" in inspect.signature(base_forward).parameters else "past_key_values"
+    return base_forward(
+        input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+        use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        return_dict=return_dict, **{cache_key: past_key_values}, **kwargs,
+    )
+
+
+def canvas_size(model: nn.Module) -> G.Size:
+    """``(height, width)`` of the pixels :func:`image_processor` produces: ``max(R, C) * crop`` square."""
+    dcm = encoder_of(model).dcm
+    if dcm.grid == "auto":
+        raise ValueError("the image processor needs a fixed grid, got grid='auto'")
+    side = max(dcm.grid) * dcm.crop_size
+    return side, side
+
+
+def image_processor(model: nn.Module, processor: Any = None) -> Any:
+    """A copy of llava's ``CLIPImageProcessor`` (``processor``, default: the tower's) resizing to the
+    dual-view canvas: ``size={'shortest_edge': S}``, ``crop_size=S x S`` with ``S = max(R, C) * crop``
+    (1008 for 3x3 CLIP-336). Pair it with :func:`process_images`, which pads to square first, so the
+    centre crop keeps the whole image."""
+    if processor is None:
+        processor = model.get_vision_tower().image_processor
+    side, _ = canvas_size(model)
+    settings = {**processor.to_dict(), "size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    settings.pop("image_processor_type", None)
+    return type(processor).from_dict(settings)
+
+
+def process_images(images: Sequence[Any], processor: Any) -> torch.Tensor:
+    """PIL images -> (B, 3, S, S) pixels as the released training made them: llava's
+    ``process_images`` with ``image_aspect_ratio='pad'`` (``expand2square`` with the processor's mean
+    colour, then the processor)."""
+    from llava.mm_utils import process_images as llava_process_images
+
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"images must be a non-empty list of PIL images, got {type(images).__name__}")
+    pixels = llava_process_images(list(images), processor, types.SimpleNamespace(image_aspect_ratio="pad"))
+    if not isinstance(pixels, torch.Tensor):  # llava returns a list when shapes differ
+        raise ValueError(f"processor gave images of different sizes {[tuple(p.shape) for p in pixels]}")
+    return pixels
+
+
+def num_image_tokens(model: nn.Module, image_size: Optional[G.Size] = None) -> int:
+    """Tokens the LLM sees per image of ``(H, W)`` pixels (default: :func:`canvas_size`)."""
+    return encoder_of(model).budget(image_size if image_size is not None else canvas_size(model)).tokens
+
+
+def _model_class(model_type: str) -> type:
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"config.model_type must be one of {sorted(MODEL_CLASSES)}, got {model_type!r}")
+    module, name = MODEL_CLASSES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    """State-dict prefix of ``module`` inside ``model``: ``model.spatial_embed.`` (``transformer.`` for MPT)."""
+    return next(name for name, m in model.named_modules() if m is module) + "."
+
+
+def from_pretrained(
+    path: Union[str, Path], *, options: Optional[Mapping[str, Any]] = None, strict: bool = True, **kwargs: Any
+) -> nn.Module:
+    """Load a dual-view llava model from a local folder: one saved by ``save_pretrained`` of an
+    adapted model, or an INF-LLaVA checkpoint (keys ``model.spatial_embed.*``, ``model.mm_projector.*``).
+
+    The llava class comes from ``config.model_type``; dual view is re-applied with the options in
+    config.json (``options`` overrides them; neither: the released INF-LLaVA defaults), the DEM
+    weights are loaded strictly, and vision-tower weights saved in the folder replace those read
+    from ``mm_vision_tower``. With ``strict``, any other missing or unexpected key is a ValueError.
+    ``kwargs`` go to ``from_pretrained`` of the class (``dtype``, ``device_map``, ...). A plain
+    LLaVA-1.5 checkpoint has no DEM (ValueError here): use ``apply(cls.from_pretrained(path))``.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    for model_type in MODEL_CLASSES:  # importing a class registers its config with AutoConfig
+        try:
+            _model_class(model_type)
+        except ImportError:  # pragma: no cover - a variant transformers cannot import
+            pass
+    cls = _model_class(AutoConfig.from_pretrained(path).model_type)
+    with _tower_keys_expected(cls):
+        model, info = from_pretrained_without_dem(cls, path, output_loading_info=True, **kwargs)
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if strict and any(problems.values()):
+        raise ValueError(f"checkpoint {str(path)!r} does not match {cls.__name__}: {problems}")
+    settings = dict(recorded_options(model.config) or {})
+    settings.update(options or {})
+    apply(model, **settings)
+    encoder = encoder_of(model)
+    load_dem_weights(encoder.dem, path, _prefix(model, encoder.dem))
+    _load_saved_tower(model, path, _prefix(model, model.get_model()) + "vision_tower.")
+    return model
+
+
+@contextmanager
+def _tower_keys_expected(cls: type) -> Iterator[None]:
+    """llava builds the vision tower with delay_load=True, so ``from_pretrained`` of the class finds
+    no module for the saved tower weights; they are expected (and loaded afterwards)."""
+    had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
+    old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    inherited = old or getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []
+    cls._keys_to_ignore_on_load_unexpected = list(inherited) + [r"(^|\.)vision_tower\.vision_tower\."]
+    try:
+        yield
+    finally:
+        if had:
+            cls._keys_to_ignore_on_load_unexpected = old
+        else:
+            del cls._keys_to_ignore_on_load_unexpected
+
+
+def _load_saved_tower(model: nn.Module, path: Path, prefix: str) -> None:
+    """Vision-tower weights stored in the checkpoint (llava saves them) replace the ones read from
+    ``mm_vision_tower``: all of them, or none when the checkpoint has none."""
+    saved = read_tensors(path, keep=lambda k: k.startswith(prefix))
+    if not saved:
+        return
+    tower = model.get_vision_tower()
+    ref = next(tower.parameters())
+    state = {k[len(prefix):]: v.to(device=ref.device, dtype=ref.dtype) for k, v in saved.items()}
+    incompatible = tower.load_state_dict(state, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise ValueError(
+            f"vision-tower weights under '{prefix}' in {str(path)!r} do not match the tower: missing keys "
+            f"{sorted(incompatible.missing_keys)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
+        )
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path], *, strict: bool = True) -> None:
+    """Load every tensor of a checkpoint (a file, or a sharded folder) with INF-LLaVA's key names
+    (``model.spatial_embed.*``, ``model.mm_projector.*``, ...) into an adapted model.
+
+    With ``strict`` a missing or unexpected key is a ValueError that names it. Allowed to be
+    missing: a tied weight (``lm_head.weight`` saved once), and the whole vision tower when the
+    checkpoint holds none of it (the tower then stays as read from ``mm_vision_tower``)."""
+    encoder_of(model)  # the DEM must exist, or its keys would be "unexpected"
+    incompatible = model.load_state_dict(read_tensors(path), strict=False)
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5: only the ties the config asks for
+    tied = set(tied if tied is not None else getattr(model, "_tied_weights_keys", None) or ())
+    tower_prefix = _prefix(model, model.get_model()) + "vision_tower."
+    tower_keys = {k for k in model.state_dict() if k.startswith(tower_prefix)}
+    missing = set(incompatible.missing_keys) - tied
+    if tower_keys <= missing:  # no tower in the checkpoint at all
+        missing -= tower_keys
+    if strict and (missing or incompatible.unexpected_keys):
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match the adapted {type(model).__name__}: missing keys "
+            f"{sorted(missing)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
+        )

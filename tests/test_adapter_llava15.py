@@ -1,0 +1,431 @@
+"""The original LLaVA code (llava-torch) with dual view: loss, generate, gradients, save/load, token
+counts, INF-LLaVA checkpoints, the Mistral and MPT variants. Tiny random models, no downloads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("transformers")
+llava_llama = pytest.importorskip("llava.model.language_model.llava_llama")
+from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
+from llava.mm_utils import tokenizer_image_token  # noqa: E402
+from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM  # noqa: E402
+from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPVisionModel  # noqa: E402
+
+from dualview.adapters import llava15  # noqa: E402
+from dualview.adapters._common import DualViewOptions, recorded_options  # noqa: E402
+
+from . import tiny_models as tiny  # noqa: E402
+from .conftest import FIXTURES  # noqa: E402
+
+LlavaConfig, LlavaLlamaForCausalLM = llava_llama.LlavaConfig, llava_llama.LlavaLlamaForCausalLM
+
+# llava's own forward passes `past_key_values`, which transformers 5 deprecates: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+
+
+def save_tower(folder, image_size: int) -> str:
+    """A tiny CLIP tower + its image processor in ``folder``, as llava's ``mm_vision_tower`` expects."""
+    tiny.seeded(0)
+    CLIPVisionModel(tiny.clip_config(image_size=image_size)).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tower_28(tmp_path_factory) -> str:
+    return save_tower(tmp_path_factory.mktemp("clip28"), 28)
+
+
+def llava_settings(tower: str) -> dict:
+    return dict(
+        vocab_size=len(tiny.WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, mm_vision_tower=tower, mm_hidden_size=32,
+        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+        image_aspect_ratio="pad",
+    )
+
+
+def make_model(tower: str, cls=LlavaLlamaForCausalLM, config_cls=LlavaConfig, **config_overrides):
+    tiny.seeded(0)
+    return cls(config_cls(**{**llava_settings(tower), **config_overrides})).eval()
+
+
+def adapted(tower: str, **options):
+    return llava15.apply(make_model(tower), **options)
+
+
+def prompt_ids() -> torch.Tensor:
+    ids = tokenizer_image_token(tiny.PROMPT, tiny.tokenizer(), return_tensors="pt").unsqueeze(0)
+    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 1
+    return ids
+
+
+def images(model, *sizes) -> torch.Tensor:
+    processor = llava15.image_processor(model)
+    return llava15.process_images([tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)], processor)
+
+
+def llm_input_length(model, **inputs) -> int:
+    """Sequence length of the embeddings the language model receives."""
+    seen = []
+    hook = model.get_model().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_forward_with_labels_gives_a_finite_loss(tower_28):
+    model = adapted(tower_28)
+    ids = prompt_ids()
+    pixels = images(model, (40, 70))
+    assert pixels.shape == (1, 3, 84, 84)  # 3x3 canvas of 28-pixel crops
+    out = model(input_ids=ids, images=pixels, labels=ids.clamp(min=0))
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape == (1, ids.shape[1] - 1 + llava15.num_image_tokens(model), len(tiny.WORDS))
+
+
+def test_image_tokens_equal_the_encoder_budget_and_one_tower_call(tower_28):
+    model = adapted(tower_28)
+    ids = prompt_ids()
+    calls = []
+    model.get_vision_tower().register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    length = llm_input_length(model, input_ids=ids, images=images(model, (50, 50), (30, 90)))
+    tokens = llava15.encoder_of(model).budget((84, 84)).tokens
+    assert tokens == llava15.num_image_tokens(model) == 4  # DEM at the tower's 2x2 grid, mean with the thumbnail
+    assert length == ids.shape[1] - 1 + tokens
+    assert calls == [2 * (2 * 9 + 1)]  # both images' 9 local + 9 global crops + thumbnail in ONE call
+
+
+@pytest.mark.parametrize(
+    "options, tokens",
+    [
+        (dict(out_size=None, thumbnail_fusion="concat"), 9 * 4 + 4),
+        (dict(grid=(2, 3), out_size=(3, 3), thumbnail_fusion="none"), 9),
+    ],
+)
+def test_token_count_follows_the_options(tower_28, options, tokens):
+    model = adapted(tower_28, **options)
+    ids = prompt_ids()
+    pixels = images(model, (60, 45))
+    assert pixels.shape[-1] == 84  # the processor's canvas is max(R, C) crops wide
+    assert llava15.num_image_tokens(model) == tokens
+    assert llm_input_length(model, input_ids=ids, images=pixels) == ids.shape[1] - 1 + tokens
+
+
+def greedy_by_hand(model, ids: torch.Tensor, pixels: torch.Tensor, steps: int) -> list[int]:
+    """Greedy decoding with full forwards over embeddings: no cache, no generate()."""
+    with torch.no_grad():
+        *_, embeds, _ = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, pixels)
+        out = []
+        for _ in range(steps):
+            token = model(inputs_embeds=embeds).logits[:, -1].argmax(-1)
+            out.append(int(token))
+            embeds = torch.cat([embeds, model.get_model().embed_tokens(token)[:, None]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "mpt"])
+def test_generate_with_an_image_matches_greedy_decoding(tower_28, variant):
+    if variant == "mpt":
+        model = llava15.apply(mpt_model(tower_28))
+    else:
+        classes = {
+            "llama": (LlavaLlamaForCausalLM, LlavaConfig), "mistral": (LlavaMistralForCausalLM, LlavaMistralConfig)
+        }
+        model = llava15.apply(make_model(tower_28, *classes[variant]))
+    tiny.seeded(1)
+    with torch.no_grad():  # a fresh tiny model's logits are nearly flat: larger weights make a telling check
+        for name, p in model.named_parameters():
+            if "vision_tower" not in name:
+                p.normal_(0, 0.5)
+    model.generation_config.eos_token_id = None  # exactly 4 new tokens, like the greedy loop
+    ids, pixels = prompt_ids(), images(model, (64, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model.generate(ids, images=pixels, max_new_tokens=4, do_sample=False)
+    if variant == "mpt":  # llava's MPT has no generate() of its own: the prompt comes back too
+        assert torch.equal(out[:, : ids.shape[1]], ids)
+        out = out[:, ids.shape[1]:]
+    assert out.shape == (1, 4)  # llava's generate returns the new tokens only
+    expected = greedy_by_hand(model, ids, pixels, 4)
+    assert out[0].tolist() == expected  # the KV cache was used correctly
+    assert len(set(expected)) > 1
+
+
+def test_generate_fails_without_the_cache_shim(tower_28):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 hands the cache on as past_key_values: no shim needed")
+    model = adapted(tower_28)
+    del model.prepare_inputs_for_generation  # back to llava's own
+    with pytest.raises(TypeError, match="cache"):
+        model.generate(prompt_ids(), images=images(model, (28, 28)), max_new_tokens=2)
+
+
+def test_gradients_reach_dem_and_projector_not_the_frozen_tower(tower_28):
+    model = adapted(tower_28).train()
+    ids = prompt_ids()
+    model(input_ids=ids, images=images(model, (50, 80)), labels=ids.clamp(min=0)).loss.backward()
+    inner = model.get_model()
+    for name, module in (("DEM", inner.spatial_embed), ("projector", inner.mm_projector)):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+    tower = model.get_vision_tower()
+    assert all(not p.requires_grad and p.grad is None for p in tower.parameters())
+
+
+def test_only_the_dem_is_added_to_the_state_dict(tower_28):
+    plain, model = make_model(tower_28), adapted(tower_28)
+    plain.get_model().get_vision_tower().load_model()
+    added = set(model.state_dict()) - set(plain.state_dict())
+    assert added == {f"model.spatial_embed.{k}" for k in model.get_model().spatial_embed.state_dict()}
+    assert set(plain.state_dict()) <= set(model.state_dict())
+    assert not any("dual_view_encoder" in k for k in model.state_dict())
+
+
+def test_save_pretrained_and_from_pretrained_keep_dem_and_options(tower_28, tmp_path):
+    options = dict(grid=(2, 2), num_heads=4, directions="global_to_local", thumbnail_fusion="concat", out_size=(3, 3))
+    model = adapted(tower_28, **options)
+    with torch.no_grad():  # a DEM unlike a fresh one, so a re-initialised DEM would show
+        for p in model.get_model().spatial_embed.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
+    assert saved == DualViewOptions.from_kwargs(**options).to_dict()
+
+    again = llava15.from_pretrained(tmp_path)
+    assert recorded_options(again.config) == saved
+    dem, dem_again = model.get_model().spatial_embed, again.get_model().spatial_embed
+    assert dem_again is llava15.encoder_of(again).dem and dem_again.num_heads == 4 and dem_again.out_size == (3, 3)
+    assert all(torch.equal(a, b) for a, b in zip(dem.state_dict().values(), dem_again.state_dict().values()))
+    state, state_again = model.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+    ids, pixels = prompt_ids(), images(model, (30, 50))
+    with torch.no_grad():
+        expected = model(input_ids=ids, images=pixels).logits
+        torch.testing.assert_close(again(input_ids=ids, images=pixels).logits, expected)
+
+
+def test_from_pretrained_names_unexpected_keys(tower_28, tmp_path):
+    adapted(tower_28).save_pretrained(tmp_path)
+    (shard,) = tmp_path.glob("*.safetensors")
+    state = load_file(shard)
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.extra.weight"):
+        llava15.from_pretrained(tmp_path)
+
+
+def write_inf_llava_checkpoint(folder, tower: str) -> dict:
+    """A sharded checkpoint with INF-LLaVA's key names: the fixture's DEM at ``model.spatial_embed.*``,
+    plus a tiny model's ``model.mm_projector.*`` and everything else; its config has no dual-view entry."""
+    fixture = load_file(FIXTURES / "inf_llava_dem_n3_d32.safetensors")
+    config = LlavaConfig(**llava_settings(tower))
+    base = LlavaLlamaForCausalLM(config)
+    base.get_model().get_vision_tower().load_model()
+    state = {k: v.clone().contiguous() for k, v in base.state_dict().items()}
+    state.update({f"model.spatial_embed.{k[6:]}": v for k, v in fixture.items() if k.startswith("state.")})
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, folder / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, names in shards.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    assert "dualview" not in json.loads((folder / "config.json").read_text())
+    return {"state": state, "fixture": fixture}
+
+
+@pytest.fixture(scope="module")
+def inf_llava_checkpoint(tmp_path_factory):
+    """INF-LLaVA's DEM has dim 32 and a 24x24 output: a tiny CLIP tower of hidden 32 at 336 pixels."""
+    tower = save_tower(tmp_path_factory.mktemp("clip336"), 336)
+    folder = tmp_path_factory.mktemp("inf_llava")
+    return folder, tower, write_inf_llava_checkpoint(folder, tower)
+
+
+def check_reproduces_the_fixture(model, fixture) -> None:
+    with torch.no_grad():
+        out = model.get_model().spatial_embed(fixture["local_feats"], fixture["global_feats"], (3, 3))
+    assert out.shape == fixture["output"].shape == (1, 576, 32)
+    assert (out - fixture["output"]).abs().max().item() <= 1e-4
+
+
+def test_inf_llava_checkpoint_loads_with_no_missing_or_unexpected_key(inf_llava_checkpoint):
+    folder, tower, written = inf_llava_checkpoint
+    model = llava15.apply(LlavaLlamaForCausalLM(LlavaConfig(**llava_settings(tower))))
+    assert set(model.state_dict()) == set(written["state"])  # same names, both ways
+    llava15.load_checkpoint(model, folder)
+    assert all(torch.equal(v, written["state"][k]) for k, v in model.state_dict().items())
+    check_reproduces_the_fixture(model, written["fixture"])
+    assert llava15.num_image_tokens(model) == 576  # the released budget: 24x24, as plain LLaVA-1.5
+
+
+def test_inf_llava_checkpoint_through_from_pretrained(inf_llava_checkpoint):
+    folder, _, written = inf_llava_checkpoint
+    model = llava15.from_pretrained(folder)  # no recorded options: the released INF-LLaVA defaults
+    assert recorded_options(model.config) == DualViewOptions().to_dict()
+    check_reproduces_the_fixture(model, written["fixture"])
+    assert torch.equal(model.get_model().mm_projector[0].weight, written["state"]["model.mm_projector.0.weight"])
+
+
+def test_load_checkpoint_names_missing_and_unexpected_keys(inf_llava_checkpoint, tmp_path):
+    _, tower, written = inf_llava_checkpoint
+    model = llava15.apply(LlavaLlamaForCausalLM(LlavaConfig(**llava_settings(tower))))
+    state = dict(written["state"])
+    del state["model.spatial_embed.ln_fuse.weight"]
+    state["model.spatial_embed.extra"] = torch.zeros(1)
+    save_file(state, tmp_path / "model.safetensors")
+    names = r"missing keys \['model.spatial_embed.ln_fuse.weight'\], unexpected keys \['model.spatial_embed.extra'\]"
+    with pytest.raises(ValueError, match=names):
+        llava15.load_checkpoint(model, tmp_path / "model.safetensors")
+
+
+def test_image_processor_pads_to_square_with_the_mean_colour(tower_28):
+    model = adapted(tower_28)
+    processor = llava15.image_processor(model)
+    assert processor.crop_size["height"] == processor.crop_size["width"] == processor.size["shortest_edge"] == 84
+    assert model.get_vision_tower().image_processor.crop_size["height"] == 28  # the tower's own is untouched
+    # PIL sizes are (width, height): a wide image is padded above and below, a tall one left and right
+    wide, tall = (llava15.process_images([tiny.pil_image(*hw)], processor)[0] for hw in ((28, 84), (84, 28)))
+    for pixels, padded, kept in ((wide, wide[:, :20], wide[:, 32:52]), (tall, tall[:, :, :20], tall[:, :, 32:52])):
+        assert pixels.shape == (3, 84, 84)
+        assert padded.abs().max() < 0.02  # the mean colour normalises to ~0
+        assert kept.std() > 0.3  # the random image itself
+
+
+def test_deepcopy_keeps_its_own_encoder(tower_28):
+    model = adapted(tower_28)
+    twin = copy.deepcopy(model)
+    encoder = llava15.encoder_of(twin)
+    assert encoder.dem is twin.get_model().spatial_embed and encoder.dem is not model.get_model().spatial_embed
+    assert encoder.tower is twin.get_vision_tower()
+    assert twin.encode_images.__self__ is twin
+    ids, pixels = prompt_ids(), images(model, (40, 40))
+    with torch.no_grad():
+        twin.get_model().spatial_embed.ln_fuse.bias.add_(1.0)
+        assert not torch.equal(twin(input_ids=ids, images=pixels).logits, model(input_ids=ids, images=pixels).logits)
+
+
+def test_mistral_variant(tower_28):
+    model = llava15.apply(make_model(tower_28, LlavaMistralForCausalLM, LlavaMistralConfig))
+    assert "model.spatial_embed.attention.linears.0.weight" in model.state_dict()
+    ids = prompt_ids()
+    out = model(input_ids=ids, images=images(model, (40, 60)), labels=ids.clamp(min=0))
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape[1] == ids.shape[1] - 1 + 4
+
+
+def mpt_model(tower: str):
+    settings = {k: v for k, v in llava_settings(tower).items() if k.startswith(("mm_", "image_", "vocab"))}
+    tiny.seeded(0)
+    return LlavaMptForCausalLM(LlavaMptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=512, **settings)).eval()
+
+
+def test_mpt_variant_forward_and_save_load(tower_28, tmp_path):
+    model = llava15.apply(mpt_model(tower_28))
+    assert "transformer.spatial_embed.attention.linears.0.weight" in model.state_dict()
+    ids = prompt_ids()
+    out = model(input_ids=ids, images=images(model, (40, 60)), labels=ids.clamp(min=0))
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape[1] == ids.shape[1] - 1 + 4
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.get_model().spatial_embed.parameters())
+    model.save_pretrained(tmp_path)
+    again = llava15.from_pretrained(tmp_path)
+    assert isinstance(again, LlavaMptForCausalLM)
+    state, state_again = model.state_dict(), again.state_dict()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+
+
+def test_apply_errors(tower_28):
+    with pytest.raises(TypeError, match="llava Llava\\*ForCausalLM.*got Linear"):
+        llava15.apply(torch.nn.Linear(2, 2))
+    model = adapted(tower_28)
+    with pytest.raises(ValueError, match="already has dual view"):
+        llava15.apply(model)
+    with pytest.raises(TypeError, match="unknown dual-view option"):
+        llava15.apply(make_model(tower_28), grid_size=3)
+    with pytest.raises(ValueError, match="mm_patch_merge_type must be 'flat'.*'spatial_unpad'"):
+        llava15.apply(make_model(tower_28, mm_patch_merge_type="spatial_unpad"))
+    with pytest.raises(ValueError, match="mm_vision_select_feature must be 'patch'.*'cls_patch'"):
+        llava15.apply(make_model(tower_28, mm_vision_select_feature="cls_patch"))
+    with pytest.raises(ValueError, match="no dual view"):
+        llava15.encoder_of(make_model(tower_28))
+    with pytest.raises(ValueError, match="fixed grid"):
+        llava15.image_processor(adapted(tower_28, grid="auto"))
+
+
+PATCHED_FORK = """
+import sys, warnings, torch
+warnings.simplefilter("ignore")
+import llava
+assert llava.__file__.startswith(sys.argv[1]), llava.__file__
+from tests import test_adapter_llava15 as T
+model = T.make_model(sys.argv[2])
+model.get_model().get_vision_tower().load_model()
+with torch.no_grad():
+    for p in model.get_model().spatial_embed.parameters():
+        p.add_(torch.randn_like(p))
+model.save_pretrained(sys.argv[3])
+again, info = T.LlavaLlamaForCausalLM.from_pretrained(sys.argv[3], output_loading_info=True)
+assert not info["missing_keys"] and all("vision_tower" in k for k in info["unexpected_keys"]), info
+assert torch.equal(again.model.spatial_embed.ln_fuse.bias, model.model.spatial_embed.ln_fuse.bias)
+ids, pixels = T.prompt_ids(), torch.rand(1, 3, 84, 84)
+with torch.no_grad():
+    logits = model(input_ids=ids, images=pixels).logits
+assert model.generate(ids, images=pixels, max_new_tokens=2).shape == (1, 2)
+torch.save({"ids": ids, "pixels": pixels, "logits": logits}, sys.argv[3] + "/io.pt")
+"""
+
+
+def test_docs_upstream_patch_applies_and_matches_the_adapter(tower_28, tmp_path):
+    """docs/upstream.md's diffs apply to the installed llava; the patched fork loads its DEM with plain
+    from_pretrained and computes what the adapter computes."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import llava
+
+    if shutil.which("patch") is None:
+        pytest.skip("needs the `patch` program")
+    repo = Path(__file__).resolve().parents[1]
+    fork = tmp_path / "fork"
+    shutil.copytree(Path(llava.__file__).parent, fork / "llava", ignore=shutil.ignore_patterns("__pycache__"))
+    diffs = re.findall(r"```diff\n(.*?)```", (repo / "docs" / "upstream.md").read_text(), flags=re.S)
+    assert len(diffs) == 3  # llava_arch.py, train.py, llava_llama.py
+    for diff in diffs:
+        subprocess.run(["patch", "-p1", "--forward", "--quiet"], input=diff, text=True, cwd=fork, check=True)
+    saved = tmp_path / "saved"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fork), str(repo)]), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", PATCHED_FORK, str(fork), tower_28, str(saved)],
+        capture_output=True, text=True, cwd=repo, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    io = torch.load(saved / "io.pt")
+    model = llava15.from_pretrained(saved)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=io["ids"], images=io["pixels"]).logits, io["logits"])
