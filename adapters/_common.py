@@ -114,3 +114,33 @@ def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any
             cls._keys_to_ignore_on_load_unexpected = old
         else:
             del cls._keys_to_ignore_on_load_unexpected
+
+
+ENCODER_ATTR = "dual_view_encoder"
+"""Where an adapter keeps its DualViewEncoder on the host's inner model: in ``__dict__``, out of the
+module tree, since registering it would list the vision tower's weights a second time."""
+
+
+def install(inner: nn.Module, config: Any, opts: DualViewOptions, encoder: DualViewEncoder) -> None:
+    """Register the encoder's DEM as ``inner.spatial_embed`` (INF-LLaVA's name), keep the encoder
+    beside it, and record the options in ``config``."""
+    inner.spatial_embed = encoder.dem
+    inner.__dict__[ENCODER_ATTR] = encoder
+    record_options(config, opts)
+
+
+def installed(inner: nn.Module, module: str) -> DualViewEncoder:
+    """The encoder :func:`install` put on ``inner``, or a ValueError telling how to get one."""
+    if ENCODER_ATTR not in inner.__dict__:
+        raise ValueError(f"model has no dual view: call dualview.adapters.{module}.apply(model) first")
+    return inner.__dict__[ENCODER_ATTR]
+
+
+def hf_encoder(inner: nn.Module, config: Any, opts: DualViewOptions, tower: nn.Module) -> DualViewEncoder:
+    """The encoder of a transformers Llava / LlavaNext model: DEM over ``tower``'s channels (the
+    hidden size times the number of ``vision_feature_layer`` layers), on the projector's device."""
+    vision = config.vision_config
+    return opts.build(
+        tower, dim=vision.hidden_size * len(tower.layers), crop_size=vision.image_size,
+        patch_size=vision.patch_size, like=inner.multi_modal_projector,
+    )

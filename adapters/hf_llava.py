@@ -26,11 +26,13 @@ from torch import nn
 
 from dualview import DualViewEncoder
 
-from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, record_options, recorded_options
+from ._common import (
+    ENCODER_ATTR, DualViewOptions, from_pretrained_without_dem, hf_encoder, install, installed, load_dem_weights,
+    recorded_options,
+)
 from .towers import HFVisionTower
 
 DEM_PREFIX = "model.spatial_embed."
-_ENCODER = "dual_view_encoder"  # kept in __dict__: registering it would duplicate the tower's weights
 
 
 def _layers(layer: Union[int, list[int]]) -> list[int]:
@@ -50,10 +52,7 @@ def _check_strategy(strategy: str, tower: nn.Module) -> None:
 
 def encoder_of(model: nn.Module) -> DualViewEncoder:
     """The DualViewEncoder that :func:`apply` installed."""
-    inner = getattr(model, "model", model)
-    if _ENCODER not in inner.__dict__:
-        raise ValueError("model has no dual view: call dualview.adapters.hf_llava.apply(model) first")
-    return inner.__dict__[_ENCODER]
+    return installed(getattr(model, "model", model), "hf_llava")
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:
@@ -66,22 +65,15 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "vision_tower"):
         raise TypeError(f"model must be a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
-    if _ENCODER in inner.__dict__:
+    if ENCODER_ATTR in inner.__dict__:
         raise ValueError("model already has dual view applied")
     opts = DualViewOptions.from_kwargs(**options)
     config = model.config
     _check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
     layers = _layers(config.vision_feature_layer)
     tower = HFVisionTower(inner.vision_tower, layer=layers, select="patch")
-    vision = config.vision_config
-    encoder = opts.build(
-        tower, dim=vision.hidden_size * len(layers), crop_size=vision.image_size,
-        patch_size=vision.patch_size, like=inner.multi_modal_projector,
-    )
-    inner.spatial_embed = encoder.dem
-    inner.__dict__[_ENCODER] = encoder
+    install(inner, config, opts, hf_encoder(inner, config, opts, tower))
     inner.get_image_features = types.MethodType(_dual_view_image_features, inner)
-    record_options(config, opts)
     return model
 
 
@@ -97,7 +89,7 @@ def _dual_view_image_features(
     output whose ``pooler_output`` is a list of B (tokens, text_dim) tensors."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    encoder: DualViewEncoder = self.__dict__[_ENCODER]
+    encoder: DualViewEncoder = self.__dict__[ENCODER_ATTR]
     if vision_feature_select_strategy is not None:
         _check_strategy(vision_feature_select_strategy, self.vision_tower)
     if vision_feature_layer is not None and _layers(vision_feature_layer) != encoder.tower.layers:

@@ -47,11 +47,13 @@ from dualview import DualCrops, DualViewEncoder
 from dualview import grid as G
 from dualview import layout
 
-from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, record_options, recorded_options
+from ._common import (
+    ENCODER_ATTR, DualViewOptions, from_pretrained_without_dem, hf_encoder, install, installed, load_dem_weights,
+    recorded_options,
+)
 from .towers import HFVisionTower
 
 DEM_PREFIX = "model.spatial_embed."
-_ENCODER = "_dual_view_encoder"  # kept in __dict__: registering it would duplicate the tower's weights
 
 # AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
 # replaces the tile map and the base image stays in front (the encoder's "concat" thumbnail).
@@ -99,9 +101,7 @@ def encoder_of(model: nn.Module) -> DualViewEncoder:
     """The DualViewEncoder that :func:`apply` installed; its ``dem`` is ``model.model.spatial_embed``,
     also after that attribute is replaced (e.g. by a trained ``DEM.from_inf_llava(ckpt, out_size=None)``)."""
     inner = getattr(model, "model", model)
-    if _ENCODER not in inner.__dict__:
-        raise ValueError("model has no dual view: call dualview.adapters.hf_llava_next.apply(model) first")
-    encoder: DualViewEncoder = inner.__dict__[_ENCODER]
+    encoder = installed(inner, "hf_llava_next")
     if encoder.dem is not inner.spatial_embed:
         encoder.dem = inner.spatial_embed
     return encoder
@@ -121,22 +121,15 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     needed = ("vision_tower", "multi_modal_projector", "image_newline", "pack_image_features")
     if inner is None or not all(hasattr(inner, name) for name in needed):
         raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}")
-    if _ENCODER in inner.__dict__:
+    if ENCODER_ATTR in inner.__dict__:
         raise ValueError("model already has dual view applied")
     config = model.config
     opts = _options(config, options)
     layers = _layers(config.vision_feature_layer)
     tower = HFVisionTower(inner.vision_tower, layer=layers)
     _check_strategy(config.vision_feature_select_strategy, tower)
-    vision = config.vision_config
-    encoder = opts.build(
-        tower, dim=vision.hidden_size * len(layers), crop_size=vision.image_size,
-        patch_size=vision.patch_size, like=inner.multi_modal_projector,
-    )
-    inner.spatial_embed = encoder.dem
-    inner.__dict__[_ENCODER] = encoder
+    install(inner, config, opts, hf_encoder(inner, config, opts, tower))
     inner.get_image_features = types.MethodType(_dual_view_image_features, inner)
-    record_options(config, opts)
     return model
 
 

@@ -53,7 +53,9 @@ from dualview import DualViewEncoder
 from dualview import grid as G
 from dualview.checkpoints import read_tensors
 
-from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, record_options, recorded_options
+from ._common import (
+    ENCODER_ATTR, DualViewOptions, from_pretrained_without_dem, install, installed, load_dem_weights, recorded_options,
+)
 
 try:
     from llava.model.llava_arch import LlavaMetaForCausalLM
@@ -62,7 +64,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "dualview.adapters.llava15 needs the original LLaVA code: pip install --no-deps llava-torch==1.2.2.post1"
     ) from e
 
-_ENCODER = "dual_view_encoder"  # kept in __dict__: registering it would list the tower's weights twice
 # config.model_type -> (module, class) of the llava model classes, imported on demand
 MODEL_CLASSES = {
     "llava_llama": ("llava.model.language_model.llava_llama", "LlavaLlamaForCausalLM"),
@@ -74,9 +75,7 @@ MODEL_CLASSES = {
 def encoder_of(model: nn.Module) -> DualViewEncoder:
     """The DualViewEncoder that :func:`apply` installed (its ``dem`` is ``model.get_model().spatial_embed``)."""
     inner = model.get_model() if isinstance(model, LlavaMetaForCausalLM) else model
-    if _ENCODER not in inner.__dict__:
-        raise ValueError("model has no dual view: call dualview.adapters.llava15.apply(model) first")
-    return inner.__dict__[_ENCODER]
+    return installed(inner, "llava15")
 
 
 def _check_llava_config(config: Any) -> None:
@@ -111,7 +110,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
             f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
         )
     inner = model.get_model()
-    if _ENCODER in inner.__dict__:
+    if ENCODER_ATTR in inner.__dict__:
         raise ValueError("model already has dual view applied")
     opts = DualViewOptions.from_kwargs(**options)
     _check_llava_config(model.config)
@@ -139,15 +138,13 @@ def attach(inner: nn.Module, config: Any, opts: DualViewOptions) -> DualViewEnco
     encoder = opts.build(
         tower, dim=dim, crop_size=vision.image_size, patch_size=vision.patch_size, like=inner.mm_projector
     )
-    inner.spatial_embed = encoder.dem
-    inner.__dict__[_ENCODER] = encoder
-    record_options(config, opts)
+    install(inner, config, opts, encoder)
     return encoder
 
 
 def _encode_images(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Replaces ``LlavaMetaForCausalLM.encode_images``: (B, 3, H, W) pixels -> (B, tokens, hidden)."""
-    feats = self.get_model().__dict__[_ENCODER](images)  # (B, tokens, mm_hidden_size)
+    feats = self.get_model().__dict__[ENCODER_ATTR](images)  # (B, tokens, mm_hidden_size)
     return self.get_model().mm_projector(feats)
 
 

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import platform
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
