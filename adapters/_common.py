@@ -144,3 +144,16 @@ def hf_encoder(inner: nn.Module, config: Any, opts: DualViewOptions, tower: nn.M
         tower, dim=vision.hidden_size * len(tower.layers), crop_size=vision.image_size,
         patch_size=vision.patch_size, like=inner.multi_modal_projector,
     )
+
+
+def reload(cls: type, path: Union[str, Path], apply: Any, **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(path)`` of a folder saved from an adapted model: the plain class, dual
+    view re-applied (``apply(model, **options)``) with the options in its config.json, the DEM
+    weights (``model.spatial_embed.*``) restored strictly."""
+    model = from_pretrained_without_dem(cls, path, **kwargs)
+    options = recorded_options(model.config)
+    if options is None:
+        raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no '{CONFIG_KEY}' entry")
+    apply(model, **options)
+    load_dem_weights(model.model.spatial_embed, path, "model.spatial_embed.")
+    return model

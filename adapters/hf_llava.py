@@ -27,12 +27,10 @@ from torch import nn
 from dualview import DualViewEncoder
 
 from ._common import (
-    ENCODER_ATTR, DualViewOptions, from_pretrained_without_dem, hf_encoder, install, installed, load_dem_weights,
-    recorded_options,
+    ENCODER_ATTR, DualViewOptions, hf_encoder, install, installed, reload
 )
 from .towers import HFVisionTower
 
-DEM_PREFIX = "model.spatial_embed."
 
 
 def _layers(layer: Union[int, list[int]]) -> list[int]:
@@ -138,10 +136,4 @@ def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     with the options in its config.json, the DEM weights restored strictly."""
     from transformers import LlavaForConditionalGeneration
 
-    model = from_pretrained_without_dem(LlavaForConditionalGeneration, path, **kwargs)
-    options = recorded_options(model.config)
-    if options is None:
-        raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no 'dualview' entry")
-    apply(model, **options)
-    load_dem_weights(encoder_of(model).dem, path, DEM_PREFIX)
-    return model
+    return reload(LlavaForConditionalGeneration, path, apply, **kwargs)

@@ -48,12 +48,10 @@ from dualview import grid as G
 from dualview import layout
 
 from ._common import (
-    ENCODER_ATTR, DualViewOptions, from_pretrained_without_dem, hf_encoder, install, installed, load_dem_weights,
-    recorded_options,
+    ENCODER_ATTR, DualViewOptions, hf_encoder, install, installed, reload
 )
 from .towers import HFVisionTower
 
-DEM_PREFIX = "model.spatial_embed."
 
 # AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
 # replaces the tile map and the base image stays in front (the encoder's "concat" thumbnail).
@@ -251,10 +249,4 @@ def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     ``kwargs`` go to ``LlavaNextForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
     from transformers import LlavaNextForConditionalGeneration
 
-    model = from_pretrained_without_dem(LlavaNextForConditionalGeneration, path, **kwargs)
-    options = recorded_options(model.config)
-    if options is None:
-        raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no 'dualview' entry")
-    apply(model, **options)
-    load_dem_weights(encoder_of(model).dem, path, DEM_PREFIX)
-    return model
+    return reload(LlavaNextForConditionalGeneration, path, apply, **kwargs)

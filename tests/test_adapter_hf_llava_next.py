@@ -187,7 +187,7 @@ def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
 def test_dem_is_the_only_new_state_and_the_tower_is_not_duplicated():
     plain, adapted = plain_and_adapted()
     new = set(adapted.state_dict()) - set(plain.state_dict())
-    assert new and all(k.startswith(adapter.DEM_PREFIX) for k in new)
+    assert new and all(k.startswith("model.spatial_embed.") for k in new)
     assert set(plain.state_dict()) <= set(adapted.state_dict())
     assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in plain.parameters()) + sum(
         p.numel() for p in adapted.model.spatial_embed.parameters()
