@@ -20,4 +20,8 @@ if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 mkdir -p "$out"
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" timeout 290 "$py" -m dualview.bench --out "$out" "$@"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# eager first: its results stand even if the compiled run fails or runs out of time
+timeout 170 "$py" -m dualview.bench --out "$out/eager" "$@"
+timeout 120 "$py" -m dualview.bench --out "$out/compiled" --compile "$@" \
+  || echo "gpu.sh: the --compile run did not finish; the eager results in $out/eager stand" >&2

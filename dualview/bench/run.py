@@ -89,6 +89,9 @@ def bench(args) -> dict:
     dem = DEM(dim, num_heads=8, out_size=(h, w)).to(device=device, dtype=dtype).eval()
     dem_full = DEM(dim, num_heads=8, out_size=None).to(device=device, dtype=dtype).eval()
     dem_full.load_state_dict(dem.state_dict())
+    if args.compile:  # in place (nn.Module.compile): the encoder still sees a DEM
+        for module in (dem, dem_full):
+            module.compile(fullgraph=True)
     newline = torch.randn(dim, device=device, dtype=dtype)
     image = demo_image().to(device=device, dtype=dtype).unsqueeze(0).expand(args.batch, -1, -1, -1).contiguous()
     size = tuple(image.shape[-2:])
@@ -166,6 +169,7 @@ def meta(args, device, dtype) -> dict:
     return dict(
         date=dt.date.today().isoformat(), device=str(device), device_name=name, dtype=str(dtype).replace("torch.", ""),
         torch=torch.__version__, threads=torch.get_num_threads(), batch=args.batch, tower=args.tower, llm=args.llm,
+        compiled_dem=args.compile,
         crop=args.crop, image=list(demo_image().shape[1:]), warmup=args.warmup, repeats=args.repeats,
         llm_text_tokens=TEXT_TOKENS,
     )
@@ -252,8 +256,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8 if gpu else 1)
     p.add_argument("--crop", type=int, default=336, help="crop size s (a multiple of the patch size 14)")
     p.add_argument("--grids", default="2x2,3x3", help="comma-separated RxC")
-    p.add_argument("--warmup", type=int, default=3 if gpu else 1)
-    p.add_argument("--repeats", type=int, default=10 if gpu else 3)
+    p.add_argument("--warmup", type=int, default=3 if gpu else 2)
+    p.add_argument("--repeats", type=int, default=10 if gpu else 5)
+    p.add_argument("--compile", action="store_true", help="torch.compile the DEMs (fullgraph=True)")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args(argv)
     args.grids = [tuple(int(v) for v in g.split("x")) for g in args.grids.split(",")]
