@@ -118,12 +118,12 @@ class DualViewEncoder(nn.Module):
         """
         parts = []
         for c in crops:
-            parts += [c.local_view.flatten(0, 1), c.global_view.flatten(0, 1)]
-            parts += [] if c.thumbnail is None else [c.thumbnail]
-        feats = self.run_tower(torch.cat(parts))
+            parts += [c.local_view, c.global_view] + ([] if c.thumbnail is None else [c.thumbnail])
+        counts = [p.shape[0] * p.shape[1] if p.ndim == 5 else p.shape[0] for p in parts]
+        feats = self.run_tower(_gather(parts, counts))
         if feats.shape[-1] != self.dem.dim:
             raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
-        feats = iter(feats.split([p.shape[0] for p in parts]))
+        feats = iter(feats.split(counts))
         local, glob, thumb = [], [], []
         for c in crops:
             batch_crops = c.local_view.shape[:2]
@@ -164,3 +164,15 @@ class DualViewEncoder(nn.Module):
             )
         return (thumb + dem_tokens) / 2
 
+
+
+def _gather(parts: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
+    """All crops in one (N, c, s, s) batch for the tower, each view copied once, straight from its
+    strided layout (no intermediate contiguous copy, as flatten + cat would make)."""
+    first = parts[0]
+    out = first.new_empty((sum(counts), *first.shape[-3:]))
+    start = 0
+    for part, n in zip(parts, counts):
+        out[start:start + n].view(part.shape).copy_(part)
+        start += n
+    return out

@@ -176,23 +176,37 @@ class DEM(nn.Module):
         feat_size: Optional[G.Size] = None,
     ) -> torch.Tensor:
         rows, cols = G.check_grid(grid)
-        l_map, g_map = self.maps(local_feats, global_feats, (rows, cols), feat_size)
-        h, w = l_map.shape[1] // rows, l_map.shape[2] // cols
-        # Global queries see the local tokens of the same window: window (r, c) of MG, tile (r, c).
-        q_global, kv_global = layout.map_to_windows(g_map, rows, cols), local_feats
-        # Local queries see the global tokens of the same strided group: ML[a::R, b::C], G[(a, b)].
-        q_local, kv_local = layout.map_to_groups(l_map, rows, cols), global_feats
+        h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
+        crops = rows * cols
+        # Work in the local (window) token order: local_feats already is it, and a window of the
+        # global map is a gather of global_feats; token-wise steps do not care about the order.
+        g2w, w2g = layout.token_permutations(rows, cols, h, w, local_feats.device)
+        local_tok, global_tok = local_feats.flatten(1, 2), global_feats.flatten(1, 2)  # (B, R*C*h*w, D)
+        mg_windows = global_tok.index_select(1, g2w)  # window (r, c) of MG: queries over local tile (r, c)
+        ml_groups = local_tok.index_select(1, w2g)  # group ML[a::R, b::C]: queries over G[(a, b)]
         if self.directions == "both":  # one attention call for both directions
-            q = torch.cat((q_global, q_local)).flatten(0, 1)
-            kv = torch.cat((kv_global, kv_local)).flatten(0, 1)
-            e_global, e_local = self.attention(q, kv).unflatten(0, (2, -1, rows * cols))
+            q = torch.cat((mg_windows, ml_groups)).unflatten(1, (crops, -1)).flatten(0, 1)
+            kv = torch.cat((local_feats, global_feats)).flatten(0, 1)
+            e_global, e_local = self.attention(q, kv).unflatten(0, (2, -1, crops)).flatten(2, 3).unbind(0)
         elif self.directions == "local_to_global":
-            e_global = self.attention(q_global.flatten(0, 1), kv_global.flatten(0, 1)).unflatten(0, (-1, rows * cols))
+            e_global = self._attend(mg_windows, local_feats)
         else:
-            e_local = self.attention(q_local.flatten(0, 1), kv_local.flatten(0, 1)).unflatten(0, (-1, rows * cols))
-        eg = g_map if self.directions == "global_to_local" else layout.windows_to_map(e_global, rows, cols, h, w)
-        el = l_map if self.directions == "local_to_global" else layout.groups_to_map(e_local, rows, cols, h, w)
-        return self._resample(self._fuse(el, eg))
+            e_local = self._attend(ml_groups, global_feats)
+        eg = mg_windows if self.directions == "global_to_local" else e_global
+        el = local_tok if self.directions == "local_to_global" else e_local.index_select(1, g2w)
+        # (B, R*C*h*w, D) window order -> (B, R*h, C*w, D) map
+        to_map = lambda t: layout.windows_to_map(t.unflatten(1, (crops, h * w)), rows, cols, h, w)  # noqa: E731
+        if self.fusion == "conv3x3":
+            fused = self._fuse(to_map(el), to_map(eg))
+        else:
+            fused = to_map(self._fuse(el, eg))
+        return self._resample(fused)
+
+    def _attend(self, q_tok: torch.Tensor, kv_feats: torch.Tensor) -> torch.Tensor:
+        """One direction: q (B, R*C*h*w, D) in sub-image order over kv (B, R*C, h*w, D) -> (B, R*C*h*w, D)."""
+        batch, crops = kv_feats.shape[:2]
+        out = self.attention(q_tok.unflatten(1, (crops, -1)).flatten(0, 1), kv_feats.flatten(0, 1))
+        return out.unflatten(0, (batch, crops)).flatten(1, 2)
 
     def maps(
         self,
@@ -238,7 +252,7 @@ class DEM(nn.Module):
         return h, w
 
     def _fuse(self, el: torch.Tensor, eg: torch.Tensor) -> torch.Tensor:
-        """(B, R*h, C*w, D) twice -> (B, R*h, C*w, D)."""
+        """(B, ..., D) twice -> (B, ..., D): token-wise, except conv3x3, which needs (B, R*h, C*w, D) maps."""
         if self.fusion == "add":
             return self.ln_fuse(el + eg)
         if self.fusion == "linear_concat":  # concat order as released: crop (local) half first

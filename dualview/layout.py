@@ -69,3 +69,18 @@ def windows_to_map(tokens: torch.Tensor, rows: int, cols: int, h: int, w: int) -
 def groups_to_map(tokens: torch.Tensor, rows: int, cols: int, h: int, w: int) -> torch.Tensor:
     """Groups interleaved (global map). (B, R*C, h*w, D) -> (B, R*h, C*w, D)."""
     return rearrange(tokens, _inverse(_FEAT_GLOBAL), R=rows, C=cols, h=h, w=w)
+
+
+def token_permutations(rows: int, cols: int, h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors that move tokens between the two sub-image orders of one ``(R*h, C*w)`` map.
+
+    ``g2w[p]``: the position, in global (group) order, of the token at position ``p`` in local
+    (window) order; ``w2g`` the other way. ``global_tok[:, g2w]`` are the windows of the global
+    map; ``local_tok[:, w2g]`` the strided groups of the local map. Built from the patterns above,
+    so they agree with them by construction.
+    """
+    n = rows * cols * h * w
+    ids = torch.arange(n, device=device).view(1, rows * cols, h * w, 1)
+    g2w = map_to_windows(groups_to_map(ids, rows, cols, h, w), rows, cols).reshape(n)
+    w2g = map_to_groups(windows_to_map(ids, rows, cols, h, w), rows, cols).reshape(n)
+    return g2w, w2g
