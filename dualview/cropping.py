@@ -101,6 +101,9 @@ class DCM(nn.Module):
         antialias: antialias when shrinking (off in the released code).
         pad_value: value of the padding pixels, in the units of the input.
         channels: expected channel count ``c`` of the input.
+        allow_small: accept (and upscale) an image smaller than one crop on both sides; by default
+            that is a ValueError, since tiling it only multiplies interpolated pixels.
+        check_finite: raise a ValueError for NaN or Inf pixels (one extra reduction per call).
 
     Shapes:
         forward((B, c, H, W)) -> DualCrops with views (B, R*C, c, s, s) (one grid for the batch);
@@ -120,6 +123,8 @@ class DCM(nn.Module):
         antialias: bool = False,
         pad_value: float = 0.0,
         channels: int = 3,
+        allow_small: bool = False,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         self.crop_size = G.check_positive_int(crop_size, "crop_size")
@@ -131,6 +136,8 @@ class DCM(nn.Module):
         self.interpolation = interpolation
         self.antialias = bool(antialias)
         self.pad_value = float(pad_value)
+        self.allow_small = bool(allow_small)
+        self.check_finite = bool(check_finite)
         if grid == "auto":
             self.grid: G.GridSpec = "auto"
             self.candidates = (
@@ -186,6 +193,13 @@ class DCM(nn.Module):
                 f"images must have {self.channels} channels (dim 1 of (B, c, H, W)), got shape {tuple(images.shape)}"
             )
         image_size = (images.shape[-2], images.shape[-1])
+        if not self.allow_small and max(image_size) < self.crop_size:
+            raise ValueError(
+                f"images must be at least crop_size={self.crop_size} pixels on one side, got (H, W)={image_size}: "
+                "resize them first, or pass DCM(allow_small=True) to upscale"
+            )
+        if self.check_finite and not bool(torch.isfinite(images).all()):
+            raise ValueError("images hold NaN or Inf pixels (DCM(check_finite=True))")
         grid = self.grid_for(image_size)
         canvas, box = self.make_canvas(images, grid)
         thumb = None

@@ -123,6 +123,8 @@ class DualViewEncoder(nn.Module):
         feats = self.run_tower(_gather(parts, counts))
         if feats.shape[-1] != self.dem.dim:
             raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
+        # The tower may run in another precision (e.g. a bf16 CLIP beside a float32 DEM): the DEM's wins.
+        feats = feats.to(self.dem.ln_fuse.weight.dtype)
         feats = iter(feats.split(counts))
         local, glob, thumb = [], [], []
         for c in crops:

@@ -113,6 +113,12 @@ class DEM(nn.Module):
     Shapes:
         forward(local_feats (B, R*C, h*w, D), global_feats (B, R*C, h*w, D), grid=(R, C))
         -> (B, out_h*out_w, D), or (B, R*h*C*w, D) row-major over the canvas with out_size=None.
+        Both inputs must have the module's dtype and device; the output has them too.
+
+    Numerics (measured, tests/test_reliability.py): the same weights in bfloat16 stay within 0.06
+    max abs error of float32 (0.011 measured at dim 64, 0.033 at dim 256, on LayerNorm-scaled
+    outputs), float16 within 0.01 (0.0015 / 0.005). The resampling runs in float32 (float64 stays
+    float64), as released. Zero, constant and large (|x| <= 1e4) inputs give finite outputs.
     """
 
     def __init__(
@@ -235,6 +241,13 @@ class DEM(nn.Module):
             raise ValueError("local_feats must hold at least one image, got batch size 0")
         if dim != self.dim:
             raise ValueError(f"local_feats must have D={self.dim} channels (last dim), got shape {tuple(local_feats.shape)}")
+        param = self.ln_fuse.weight
+        for name, x in (("local_feats", local_feats), ("global_feats", global_feats)):
+            if x.dtype != param.dtype or x.device != param.device:
+                raise TypeError(
+                    f"{name} must have the DEM's dtype and device ({param.dtype}, {param.device}), "
+                    f"got ({x.dtype}, {x.device}): move one of them with .to()"
+                )
         if crops != num_crops:
             raise ValueError(
                 f"local_feats dim 1 must be R*C={num_crops} sub-images for the given grid, got shape {tuple(local_feats.shape)}"

@@ -85,7 +85,7 @@ def test_list_of_sizes_is_grouped_by_grid_with_one_tower_call():
 
 @given(
     grid=st.one_of(st.just("auto"), st.tuples(st.integers(1, 3), st.integers(1, 3))),
-    size=st.tuples(st.integers(20, 120), st.integers(20, 120)),
+    size=st.tuples(st.integers(28, 120), st.integers(10, 120)),
     fusion=st.sampled_from(["mean", "concat", "none"]),
     full_map=st.booleans(),
 )
