@@ -33,16 +33,18 @@ EVAL_SEED = 10_000  # held-out samples: the same for every variant and seed
 
 @dataclass
 class ExperimentConfig:
-    crop_size: int = 32
+    crop_size: int = 24
     grid: tuple[int, int] = (3, 3)
     glyph_px: int = 1
     mark: str = "frame"  # see dualview.ablation.task: "frame" or "arrow"
-    patch_size: int = 8
-    resample: str = "bilinear"  # how every variant brings its (R*h, C*w) map to (h, w): "bilinear" | "avgpool"
-    dim: int = 64
-    tower_layers: int = 2
-    head_layers: int = 2
-    steps: int = 300
+    snap: int = 6  # glyph placement grid in pixels (task.TaskConfig.snap): the patch size
+    patch_size: int = 6
+    resample: str = "avgpool"  # how every variant brings its (R*h, C*w) map to (h, w): "bilinear" | "avgpool"
+    head: str = "mean"  # the LLM stand-in: "mean" or "transformer"
+    dim: int = 48
+    tower_layers: int = 1
+    head_layers: int = 1
+    steps: int = 500
     batch: int = 32
     lr: float = 2e-3
     eval_samples: int = 1000
@@ -58,7 +60,7 @@ class ExperimentConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def task(self) -> TaskConfig:
-        return TaskConfig(self.crop_size, tuple(self.grid), self.glyph_px, self.mark)
+        return TaskConfig(self.crop_size, tuple(self.grid), self.glyph_px, self.mark, self.snap)
 
 
 @dataclass
@@ -84,7 +86,7 @@ def train_one(cfg: ExperimentConfig, variant: str, seed: int, world: World) -> d
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = AblationModel(VARIANTS[variant], crop_size=cfg.crop_size, grid=tuple(cfg.grid), patch_size=cfg.patch_size,
                           dim=cfg.dim, tower_layers=cfg.tower_layers, head_layers=cfg.head_layers, classes=NUM_CLASSES,
-                          resample=cfg.resample)
+                          resample=cfg.resample, head=cfg.head)
     trainable = model
     if world.ddp:
         trainable = torch.nn.parallel.DistributedDataParallel(model)

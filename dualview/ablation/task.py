@@ -43,6 +43,7 @@ class TaskConfig:
     grid: tuple[int, int] = (3, 3)
     glyph_px: int = 2
     mark: str = "frame"  # "frame" or "arrow"
+    snap: int = 1  # glyph corners on multiples of this many pixels (the tower's patch size: one glyph, one patch)
 
     @property
     def canvas(self) -> tuple[int, int]:
@@ -74,6 +75,9 @@ def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
     border = max(s // 8, 2)  # frame width; glyphs stay inside it
     if g + 2 * border + 2 > s:
         raise ValueError(f"glyph_px={gp} makes {g}-pixel glyphs, too large for crop_size={s}")
+    spots = [p for p in range(border + 1, s - g - border) if p % cfg.snap == 0]
+    if not spots:
+        raise ValueError(f"no place for a {g}-pixel glyph on multiples of snap={cfg.snap} inside a {s}-pixel tile")
     if cfg.mark not in ("frame", "arrow"):
         raise ValueError(f"mark must be 'frame' or 'arrow', got {cfg.mark!r}")
     height, width = cfg.canvas
@@ -88,8 +92,8 @@ def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
     for i in range(batch):
         classes = torch.randperm(NUM_CLASSES, generator=generator)  # all four corners differ
         for k, (r, c) in enumerate(CORNERS):
-            top = (r % rows) * s + int(torch.randint(border + 1, s - g - border, (1,), generator=generator))
-            left = (c % cols) * s + int(torch.randint(border + 1, s - g - border, (1,), generator=generator))
+            top = (r % rows) * s + spots[int(torch.randint(len(spots), (1,), generator=generator))]
+            left = (c % cols) * s + spots[int(torch.randint(len(spots), (1,), generator=generator))]
             glyph = GLYPHS[classes[k]].repeat_interleave(gp, 0).repeat_interleave(gp, 1)
             images[i, :, top:top + g, left:left + g] = 1.0 - glyph  # dark ink on a light square
         k = int(pointed[i])
