@@ -58,3 +58,18 @@ def test_two_steps_of_every_variant(tmp_path):
     assert data["command"].startswith("python -m dualview.ablation --steps 2")
     assert "| dem_both |" in (tmp_path / "ablation.md").read_text()
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_data_parallel_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dualview.ablation",
+           "--steps", "2", "--seeds", "0", "--eval-samples", "8", "--batch", "4", "--variants", "dem_both,anyres",
+           "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert data["world_size"] == 2 and data["command"].startswith("torchrun --nproc_per_node=2 -m dualview.ablation")
+    assert [r["variant"] for r in data["summary"]] == ["dem_both", "anyres"]
