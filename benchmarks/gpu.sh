@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one script (under 5 minutes on one H100 / H200):
+# The whole GPU run in one script (about 3 minutes on one H100 / H200, 5 at most):
 #   bash benchmarks/gpu.sh OUT_DIR [extra args for python -m dualview.bench]
+# 1. correctness on the device against the CPU (dualview.bench.device_checks) -> OUT_DIR/checks.json
+# 2. the benchmark, eager, batch 8, with a profile of dual_576 at 3x3        -> OUT_DIR/eager/
+# 3. the same with the DEMs compiled (torch.compile, fullgraph)              -> OUT_DIR/compiled/
+# 4. eager at batch 1, 3x3 (where the naive loop's small tower calls cost most) -> OUT_DIR/batch1/
 # Needs only what a CUDA machine with torch, transformers and the usual scientific packages has
-# (torch, einops, transformers, matplotlib); runs from the source tree, nothing to install.
-set -euo pipefail
+# (torch, einops, transformers, safetensors, matplotlib, tqdm); runs from the source tree, installs nothing.
+set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR [bench args]}"
 shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-python3}"
 
-missing="$("$py" -c 'import importlib.util as u; print(" ".join(n for n in ("torch", "einops", "transformers", "matplotlib", "tqdm") if u.find_spec(n) is None))')"
+missing="$("$py" -c 'import importlib.util as u; print(" ".join(n for n in ("torch", "einops", "transformers", "safetensors", "matplotlib", "tqdm") if u.find_spec(n) is None))')"
 if [ -n "$missing" ]; then
   echo "gpu.sh: missing Python packages: $missing (install them: pip install $missing)" >&2
   exit 3
@@ -18,10 +22,23 @@ if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu.sh: torch sees no CUDA device; this script is for a GPU machine (CPU: python -m dualview.bench)" >&2
   exit 4
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv || true
 mkdir -p "$out"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-# eager first: its results stand even if the compiled run fails or runs out of time
-timeout 170 "$py" -m dualview.bench --out "$out/eager" "$@"
-timeout 120 "$py" -m dualview.bench --out "$out/compiled" --compile "$@" \
-  || echo "gpu.sh: the --compile run did not finish; the eager results in $out/eager stand" >&2
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME SECONDS CMD...: a failed or timed-out step is reported and the next one still runs
+  local name="$1" limit="$2"
+  shift 2
+  echo "== gpu.sh: $name (limit ${limit}s)" >&2
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "== gpu.sh: $name: exit $rc after $((SECONDS - start))s" >&2
+  if [ $rc -ne 0 ]; then status=1; fi
+}
+step "device checks" 60 "$py" -m dualview.bench.device_checks --out "$out"
+# eager first: its results stand even if a later step fails or runs out of time
+step "benchmark, eager" 120 "$py" -m dualview.bench --out "$out/eager" --profile "$@"
+step "benchmark, compiled DEM" 90 "$py" -m dualview.bench --out "$out/compiled" --compile "$@"
+step "benchmark, batch 1" 45 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
+exit $status

@@ -55,3 +55,20 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
     assert "| 2x2 | dual_576 | 9 (1) | 4 |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["kernels"]["dem_tflops"] > 0
+
+
+def test_device_checks_pass_on_the_cpu_and_write_their_json(tmp_path):
+    from dualview.bench import device_checks
+
+    assert device_checks.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "checks.json").read_text())
+    assert len(data["checks"]) == 8 and all(c["ok"] for c in data["checks"])
+
+
+def test_profile_option_writes_an_operator_table(tmp_path):
+    run.main(["--device", "cpu", "--tower", "tiny", "--llm", "tiny", "--crop", "28", "--grids", "2x2",
+              "--warmup", "0", "--repeats", "1", "--profile", "--out", str(tmp_path)])
+    table = (tmp_path / "profile.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert all(("dem_ms" in r) == (r["scheme"] in ("dual_576", "dual_full")) for r in rows)

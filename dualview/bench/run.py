@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dualview import DEM, layout
+from dualview import DCM, DEM, layout
 from dualview import grid as G
 from dualview.sample import demo_image
 
@@ -123,6 +123,9 @@ def bench(args) -> dict:
                 checks[f"naive_vs_batched_max_abs_{grid[0]}x{grid[1]}"] = max(
                     float((a.float() - b.float()).abs().max()) for a, b in zip(out, ref)
                 )
+            row = {}
+            if name in ("dual_576", "dual_full"):  # where the glue goes: DCM and DEM timed alone
+                row = phase_times(args, device, dtype, grid, image, crop, dem if name == "dual_576" else dem_full, dim, h * w)
             rows.append(dict(
                 scheme=name, grid=f"{grid[0]}x{grid[1]}", tower_passes=crops, tower_calls=calls, llm_tokens=tokens,
                 latency_ms=dict(median=timing.median_s * 1e3, min=timing.min_s * 1e3, max=timing.max_s * 1e3),
@@ -131,6 +134,7 @@ def bench(args) -> dict:
                 glue_fraction_of_tower=(timing.median_s - tower_t.median_s) / tower_t.median_s,
                 llm_ms=llm_t.median_s * 1e3 * llm_layers,
                 total_ms=(timing.median_s + llm_t.median_s * llm_layers) * 1e3,
+                **row,
             ))
         checks.pop("outputs", None)
         for grid in args.grids:
@@ -139,7 +143,36 @@ def bench(args) -> dict:
                 r["llm_tokens"] == anyres_tokens for r in rows if r["grid"] == f"{grid[0]}x{grid[1]}" and r["scheme"] in ("anyres", "dual_full")
             )
         kernels = kernel_checks(args, device, dtype, dem, dim, h * w)
+        if args.profile:
+            grid = args.grids[-1]
+            profile(schemes.dual_576(tower, crop, grid, dem), image, device, args.out / "profile.txt")
     return dict(meta=meta(args, device, dtype), rows=rows, kernels=kernels, checks=checks)
+
+
+def phase_times(args, device, dtype, grid, image, crop: int, dem: DEM, dim: int, tokens: int) -> dict:
+    """DCM (canvas and both views, thumbnail included) and DEM alone, at the scheme's shapes, in ms."""
+    dcm = DCM(crop, grid, fit="pad")
+    t_dcm = measure.time_it(lambda: dcm(image), device, args.warmup, args.repeats)
+    local = torch.randn(args.batch, grid[0] * grid[1], tokens, dim, device=device, dtype=dtype)
+    glob = torch.randn_like(local)
+    t_dem = measure.time_it(lambda: dem(local, glob, grid), device, args.warmup, args.repeats)
+    return dict(dcm_ms=t_dcm.median_s * 1e3, dem_ms=t_dem.median_s * 1e3)
+
+
+def profile(fn, image: torch.Tensor, device: torch.device, path: Path) -> None:
+    """The operators of one scheme call by self time on the device (torch.profiler), for the write-up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn(image)
+    measure.sync(device)
+    with torch_profile(activities=activities) as prof:
+        fn(image)
+        measure.sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30))
 
 
 def kernel_checks(args, device, dtype, dem, dim: int, tokens: int) -> dict:
@@ -197,15 +230,16 @@ def markdown(result: dict) -> str:
         f"{m['date']}. Tower: {m['tower']} (crop {m['crop']}), batch {m['batch']}, image {m['image'][0]}x{m['image'][1]}, "
         f"median of {m['repeats']} runs after {m['warmup']} warm-up. LLM: {m['llm']} layer x 32 on image + {m['llm_text_tokens']} text tokens.",
         "",
-        "| grid | scheme | tower passes (calls) | LLM tokens | latency ms median [min, max] | images/s | peak MB | tower ms | glue / tower | LLM ms | total ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| grid | scheme | tower passes (calls) | LLM tokens | latency ms median [min, max] | images/s | peak MB | tower ms | glue / tower | DCM, DEM alone ms | LLM ms | total ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lat = r["latency_ms"]
+        phases = f"{r['dcm_ms']:.1f}, {r['dem_ms']:.1f}" if "dem_ms" in r else "-"
         lines.append(
             f"| {r['grid']} | {r['scheme']} | {r['tower_passes']} ({r['tower_calls']}) | {r['llm_tokens']} | "
             f"{lat['median']:.1f} [{lat['min']:.1f}, {lat['max']:.1f}] | {r['images_per_s']:.2f} | {r['peak_memory_mb']:.0f} | "
-            f"{r['tower_ms']:.1f} | {r['glue_fraction_of_tower']:.1%} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} |"
+            f"{r['tower_ms']:.1f} | {r['glue_fraction_of_tower']:.1%} | {phases} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} |"
         )
     k = result["kernels"]
     lines += [
@@ -259,6 +293,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3 if gpu else 2)
     p.add_argument("--repeats", type=int, default=10 if gpu else 5)
     p.add_argument("--compile", action="store_true", help="torch.compile the DEMs (fullgraph=True)")
+    p.add_argument("--profile", action="store_true", help="also write profile.txt: torch.profiler of dual_576 at the last grid")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args(argv)
     args.grids = [tuple(int(v) for v in g.split("x")) for g in args.grids.split(",")]
