@@ -38,7 +38,7 @@ step() {  # step NAME SECONDS CMD...: a failed or timed-out step is reported and
 }
 step "device checks" 60 "$py" -m dualview.bench.device_checks --out "$out"
 # eager first: its results stand even if a later step fails or runs out of time
-step "benchmark, eager" 120 "$py" -m dualview.bench --out "$out/eager" --profile "$@"
-step "benchmark, compiled DEM" 90 "$py" -m dualview.bench --out "$out/compiled" --compile "$@"
-step "benchmark, batch 1" 45 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
+step "benchmark, eager" 110 "$py" -m dualview.bench --out "$out/eager" --profile "$@"
+step "benchmark, compiled DEM" 110 "$py" -m dualview.bench --out "$out/compiled" --compile "$@"
+step "benchmark, batch 1" 40 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
 exit $status
