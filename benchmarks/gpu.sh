@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU run in one script (about 3 minutes on one H100 / H200, 5 at most):
+# The whole GPU run in one script (about 4 minutes on one H100 / H200, 6 at most):
 #   bash benchmarks/gpu.sh OUT_DIR [extra args for python -m dualview.bench]
 # 1. correctness on the device against the CPU (dualview.bench.device_checks) -> OUT_DIR/checks.json
 # 2. the benchmark, eager, batch 8, with a profile of dual_576 at 3x3        -> OUT_DIR/eager/
 # 3. the same with the DEMs compiled (torch.compile, fullgraph)              -> OUT_DIR/compiled/
 # 4. eager at batch 1, 3x3 (where the naive loop's small tower calls cost most) -> OUT_DIR/batch1/
+# 5. DEM alone, timed several ways (benchmarks/dem_variants.py)              -> OUT_DIR/dem_variants.json
 # Needs only what a CUDA machine with torch, transformers and the usual scientific packages has
 # (torch, einops, transformers, safetensors, matplotlib, tqdm); runs from the source tree, installs nothing.
 set -uo pipefail
@@ -41,4 +42,5 @@ step "device checks" 60 "$py" -m dualview.bench.device_checks --out "$out"
 step "benchmark, eager" 110 "$py" -m dualview.bench --out "$out/eager" --profile "$@"
 step "benchmark, compiled DEM" 110 "$py" -m dualview.bench --out "$out/compiled" --compile "$@"
 step "benchmark, batch 1" 40 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
+step "DEM variants" 60 "$py" "$root/benchmarks/dem_variants.py" --out "$out"
 exit $status

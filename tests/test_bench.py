@@ -72,3 +72,22 @@ def test_profile_option_writes_an_operator_table(tmp_path):
     assert "Self CPU" in table and "aten::" in table
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert all(("dem_ms" in r) == (r["scheme"] in ("dual_576", "dual_full")) for r in rows)
+
+
+def test_dem_variants_script_runs_and_writes_its_json(tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "dem_variants.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--device", "cpu", "--dtype", "float32", "--batch", "1", "--grid", "1x2", "--dim", "16",
+                "--heads", "2", "--tokens", "4", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert done.value.code == 0
+    data = json.loads((tmp_path / "dem_variants.json").read_text())
+    assert data["variants"]["eager"]["ms"] > 0 and data["floor"]["floor_ms"] > 0

@@ -16,6 +16,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sm_clock_mhz(device: torch.device) -> int | None:
+    """The GPU's SM clock just now (via NVML), to tell throttling from code in the results; None on CPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # NVML missing or not permitted: the clock is only a diagnostic
+        return None
+
+
 @dataclass
 class Timing:
     median_s: float

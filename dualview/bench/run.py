@@ -91,7 +91,9 @@ def bench(args) -> dict:
     dem_full.load_state_dict(dem.state_dict())
     if args.compile:  # in place (nn.Module.compile): the encoder still sees a DEM
         for module in (dem, dem_full):
-            module.compile(fullgraph=True)
+            # static shapes: one specialisation per grid; the dynamic-shape graph that a second
+            # grid would otherwise trigger ran slower than eager on an H100 (3.8 vs 3.5 ms at 3x3)
+            module.compile(fullgraph=True, dynamic=False)
     newline = torch.randn(dim, device=device, dtype=dtype)
     image = demo_image().to(device=device, dtype=dtype).unsqueeze(0).expand(args.batch, -1, -1, -1).contiguous()
     size = tuple(image.shape[-2:])
@@ -134,6 +136,7 @@ def bench(args) -> dict:
                 glue_fraction_of_tower=(timing.median_s - tower_t.median_s) / tower_t.median_s,
                 llm_ms=llm_t.median_s * 1e3 * llm_layers,
                 total_ms=(timing.median_s + llm_t.median_s * llm_layers) * 1e3,
+                sm_clock_mhz=measure.sm_clock_mhz(device),
                 **row,
             ))
         checks.pop("outputs", None)
@@ -145,7 +148,9 @@ def bench(args) -> dict:
         kernels = kernel_checks(args, device, dtype, dem, dim, h * w)
         if args.profile:
             grid = args.grids[-1]
-            profile(schemes.dual_576(tower, crop, grid, dem), image, device, args.out / "profile.txt")
+            profile(schemes.dual_576(tower, crop, grid, dem), (image,), device, args.out / "profile.txt")
+            local = torch.randn(args.batch, grid[0] * grid[1], h * w, dim, device=device, dtype=dtype)
+            profile(dem, (local, torch.randn_like(local), grid), device, args.out / "profile_dem.txt")
     return dict(meta=meta(args, device, dtype), rows=rows, kernels=kernels, checks=checks)
 
 
@@ -159,16 +164,16 @@ def phase_times(args, device, dtype, grid, image, crop: int, dem: DEM, dim: int,
     return dict(dcm_ms=t_dcm.median_s * 1e3, dem_ms=t_dem.median_s * 1e3)
 
 
-def profile(fn, image: torch.Tensor, device: torch.device, path: Path) -> None:
-    """The operators of one scheme call by self time on the device (torch.profiler), for the write-up."""
+def profile(fn, inputs: tuple, device: torch.device, path: Path) -> None:
+    """The operators of one call by self time on the device (torch.profiler), for the write-up."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    fn(image)
+    fn(*inputs)
     measure.sync(device)
     with torch_profile(activities=activities) as prof:
-        fn(image)
+        fn(*inputs)
         measure.sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,17 +188,56 @@ def kernel_checks(args, device, dtype, dem, dim: int, tokens: int) -> dict:
     t_dem = measure.time_it(lambda: dem(local, glob, grid), device, args.warmup, args.repeats)
     flops = measure.dem_flops(args.batch, grid, tokens, dim)
     matmul = measure.matmul_flops_per_s(2 * args.batch * 9 * tokens, dim, dim, device, dtype, args.repeats)
+    parts = dem_parts(args, device, dtype, dem, dim, tokens)
     canvas = torch.randn(args.batch, 3, 3 * args.crop, 3 * args.crop, device=device, dtype=dtype)
     nbytes = canvas.numel() * canvas.element_size()
-    crop_bw = measure.copy_bandwidth(
-        lambda: (layout.split_local(canvas, *grid).contiguous(), layout.split_global(canvas, *grid).contiguous()),
-        2 * nbytes, device, args.repeats,
-    )
+
+    def crops(c: torch.Tensor):
+        return layout.split_local(c, *grid).contiguous(), layout.split_global(c, *grid).contiguous()
+
+    # compiled run: the crop copy as one generated kernel (what compiling the whole encoder gives)
+    crop_fn = torch.compile(crops, fullgraph=True, dynamic=False) if args.compile else crops
+    crop_bw = measure.copy_bandwidth(lambda: crop_fn(canvas), 2 * nbytes, device, args.repeats)
     copy_bw = measure.copy_bandwidth(lambda: (canvas.clone(), canvas.clone()), 2 * nbytes, device, args.repeats)
     return dict(
         dem_ms=t_dem.median_s * 1e3, dem_gflop=flops / 1e9, dem_tflops=flops / t_dem.median_s / 1e12,
-        matmul_tflops=matmul / 1e12, dem_fraction_of_matmul=flops / t_dem.median_s / matmul,
+        matmul_tflops=matmul / 1e12, dem_fraction_of_matmul=flops / t_dem.median_s / matmul, **parts,
         dcm_crop_gbps=crop_bw / 1e9, plain_copy_gbps=copy_bw / 1e9, dcm_fraction_of_copy=crop_bw / copy_bw,
+        dcm_crop_compiled=args.compile,
+    )
+
+
+def dem_parts(args, device, dtype, dem: DEM, dim: int, tokens: int) -> dict:
+    """Where DEM's time goes at 3x3: its shared attention block over both directions' sequences,
+    and inside it the attention core (SDPA) alone; the rest of DEM is gathers, fusion and resampling."""
+    import torch.nn.functional as F
+
+    seqs, heads = 2 * args.batch * 9, dem.num_heads
+    q = torch.randn(seqs, tokens, dim, device=device, dtype=dtype)
+    kv = torch.randn_like(q)
+    attention = dem.attention
+    t_block = measure.time_it(lambda: attention(q, kv), device, args.warmup, args.repeats)
+    qh, kh, vh = (torch.randn(seqs, heads, tokens, dim // heads, device=device, dtype=dtype) for _ in range(3))
+    t_sdpa = measure.time_it(lambda: F.scaled_dot_product_attention(qh, kh, vh), device, args.warmup, args.repeats)
+    sdpa_flops = 4 * seqs * tokens * tokens * dim
+    block_flops = sdpa_flops + 8 * seqs * tokens * dim * dim
+    backends = {}  # the SDPA backend choice: each one alone, where the device has it
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            def call(backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(qh, kh, vh)
+            try:
+                t = measure.time_it(call, device, args.warmup, args.repeats)
+                backends[backend.name.lower()] = sdpa_flops / t.median_s / 1e12
+            except RuntimeError:  # not available for this shape / dtype / device
+                backends[backend.name.lower()] = None
+    return dict(
+        dem_attention_block_ms=t_block.median_s * 1e3, dem_attention_block_tflops=block_flops / t_block.median_s / 1e12,
+        dem_sdpa_ms=t_sdpa.median_s * 1e3, dem_sdpa_tflops=sdpa_flops / t_sdpa.median_s / 1e12,
+        dem_sdpa_tflops_by_backend=backends,
     )
 
 
@@ -230,8 +274,8 @@ def markdown(result: dict) -> str:
         f"{m['date']}. Tower: {m['tower']} (crop {m['crop']}), batch {m['batch']}, image {m['image'][0]}x{m['image'][1]}, "
         f"median of {m['repeats']} runs after {m['warmup']} warm-up. LLM: {m['llm']} layer x 32 on image + {m['llm_text_tokens']} text tokens.",
         "",
-        "| grid | scheme | tower passes (calls) | LLM tokens | latency ms median [min, max] | images/s | peak MB | tower ms | glue / tower | DCM, DEM alone ms | LLM ms | total ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| grid | scheme | tower passes (calls) | LLM tokens | latency ms median [min, max] | images/s | peak MB | tower ms | glue / tower | DCM, DEM alone ms | LLM ms | total ms | SM MHz |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lat = r["latency_ms"]
@@ -239,14 +283,21 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['grid']} | {r['scheme']} | {r['tower_passes']} ({r['tower_calls']}) | {r['llm_tokens']} | "
             f"{lat['median']:.1f} [{lat['min']:.1f}, {lat['max']:.1f}] | {r['images_per_s']:.2f} | {r['peak_memory_mb']:.0f} | "
-            f"{r['tower_ms']:.1f} | {r['glue_fraction_of_tower']:.1%} | {phases} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} |"
+            f"{r['tower_ms']:.1f} | {r['glue_fraction_of_tower']:.1%} | {phases} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} | {r.get('sm_clock_mhz') or '-'} |"
         )
     k = result["kernels"]
     lines += [
         "",
         f"DEM at 3x3: {k['dem_ms']:.2f} ms, {k['dem_gflop']:.2f} GFLOP, {k['dem_tflops']:.3f} TFLOP/s = "
         f"{k['dem_fraction_of_matmul']:.0%} of a plain matmul's {k['matmul_tflops']:.3f} TFLOP/s. "
-        f"DCM crop copy {k['dcm_crop_gbps']:.1f} GB/s = {k['dcm_fraction_of_copy']:.0%} of a plain copy's {k['plain_copy_gbps']:.1f} GB/s.",
+        f"Inside it: the attention block (both directions, projections + SDPA + LayerNorm) {k['dem_attention_block_ms']:.2f} ms "
+        f"at {k['dem_attention_block_tflops']:.1f} TFLOP/s, of which SDPA alone {k['dem_sdpa_ms']:.2f} ms at {k['dem_sdpa_tflops']:.1f} TFLOP/s; "
+        f"the rest ({k['dem_ms'] - k['dem_attention_block_ms']:.2f} ms) is gathers, fusion and resampling."
+        + ("" if not k["dem_sdpa_tflops_by_backend"] else " SDPA by backend (TFLOP/s): " + ", ".join(
+            f"{name} {'n/a' if v is None else f'{v:.1f}'}" for name, v in k["dem_sdpa_tflops_by_backend"].items())),
+        "",
+        f"DCM crop copy{' (compiled)' if k['dcm_crop_compiled'] else ''} {k['dcm_crop_gbps']:.1f} GB/s = "
+        f"{k['dcm_fraction_of_copy']:.0%} of a plain copy's {k['plain_copy_gbps']:.1f} GB/s.",
         "",
         "| target | measured | met |",
         "|---|---|---|",
