@@ -84,3 +84,10 @@ def token_permutations(rows: int, cols: int, h: int, w: int, device=None) -> tup
     g2w = map_to_windows(groups_to_map(ids, rows, cols, h, w), rows, cols).reshape(n)
     w2g = map_to_groups(windows_to_map(ids, rows, cols, h, w), rows, cols).reshape(n)
     return g2w, w2g
+
+
+def map_positions_in_window_order(rows: int, cols: int, h: int, w: int, device=None) -> torch.Tensor:
+    """(R*h, C*w) long tensor: at map position ``(y, x)``, the position of that token in window
+    (local) order, i.e. in ``local_tokens.flatten(1, 2)``."""
+    ids = torch.arange(rows * cols * h * w, device=device).view(1, rows * cols, h * w, 1)
+    return windows_to_map(ids, rows, cols, h, w)[0, ..., 0]

@@ -43,6 +43,9 @@ def test_dem_flops_formula():
     attention = 18 * (8 * t * d * d + 4 * t * t * d)
     ffn = 2 * 9 * t * 2 * (d * 64 + 64 * 512)
     assert measure.dem_flops(1, (3, 3), t, d) == attention + ffn
+    # the released 576-token DEM fuses only the 576 tokens the bilinear resampling samples
+    assert DEM(d, out_size=(24, 24)).fused_tokens((3, 3), (24, 24)) == 576
+    assert measure.dem_flops(1, (3, 3), t, d, fused_tokens=576) == attention + ffn // 9
 
 
 def test_tiny_run_writes_json_table_and_plot(tmp_path):

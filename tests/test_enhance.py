@@ -290,3 +290,42 @@ def test_from_inf_llava_reads_a_file_with_bare_keys(tmp_path):
     with torch.no_grad():
         out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
     assert (out - fx["output"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("fusion", ["linear_concat", "add"])
+@pytest.mark.parametrize("directions", ["both", "local_to_global", "global_to_local"])
+@pytest.mark.parametrize("grid, hw, out", [((3, 3), (6, 6), (6, 6)), ((1, 3), (5, 3), (1, 3)), ((2, 2), (3, 3), (6, 6)),
+                                           ((3, 1), (5, 5), (3, 1))])
+def test_sampled_fusion_equals_fusing_the_whole_map_then_resampling(fusion, directions, grid, hw, out):
+    """Bilinear by an odd integer factor (3, 5 or 1 here) reads single tokens: fusing only those
+    gives what fusing the whole map and resampling gives, forward and backward."""
+    torch.manual_seed(0)
+    dem = DEM(16, num_heads=2, out_size=out, fusion=fusion, directions=directions, dtype=torch.float64)
+    rows, cols = grid
+    assert dem._sampled_positions(rows, cols, *hw, None) is not None
+    assert dem.fused_tokens(grid, hw) == out[0] * out[1]
+    whole = DEM(16, num_heads=2, out_size=out, fusion=fusion, directions=directions, dtype=torch.float64)
+    whole.load_state_dict(dem.state_dict())
+    whole._sampled_positions = lambda *args: None  # the plain path: fuse the map, then F.interpolate
+    local = torch.randn(2, rows * cols, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
+    glob = torch.randn(2, rows * cols, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
+    got, want = dem(local, glob, grid, hw), whole(local, glob, grid, hw)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    weight = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * weight).sum(), (local, glob))
+    g_want = torch.autograd.grad((want * weight).sum(), (local, glob))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, grid, hw", [
+    (dict(out_size=(4, 4)), (2, 2), (4, 4)),  # factor 2: samples between tokens
+    (dict(out_size=(5, 5)), (3, 3), (4, 4)),  # 12 -> 5: not an integer factor
+    (dict(out_size=(4, 4), resample="avgpool"), (3, 3), (4, 4)),
+    (dict(out_size=(4, 4), fusion="conv3x3"), (3, 3), (4, 4)),  # not token-wise
+    (dict(out_size=None), (3, 3), (4, 4)),
+])
+def test_whole_map_is_fused_where_the_resampling_reads_more_than_single_tokens(kwargs, grid, hw):
+    dem = DEM(16, num_heads=2, **kwargs)
+    assert dem._sampled_positions(*grid, *hw, None) is None
+    assert dem.fused_tokens(grid, hw) == grid[0] * grid[1] * hw[0] * hw[1]

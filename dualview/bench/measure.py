@@ -85,13 +85,16 @@ def _vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def dem_flops(batch: int, grid: tuple[int, int], tokens: int, dim: int, directions: int = 2) -> int:
+def dem_flops(batch: int, grid: tuple[int, int], tokens: int, dim: int, directions: int = 2,
+              fused_tokens: int | None = None) -> int:
     """Multiply-adds x 2 of one DEM forward (attention block per direction and sub-image:
-    four D x D projections over T tokens, QK^T and AV over T x T; plus the two fusion FFNs)."""
+    four D x D projections over T tokens, QK^T and AV over T x T; plus the two fusion FFNs over
+    ``fused_tokens`` per image, ``DEM.fused_tokens``: all R*C*T unless the resampling samples)."""
     seqs = batch * grid[0] * grid[1] * directions
     attention = seqs * (4 * 2 * tokens * dim * dim + 2 * 2 * tokens * tokens * dim)
     hidden = max(dim // 16, 1)
-    ffn = 2 * batch * grid[0] * grid[1] * tokens * 2 * (dim * hidden + hidden * dim // 2)
+    fused = grid[0] * grid[1] * tokens if fused_tokens is None else fused_tokens
+    ffn = 2 * batch * fused * 2 * (dim * hidden + hidden * dim // 2)
     return attention + ffn
 
 

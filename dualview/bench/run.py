@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -186,7 +187,8 @@ def kernel_checks(args, device, dtype, dem, dim: int, tokens: int) -> dict:
     local = torch.randn(args.batch, 9, tokens, dim, device=device, dtype=dtype)
     glob = torch.randn_like(local)
     t_dem = measure.time_it(lambda: dem(local, glob, grid), device, args.warmup, args.repeats)
-    flops = measure.dem_flops(args.batch, grid, tokens, dim)
+    side = math.isqrt(tokens)
+    flops = measure.dem_flops(args.batch, grid, tokens, dim, fused_tokens=dem.fused_tokens(grid, (side, side)))
     matmul = measure.matmul_flops_per_s(2 * args.batch * 9 * tokens, dim, dim, device, dtype, args.repeats)
     parts = dem_parts(args, device, dtype, dem, dim, tokens)
     canvas = torch.randn(args.batch, 3, 3 * args.crop, 3 * args.crop, device=device, dtype=dtype)
