@@ -8,7 +8,7 @@ Weight names are those of the released INF-LLaVA ``SpatialEmbed`` (``attention.l
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Final, Literal, Optional, Union
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,26 @@ class CrossAttention(nn.Module):
             scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
             out = scores.softmax(dim=-1) @ value
         return self.ln(w_o(rearrange(out, "n h t d -> n t (h d)")) + q)
+
+
+class _IndexPlan(NamedTuple):
+    """DEM's index tensors for one input shape (see ``DEM._build_plan``)."""
+
+    g2w: torch.Tensor  # window order <- group order
+    w2g: torch.Tensor  # group order <- window order
+    q_rows: Optional[torch.Tensor]  # rows of cat(local, global) that are the queries ("both")
+    keep: Optional[torch.Tensor]  # window-order positions the resampling samples, or None
+    g2w_kept: torch.Tensor  # g2w at `keep`
+
+
+_MAX_PLANS = 16  # shapes remembered per DEM; training with many shapes rebuilds past that
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
 
 
 def _ffn(dim: int, hidden: int, out: int, device, dtype) -> nn.Sequential:
@@ -157,6 +177,7 @@ class DEM(nn.Module):
         elif fusion == "conv3x3":
             self.fuse_conv = nn.Conv2d(2 * dim, dim, kernel_size=3, padding=1, device=device, dtype=dtype)
         self.ln_fuse = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+        self._plans: dict = {}  # (R, C, h, w, B, device) -> _IndexPlan; not state
 
     @property
     def num_heads(self) -> int:
@@ -187,31 +208,26 @@ class DEM(nn.Module):
         batch, n = local_feats.shape[0], crops * h * w
         # Work in the local (window) token order: local_feats already is it, and a window of the
         # global map is a gather of global_feats; token-wise steps do not care about the order.
-        g2w, w2g = layout.token_permutations(rows, cols, h, w, local_feats.device)
+        plan = self._plan(rows, cols, h, w, batch, local_feats.device)
         local_tok, global_tok = local_feats.flatten(1, 2), global_feats.flatten(1, 2)  # (B, R*C*h*w, D)
         if self.directions == "both":  # one attention call for both directions
             kv = torch.cat((local_feats, global_feats))  # (2B, R*C, h*w, D): keys of MG windows, then of ML groups
-            # queries in one gather from kv's rows: the windows of MG (global tokens in window
-            # order) for the first B, the groups of ML (local tokens in group order) for the rest
-            first = torch.arange(batch, device=g2w.device).unsqueeze(1) * n
-            q_rows = torch.cat(((first + batch * n) + g2w, first + w2g)).flatten()
-            q = kv.flatten(0, 2).index_select(0, q_rows).view(2 * batch * crops, h * w, -1)
+            q = kv.flatten(0, 2).index_select(0, plan.q_rows).view(2 * batch * crops, h * w, -1)
             e_global, e_local = self.attention(q, kv.flatten(0, 1)).view(2, batch, n, -1).unbind(0)
         elif self.directions == "local_to_global":
-            e_global = self._attend(global_tok.index_select(1, g2w), local_feats)
+            e_global = self._attend(global_tok.index_select(1, plan.g2w), local_feats)
         else:
-            e_local = self._attend(local_tok.index_select(1, w2g), global_feats)
+            e_local = self._attend(local_tok.index_select(1, plan.w2g), global_feats)
         # EG and EL in window order, at the positions `keep` only where the resampling samples tokens
-        keep = self._sampled_positions(rows, cols, h, w, local_feats.device)
-        at = (lambda idx: idx) if keep is None else (lambda idx: idx[keep])  # noqa: E731
+        keep = plan.keep
         if self.directions == "global_to_local":
-            eg = global_tok.index_select(1, at(g2w))
+            eg = global_tok.index_select(1, plan.g2w_kept)
         else:
             eg = e_global if keep is None else e_global.index_select(1, keep)
         if self.directions == "local_to_global":
             el = local_tok if keep is None else local_tok.index_select(1, keep)
         else:
-            el = e_local.index_select(1, at(g2w))
+            el = e_local.index_select(1, plan.g2w_kept)
         if keep is not None:  # already the output tokens, row-major over the output map
             return self._fuse(el, eg)
         # (B, R*C*h*w, D) window order -> (B, R*h, C*w, D) map
@@ -221,6 +237,32 @@ class DEM(nn.Module):
         else:
             fused = to_map(self._fuse(el, eg))
         return self._resample(fused)
+
+    def _plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":
+        """The index tensors of one input shape, built once per shape and device: in eager mode
+        rebuilding them costs a dozen tiny kernel launches per call, which dominates at batch 1."""
+        key = (rows, cols, h, w, batch, device)
+        if _is_compiling():  # traced: built inside the graph, where the compiler folds them
+            return self._build_plan(*key)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = self._build_plan(*key)
+        return plan
+
+    def _build_plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":
+        g2w, w2g = layout.token_permutations(rows, cols, h, w, device)
+        q_rows = None
+        if self.directions == "both":
+            # the queries of both directions as rows of kv = cat(local, global): the windows of MG
+            # (global tokens in window order) for the first B, the groups of ML (local tokens in
+            # group order) for the rest
+            n = rows * cols * h * w
+            first = torch.arange(batch, device=device).unsqueeze(1) * n
+            q_rows = torch.cat(((first + batch * n) + g2w, first + w2g)).flatten()
+        keep = self._sampled_positions(rows, cols, h, w, device)
+        return _IndexPlan(g2w, w2g, q_rows, keep, g2w if keep is None else g2w[keep])
 
     def _sampled_positions(self, rows: int, cols: int, h: int, w: int, device) -> Optional[torch.Tensor]:
         """Window-order positions of the tokens that the resampling reads, row-major over the
