@@ -329,3 +329,20 @@ def test_whole_map_is_fused_where_the_resampling_reads_more_than_single_tokens(k
     dem = DEM(16, num_heads=2, **kwargs)
     assert dem._sampled_positions(*grid, *hw, None) is None
     assert dem.fused_tokens(grid, hw) == grid[0] * grid[1] * hw[0] * hw[1]
+
+
+def test_index_plans_are_built_once_per_shape_and_bounded():
+    dem = DEM(16, num_heads=2, out_size=(3, 3)).eval()
+    local = torch.randn(2, 9, 9, 16)
+    with torch.no_grad():
+        first = dem(local, local, (3, 3))
+        plan = next(iter(dem._plans.values()))
+        second = dem(local, local, (3, 3))
+        assert len(dem._plans) == 1 and next(iter(dem._plans.values())) is plan
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        dem(local[:1], local[:1], (3, 3))  # another batch size: another plan
+        assert len(dem._plans) == 2
+        for b in range(3, 40):
+            dem(torch.randn(b, 9, 9, 16), torch.randn(b, 9, 9, 16), (3, 3))
+    assert 1 <= len(dem._plans) <= 16
+    assert "_plans" not in "".join(dem.state_dict())
