@@ -118,6 +118,8 @@ class DEM(nn.Module):
     ``"conv3x3"``: ``LN(Conv3x3(concat(EL, EG)) + EG + EL)``. Finally the fused map is resampled
     to ``out_size`` in float32 (``"bilinear"`` as released, align_corners=False; ``"avgpool"``:
     adaptive average pooling; ``None``: no resampling, ``out_size`` must then equal the map size).
+    Where bilinear resampling by an odd integer factor reads single tokens (the released 72 -> 24 at
+    3x3), a token-wise fusion runs on those tokens only: the same output, 1/9 of the fusion work.
 
     Args:
         dim: ``D``, channels of the vision tower's tokens.

@@ -288,13 +288,15 @@ def markdown(result: dict) -> str:
             f"{r['tower_ms']:.1f} | {r['glue_fraction_of_tower']:.1%} | {phases} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} | {r.get('sm_clock_mhz') or '-'} |"
         )
     k = result["kernels"]
+    rest = k["dem_ms"] - k["dem_attention_block_ms"]
     lines += [
         "",
         f"DEM at 3x3: {k['dem_ms']:.2f} ms, {k['dem_gflop']:.2f} GFLOP, {k['dem_tflops']:.3f} TFLOP/s = "
         f"{k['dem_fraction_of_matmul']:.0%} of a plain matmul's {k['matmul_tflops']:.3f} TFLOP/s. "
         f"Inside it: the attention block (both directions, projections + SDPA + LayerNorm) {k['dem_attention_block_ms']:.2f} ms "
         f"at {k['dem_attention_block_tflops']:.1f} TFLOP/s, of which SDPA alone {k['dem_sdpa_ms']:.2f} ms at {k['dem_sdpa_tflops']:.1f} TFLOP/s; "
-        f"the rest ({k['dem_ms'] - k['dem_attention_block_ms']:.2f} ms) is gathers, fusion and resampling."
+        + (f"the rest ({rest:.2f} ms) is gathers, fusion and resampling." if rest > 0 else
+           f"the rest is within the timing noise ({rest:.2f} ms).")
         + ("" if not k["dem_sdpa_tflops_by_backend"] else " SDPA by backend (TFLOP/s): " + ", ".join(
             f"{name} {'n/a' if v is None else f'{v:.1f}'}" for name, v in k["dem_sdpa_tflops_by_backend"].items())),
         "",
