@@ -250,7 +250,10 @@ class DEM(nn.Module):
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = self._build_plan(*key)
+            # normal tensors even under inference_mode: the plan outlives this call and may be
+            # used by a later call that autograd records (inference tensors cannot be saved)
+            with torch.inference_mode(False):
+                plan = self._plans[key] = self._build_plan(*key)
         return plan
 
     def _build_plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":

@@ -346,3 +346,13 @@ def test_index_plans_are_built_once_per_shape_and_bounded():
             dem(torch.randn(b, 9, 9, 16), torch.randn(b, 9, 9, 16), (3, 3))
     assert 1 <= len(dem._plans) <= 16
     assert "_plans" not in "".join(dem.state_dict())
+
+
+def test_a_plan_built_under_inference_mode_serves_a_later_training_step():
+    dem = DEM(16, num_heads=2, out_size=(3, 3))
+    local = torch.randn(1, 9, 9, 16)
+    with torch.inference_mode():
+        dem(local, local, (3, 3))
+    x = local.clone().requires_grad_()
+    dem(x, x, (3, 3)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
