@@ -179,7 +179,7 @@ class DEM(nn.Module):
         elif fusion == "conv3x3":
             self.fuse_conv = nn.Conv2d(2 * dim, dim, kernel_size=3, padding=1, device=device, dtype=dtype)
         self.ln_fuse = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
-        self._plans: dict = {}  # (R, C, h, w, B, device) -> _IndexPlan; not state
+        self._plans: dict = {}  # (R, C, h, w, B, device, settings) -> _IndexPlan; not state
 
     @property
     def num_heads(self) -> int:
@@ -243,9 +243,10 @@ class DEM(nn.Module):
     def _plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":
         """The index tensors of one input shape, built once per shape and device: in eager mode
         rebuilding them costs a dozen tiny kernel launches per call, which dominates at batch 1."""
-        key = (rows, cols, h, w, batch, device)
         if _is_compiling():  # traced: built inside the graph, where the compiler folds them
-            return self._build_plan(*key)
+            return self._build_plan(rows, cols, h, w, batch, device)
+        # the settings are in the key too, so that changing one after a call cannot serve a stale plan
+        key = (rows, cols, h, w, batch, device, self.directions, self.out_size, self.resample, self.fusion)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
@@ -253,7 +254,7 @@ class DEM(nn.Module):
             # normal tensors even under inference_mode: the plan outlives this call and may be
             # used by a later call that autograd records (inference tensors cannot be saved)
             with torch.inference_mode(False):
-                plan = self._plans[key] = self._build_plan(*key)
+                plan = self._plans[key] = self._build_plan(rows, cols, h, w, batch, device)
         return plan
 
     def _build_plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":

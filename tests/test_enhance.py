@@ -356,3 +356,16 @@ def test_a_plan_built_under_inference_mode_serves_a_later_training_step():
     x = local.clone().requires_grad_()
     dem(x, x, (3, 3)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_changing_a_setting_after_a_call_does_not_reuse_the_old_plan():
+    torch.manual_seed(0)
+    dem = DEM(16, num_heads=2, out_size=(3, 3)).eval()
+    local, glob = torch.randn(1, 9, 9, 16), torch.randn(1, 9, 9, 16)
+    with torch.no_grad():
+        dem(local, glob, (3, 3))
+        dem.out_size = None  # the full map now
+        full = dem(local, glob, (3, 3))
+        fresh = DEM(16, num_heads=2, out_size=None).eval()
+        fresh.load_state_dict(dem.state_dict())
+        torch.testing.assert_close(full, fresh(local, glob, (3, 3)), rtol=0, atol=0)
