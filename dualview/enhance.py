@@ -181,6 +181,13 @@ class DEM(nn.Module):
         self.ln_fuse = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
         self._plans: dict = {}  # (R, C, h, w, B, device, settings) -> _IndexPlan; not state
 
+    def __getstate__(self) -> dict:
+        # the plans are a cache keyed by device: never pickled (a module loaded onto another
+        # device would otherwise find plans whose key and tensors disagree)
+        state = dict(self.__dict__)
+        state["_plans"] = {}
+        return state
+
     @property
     def num_heads(self) -> int:
         return self.attention.num_heads
@@ -210,7 +217,7 @@ class DEM(nn.Module):
         batch, n = local_feats.shape[0], crops * h * w
         # Work in the local (window) token order: local_feats already is it, and a window of the
         # global map is a gather of global_feats; token-wise steps do not care about the order.
-        plan = self._plan(rows, cols, h, w, batch, local_feats.device)
+        plan = self._plan(rows, cols, h, w, batch, local_feats)
         local_tok, global_tok = local_feats.flatten(1, 2), global_feats.flatten(1, 2)  # (B, R*C*h*w, D)
         if self.directions == "both":  # one attention call for both directions
             kv = torch.cat((local_feats, global_feats))  # (2B, R*C, h*w, D): keys of MG windows, then of ML groups
@@ -240,13 +247,17 @@ class DEM(nn.Module):
             fused = to_map(self._fuse(el, eg))
         return self._resample(fused)
 
-    def _plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":
+    def _plan(self, rows: int, cols: int, h: int, w: int, batch: int, like: torch.Tensor) -> "_IndexPlan":
         """The index tensors of one input shape, built once per shape and device: in eager mode
-        rebuilding them costs a dozen tiny kernel launches per call, which dominates at batch 1."""
-        if _is_compiling():  # traced: built inside the graph, where the compiler folds them
+        rebuilding them costs a dozen tiny kernel launches per call, which dominates at batch 1.
+        Only plain tensors of concrete shape are cached: under torch.compile, fake or symbolic
+        tracing (make_fx, export) and on the meta device the plan is built in place, every call."""
+        device = like.device
+        if _is_compiling() or type(like) is not torch.Tensor or not isinstance(batch, int) or device.type == "meta":
             return self._build_plan(rows, cols, h, w, batch, device)
         # the settings are in the key too, so that changing one after a call cannot serve a stale plan
-        key = (rows, cols, h, w, batch, device, self.directions, self.out_size, self.resample, self.fusion)
+        out_size = None if self.out_size is None else tuple(self.out_size)
+        key = (rows, cols, h, w, batch, device, self.directions, out_size, self.resample, self.fusion)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:

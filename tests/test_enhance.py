@@ -369,3 +369,32 @@ def test_changing_a_setting_after_a_call_does_not_reuse_the_old_plan():
         fresh = DEM(16, num_heads=2, out_size=None).eval()
         fresh.load_state_dict(dem.state_dict())
         torch.testing.assert_close(full, fresh(local, glob, (3, 3)), rtol=0, atol=0)
+
+
+def test_plans_survive_fake_and_symbolic_tracing_and_are_not_pickled():
+    import io
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    dem = DEM(16, num_heads=2, out_size=(2, 3)).eval()
+    x = torch.randn(2, 6, 9, 16)
+    with torch.no_grad():
+        ref = dem(x, x, (2, 3))
+        dem._plans.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            dem(mode.from_tensor(x), mode.from_tensor(x), (2, 3))  # a fake call must not fill the cache
+        assert not dem._plans
+        torch.testing.assert_close(dem(x, x, (2, 3)), ref, rtol=0, atol=0)
+    params = dict(dem.named_parameters())
+    graph = make_fx(lambda p, a: torch.func.functional_call(dem, p, (a, a, (2, 3))), tracing_mode="symbolic")(params, x)
+    torch.testing.assert_close(graph(params, x), ref)
+    buf = io.BytesIO()
+    torch.save(dem, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert dem._plans and not loaded._plans
+    dem.out_size = [2, 3]  # a list works as well as a tuple
+    with torch.no_grad():
+        torch.testing.assert_close(dem(x, x, (2, 3)), ref, rtol=0, atol=0)
