@@ -83,11 +83,8 @@ class _IndexPlan(NamedTuple):
 _MAX_PLANS = 16  # shapes remembered per DEM; training with many shapes rebuilds past that
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()
+def _is_compiling() -> bool:  # torch.compiler.is_compiling arrived in torch 2.3; the package allows 2.1
+    return getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
 
 
 def _ffn(dim: int, hidden: int, out: int, device, dtype) -> nn.Sequential:
@@ -281,9 +278,8 @@ class DEM(nn.Module):
         keep = self._sampled_positions(rows, cols, h, w, device)
         return _IndexPlan(g2w, w2g, q_rows, keep, g2w if keep is None else g2w[keep])
 
-    def _sampled_positions(self, rows: int, cols: int, h: int, w: int, device) -> Optional[torch.Tensor]:
-        """Window-order positions of the tokens that the resampling reads, row-major over the
-        output map, where it reads single tokens; else None.
+    def _sample_strides(self, map_size: G.Size) -> Optional[tuple[int, int]]:
+        """``(ky, kx)`` where the resampling of a ``map_size`` map reads single tokens, else None.
 
         Bilinear resampling (align_corners=False) by an odd integer factor ``k`` samples at
         ``k*i + k//2``, a token centre, with weight exactly 1: the released 72 -> 24 at 3x3 keeps
@@ -291,19 +287,28 @@ class DEM(nn.Module):
         (for finite values) and skips 8/9 of the fusion and the float32 round trip of the map."""
         if self.out_size is None or self.resample != "bilinear" or self.fusion == "conv3x3":
             return None
-        (map_h, map_w), (out_h, out_w) = (rows * h, cols * w), self.out_size
+        (map_h, map_w), (out_h, out_w) = map_size, self.out_size
         if map_h % out_h or map_w % out_w or (map_h // out_h) % 2 == 0 or (map_w // out_w) % 2 == 0:
             return None
-        ky, kx = map_h // out_h, map_w // out_w
+        return map_h // out_h, map_w // out_w
+
+    def _sampled_positions(self, rows: int, cols: int, h: int, w: int, device) -> Optional[torch.Tensor]:
+        """Window-order positions of the tokens that the resampling reads, row-major over the
+        output map, where it reads single tokens (``_sample_strides``); else None."""
+        strides = self._sample_strides((rows * h, cols * w))
+        if strides is None:
+            return None
+        ky, kx = strides
         return layout.map_positions_in_window_order(rows, cols, h, w, device)[ky // 2::ky, kx // 2::kx].flatten()
 
     def fused_tokens(self, grid: G.Grid, feat_size: G.Size) -> int:
         """Tokens per image that go through the fusion: all ``R*C*h*w``, or only the ones the
-        resampling samples (see ``_sampled_positions``)."""
+        resampling samples (see ``_sample_strides``)."""
         rows, cols = G.check_grid(grid)
         h, w = G.check_size(tuple(feat_size), "feat_size")
-        keep = self._sampled_positions(rows, cols, h, w, None)
-        return rows * cols * h * w if keep is None else keep.numel()
+        if self._sample_strides((rows * h, cols * w)) is None:
+            return rows * cols * h * w
+        return self.out_size[0] * self.out_size[1]
 
     def _attend(self, q_tok: torch.Tensor, kv_feats: torch.Tensor) -> torch.Tensor:
         """One direction: q (B, R*C*h*w, D) in sub-image order over kv (B, R*C, h*w, D) -> (B, R*C*h*w, D)."""

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dualview import DCM, DEM, layout
 from dualview import grid as G
@@ -212,8 +213,6 @@ def kernel_checks(args, device, dtype, dem, dim: int, tokens: int) -> dict:
 def dem_parts(args, device, dtype, dem: DEM, dim: int, tokens: int) -> dict:
     """Where DEM's time goes at 3x3: its shared attention block over both directions' sequences,
     and inside it the attention core (SDPA) alone; the rest of DEM is gathers, fusion and resampling."""
-    import torch.nn.functional as F
-
     seqs, heads = 2 * args.batch * 9, dem.num_heads
     q = torch.randn(seqs, tokens, dim, device=device, dtype=dtype)
     kv = torch.randn_like(q)
