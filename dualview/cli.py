@@ -5,6 +5,7 @@ INF-LLaVA checkpoints, run the CPU benchmark.
     dualview budget --size HxW [--grid ...] [--json]
     dualview convert-inf-llava SOURCE -o dem.safetensors
     dualview bench [--out DIR]
+    dualview upstream {llava,llava-next} FORK_DIR [--check]
 
 Errors are one line on stderr and exit code 1 (2 for a malformed command line), never a traceback.
 """
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     bench.set_defaults(run=cmd_bench)
+
+    from .upstream import add_subcommand as add_upstream_subcommand  # dualview upstream: patch a LLaVA fork
+
+    add_upstream_subcommand(sub)
     return parser
 
 
