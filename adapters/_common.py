@@ -1,5 +1,6 @@
 """What every adapter shares: the dual-view options, recorded in the host model's config so that
-``save_pretrained`` / ``from_pretrained`` round-trips them, and the DEM weight reload."""
+``save_pretrained`` / ``from_pretrained`` round-trips them, and the DEM weight reload. How an adapter
+lives in its host is :mod:`._host`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from dualview import DCM, DEM, DualViewEncoder
-from dualview import grid as G
+from dualview import DEM
 from dualview.checkpoints import read_tensors, strip_prefix
 
 CONFIG_KEY = "dualview"
@@ -51,24 +51,6 @@ class DualViewOptions:
     def to_dict(self) -> dict:
         """JSON-able (tuples become lists), for ``config.json``."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def build(self, tower, *, dim: int, crop_size: int, patch_size: int, like: Optional[nn.Module] = None) -> DualViewEncoder:
-        """A DualViewEncoder over ``tower`` with a fresh DEM of ``dim`` channels, on the device and
-        in the dtype of ``like`` (the host's projector)."""
-        feat = G.crop_tokens(crop_size, patch_size)
-        out_size = feat if self.out_size == "tower" else self.out_size
-        dcm = DCM(crop_size, self.grid, fit=self.fit, max_tiles=self.max_tiles, pinpoints=self.pinpoints)
-        dem = DEM(
-            dim, self.num_heads, out_size=out_size, directions=self.directions, fusion=self.fusion,
-            resample=self.resample,
-        )
-        if like is not None:
-            ref = next(like.parameters())
-            dem.to(device=ref.device, dtype=ref.dtype)
-        return DualViewEncoder(
-            tower, dcm, dem, thumbnail_fusion=self.thumbnail_fusion, tower_batch_size=self.tower_batch_size,
-            patch_size=patch_size,
-        )
 
 
 def record_options(config: Any, options: DualViewOptions) -> None:
@@ -116,44 +98,15 @@ def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any
             del cls._keys_to_ignore_on_load_unexpected
 
 
-ENCODER_ATTR = "dual_view_encoder"
-"""Where an adapter keeps its DualViewEncoder on the host's inner model: in ``__dict__``, out of the
-module tree, since registering it would list the vision tower's weights a second time."""
-
-
-def install(inner: nn.Module, config: Any, opts: DualViewOptions, encoder: DualViewEncoder) -> None:
-    """Register the encoder's DEM as ``inner.spatial_embed`` (INF-LLaVA's name), keep the encoder
-    beside it, and record the options in ``config``."""
-    inner.spatial_embed = encoder.dem
-    inner.__dict__[ENCODER_ATTR] = encoder
-    record_options(config, opts)
-
-
-def installed(inner: nn.Module, module: str) -> DualViewEncoder:
-    """The encoder :func:`install` put on ``inner``, or a ValueError telling how to get one."""
-    if ENCODER_ATTR not in inner.__dict__:
-        raise ValueError(f"model has no dual view: call dualview.adapters.{module}.apply(model) first")
-    return inner.__dict__[ENCODER_ATTR]
-
-
-def hf_encoder(inner: nn.Module, config: Any, opts: DualViewOptions, tower: nn.Module) -> DualViewEncoder:
-    """The encoder of a transformers Llava / LlavaNext model: DEM over ``tower``'s channels (the
-    hidden size times the number of ``vision_feature_layer`` layers), on the projector's device."""
-    vision = config.vision_config
-    return opts.build(
-        tower, dim=vision.hidden_size * len(tower.layers), crop_size=vision.image_size,
-        patch_size=vision.patch_size, like=inner.multi_modal_projector,
-    )
-
-
-def reload(cls: type, path: Union[str, Path], apply: Any, **kwargs: Any) -> nn.Module:
+def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "model.spatial_embed.", **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path)`` of a folder saved from an adapted model: the plain class, dual
     view re-applied (``apply(model, **options)``) with the options in its config.json, the DEM
-    weights (``model.spatial_embed.*``) restored strictly."""
+    weights (``<dem_prefix>*``) restored strictly into the registered ``spatial_embed``."""
     model = from_pretrained_without_dem(cls, path, **kwargs)
     options = recorded_options(model.config)
     if options is None:
         raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no '{CONFIG_KEY}' entry")
     apply(model, **options)
-    load_dem_weights(model.model.spatial_embed, path, "model.spatial_embed.")
+    dem = model.get_submodule(dem_prefix.rstrip("."))
+    load_dem_weights(dem, path, dem_prefix)
     return model

@@ -8,6 +8,11 @@
     model.generate(**inputs, max_new_tokens=20)
     model.save_pretrained("out");  model = from_pretrained("out")   # DEM weights and options kept
 
+How it lives in the model: :func:`apply` swaps ``model.model``'s class (``LlavaModel``) for the
+module-level subclass :class:`DualViewLlavaModel`, whose ``get_image_features`` (under the host's own
+decorators) reads the DEM at ``model.model.spatial_embed`` and the options in ``config.dualview`` at
+every call; :func:`unapply` gives the plain model back.
+
 ``get_image_features`` becomes DCM -> vision tower (``vision_feature_layer``, also a list of layers,
 and ``vision_feature_select_strategy``) -> DEM -> thumbnail fusion -> projector. The DEM lives at
 ``model.model.spatial_embed`` (keys ``model.spatial_embed.*``, as in INF-LLaVA checkpoints).
@@ -17,96 +22,136 @@ tower's 24x24 and averaged with the thumbnail).
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dualview import DualViewEncoder
 
-from ._common import (
-    ENCODER_ATTR, DualViewOptions, hf_encoder, install, installed, reload
-)
-from .towers import HFVisionTower
+from . import _host
+from ._common import DualViewOptions, reload
+from ._hf import check_strategy, feature_layers, host_decorators, vision_tower_for
+
+ADAPTER = "hf_llava"
+merge_config_defaults, can_return_tuple = host_decorators()
 
 
+class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
+    """``LlavaModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
-def _layers(layer: Union[int, list[int]]) -> list[int]:
-    return [layer] if isinstance(layer, int) else list(layer)
+    dualview_adapter = ADAPTER
+    dualview_plain = LlavaModel
 
-
-def _check_strategy(strategy: str, tower: nn.Module) -> None:
-    has_cls = "siglip" not in getattr(tower.config, "model_type", "")
-    if strategy == "full" and has_cls:
-        raise ValueError(
-            "vision_feature_select_strategy='full' keeps the CLS token, but DEM needs the spatial patch "
-            "tokens only: use 'default' with a CLIP tower"
+    @merge_config_defaults
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: Optional[Union[int, list[int]]] = None,
+        vision_feature_select_strategy: Optional[str] = None,
+        image_sizes: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (B, 3, H, W) at high resolution -> output whose ``pooler_output`` is a list of B
+        (tokens, text_dim) tensors and ``last_hidden_state`` the (B, tokens, D_vision) dual-view
+        features before the projector. ``output_hidden_states`` / ``output_attentions`` give the
+        vision tower's, of every crop (crops in tower order: per image local tiles, global crops,
+        thumbnail)."""
+        layers = feature_layers(self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        tower = vision_tower_for(self, layers, strategy, kwargs)
+        encoder = self.dualview_encoder(
+            tower, crop_size=self.config.vision_config.image_size, patch_size=self.config.vision_config.patch_size
         )
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-
-
-def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that :func:`apply` installed."""
-    return installed(getattr(model, "model", model), "hf_llava")
+        feats = encoder(pixel_values)  # (B, tokens, D_vision)
+        projected = self.multi_modal_projector(feats)
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **tower.outputs())
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:
     """Install dual view into a ``LlavaForConditionalGeneration`` in place; returns it.
 
     ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` (default: the released
-    INF-LLaVA, 3x3 squashed, 576 tokens). The DEM is new (random); load trained weights with
-    :func:`from_pretrained` or ``DEM.from_inf_llava``.
+    INF-LLaVA, 3x3 squashed, 576 tokens). The DEM is new, initialised by the host's ``_init_weights``;
+    load trained weights with :func:`from_pretrained`, or assign ``model.model.spatial_embed``.
     """
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "multi_modal_projector") or not hasattr(inner, "vision_tower"):
-        raise TypeError(f"model must be a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
-    if ENCODER_ATTR in inner.__dict__:
-        raise ValueError("model already has dual view applied")
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"model must be a transformers LlavaForConditionalGeneration, got {type(model).__name__}"
+                        + _hint(model))
+    inner = model.model
     opts = DualViewOptions.from_kwargs(**options)
     config = model.config
-    _check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
-    layers = _layers(config.vision_feature_layer)
-    tower = HFVisionTower(inner.vision_tower, layer=layers, select="patch")
-    install(inner, config, opts, hf_encoder(inner, config, opts, tower))
-    inner.get_image_features = types.MethodType(_dual_view_image_features, inner)
+    layers = feature_layers(config.vision_feature_layer)
+    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
+    vision = config.vision_config
+    dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector)
+    _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config, init_weights=inner._init_weights)
     return model
 
 
-def _dual_view_image_features(
-    self: nn.Module,
-    pixel_values: torch.Tensor,
-    vision_feature_layer: Optional[Union[int, list[int]]] = None,
-    vision_feature_select_strategy: Optional[str] = None,
-    image_sizes: Optional[torch.Tensor] = None,
-    **kwargs: Any,
-):
-    """Replaces ``LlavaModel.get_image_features``: pixel_values (B, 3, H, W) at high resolution ->
-    output whose ``pooler_output`` is a list of B (tokens, text_dim) tensors."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+def unapply(model: nn.Module) -> nn.Module:
+    """The plain ``LlavaForConditionalGeneration`` back (class, no DEM, no ``config.dualview``); returns it."""
+    _host.unapply(model.model, config=model.config)
+    return model
 
-    encoder: DualViewEncoder = self.__dict__[ENCODER_ATTR]
-    if vision_feature_select_strategy is not None:
-        _check_strategy(vision_feature_select_strategy, self.vision_tower)
-    if vision_feature_layer is not None and _layers(vision_feature_layer) != encoder.tower.layers:
-        raise ValueError(
-            f"vision_feature_layer={vision_feature_layer} differs from the layers the DEM was built for "
-            f"({encoder.tower.layers}); set config.vision_feature_layer before apply()"
-        )
-    feats = encoder(pixel_values)  # (B, tokens, D_vision)
-    projected = self.multi_modal_projector(feats)
-    return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected))
+
+def encoder_of(model: nn.Module) -> DualViewEncoder:
+    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the vision tower at
+    ``config.vision_feature_layer``, and the registered ``model.model.spatial_embed``."""
+    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
+    tower = vision_tower_for(inner, feature_layers(inner.config.vision_feature_layer),
+                             inner.config.vision_feature_select_strategy, {})
+    vision = inner.config.vision_config
+    return inner.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size)
+
+
+def _feat(vision: Any) -> tuple[int, int]:
+    side = vision.image_size // vision.patch_size
+    return side, side
+
+
+def _hint(model: nn.Module) -> str:
+    fits = _host.adapter_for(type(getattr(model, "model", model)))
+    return f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
+
+
+class DualViewLlavaProcessor(LlavaProcessor):
+    """``LlavaProcessor`` whose image-token count is the dual-view encoder's (set by
+    :func:`prepare_processor`): the prompt expansion and ``_get_num_multimodal_tokens`` (what
+    serving engines ask) agree. Saved, it is a plain ``LlavaProcessor`` config (apply
+    :func:`prepare_processor` again after loading)."""
+
+    dual_view_tokens: int = 0
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        return self.image_token * self.dual_view_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes: Any = None, **kwargs: Any) -> Any:
+        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)
+        if image_sizes is not None:
+            data.num_image_tokens = [self.dual_view_tokens] * len(image_sizes)
+        return data
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["processor_class"] = "LlavaProcessor"
+        return out
 
 
 def prepare_processor(processor: Any, model: nn.Module) -> Any:
-    """Make a ``LlavaProcessor`` produce the high-resolution input and the right prompt length.
+    """Make a ``LlavaProcessor`` produce the high-resolution input and the right prompt length, in place.
 
     The image processor pads to square (mean colour, as LLaVA-1.5 training did) and resizes to the
     ``R*s x C*s`` canvas (fixed grids only: ``grid="auto"`` needs per-image sizes, use the
-    LLaVA-NeXT adapter for that); ``<image>`` expands to the encoder's token count.
+    LLaVA-NeXT adapter for that); ``<image>`` expands to the encoder's token count, and
+    ``_get_num_multimodal_tokens`` answers the same count.
     """
+    if not isinstance(processor, LlavaProcessor):
+        raise TypeError(f"processor must be a transformers LlavaProcessor, got {type(processor).__name__}")
     encoder = encoder_of(model)
     grid = encoder.dcm.grid
     if grid == "auto":
@@ -122,18 +167,12 @@ def prepare_processor(processor: Any, model: nn.Module) -> Any:
         image_mean=old.image_mean, image_std=old.image_std, do_rescale=old.do_rescale,
         rescale_factor=old.rescale_factor, do_normalize=old.do_normalize, do_convert_rgb=True,
     )
-    tokens = encoder.budget((height, width)).tokens
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        return self.image_token * tokens
-
-    processor.replace_image_token = types.MethodType(replace_image_token, processor)
+    processor.__class__ = DualViewLlavaProcessor
+    processor.dual_view_tokens = encoder.budget((height, width)).tokens
     return processor
 
 
 def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     """Load an adapted model saved with ``save_pretrained``: the plain class, dual view re-applied
     with the options in its config.json, the DEM weights restored strictly."""
-    from transformers import LlavaForConditionalGeneration
-
     return reload(LlavaForConditionalGeneration, path, apply, **kwargs)

@@ -27,60 +27,81 @@ patch tokens only, so ``vision_feature_select_strategy`` must drop exactly the t
 CLIP is a ValueError (plain LLaVA-NeXT cannot pack it either). The DEM is registered at
 ``model.model.spatial_embed`` (keys ``model.spatial_embed.*``, as in INF-LLaVA checkpoints); the
 options go to ``config.dualview`` (written by ``save_pretrained``). A per-call
-``vision_feature_layer`` is honoured when it gives the DEM's channel count; other vision-tower
-kwargs (``output_attentions``, ...) are not forwarded.
+``vision_feature_layer`` is honoured when it gives the DEM's channel count;
+``output_hidden_states`` / ``output_attentions`` return the vision tower's, for every crop.
 
-Public: :func:`apply`, :func:`from_pretrained`, :func:`budget`, :func:`encoder_of`.
+How it lives in the model: :func:`apply` swaps ``model.model``'s class (``LlavaNextModel``) for the
+module-level subclass :class:`DualViewLlavaNextModel`, whose ``get_image_features`` (under the
+host's own decorators) reads ``model.model.spatial_embed`` and ``config.dualview`` at every call;
+:func:`unapply` gives the plain model back. LLaVA-OneVision has its own adapter
+(:mod:`dualview.adapters.hf_llava_onevision`).
+
+Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`budget`, :func:`encoder_of`.
 """
 
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dualview import DualCrops, DualViewEncoder
 from dualview import grid as G
 from dualview import layout
 
-from ._common import (
-    ENCODER_ATTR, DualViewOptions, hf_encoder, install, installed, reload
-)
-from .towers import HFVisionTower
+from . import _host
+from ._common import DualViewOptions, reload
+from ._hf import Layers, check_strategy, feature_layers, host_decorators, vision_tower_for
 
+ADAPTER = "hf_llava_next"
+merge_config_defaults, can_return_tuple = host_decorators()
 
 # AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
 # replaces the tile map and the base image stays in front (the encoder's "concat" thumbnail).
 _FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
 
-Layers = Union[int, Sequence[int]]
 
+class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
+    """``LlavaNextModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
-def _layers(layer: Layers) -> list[int]:
-    return [layer] if isinstance(layer, int) else list(layer)
+    dualview_adapter = ADAPTER
+    dualview_plain = LlavaNextModel
+
+    @merge_config_defaults
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
+        vision_feature_layer: Optional[Layers] = None,
+        vision_feature_select_strategy: Optional[str] = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (B, patches, 3, s, s) (or stacked 4-D), image_sizes (B, 2) as ``(H, W)`` ->
+        output whose ``pooler_output`` is a list of B (tokens_i, text_dim) tensors, packed by the
+        model's own ``pack_image_features``; tokens_i is plain AnyRes's."""
+        config = self.config
+        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        tower = vision_tower_for(self, layers, strategy, kwargs)
+        encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
+                                        patch_size=config.vision_config.patch_size)
+        per_image = anyres_dual_view(encoder, pixel_values, image_sizes)
+        projected = self.multi_modal_projector(torch.cat(per_image)).split([t.shape[0] for t in per_image])
+        packed, _ = self.pack_image_features(
+            list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
+        )
+        return BaseModelOutputWithPooling(pooler_output=packed, **tower.outputs())
 
 
 def _jsonable(value: Any) -> Any:
     """``value`` as config.json holds it (tuples become lists), for comparing options."""
     return json.loads(json.dumps(value))
-
-
-def _check_strategy(strategy: str, tower: HFVisionTower) -> None:
-    """``vision_feature_select_strategy`` must drop exactly the tower's prefix tokens, as the tower's
-    ``select="patch"`` does: DEM needs the spatial patch tokens only."""
-    wanted = {"default": 1, "full": 0}  # prefix tokens each strategy drops
-    if strategy not in wanted:
-        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-    if wanted[strategy] != tower.num_prefix_tokens:
-        raise ValueError(
-            f"vision_feature_select_strategy={strategy!r} drops {wanted[strategy]} token(s), but the vision tower "
-            f"has {tower.num_prefix_tokens} prefix (CLS) token(s): DEM needs the spatial patch tokens only, use "
-            f"{'default' if tower.num_prefix_tokens else 'full'!r}"
-        )
 
 
 def _options(config: Any, options: dict) -> DualViewOptions:
@@ -95,40 +116,47 @@ def _options(config: Any, options: dict) -> DualViewOptions:
     return DualViewOptions.from_kwargs(**{**options, **fixed})
 
 
-def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that :func:`apply` installed; its ``dem`` is ``model.model.spatial_embed``,
-    also after that attribute is replaced (e.g. by a trained ``DEM.from_inf_llava(ckpt, out_size=None)``)."""
-    inner = getattr(model, "model", model)
-    encoder = installed(inner, "hf_llava_next")
-    if encoder.dem is not inner.spatial_embed:
-        encoder.dem = inner.spatial_embed
-    return encoder
-
-
 def apply(model: nn.Module, **options: Any) -> nn.Module:
     """Install dual view into a ``LlavaNextForConditionalGeneration`` in place; returns it.
 
     ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` that AnyRes leaves
     free (``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``); ``grid``, ``fit``,
     ``pinpoints``, ``out_size``, ``resample`` and ``thumbnail_fusion`` are fixed by AnyRes (passing
-    the fixed value is allowed). The DEM is new (random), in the projector's dtype and device: train
-    it, reload it with :func:`from_pretrained`, or set ``model.model.spatial_embed`` to a trained one
-    (e.g. ``DEM.from_inf_llava(ckpt, out_size=None)``, with the same options).
+    the fixed value is allowed). The DEM is new, initialised by the host's ``_init_weights``, in the
+    projector's dtype and device: train it, reload it with :func:`from_pretrained`, or set
+    ``model.model.spatial_embed`` to a trained one (e.g. ``DEM.from_inf_llava(ckpt, out_size=None)``).
     """
-    inner = getattr(model, "model", None)
-    needed = ("vision_tower", "multi_modal_projector", "image_newline", "pack_image_features")
-    if inner is None or not all(hasattr(inner, name) for name in needed):
-        raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}")
-    if ENCODER_ATTR in inner.__dict__:
-        raise ValueError("model already has dual view applied")
+    if type(model) is not LlavaNextForConditionalGeneration:
+        fits = _host.adapter_for(type(getattr(model, "model", model)))
+        hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
+        raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}{hint}")
+    inner = model.model
     config = model.config
     opts = _options(config, options)
-    layers = _layers(config.vision_feature_layer)
-    tower = HFVisionTower(inner.vision_tower, layer=layers)
-    _check_strategy(config.vision_feature_select_strategy, tower)
-    install(inner, config, opts, hf_encoder(inner, config, opts, tower))
-    inner.get_image_features = types.MethodType(_dual_view_image_features, inner)
+    layers = feature_layers(config.vision_feature_layer)
+    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    dem = _host.new_dem(opts, vision.hidden_size * len(layers), (side, side), like=inner.multi_modal_projector)
+    _host.attach(inner, DualViewLlavaNextModel, options=opts, dem=dem, config=config, init_weights=inner._init_weights)
     return model
+
+
+def unapply(model: nn.Module) -> nn.Module:
+    """The plain ``LlavaNextForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
+    _host.unapply(model.model, config=model.config)
+    return model
+
+
+def encoder_of(model: nn.Module) -> DualViewEncoder:
+    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the vision tower at
+    ``config.vision_feature_layer`` and the registered ``model.model.spatial_embed``."""
+    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
+    config = inner.config
+    tower = vision_tower_for(inner, feature_layers(config.vision_feature_layer),
+                             config.vision_feature_select_strategy, {})
+    return inner.dualview_encoder(tower, crop_size=config.vision_config.image_size,
+                                  patch_size=config.vision_config.patch_size)
 
 
 def budget(model: nn.Module, image_size: G.Size) -> G.Budget:
@@ -141,24 +169,29 @@ def budget(model: nn.Module, image_size: G.Size) -> G.Budget:
     return G.Budget("dual_view_anyres", grid, plain.canvas_size, passes, plain.tokens)
 
 
-def _encoder_for(self: nn.Module, layers: list[int], strategy: str) -> DualViewEncoder:
-    """The installed encoder, or one sharing its DCM and DEM for per-call layers / strategy."""
-    encoder = encoder_of(self)
-    if layers == encoder.tower.layers:
-        _check_strategy(strategy, encoder.tower)
-        return encoder
-    tower = HFVisionTower(self.vision_tower, layer=layers)
-    _check_strategy(strategy, tower)
-    dim = self.config.vision_config.hidden_size * len(layers)
-    if dim != encoder.dem.dim:
-        raise ValueError(
-            f"vision_feature_layer={layers} gives {dim} channels, but the DEM was built for {encoder.dem.dim} "
-            f"(config.vision_feature_layer={encoder.tower.layers})"
-        )
-    return DualViewEncoder(
-        tower, encoder.dcm, encoder.dem, thumbnail_fusion=encoder.thumbnail_fusion,
-        tower_batch_size=encoder.tower_batch_size, patch_size=encoder.patch_size,
-    )
+def anyres_dual_view(
+    encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]]
+) -> list[torch.Tensor]:
+    """AnyRes patches -> per image (1 + R*C, h*w, D) features in AnyRes's layout: the base image's,
+    then the DEM-fused map cut back into the R*C tile windows, so the host's packing applies.
+
+    One tower call over every base image, tile and global crop of the batch; one DEM call per grid."""
+    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
+    grids = [encoder.dcm.grid_for(size) for size in sizes]
+    crop = encoder.dcm.crop_size
+    if tuple(pixel_values.shape[-2:]) != (crop, crop):
+        raise ValueError(f"pixel_values patches must be {crop}x{crop} (vision_config.image_size), got shape {tuple(pixel_values.shape)}")
+    dem_param = next(encoder.dem.parameters())
+    pixel_values = pixel_values.to(device=dem_param.device, dtype=dem_param.dtype)
+    patches = _patches_per_image(pixel_values, [1 + r * c for r, c in grids])
+    encoded = encoder.encode_crops([_dual_crops(p, g, s) for p, g, s in zip(patches, grids, sizes)])
+    h, w = encoder.feat_size
+    per_image = []
+    for tokens, (rows, cols) in zip(encoded, grids):
+        base, fused = tokens[:, : h * w], tokens[:, h * w :]  # (1, h*w, D), (1, R*h*C*w, D)
+        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)[0]
+        per_image.append(torch.cat((base, windows)))
+    return per_image
 
 
 def _patches_per_image(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
@@ -196,57 +229,9 @@ def _dual_crops(patches: torch.Tensor, grid: G.Grid, image_size: G.Size) -> Dual
     )
 
 
-def _dual_view_image_features(
-    self: nn.Module,
-    pixel_values: torch.Tensor,
-    image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
-    vision_feature_layer: Optional[Layers] = None,
-    vision_feature_select_strategy: Optional[str] = None,
-    **kwargs: Any,
-):
-    """Replaces ``LlavaNextModel.get_image_features``.
-
-    pixel_values (B, patches, 3, s, s) (or stacked 4-D), image_sizes (B, 2) as ``(H, W)`` -> output
-    whose ``pooler_output`` is a list of B (tokens_i, text_dim) tensors, packed by the model's own
-    ``pack_image_features``; tokens_i is plain AnyRes's. Other tower kwargs are not forwarded.
-    """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    config = self.config
-    layers = _layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
-    strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-    encoder = _encoder_for(self, layers, strategy)
-    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
-    grids = [encoder.dcm.grid_for(size) for size in sizes]
-    crop = config.vision_config.image_size
-    if tuple(pixel_values.shape[-2:]) != (crop, crop):
-        raise ValueError(f"pixel_values patches must be {crop}x{crop} (vision_config.image_size), got shape {tuple(pixel_values.shape)}")
-    dem_param = next(encoder.dem.parameters())
-    pixel_values = pixel_values.to(device=dem_param.device, dtype=dem_param.dtype)
-    patches = _patches_per_image(pixel_values, [1 + r * c for r, c in grids])
-
-    # One tower call over every base image, tile and global crop; one DEM call per grid.
-    encoded = encoder.encode_crops([_dual_crops(p, g, s) for p, g, s in zip(patches, grids, sizes)])
-    h, w = encoder.feat_size
-    per_image = []
-    for tokens, (rows, cols) in zip(encoded, grids):
-        base, fused = tokens[:, : h * w], tokens[:, h * w :]  # (1, h*w, D), (1, R*h*C*w, D)
-        # Back to AnyRes's layout, (R*C, h*w, D) tile windows, so its own packing applies.
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)[0]
-        per_image.append(torch.cat((base, windows)))
-    projected = self.multi_modal_projector(torch.cat(per_image)).split([t.shape[0] for t in per_image])
-    packed, _ = self.pack_image_features(
-        list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
-    )
-    out = BaseModelOutputWithPooling(pooler_output=packed)
-    return out.to_tuple() if kwargs.get("return_dict") is False else out
-
-
 def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
     the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
     options in its config.json, then the DEM weights restored strictly.
     ``kwargs`` go to ``LlavaNextForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
-    from transformers import LlavaNextForConditionalGeneration
-
     return reload(LlavaNextForConditionalGeneration, path, apply, **kwargs)

@@ -10,18 +10,24 @@ and ``LlavaMptForCausalLM``.
     model.save_pretrained("out");  model = from_pretrained("out")     # DEM weights and options kept
     model = from_pretrained(snapshot_download("WeihuangLin/INF-LLaVA-sft"))  # INF-LLaVA's keys as they are
 
-``encode_images`` becomes DCM -> llava's own vision tower over every crop in ONE call (so
-``mm_vision_select_layer`` / ``mm_vision_select_feature`` hold, and the tower stays frozen under its
-``@torch.no_grad``) -> DEM -> thumbnail fusion -> ``mm_projector``. The DEM is registered at
-``model.get_model().spatial_embed`` (state-dict keys ``model.spatial_embed.*``, INF-LLaVA's names);
-the encoder itself is kept out of the module tree so the tower's weights are not listed twice.
+``encode_images`` becomes DCM -> llava's vision tower over every crop in ONE call (at
+``mm_vision_select_layer``, patch tokens, frozen) -> DEM -> thumbnail fusion -> ``mm_projector``.
+The DEM is registered at ``model.get_model().spatial_embed`` (state-dict keys
+``model.spatial_embed.*``, INF-LLaVA's names; ``transformer.spatial_embed.*`` for MPT).
 Image tokens per image: ``encoder_of(model).budget((H, W)).tokens`` (576 by default for CLIP-336:
 DEM resampled to the tower's 24x24 and averaged with the thumbnail). ``docs/upstream.md`` is the same
 change written as a patch of ``llava/model/llava_arch.py``.
 
 Sizes here are ``(height, width)``; ``llava.mm_utils`` and PIL use ``(width, height)``.
 
-Shims (installed per model by :func:`apply`, nothing is patched on the classes):
+How it lives in the model: :func:`apply` swaps the model's class for the module-level subclass of
+its llava class (``DualViewLlavaLlamaForCausalLM``, ``DualViewLlavaMistralForCausalLM``,
+``DualViewLlavaMptForCausalLM``), whose ``encode_images`` reads ``model.get_model().spatial_embed``
+and ``config.dualview`` at every call; :func:`unapply` gives the plain llava model back. The vision
+tower runs layer-truncated to ``mm_vision_select_layer`` (the same tokens as llava's own tower
+call, which computes every hidden state), without gradients as llava's ``@torch.no_grad`` tower.
+
+Shims (methods of those subclasses, nothing is patched on llava's classes):
 
 1. transformers 5 ``generate()`` hands the KV cache to the model as ``cache=``; llava's ``forward``
    only knows ``past_key_values=`` and raises TypeError. ``prepare_inputs_for_generation`` (where
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,9 +60,9 @@ from dualview import DualViewEncoder
 from dualview import grid as G
 from dualview.checkpoints import read_tensors
 
-from ._common import (
-    ENCODER_ATTR, DualViewOptions, from_pretrained_without_dem, install, installed, load_dem_weights, recorded_options,
-)
+from . import _host
+from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, recorded_options
+from .towers import HFVisionTower
 
 try:
     from llava.model.llava_arch import LlavaMetaForCausalLM
@@ -72,10 +79,106 @@ MODEL_CLASSES = {
 }
 
 
+ADAPTER = "llava15"
+
+
 def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that :func:`apply` installed (its ``dem`` is ``model.get_model().spatial_embed``)."""
-    inner = model.get_model() if isinstance(model, LlavaMetaForCausalLM) else model
-    return installed(inner, "llava15")
+    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the frozen vision tower at
+    ``mm_vision_select_layer``, and the registered ``model.get_model().spatial_embed``."""
+    host = _host.adapted(model, ADAPTER)
+    vision = host.get_vision_tower()
+    tower = FrozenTower(HFVisionTower(vision.vision_tower, layer=int(vision.select_layer), select="patch"))
+    return host.dualview_encoder(tower, crop_size=vision.config.image_size, patch_size=vision.config.patch_size)
+
+
+class FrozenTower(nn.Module):
+    """A tower run without gradients, as llava's ``CLIPVisionTower.forward`` (``@torch.no_grad``):
+    the frozen CLIP keeps no activations for backward; the DEM after it still trains."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.patch_size = tower.patch_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.tower(pixels)
+
+
+class DualViewLlava(_host.DualViewHost):
+    """What the dual-view subclasses of llava's ``Llava*ForCausalLM`` add (see the module docstring)."""
+
+    dualview_adapter = ADAPTER
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
+        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size)
+        return self.get_model().mm_projector(feats)
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> dict:
+        """llava's ``prepare_inputs_for_generation``, with transformers 5's ``cache`` handed on as
+        ``past_key_values`` (shim 1). Keeps llava's parameter names: generate reads them."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+        )
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+
+class DualViewLlavaMpt(DualViewLlava):
+    """MPT's forward with the current ``prepare_inputs_labels_for_multimodal`` signature (shim 2)."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        past_key_values: Any = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        images: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ):
+        if inputs_embeds is None:
+            prepared = self.prepare_inputs_labels_for_multimodal(
+                input_ids, None, attention_mask, past_key_values, labels, images
+            )
+            input_ids, _, attention_mask, past_key_values, inputs_embeds, labels = prepared
+        base_forward = super(type(self).dualview_plain, self).forward  # the MPT LM's, past llava's broken one
+        # transformers 5 calls the cache ``cache``; 4.x ``past_key_values``
+        cache_key = "cache" if "cache" in inspect.signature(base_forward).parameters else "past_key_values"
+        return base_forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, **{cache_key: past_key_values}, **kwargs,
+        )
+
+
+def _define_subclasses() -> dict[str, type]:
+    """``DualView<LlavaClass>`` for every llava class this llava-torch can import, defined in this
+    module's namespace (so pickle finds them by name). model_type -> subclass."""
+    out = {}
+    for model_type, (module, name) in MODEL_CLASSES.items():
+        try:
+            plain = getattr(importlib.import_module(module), name)
+        except ImportError:  # pragma: no cover - a variant this transformers cannot import
+            continue
+        mixin = DualViewLlavaMpt if model_type == "llava_mpt" else DualViewLlava
+        sub_name = "DualView" + name
+        sub = type(sub_name, (mixin, plain), {"__module__": __name__, "__qualname__": sub_name, "dualview_plain": plain})
+        setattr(sys.modules[__name__], sub_name, sub)
+        out[model_type] = sub
+    return out
+
+
+SUBCLASSES = _define_subclasses()
 
 
 def _check_llava_config(config: Any) -> None:
@@ -102,95 +205,44 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
 
     ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` (default: the released
     INF-LLaVA, 3x3 squashed, DEM to the tower's token grid, thumbnail mean). A delay-loaded vision
-    tower is loaded (and put on the projector's device and dtype). The DEM is new (random); trained
-    weights come with :func:`from_pretrained` / :func:`load_checkpoint` or ``DEM.from_inf_llava``.
+    tower is loaded (and put on the projector's device and dtype). The DEM is new, initialised by
+    the host's ``_init_weights``; trained weights come with :func:`from_pretrained` /
+    :func:`load_checkpoint`, ``DEM.from_inf_llava``, or by assigning ``model.get_model().spatial_embed``.
     """
     if not isinstance(model, LlavaMetaForCausalLM):
         raise TypeError(
             f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
         )
-    inner = model.get_model()
-    if ENCODER_ATTR in inner.__dict__:
-        raise ValueError("model already has dual view applied")
+    _host.check_not_applied(model)
+    subclass = SUBCLASSES.get(getattr(model.config, "model_type", None))
+    if subclass is None or type(model) is not subclass.dualview_plain:
+        raise TypeError(
+            f"dualview.adapters.llava15 adapts {sorted(c.dualview_plain.__name__ for c in SUBCLASSES.values())}, "
+            f"got {type(model).__name__} (config.model_type={getattr(model.config, 'model_type', None)!r})"
+        )
     opts = DualViewOptions.from_kwargs(**options)
     _check_llava_config(model.config)
-    attach(inner, model.config, opts)
-    model.encode_images = types.MethodType(_encode_images, model)
-    model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, model)
-    if type(model).__name__ == "LlavaMptForCausalLM":
-        model.forward = types.MethodType(_mpt_forward, model)
-    return model
-
-
-def attach(inner: nn.Module, config: Any, opts: DualViewOptions) -> DualViewEncoder:
-    """Build the encoder over ``inner``'s (llava ``LlavaMetaModel``) vision tower, register its DEM as
-    ``inner.spatial_embed`` and record the options in ``config``. Exactly what ``docs/upstream.md``
-    adds to ``LlavaMetaModel``."""
+    inner = model.get_model()
     tower = inner.get_vision_tower()
     if not tower.is_loaded:  # llava builds the tower with delay_load=True
         tower.load_model()
         ref = next(inner.mm_projector.parameters())
         tower.to(device=ref.device, dtype=ref.dtype)
-    dim = int(getattr(config, "mm_hidden_size", tower.hidden_size))
+    dim = int(getattr(model.config, "mm_hidden_size", tower.hidden_size))
     if dim != tower.hidden_size:
         raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
-    vision = tower.config
-    encoder = opts.build(
-        tower, dim=dim, crop_size=vision.image_size, patch_size=vision.patch_size, like=inner.mm_projector
-    )
-    install(inner, config, opts, encoder)
-    return encoder
+    side = tower.config.image_size // tower.config.patch_size
+    dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector)
+    _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner,
+                 init_weights=model._init_weights)
+    return model
 
 
-def _encode_images(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Replaces ``LlavaMetaForCausalLM.encode_images``: (B, 3, H, W) pixels -> (B, tokens, hidden)."""
-    feats = self.get_model().__dict__[ENCODER_ATTR](images)  # (B, tokens, mm_hidden_size)
-    return self.get_model().mm_projector(feats)
-
-
-def _prepare_inputs_for_generation(
-    self: nn.Module, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
-    **kwargs: Any,
-) -> dict:
-    """llava's ``prepare_inputs_for_generation``, with transformers 5's ``cache`` handed on as
-    ``past_key_values`` (shim 1). Keeps llava's parameter names: generate reads them."""
-    inputs = type(self).prepare_inputs_for_generation(
-        self, input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
-    )
-    if "cache" in inputs:
-        inputs["past_key_values"] = inputs.pop("cache")
-    return inputs
-
-
-def _mpt_forward(
-    self: nn.Module,
-    input_ids: Optional[torch.Tensor] = None,
-    past_key_values: Any = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    inputs_embeds: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    use_cache: Optional[bool] = None,
-    output_attentions: Optional[bool] = None,
-    output_hidden_states: Optional[bool] = None,
-    return_dict: Optional[bool] = None,
-    images: Optional[torch.Tensor] = None,
-    **kwargs: Any,
-):
-    """``LlavaMptForCausalLM.forward`` calling ``prepare_inputs_labels_for_multimodal`` with its
-    current signature (shim 2). MPT has ALiBi, no position ids."""
-    if inputs_embeds is None:
-        prepared = self.prepare_inputs_labels_for_multimodal(
-            input_ids, None, attention_mask, past_key_values, labels, images
-        )
-        input_ids, _, attention_mask, past_key_values, inputs_embeds, labels = prepared
-    base_forward = super(_model_class("llava_mpt"), self).forward
-    # transformers 5 calls the cache ``cache``; 4.x ``past_key_values``
-    cache_key = "cache" if "cache" in inspect.signature(base_forward).parameters else "past_key_values"
-    return base_forward(
-        input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-        use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-        return_dict=return_dict, **{cache_key: past_key_values}, **kwargs,
-    )
+def unapply(model: nn.Module) -> nn.Module:
+    """The plain llava model back (its class, no DEM, no ``config.dualview``); returns it."""
+    _host.adapted(model, ADAPTER)
+    _host.unapply(model, config=model.config, dem_parent=model.get_model())
+    return model
 
 
 def canvas_size(model: nn.Module) -> G.Size:

@@ -120,7 +120,7 @@ def test_list_of_feature_layers_is_concatenated_on_channels():
     processor = hf_llava.prepare_processor(make_processor(), model)
     inputs = processor(images=tiny.pil_image(50, 50), text=tiny.PROMPT, return_tensors="pt")
     assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
-    with pytest.raises(ValueError, match="vision_feature_layer=-1 differs"):
+    with pytest.raises(ValueError, match=r"vision_feature_layer=\[-1\] gives 32 channels"):
         model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1)
 
 
@@ -134,14 +134,14 @@ def test_processor_pads_to_square_with_the_mean_colour():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="strategy='full' keeps the CLS token"):
+    with pytest.raises(ValueError, match="strategy='full' drops 0 token.*set config.vision_feature_select_strategy = 'default'"):
         hf_llava.apply(make_model(vision_feature_select_strategy="full"))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         hf_llava.apply(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unknown dual-view option"):
         hf_llava.apply(make_model(), grids=(2, 2))
     model = hf_llava.apply(make_model())
-    with pytest.raises(ValueError, match="already has dual view"):
+    with pytest.raises(ValueError, match="already applied"):
         hf_llava.apply(model)
     with pytest.raises(ValueError, match="has no dual view"):
         hf_llava.encoder_of(make_model())

@@ -85,11 +85,13 @@ def grid_of(size):
 
 
 class TowerCalls:
-    """Forward hook on the vision tower: the batch size of every call."""
+    """Forward hook on the vision tower's embeddings (every tower run starts there, also a
+    layer-truncated one that skips the tower's own forward): the batch size of every call."""
 
     def __init__(self, model):
         self.sizes: list[int] = []
-        model.model.vision_tower.register_forward_hook(self._hook, with_kwargs=True)
+        embeddings = next(m for name, m in model.model.vision_tower.named_modules() if name.endswith("embeddings"))
+        embeddings.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, output):
         pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
@@ -166,7 +168,7 @@ def test_single_images_and_stacked_pixel_values_give_the_same_features():
 @pytest.mark.parametrize("layers", [-2, [-2, -1]], ids=["layer-2", "layers-2,-1"])
 def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
     plain, adapted = plain_and_adapted(vision_feature_layer=layers)
-    assert adapted.model.spatial_embed.dim == 16 * len(adapter._layers(layers))
+    assert adapted.model.spatial_embed.dim == 16 * len(layers if isinstance(layers, list) else [layers])
     sizes = [(30, 90), (57, 41), (201, 67)]
     inputs = batch(sizes)
     plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
@@ -175,7 +177,7 @@ def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
     grids = [grid_of(s) for s in sizes]
     assert plain_calls.sizes == [sum(1 + r * c for r, c in grids)]
     assert dual_calls.sizes == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
-    layer_list = adapter._layers(layers)
+    layer_list = layers if isinstance(layers, list) else [layers]
     for i, size in enumerate(sizes):
         base, tiles = dual[i][: H * W], dual[i][H * W :]
         torch.testing.assert_close(base, anyres[i][: H * W])  # the base image as in plain LLaVA-NeXT

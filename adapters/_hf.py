@@ -1,0 +1,73 @@
+"""What the transformers adapters share: the host's own decorators for ``get_image_features``, the
+feature-layer and select-strategy rules, and the vision tower of one call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+from torch import nn
+
+from . import _host
+from .towers import HFVisionTower
+
+Layers = Union[int, Sequence[int]]
+
+
+def host_decorators() -> tuple[Callable, Callable]:
+    """transformers' ``merge_with_config_defaults`` and ``can_return_tuple``, the decorators its
+    ``get_image_features`` carry (``vision_feature_*`` defaults from the config; ``return_dict=False``,
+    in the call or the config, gives a tuple). Releases without the first get an identity: the hooks
+    read the config defaults themselves."""
+    from transformers.utils.generic import can_return_tuple
+
+    try:
+        from transformers.utils.generic import merge_with_config_defaults
+    except ImportError:  # pragma: no cover - older transformers 5 releases
+        def merge_with_config_defaults(func: Callable) -> Callable:
+            return func
+    return merge_with_config_defaults, can_return_tuple
+
+
+def feature_layers(layer: Layers) -> list[int]:
+    """``vision_feature_layer`` as a list (transformers concatenates a list of layers on channels)."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if not layers or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"vision_feature_layer must be an int or a non-empty list of ints, got {layer!r}")
+    return layers
+
+
+_DROPS = {"default": 1, "full": 0}  # prefix tokens each select strategy drops
+
+
+def check_strategy(strategy: str, vision_model: nn.Module) -> None:
+    """One rule for every host: ``vision_feature_select_strategy`` must drop exactly the tower's
+    prefix tokens (DEM needs the square grid of patch tokens): ``"default"`` with a CLS tower
+    (CLIP), ``"full"`` with a tower without one (SigLIP)."""
+    if strategy not in _DROPS:
+        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+    prefix = HFVisionTower(vision_model).num_prefix_tokens
+    if _DROPS[strategy] != prefix:
+        fix = "default" if prefix else "full"
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r} drops {_DROPS[strategy]} token(s), but the vision tower "
+            f"({type(vision_model).__name__}) has {prefix} prefix (CLS) token(s); dual view needs the patch tokens "
+            f"only: set config.vision_feature_select_strategy = {fix!r} (or pass vision_feature_select_strategy="
+            f"{fix!r})"
+        )
+
+
+def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: dict) -> _host.RecordingTower:
+    """The patch-token tower of one ``get_image_features`` call on a transformers host: its
+    ``vision_tower`` at ``layers`` (checked against the registered DEM's channels and against
+    ``strategy``), recording the tower's own outputs when the call or the config asks for them."""
+    check_strategy(strategy, host.vision_tower)
+    tower = HFVisionTower(host.vision_tower, layer=layers)
+    dim = host.config.vision_config.hidden_size * len(layers)
+    dem_dim = host.dualview_dem.dim
+    if dim != dem_dim:
+        raise ValueError(
+            f"vision_feature_layer={layers} gives {dim} channels, but the DEM at spatial_embed has dim={dem_dim} "
+            f"(built for config.vision_feature_layer={host.config.vision_feature_layer})"
+        )
+    hidden, attentions = _host.output_flags(host.config, kwargs)
+    return _host.RecordingTower(tower, hidden_states=hidden, attentions=attentions)
