@@ -72,7 +72,7 @@ FORKS = {
         train_flags=(
             "stage 1 (projector + DEM): --mm_tunable_parts mm_mlp_adapter,mm_spatial_embed --dual_view '{}'",
             "stage 2 (+ LLM): --pretrain_mm_mlp_adapter STAGE1/mm_projector.bin --dual_view '{}' "
-            "--mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_spatial_embed,mm_language_model",
+            "--mm_tunable_parts mm_mlp_adapter,mm_spatial_embed,mm_language_model",
         ),
     ),
 }
