@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ class DualViewEncoder(nn.Module):
     """High-resolution image encoder of INF-LLaVA, generalised.
 
     Every crop of the batch (``2*R*C`` per image plus the thumbnails) goes through ``tower`` in
-    ONE call (or in chunks of ``tower_batch_size`` to bound memory); DEM fuses the local and
+    as few calls as keep its memory bounded (see ``tower_batch_size``); DEM fuses the local and
     global tokens; the thumbnail's tokens are then mixed in.
 
     Args:
@@ -31,8 +32,18 @@ class DualViewEncoder(nn.Module):
         dem: the enhancement module (its ``dim`` is the tower's ``D``).
         thumbnail_fusion: ``"mean"`` (released: ``(thumb + dem) / 2``, needs ``out_size == (h, w)``),
             ``"concat"`` (thumbnail tokens, then DEM tokens) or ``"none"`` (DEM tokens only).
-        tower_batch_size: run the tower on at most this many crops at a time.
+        tower_batch_size: how the crops are split into tower calls. ``None`` (default): automatic,
+            the fewest equal chunks of at most :data:`AUTO_CHUNK_TOKENS` tokens each (one call up
+            to that size; the tower's activation memory then stays bounded at any batch size, for
+            a throughput within 3% of one call, see ``benchmarks/README.md``); one call when the
+            tower's token count is unknown (no ``patch_size``). An int: at most that many crops
+            per call. ``"all"``: one call, whatever the size.
         patch_size: the tower's patch size, when the tower does not say it (for :meth:`budget`).
+        compile: ``True`` or a dict of ``torch.compile`` options (default ``dynamic=False``):
+            the tower calls and the DEM run compiled, with static shapes, so each chunk size and
+            each (batch, grid) compiles once (recompiles count against dynamo's
+            ``recompile_limit``; a fixed int ``tower_batch_size`` keeps the chunk sizes to two).
+            DCM and the glue stay eager: they depend on the image size and cost ~1% of the tower.
 
     Shapes:
         forward((B, c, H, W)) -> (B, tokens, D);
@@ -47,8 +58,9 @@ class DualViewEncoder(nn.Module):
         dem: DEM,
         *,
         thumbnail_fusion: str = "mean",
-        tower_batch_size: Optional[int] = None,
+        tower_batch_size: Union[int, str, None] = None,
         patch_size: Optional[int] = None,
+        compile: Union[bool, dict] = False,
     ) -> None:
         super().__init__()
         if not callable(tower):
@@ -65,14 +77,17 @@ class DualViewEncoder(nn.Module):
                 "thumbnail_fusion='mean' averages the thumbnail's h*w tokens with DEM's: it needs "
                 "DEM(out_size=(h, w)), got out_size=None; use 'concat' or 'none' for the full map"
             )
-        if tower_batch_size is not None:
-            G.check_positive_int(tower_batch_size, "tower_batch_size")
+        _check_tower_batch_size(tower_batch_size)
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
         self.tower = tower
         self.dcm = dcm
         self.dem = dem
         self.thumbnail_fusion = thumbnail_fusion
         self.tower_batch_size = tower_batch_size
         self.patch_size = patch_size if patch_size is not None else getattr(tower, "patch_size", None)
+        self.compile_options = None if compile is False else {"dynamic": False, **({} if compile is True else compile)}
+        self._compiled: dict[str, Callable] = {}  # built on first use; never pickled (see __getstate__)
 
     @classmethod
     def inf_llava(cls, tower: Tower, dem: DEM) -> "DualViewEncoder":
@@ -138,21 +153,66 @@ class DualViewEncoder(nn.Module):
             by_grid[c.grid].append(i)
         out: list[Optional[torch.Tensor]] = [None] * len(crops)
         for grid, idx in by_grid.items():
-            fused = self.dem(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), grid)
+            fused = self._step("dem")(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), grid)
             for i, tokens in zip(idx, fused.split([local[i].shape[0] for i in idx])):
                 out[i] = self._fuse_thumbnail(tokens, thumb[i])
         return out
 
+    def tower_chunks(self, crops: int) -> list[int]:
+        """The crop count of each tower call for ``crops`` crops (see ``tower_batch_size``)."""
+        _check_tower_batch_size(self.tower_batch_size)
+        if self.tower_batch_size == "all" or crops == 0:
+            return [crops]
+        if self.tower_batch_size is not None:
+            size = self.tower_batch_size
+            return [size] * (crops // size) + ([crops % size] if crops % size else [])
+        tokens = self.tower_tokens
+        if tokens is None:
+            return [crops]
+        calls = min(crops, math.ceil(crops * tokens / AUTO_CHUNK_TOKENS))
+        size, bigger = divmod(crops, calls)  # equal chunks (sizes differ by one at most): no small tail
+        return [size + 1] * bigger + [size] * (calls - bigger)
+
+    @property
+    def tower_tokens(self) -> Optional[int]:
+        """Tokens the tower processes per crop (patch tokens + its ``num_prefix_tokens``), if known."""
+        if self.feat_size is None:
+            return None
+        return self.feat_size[0] * self.feat_size[1] + int(getattr(self.tower, "num_prefix_tokens", 0))
+
     def run_tower(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, c, s, s) -> (N, T, D), in one call or in chunks of ``tower_batch_size``."""
-        if self.tower_batch_size is None or pixels.shape[0] <= self.tower_batch_size:
-            feats = self.tower(pixels)
-        else:
-            feats = torch.cat([self.tower(chunk) for chunk in pixels.split(self.tower_batch_size)])
-        if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or feats.shape[0] != pixels.shape[0]:
-            got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
-            raise ValueError(f"tower must return (N={pixels.shape[0]}, h*w, D) patch tokens, got {got}")
+        """(N, c, s, s) -> (N, T, D), in the calls :meth:`tower_chunks` gives."""
+        tower = self._step("tower")
+        chunks = self.tower_chunks(pixels.shape[0])
+        if len(chunks) == 1:
+            feats = tower(pixels)
+        elif torch.is_grad_enabled():
+            feats = torch.cat([tower(chunk) for chunk in pixels.split(chunks)])
+        else:  # write each chunk into the output: no second copy of all features, as cat would make
+            feats, start = None, 0
+            for chunk in pixels.split(chunks):
+                part = tower(chunk)
+                if feats is None:
+                    _check_tower_output(part, chunk.shape[0])
+                    feats = part.new_empty((pixels.shape[0], *part.shape[1:]))
+                feats[start:start + chunk.shape[0]] = part
+                start += chunk.shape[0]
+        _check_tower_output(feats, pixels.shape[0])
         return feats
+
+    def _step(self, name: str) -> Callable:
+        """The tower call or the DEM call, compiled when ``compile`` asks for it."""
+        step = {"tower": self.tower, "dem": self.dem}[name]
+        if self.compile_options is None:
+            return step
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(step, **self.compile_options)
+        return self._compiled[name]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_compiled"] = {}  # compiled callables do not pickle; they are rebuilt on first use
+        return state
 
     def _fuse_thumbnail(self, dem_tokens: torch.Tensor, thumb: Optional[torch.Tensor]) -> torch.Tensor:
         if self.thumbnail_fusion == "none":
@@ -166,6 +226,27 @@ class DualViewEncoder(nn.Module):
             )
         return (thumb + dem_tokens) / 2
 
+
+
+AUTO_CHUNK_TOKENS = 32768
+"""Tokens per tower call under ``tower_batch_size=None``. Measured (``benchmarks/tower_chunks.py``,
+``benchmarks/README.md``): on 2 CPU cores chunks of this size run within 3% of one call at any
+size; on an H100 (bf16, ViT-L/14-336, issue 13's probe) chunks of 38 crops = 22k tokens ran 3.4%
+slower than one call of 152 crops with a third of its activation memory, so the chunk is set
+above that. At 3x3 and batch 8 (152 crops of 577 tokens): 3 calls of 51 crops."""
+
+
+def _check_tower_batch_size(value: object) -> None:
+    if value is None or value == "all":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"tower_batch_size must be a positive int, None (automatic) or 'all', got {value!r}")
+
+
+def _check_tower_output(feats: object, crops: int) -> None:
+    if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or feats.shape[0] != crops:
+        got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ValueError(f"tower must return (N={crops}, h*w, D) patch tokens, got {got}")
 
 
 def _gather(parts: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:

@@ -39,3 +39,34 @@ def test_dem_inductor_matches_eager():
     compiled = torch.compile(dem, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(local, glob, (2, 2)), dem(local, glob, (2, 2)), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_compile_option_compiles_tower_and_dem_and_matches_eager():
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from dualview.adapters.towers import HFVisionTower
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=48,
+                                           num_hidden_layers=2, num_attention_heads=4)
+    tower = HFVisionTower(transformers.CLIPVisionModel(config).eval(), layer=-2)
+    # fullgraph: the layer-truncated tower traces as one graph; aot_eager keeps the test fast on CPU
+    # (inductor on the tower: benchmarks and the GPU device checks)
+    options = dict(backend="aot_eager", fullgraph=True)
+    eager = DualViewEncoder(tower, DCM(28, (2, 3)), DEM(32, num_heads=4, out_size=(2, 2)), tower_batch_size=5).eval()
+    compiled = DualViewEncoder(tower, DCM(28, (2, 3)), eager.dem, tower_batch_size=5, compile=options).eval()
+    images = torch.rand(2, 3, 50, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), eager(images), atol=1e-6, rtol=1e-6)
+    assert set(compiled._compiled) == {"tower", "dem"} and not eager._compiled
+    assert compiled.compile_options == dict(dynamic=False, **options)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod keys
+    twin = copy.deepcopy(compiled)  # compiled callables are not copied, rebuilt on first use
+    assert twin._compiled == {} and twin.compile_options == compiled.compile_options
+
+
+def test_encoder_compile_option_must_be_bool_or_dict():
+    with pytest.raises(TypeError, match="compile must be a bool or a dict of torch.compile options, got str"):
+        DualViewEncoder(PatchTower(dim=32), DCM(56, (2, 3)), DEM(32, num_heads=8), compile="yes")
