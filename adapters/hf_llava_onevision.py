@@ -1,0 +1,318 @@
+"""Dual view in transformers' ``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision ports
+such as ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``).
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    apply(model)                                  # in place; the processor stays as it is
+    processor = AutoProcessor.from_pretrained("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=20)
+    model.save_pretrained("out");  model = from_pretrained("out")   # DEM weights and options kept
+
+What changes: OneVision's AnyRes cuts the resized and padded ``R*s x C*s`` canvas into ``R*C`` tiles
+(the local view) after the base image (the whole image resized to ``s x s``). The adapter puts the
+canvas back together from those tiles and also cuts it into the ``R*C`` strided global crops
+``canvas[a::R, b::C]``; the vision tower runs ONCE over the base images, the tiles and the global
+crops of the whole batch; DEM (``out_size=None``) fuses the local and global maps into a full
+``R*h x C*w`` map, cut back into the ``R*C`` tile windows in the place of the tiles' features.
+
+What stays: the grid choice (``image_grid_pinpoints``), the base image's features, the projector,
+and the host's own ``pack_image_features``: unpad, the ``anyres_max_N`` downscale of an unpadded map
+larger than about ``N`` crops (``vision_aspect_ratio``; bilinear, to ``floor(side / ratio)``) and the
+``image_newline`` per row. Hence the number of image tokens is the host's, and the unchanged
+``LlavaOnevisionProcessor`` expands ``<image>`` correctly:
+
+    LLM tokens per image   = h*w + H''*(W'' + 1)   (:func:`packed_map_size`: H' x W' unpadded, then downscaled)
+    tower passes per image = 1 + 2*R*C             (plain OneVision: 1 + R*C)
+
+Multi-image prompts (``batch_num_images`` > 1 for a sample): the host does not tile those images
+(one padded square crop each, ``h*w + 1`` tokens); there is no canvas to fuse, so they stay exactly
+plain, and run in the same single tower call. Video (``pixel_values_videos``,
+``get_video_features``): the plain path, unchanged (2x2-pooled frames, no tiles).
+
+``vision_feature_layer`` may be a list (layers concatenated on channels; DEM ``dim = hidden *
+len(layers)``). DEM needs the spatial patch tokens only, so ``vision_feature_select_strategy`` must
+drop exactly the tower's prefix tokens: ``"full"`` with SigLIP (OneVision's tower), ``"default"``
+with a CLS tower (CLIP). The pinpoints must be multiples of ``vision_config.image_size`` (the crop
+the host tiles with), else :func:`apply` refuses. The DEM is registered at
+``model.model.spatial_embed`` (keys ``model.spatial_embed.*``); the options go to
+``config.dualview`` (written by ``save_pretrained``). ``output_hidden_states`` /
+``output_attentions`` of ``get_image_features`` return the vision tower's, for every crop of the
+one call: the host's patches in its own order, then the global crops.
+
+How it lives in the model: :func:`apply` swaps ``model.model``'s class (``LlavaOnevisionModel``) for
+the module-level subclass :class:`DualViewLlavaOnevisionModel` and registers the DEM; :func:`unapply`
+swaps it back.
+
+Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`budget`,
+:func:`packed_map_size`, :func:`image_tokens`, :func:`max_num_patches`, :func:`onevision_dual_view`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from dualview import DualViewEncoder
+from dualview import grid as G
+from dualview import layout
+
+from . import _host
+from ._common import DualViewOptions, reload
+from ._hf import Layers, check_strategy, feature_layers, host_decorators, vision_tower_for
+
+ADAPTER = "hf_llava_onevision"
+merge_config_defaults, can_return_tuple = host_decorators()
+
+# AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
+# replaces the tile map and the base image stays in front.
+_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
+
+ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
+
+
+class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaOnevisionModel):
+    """``LlavaOnevisionModel`` whose ``get_image_features`` is dual view (see the module docstring);
+    ``get_video_features`` is the host's."""
+
+    dualview_adapter = ADAPTER
+    dualview_plain = LlavaOnevisionModel
+
+    @merge_config_defaults
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: ImageSizes,
+        vision_feature_layer: Optional[Layers] = None,
+        vision_feature_select_strategy: Optional[str] = None,
+        vision_aspect_ratio: Optional[str] = None,
+        batch_num_images: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (B, patches, 3, s, s) zero-padded on patches (or stacked 4-D), image_sizes
+        (B, 2) as ``(H, W)``, batch_num_images (samples,) -> output whose ``pooler_output`` is a list
+        of B (tokens_i, text_dim) tensors packed by the host's ``pack_image_features``; tokens_i is
+        the host's."""
+        config = self.config
+        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        aspect = vision_aspect_ratio or config.vision_aspect_ratio
+        max_num_patches(aspect)  # a clear error before any work
+        tower = vision_tower_for(self, layers, strategy, kwargs)
+        encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
+                                        patch_size=config.vision_config.patch_size)
+        tiled = tiled_images(len(image_sizes), batch_num_images)
+        per_image = onevision_dual_view(encoder, pixel_values, image_sizes, tiled)
+        projected = self.multi_modal_projector(torch.cat(per_image)).split([t.shape[0] for t in per_image])
+        packed, _ = self.pack_image_features(
+            list(projected), image_sizes, image_newline=self.image_newline, vision_aspect_ratio=aspect
+        )
+        return BaseModelOutputWithPooling(pooler_output=packed, **tower.outputs())
+
+
+# ---- OneVision's token arithmetic ------------------------------------------------------------------
+
+_ASPECT = re.compile(r"anyres_max_([1-9][0-9]*)")
+
+
+def max_num_patches(vision_aspect_ratio: str) -> int:
+    """``"anyres_max_9"`` -> 9: the host downscales an unpadded tile map of more than about that
+    many crops' worth of tokens (see :func:`packed_map_size`)."""
+    match = _ASPECT.fullmatch(vision_aspect_ratio) if isinstance(vision_aspect_ratio, str) else None
+    if match is None:
+        raise ValueError(f"vision_aspect_ratio must be 'anyres_max_<N>' with N >= 1, got {vision_aspect_ratio!r}")
+    return int(match.group(1))
+
+
+def packed_map_size(image_size: G.Size, grid: G.Grid, feat_size: G.Size, max_patches: int) -> G.Size:
+    """``(H'', W'')``: the tile tokens OneVision packs for one tiled image. The ``(R*h, C*w)`` map is
+    unpadded to ``(H', W')`` (:func:`dualview.grid.unpad_box`, LLaVA-NeXT's rounding); when
+    ``ratio = sqrt(H'*W' / (max_patches*h*w)) > 1.1`` it is downscaled to
+    ``(floor(H' / ratio), floor(W' / ratio))``, as the host's ``pack_image_features`` does."""
+    rows, cols = grid
+    h, w = feat_size
+    box = G.unpad_box(image_size, (rows * h, cols * w))
+    ratio = math.sqrt(box.height * box.width / (max_patches * h * w))
+    if ratio > 1.1:
+        return int(box.height // ratio), int(box.width // ratio)
+    return box.height, box.width
+
+
+def image_tokens(image_size: G.Size, grid: G.Grid, feat_size: G.Size, max_patches: int) -> int:
+    """LLM tokens of one tiled image: the base image's ``h*w``, then :func:`packed_map_size` rows of
+    ``W''`` tokens plus one ``image_newline`` each."""
+    height, width = packed_map_size(image_size, grid, feat_size, max_patches)
+    return feat_size[0] * feat_size[1] + height * (width + 1)
+
+
+# ---- the dual view of OneVision's patches ----------------------------------------------------------
+
+
+def tiled_images(num_images: int, batch_num_images: Optional[Union[torch.Tensor, Sequence[int]]]) -> list[bool]:
+    """Which images the host tiled: all without ``batch_num_images``, else the images of samples
+    holding exactly one image (a multi-image sample's images are one square crop each)."""
+    if batch_num_images is None:
+        return [True] * num_images
+    counts = [int(n) for n in batch_num_images]
+    if sum(counts) != num_images:
+        raise ValueError(
+            f"batch_num_images must add up to the {num_images} images of image_sizes, got {counts} (sum {sum(counts)})"
+        )
+    return [n == 1 for n in counts for _ in range(n)]
+
+
+def onevision_dual_view(
+    encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: ImageSizes, tiled: Sequence[bool]
+) -> list[torch.Tensor]:
+    """OneVision patches -> per image its features in the host's layout, for its packing: a tiled
+    image (base + R*C tiles) gives (1 + R*C, h*w, D): the base image's features, then the DEM-fused
+    map cut back into the R*C tile windows; an untiled one (1, h*w, D), plain.
+
+    One tower call (``encoder.run_tower``, chunked only with ``tower_batch_size``) over the host's
+    patches in its own order, then every tiled image's global crops; one DEM call per grid."""
+    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
+    if len(tiled) != len(sizes):
+        raise ValueError(f"tiled must hold one flag per image ({len(sizes)}), got {len(tiled)}")
+    grids = [encoder.dcm.grid_for(size) if tile else None for size, tile in zip(sizes, tiled)]
+    crop = encoder.dcm.crop_size
+    if pixel_values.dim() not in (4, 5) or tuple(pixel_values.shape[-3:]) != (3, crop, crop):
+        raise ValueError(
+            f"pixel_values must be (images, patches, 3, {crop}, {crop}) or stacked (patches, 3, {crop}, {crop}) "
+            f"(vision_config.image_size={crop}), got shape {tuple(pixel_values.shape)}"
+        )
+    dem = encoder.dem
+    ref = next(dem.parameters())
+    pixel_values = pixel_values.to(device=ref.device, dtype=ref.dtype)
+    counts = [1 + g[0] * g[1] if g else 1 for g in grids]
+    patches = _patches_per_image(pixel_values, counts)
+    global_crops = [layout.split_global(layout.merge_local(p[None, 1:], *g), *g)[0]
+                    for p, g in zip(patches, grids) if g]
+    feats = encoder.run_tower(torch.cat(patches + global_crops))
+    if feats.shape[-1] != dem.dim:
+        raise ValueError(f"the tower returns D={feats.shape[-1]} channels, but the DEM has dim={dem.dim}")
+    feats = feats.to(ref.dtype)
+    host_feats, global_feats = feats.split([sum(counts), feats.shape[0] - sum(counts)])
+    per_image = list(host_feats.split(counts))
+    global_iter = iter(global_feats.split([g[0] * g[1] for g in grids if g]))
+    globals_of = {i: next(global_iter) for i, g in enumerate(grids) if g}
+    # Images that share a grid form one DEM batch.
+    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
+    for i, g in enumerate(grids):
+        if g:
+            by_grid[g].append(i)
+    h, w = encoder.feat_size
+    for (rows, cols), idx in by_grid.items():
+        local = torch.stack([per_image[i][1:] for i in idx])  # (B, R*C, h*w, D)
+        fused = dem(local, torch.stack([globals_of[i] for i in idx]), (rows, cols))  # (B, R*h*C*w, D)
+        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
+        for i, tiles in zip(idx, windows):
+            per_image[i] = torch.cat((per_image[i][:1], tiles))
+    return per_image
+
+
+def _patches_per_image(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """pixel_values (B, P, 3, s, s) zero-padded on P, or (sum counts, 3, s, s) stacked
+    -> per image (counts[i], 3, s, s): the base image, then its R*C tiles row-major."""
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
+            raise ValueError(
+                f"pixel_values (images, patches, 3, s, s) must hold {len(counts)} images of up to {max(counts)} "
+                f"patches (base + R*C tiles, from image_sizes and batch_num_images), got shape {tuple(pixel_values.shape)}"
+            )
+        return [pv[:n] for pv, n in zip(pixel_values, counts)]
+    if pixel_values.shape[0] != sum(counts):
+        raise ValueError(
+            f"stacked pixel_values (patches, 3, s, s) must hold {sum(counts)} patches (base + R*C tiles per image, "
+            f"from image_sizes and batch_num_images), got shape {tuple(pixel_values.shape)}"
+        )
+    return list(pixel_values.split(counts))
+
+
+# ---- apply / unapply / budget / from_pretrained ----------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as config.json holds it (tuples become lists), for comparing options."""
+    return json.loads(json.dumps(value))
+
+
+def _options(config: Any, options: dict) -> DualViewOptions:
+    """The user's options with AnyRes's fixed choices; a conflicting fixed choice is a ValueError."""
+    fixed = dict(_FIXED, pinpoints=_jsonable(config.image_grid_pinpoints))
+    for name in sorted(fixed.keys() & options.keys()):
+        if _jsonable(options[name]) != fixed[name]:
+            raise ValueError(
+                f"option {name} is fixed by LLaVA-OneVision's AnyRes to {fixed[name]!r} "
+                f"(pinpoints: config.image_grid_pinpoints), got {options[name]!r}"
+            )
+    return DualViewOptions.from_kwargs(**{**options, **fixed})
+
+
+def apply(model: nn.Module, **options: Any) -> nn.Module:
+    """Install dual view into a ``LlavaOnevisionForConditionalGeneration`` in place; returns it.
+
+    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` that AnyRes leaves
+    free (``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``); ``grid``, ``fit``,
+    ``pinpoints``, ``out_size``, ``resample`` and ``thumbnail_fusion`` are fixed by AnyRes (passing
+    the fixed value is allowed). The DEM is new, initialised by the host's ``_init_weights``, in the
+    projector's dtype and device: train it, reload it with :func:`from_pretrained`, or set
+    ``model.model.spatial_embed`` to a trained one.
+    """
+    if type(model) is not LlavaOnevisionForConditionalGeneration:
+        fits = _host.adapter_for(type(getattr(model, "model", model)))
+        hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
+        raise TypeError(
+            f"model must be a transformers LlavaOnevisionForConditionalGeneration, got {type(model).__name__}{hint}"
+        )
+    inner = model.model
+    config = model.config
+    opts = _options(config, options)
+    vision = config.vision_config
+    G.grids_from_pinpoints(opts.pinpoints, vision.image_size)  # tiles of the tower's crop, else ValueError
+    max_num_patches(config.vision_aspect_ratio)
+    layers = feature_layers(config.vision_feature_layer)
+    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
+    feat_size = G.crop_tokens(vision.image_size, vision.patch_size)
+    dem = _host.new_dem(opts, vision.hidden_size * len(layers), feat_size, like=inner.multi_modal_projector,
+                        init=inner._init_weights)
+    _host.attach(inner, DualViewLlavaOnevisionModel, options=opts, dem=dem, config=config)
+    return model
+
+
+def unapply(model: nn.Module) -> nn.Module:
+    """The plain ``LlavaOnevisionForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
+    _host.unapply(model.model, config=model.config)
+    return model
+
+
+def budget(model: nn.Module, image_size: G.Size, *, vision_aspect_ratio: Optional[str] = None) -> G.Budget:
+    """Tower passes (``1 + 2*R*C``) and LLM tokens (the host's, :func:`image_tokens`) for one
+    ``(H, W)`` image alone in its prompt (a multi-image prompt's images cost ``1`` pass and
+    ``h*w + 1`` tokens, as in the plain model); runs nothing."""
+    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
+    config = inner.config
+    vision = config.vision_config
+    size = G.check_size(tuple(image_size), "image_size")
+    grid = G.select_grid(size, vision.image_size, G.grids_from_pinpoints(config.image_grid_pinpoints, vision.image_size))
+    feat_size = G.crop_tokens(vision.image_size, vision.patch_size)
+    max_patches = max_num_patches(vision_aspect_ratio or config.vision_aspect_ratio)
+    rows, cols = grid
+    return G.Budget("dual_view_anyres_max", grid, (rows * vision.image_size, cols * vision.image_size),
+                    1 + 2 * rows * cols, image_tokens(size, grid, feat_size, max_patches))
+
+
+def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
+    the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
+    options in its config.json, then the DEM weights restored strictly.
+    ``kwargs`` go to ``LlavaOnevisionForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
+    return reload(LlavaOnevisionForConditionalGeneration, path, apply, **kwargs)

@@ -1,0 +1,409 @@
+"""The LLaVA-OneVision adapter on a tiny random LlavaOnevisionForConditionalGeneration and the host's
+own processor: the host's token counts (anyres_max downscale included), one tower call, DEM-fused
+tiles, multi-image and video prompts left plain, training, generation, save / load."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.image_processing_utils import select_best_resolution  # noqa: E402
+from transformers.models.llava_onevision.modeling_llava_onevision import (  # noqa: E402
+    get_anyres_image_grid_shape, unpad_image,
+)
+
+from dualview import DEM  # noqa: E402
+from dualview import grid as G  # noqa: E402
+from dualview.adapters import hf_llava_next  # noqa: E402
+from dualview.adapters import hf_llava_onevision as adapter  # noqa: E402
+from dualview.adapters._common import recorded_options  # noqa: E402
+
+from .llava_onevision_models import (  # noqa: E402
+    ASPECT, IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, image, multi_image_batch, tiny_model, tiny_processor, video,
+    video_batch,
+)
+
+# 1:3 to 3:1 and beyond (40:1), smaller than one tile, exactly a pinpoint, odd sizes; with
+# anyres_max_2 the 2x2 and larger grids are downscaled by the host, 1x2 / 2x1 / 1x3 / 3x1 are not.
+SIZES = [(35, 105), (105, 35), (10, 400), (400, 10), (20, 20), (12, 30), (35, 35), (70, 105), (105, 105),
+         (101, 99), (57, 41), (70, 70), (50, 90)]
+MAX_PATCHES = adapter.max_num_patches(ASPECT)
+
+
+def host_grid(size):
+    """The grid transformers' own selection gives (independent of dualview.grid)."""
+    best = select_best_resolution(list(size), PINPOINTS)
+    return best[0] // S, best[1] // S
+
+
+def plain_and_adapted(**model_kwargs):
+    """The same random model twice: plain OneVision, and dual view (DEM randomised by its init)."""
+    plain = tiny_model(**model_kwargs)
+    return plain, adapter.apply(copy.deepcopy(plain), num_heads=2)
+
+
+def image_features(model, inputs, **kwargs):
+    extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra, **kwargs)
+    return out.pooler_output
+
+
+class TowerCalls:
+    """Forward hook on the vision tower's embeddings (every tower run starts there, also a
+    layer-truncated one that skips the tower's own forward): the batch size of every call."""
+
+    def __init__(self, model):
+        self.sizes: list[int] = []
+        model.model.vision_tower.embeddings.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        self.sizes.append(pixels.shape[0])
+
+
+def reference_tile_tokens(model, patches, image_size, layers, *, prefix=0, max_patches=MAX_PATCHES):
+    """What the tile part of one image's tokens must be, from the definitions and independent of the
+    adapter: the canvas by concatenating the tiles, the global crops by strided slicing, the tower's
+    hidden states, the model's DEM and projector; then OneVision's packing written out: the host's
+    unpad_image, the bilinear downscale when sqrt(tokens / (max_patches*h*w)) > 1.1, one
+    image_newline per row. -> (tokens, text_dim)."""
+    inner = model.model
+    rows, cols = host_grid(image_size)
+    tiles = patches[1 : 1 + rows * cols]
+    canvas = torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
+    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    with torch.no_grad():
+        hidden = inner.vision_tower(pixel_values=torch.cat((tiles, strided)), output_hidden_states=True).hidden_states
+        feats = torch.cat([hidden[i] for i in layers], dim=-1)[:, prefix:]
+        local, global_ = feats.split(rows * cols)
+        fused = inner.spatial_embed(local[None], global_[None], (rows, cols))[0]  # row-major (R*h, C*w) map
+        fmap = inner.multi_modal_projector(fused).view(rows * H, cols * W, -1).permute(2, 0, 1)
+    fmap = unpad_image(fmap, list(image_size))
+    ratio = math.sqrt(fmap.shape[1] * fmap.shape[2] / (max_patches * H * W))
+    if ratio > 1.1:
+        size = [int(fmap.shape[1] // ratio), int(fmap.shape[2] // ratio)]
+        fmap = torch.nn.functional.interpolate(fmap[None], size, mode="bilinear")[0]
+    newline = inner.image_newline.detach()[:, None, None].expand(-1, fmap.shape[1], 1)
+    return torch.cat((fmap, newline), dim=-1).flatten(1, 2).T
+
+
+# (a) OneVision's token arithmetic against the host's own functions --------------------------------
+
+
+@given(
+    height=st.integers(1, 600), width=st.integers(1, 600), max_patches=st.sampled_from([1, 2, 4, 9]),
+)
+def test_image_tokens_equal_the_processors_count_for_any_size(height, width, max_patches):
+    processor = tiny_processor(aspect=f"anyres_max_{max_patches}")
+    grid = G.select_grid((height, width), S, G.grids_from_pinpoints(PINPOINTS, S))
+    assert grid == host_grid((height, width)) == get_anyres_image_grid_shape([height, width], PINPOINTS, S)
+    expected = processor._get_number_of_features(height, width, S, S)
+    assert adapter.image_tokens((height, width), grid, (H, W), max_patches) == expected
+
+
+def test_packed_map_size_is_the_shape_the_host_packs():
+    """The host's pack_image_features on features of known shape: (H'' rows of W'' + 1) tokens."""
+    model = tiny_model()
+    for size in SIZES:
+        rows, cols = host_grid(size)
+        features = [torch.zeros(1 + rows * cols, H * W, 32)]
+        packed, _ = model.model.pack_image_features(features, torch.tensor([size]), model.model.image_newline,
+                                                    vision_aspect_ratio=ASPECT)
+        height, width = adapter.packed_map_size(size, (rows, cols), (H, W), MAX_PATCHES)
+        assert packed[0].shape[0] == H * W + height * (width + 1), size
+        newline_rows = (packed[0][H * W :] == model.model.image_newline).all(-1).nonzero().flatten()
+        assert newline_rows.tolist() == [r * (width + 1) + width for r in range(height)], size
+
+
+def test_the_test_sizes_cover_downscaled_and_plain_maps_and_many_grids():
+    def unpadded(size):
+        box = G.unpad_box(size, (host_grid(size)[0] * H, host_grid(size)[1] * W))
+        return box.height, box.width
+
+    downscaled = [s for s in SIZES if adapter.packed_map_size(s, host_grid(s), (H, W), MAX_PATCHES) != unpadded(s)]
+    grids = {host_grid(s) for s in SIZES}
+    assert {(1, 1), (1, 3), (3, 1), (2, 2), (2, 3), (3, 3)} <= grids
+    assert 0 < len(downscaled) < len(SIZES)
+
+
+@pytest.mark.parametrize("text", ["anyres_max_0", "anyres_9", "anyres_max_", "max_9", 9, None])
+def test_bad_vision_aspect_ratio_is_refused(text):
+    with pytest.raises(ValueError, match="vision_aspect_ratio"):
+        adapter.max_num_patches(text)
+
+
+# (b) token parity with the unchanged processor, one tower call, DEM-fused tiles ------------------
+
+
+@pytest.mark.parametrize("aspect", [ASPECT, "anyres_max_9"])
+def test_token_counts_equal_the_processor_and_plain_onevision_for_every_size(aspect):
+    plain = tiny_model(aspect=aspect)
+    adapted = adapter.apply(copy.deepcopy(plain), num_heads=2)
+    inputs = batch(SIZES, aspect=aspect)
+    dual, host = image_features(adapted, inputs), image_features(plain, inputs)
+    in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    for i, size in enumerate(SIZES):
+        expected = adapter.image_tokens(size, host_grid(size), (H, W), adapter.max_num_patches(aspect))
+        assert dual[i].shape == host[i].shape == (expected, 32), size
+        assert in_prompt[i] == expected, size
+        cost = adapter.budget(adapted, size)
+        rows, cols = host_grid(size)
+        assert (cost.grid, cost.tokens, cost.tower_passes) == ((rows, cols), expected, 1 + 2 * rows * cols)
+    with torch.no_grad():  # the whole model accepts them: the host's placeholder check passes
+        assert adapted(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+@pytest.mark.parametrize("layers", [-1, [-2, -1]], ids=["layer-1", "layers-2,-1"])
+def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
+    plain, adapted = plain_and_adapted(vision_feature_layer=layers)
+    n_layers = 1 if isinstance(layers, int) else len(layers)
+    assert adapted.model.spatial_embed.dim == 16 * n_layers
+    sizes = [(35, 105), (70, 70), (101, 99), (20, 20), (400, 10)]
+    inputs = batch(sizes)
+    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    host, dual = image_features(plain, inputs), image_features(adapted, inputs)
+    grids = [host_grid(s) for s in sizes]
+    assert plain_calls.sizes == [sum(1 + r * c for r, c in grids)]
+    assert dual_calls.sizes == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
+    for i, size in enumerate(sizes):
+        torch.testing.assert_close(dual[i][: H * W], host[i][: H * W], atol=0, rtol=0)  # the base image, plain
+        assert (dual[i][H * W :] - host[i][H * W :]).abs().max() > 1e-3  # the tiles are not plain OneVision's
+        reference = reference_tile_tokens(adapted, inputs["pixel_values"][i], size, [layers] if n_layers == 1 else layers)
+        torch.testing.assert_close(dual[i][H * W :], reference, atol=1e-5, rtol=1e-4)
+
+
+def test_clip_tower_with_default_strategy_matches_the_processor():
+    plain, adapted = plain_and_adapted(tower="clip", strategy="default", vision_feature_layer=-2)
+    sizes = [(35, 105), (70, 70), (12, 30)]
+    inputs = batch(sizes, strategy="default")
+    host, dual = image_features(plain, inputs), image_features(adapted, inputs)
+    in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    for i, size in enumerate(sizes):
+        assert dual[i].shape == host[i].shape and dual[i].shape[0] == in_prompt[i]
+        torch.testing.assert_close(dual[i][: H * W], host[i][: H * W], atol=0, rtol=0)
+        reference = reference_tile_tokens(adapted, inputs["pixel_values"][i], size, [-2], prefix=1)
+        torch.testing.assert_close(dual[i][H * W :], reference, atol=1e-5, rtol=1e-4)
+
+
+def test_single_images_and_stacked_pixel_values_give_the_same_features():
+    _, adapted = plain_and_adapted()
+    sizes = SIZES[:5]
+    inputs = batch(sizes)
+    together = image_features(adapted, inputs)
+    counts = [1 + r * c for r, c in map(host_grid, sizes)]
+    stacked = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], counts)])
+    for i, feats in enumerate(image_features(adapted, {"pixel_values": stacked, "image_sizes": inputs["image_sizes"]})):
+        torch.testing.assert_close(feats, together[i], atol=0, rtol=0)
+    for i, size in enumerate(sizes):
+        torch.testing.assert_close(image_features(adapted, batch([size]))[0], together[i], atol=1e-5, rtol=1e-4)
+
+
+def test_a_replaced_spatial_embed_is_the_dem_used():
+    _, model = plain_and_adapted()
+    inputs = batch([(70, 105)])
+    before = image_features(model, inputs)[0]
+    torch.manual_seed(1)
+    model.model.spatial_embed = DEM(16, num_heads=2, out_size=None, resample=None, fusion="add")
+    after = image_features(model, inputs)[0]
+    torch.testing.assert_close(after[: H * W], before[: H * W])
+    assert (after[H * W :] - before[H * W :]).abs().max() > 1e-3
+    torch.testing.assert_close(after[H * W :], reference_tile_tokens(model, inputs["pixel_values"][0], (70, 105), [-1]))
+
+
+# (c) multi-image prompts and video: the plain path -----------------------------------------------
+
+
+def test_multi_image_prompts_keep_their_images_plain_and_single_images_are_dual_view():
+    plain, adapted = plain_and_adapted()
+    samples = [[(35, 105), (50, 50), (12, 30)], [(70, 105)]]  # a 3-image prompt, then a single image
+    inputs = multi_image_batch(samples)
+    assert inputs["batch_num_images"].tolist() == [3, 1]
+    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    host, dual = image_features(plain, inputs), image_features(adapted, inputs)
+    rows, cols = host_grid((70, 105))
+    assert plain_calls.sizes == [3 + 1 + rows * cols] and dual_calls.sizes == [3 + 1 + 2 * rows * cols]
+    for i in range(3):  # one square crop + one newline each, exactly the host's
+        assert dual[i].shape == (H * W + 1, 32)
+        torch.testing.assert_close(dual[i], host[i], atol=0, rtol=0)
+    assert dual[3].shape == host[3].shape and (dual[3] - host[3]).abs().max() > 1e-3
+    reference = reference_tile_tokens(adapted, inputs["pixel_values"][3], (70, 105), [-1])
+    torch.testing.assert_close(dual[3][H * W :], reference, atol=1e-5, rtol=1e-4)
+    in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    assert in_prompt == [sum(f.shape[0] for f in dual[:3]), dual[3].shape[0]]
+    with torch.no_grad():
+        adapted(**inputs)
+    with pytest.raises(ValueError, match="batch_num_images"):
+        image_features(adapted, {**inputs, "batch_num_images": torch.tensor([2, 1])})
+
+
+def test_video_goes_through_the_plain_path_unchanged():
+    plain, adapted = plain_and_adapted()
+    inputs = video_batch()
+    with torch.no_grad():
+        host = plain.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        dual = adapted.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        torch.testing.assert_close(dual, host, atol=0, rtol=0)
+        torch.testing.assert_close(adapted(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
+    # an image and a video in one prompt: the video's tokens as plain, the image's dual view
+    processor = tiny_processor()
+    both = processor(images=[image((70, 70))], videos=[video()], text=["user : <image> <video> what"],
+                     return_tensors="pt")
+    with torch.no_grad():
+        a, b = adapted(**both).logits, plain(**both).logits
+    video_positions = both["input_ids"][0] == processor.video_token_id
+    first_image = int((both["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
+    assert a.shape == b.shape
+    torch.testing.assert_close(a[0, :first_image], b[0, :first_image], atol=0, rtol=0)
+    assert (a - b).abs().max() > 1e-4 and video_positions.sum() > 0
+
+
+# (d) training, generation ------------------------------------------------------------------------
+
+
+def labelled(inputs):
+    labels = inputs["input_ids"].clone()
+    labels[(labels == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0)] = -100
+    return labels
+
+
+def test_mixed_size_batch_trains_with_a_finite_loss_and_gradients_reach_dem_and_projector():
+    _, model = plain_and_adapted()
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    inputs = batch([(35, 105), (105, 105), (105, 35), (12, 30)])
+    out = model(**inputs, labels=labelled(inputs))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.model.spatial_embed.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in model.model.multi_modal_projector.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_generate_produces_tokens_for_a_mixed_batch():
+    _, model = plain_and_adapted()
+    inputs = batch([(57, 41), (400, 10), (70, 70)])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (3, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+# (e) save / load, unapply ------------------------------------------------------------------------
+
+
+def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
+    model = adapter.apply(tiny_model(), num_heads=2, fusion="conv3x3", directions="global_to_local")
+    torch.manual_seed(123)  # DEM weights unlike any fresh init
+    with torch.no_grad():
+        for p in model.model.spatial_embed.parameters():
+            p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
+    assert saved == recorded_options(model.config)
+    loaded = adapter.from_pretrained(tmp_path)
+    assert isinstance(loaded.model, adapter.DualViewLlavaOnevisionModel)
+    again = loaded.model.spatial_embed
+    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 2, None)
+    inputs = batch([(57, 41), (35, 105)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, loaded.eval()(**inputs).logits, atol=0, rtol=0)
+
+
+def test_unapply_gives_back_the_plain_model():
+    plain, adapted = plain_and_adapted()
+    adapter.unapply(adapted)
+    assert type(adapted.model) is transformers.LlavaOnevisionModel
+    assert set(adapted.state_dict()) == set(plain.state_dict()) and not hasattr(adapted.config, "dualview")
+    inputs = batch([(70, 70)])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
+
+
+# (f) options and misuse --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(fit="squash"), ValueError, "fit"),
+        (dict(out_size=(2, 2)), ValueError, "out_size"),
+        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
+        (dict(pinpoints=[[S, S]]), ValueError, "pinpoints"),
+        (dict(num_heads=3), ValueError, "num_heads"),
+        (dict(bogus=1), TypeError, "bogus"),
+    ],
+)
+def test_bad_options_are_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        adapter.apply(tiny_model(), **options)
+
+
+def test_hosts_it_cannot_serve_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="pinpoints entry"):  # the host could not tile 40-pixel canvases into 35s
+        adapter.apply(tiny_model(pinpoints=[[S, S], [S, 40]]))
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+        adapter.apply(tiny_model(tower="clip", strategy="full"))
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+        adapter.apply(tiny_model(tower="siglip", strategy="default"))
+    with pytest.raises(ValueError, match="vision_aspect_ratio"):
+        adapter.apply(tiny_model(aspect="anyres_9"))
+
+
+def test_wrong_models_and_second_apply_are_refused():
+    model = adapter.apply(tiny_model(), num_heads=2, grid="auto", fit="pad", out_size=None, pinpoints=PINPOINTS)
+    with pytest.raises(ValueError, match="already"):
+        adapter.apply(model)
+    with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
+        adapter.apply(torch.nn.Linear(2, 2))
+    # issue 11: each AnyRes adapter refuses the other's model and names the one that fits
+    with pytest.raises(TypeError, match="hf_llava_onevision"):
+        hf_llava_next.apply(tiny_model())
+    with pytest.raises(ValueError, match="apply"):
+        adapter.budget(tiny_model(), (70, 70))
+
+
+def test_bad_inputs_are_refused_with_the_argument_named():
+    _, model = plain_and_adapted()
+    inputs = batch([(35, 105), (105, 105)])
+    with pytest.raises(ValueError, match="pixel_values"):
+        image_features(model, {"pixel_values": inputs["pixel_values"][:, :3], "image_sizes": inputs["image_sizes"]})
+    with pytest.raises(ValueError, match="pixel_values"):
+        image_features(model, {"pixel_values": inputs["pixel_values"][..., :20], "image_sizes": inputs["image_sizes"]})
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        image_features(model, inputs, vision_feature_layer=[-2, -1])
+    with pytest.raises(ValueError, match="vision_aspect_ratio"):
+        image_features(model, inputs, vision_aspect_ratio="max_9")
+
+
+# (g) the host battery of the adapter mechanism ----------------------------------------------------
+
+from .host_battery import HostBattery, HostCase  # noqa: E402
+
+
+def _battery_model():
+    model = tiny_model()
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+class TestHostBattery(HostBattery):
+    @staticmethod
+    def case() -> HostCase:
+        return HostCase(
+            adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
+            sizes=((35, 105), (70, 70)), image_token_id=IMAGE_TOKEN_ID,
+            image_features=lambda model, inputs, **kw: model.model.get_image_features(
+                inputs["pixel_values"], inputs["image_sizes"], **kw),
+            offload_map={"model.vision_tower": "disk", "": "cpu"},
+        )
