@@ -7,6 +7,8 @@ the model's config, and leaves everything else alone; its ``from_pretrained(path
 - :mod:`dualview.adapters.llava15`: the original LLaVA code (``llava-torch``, module ``llava``).
 - :mod:`dualview.adapters.hf_llava`: transformers' ``LlavaForConditionalGeneration``.
 - :mod:`dualview.adapters.hf_llava_next`: transformers' ``LlavaNextForConditionalGeneration``.
+- :mod:`dualview.adapters.hf_llava_onevision`: transformers' ``LlavaOnevisionForConditionalGeneration``
+  (multi-image prompts and video stay plain).
 - :mod:`dualview.adapters.towers`: CLIP / SigLIP (transformers) and timm ViT models as towers.
 
 Adapter modules import their host library lazily; importing this package needs only the core.
