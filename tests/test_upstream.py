@@ -36,6 +36,7 @@ pytestmark = [
         reason=f"needs the forks' pinned files at {SNAPSHOTS} (test data beside the project; a plain clone has none)",
     ),
     pytest.mark.skipif(shutil.which("git") is None, reason="needs the `git` program"),
+    pytest.mark.filterwarnings("ignore:.*is not. with a literal:SyntaxWarning"),  # the fork's own `is not 0`
 ]
 
 
@@ -83,7 +84,6 @@ def test_patch_is_made_against_the_pinned_commit_and_git_apply_check_accepts_it(
 
 
 @pytest.mark.parametrize("key", sorted(FORKS))
-@pytest.mark.filterwarnings("ignore:.*is not. with a literal:SyntaxWarning")  # the fork's own `is not 0`
 def test_patched_files_compile(tmp_path, key):
     root = patched_copy(tmp_path, key)
     files = touched_files(patch_text(key))
@@ -651,6 +651,18 @@ def test_the_other_forks_checkout_and_an_already_patched_one_are_refused(tmp_pat
     assert code == 1 and "already has dual view" in err
     code, _, err = run_cli("llava", str(root / "llava"), capsys=capsys)
     assert code == 1 and "must be the root of the fork's checkout" in err
+
+
+def test_the_installed_command_has_help_and_fails_in_one_line(tmp_path):
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "dualview", "upstream", *args], capture_output=True, text=True, cwd=REPO)
+
+    helped = command("--help")
+    assert helped.returncode == 0 and "usage: dualview upstream" in helped.stdout and "FORK_DIR" in helped.stdout
+    failed = command("llava-next", str(tmp_path))
+    assert failed.returncode == 1 and not failed.stdout
+    assert failed.stderr.strip() == f"dualview upstream: error: {tmp_path} is not a git checkout: clone the fork with git " \
+        "(the patch is applied, and undone, with git)"
 
 
 def test_apply_patch_raises_upstream_error_for_an_unknown_fork(tmp_path):
