@@ -169,7 +169,7 @@ def _require_clean(root: Path) -> None:
         raise UpstreamError(f"{root} has uncommitted changes ({shown}): commit or stash them first")
 
 
-def _three_way_merge(root: Path, patch: str) -> str:
+def _three_way_merge(root: Path, patch: str, patch_path: Path) -> str:
     """The patch merged with the fork's drifted files, as a diff against HEAD. Done in a temporary
     index: the working tree and the real index are not touched."""
     with tempfile.TemporaryDirectory(prefix="dualview-upstream-") as tmp:
@@ -183,7 +183,7 @@ def _three_way_merge(root: Path, patch: str) -> str:
             if conflicts:
                 raise UpstreamError(
                     f"the patch conflicts with the fork's own changes in {', '.join(conflicts)}: nothing was changed; "
-                    f"to resolve by hand: git -C {root} apply --3way {{patch}}"
+                    f"to resolve by hand: git -C {root} apply --3way {patch_path}"
                 )
             raise UpstreamError(f"the patch does not apply to {root}, even 3-way: {_first_line(merged.stderr)}")
         return _git(root, "diff", "--cached", "HEAD", env=env).stdout
@@ -206,10 +206,7 @@ def apply_patch(key: str, fork_dir: Path, *, check: bool = False) -> Outcome:
     clean = _git(root, "apply", "--check", "-", stdin=patch)
     three_way = clean.returncode != 0
     if three_way:
-        try:
-            patch = _three_way_merge(root, patch)
-        except UpstreamError as e:
-            raise UpstreamError(str(e).replace("{patch}", str(fork.patch_path))) from None
+        patch = _three_way_merge(root, patch, fork.patch_path)
     if not check:
         done = _git(root, "apply", "-", stdin=patch)
         if done.returncode != 0:
