@@ -11,7 +11,7 @@ plain one. :func:`unapply` swaps the plain class back and removes the DEM and th
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -82,15 +82,25 @@ def encoder_from(
     )
 
 
-def new_dem(options: DualViewOptions, dim: int, feat_size: G.Size, *, like: nn.Module) -> DEM:
+def new_dem(
+    options: DualViewOptions, dim: int, feat_size: G.Size, *, like: nn.Module, init: Optional[Callable] = None
+) -> DEM:
     """A fresh DEM of ``dim`` channels for the options, on the device and in the dtype of ``like``
-    (the host's projector). ``out_size="tower"`` means the tower's token grid ``feat_size``."""
+    (the host's projector). ``out_size="tower"`` means the tower's token grid ``feat_size``.
+
+    ``init``: the host's per-module initialiser (transformers' ``_init_weights``). The DEM is then
+    made on the meta device and every layer initialised by it alone, as the host initialises
+    weights missing from a checkpoint: one rule, and one seed gives one DEM, whichever path built it.
+    """
     out_size = feat_size if options.out_size == "tower" else options.out_size
     ref = next(like.parameters())
-    return DEM(
-        dim, options.num_heads, out_size=out_size, directions=options.directions, fusion=options.fusion,
-        resample=options.resample, device=ref.device if ref.device.type != "meta" else None, dtype=ref.dtype,
-    )
+    device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+    settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample)
+    if init is None:
+        return DEM(dim, options.num_heads, **settings, device=device, dtype=ref.dtype)
+    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=ref.dtype).to_empty(device=device)
+    dem.apply(init)  # post-order, as transformers' initialize_weights visits modules
+    return dem
 
 
 def attach(
@@ -101,15 +111,9 @@ def attach(
     dem: DEM,
     config: Any,
     dem_parent: Optional[nn.Module] = None,
-    init_weights: Optional[Any] = None,
 ) -> None:
     """Swap ``host``'s class for ``subclass``, register ``dem`` as ``spatial_embed`` on ``dem_parent``
-    (default: ``host``) and record ``options`` in ``config``.
-
-    ``init_weights``: the host's per-module initialiser (transformers' ``_init_weights``); the DEM's
-    Linear / LayerNorm / Conv layers are initialised by it, so a DEM made here and one the host
-    initialises when its weights are missing at load time come from one rule.
-    """
+    (default: ``host``) and record ``options`` in ``config``."""
     plain = subclass.dualview_plain
     check_not_applied(host)
     if type(host) is not plain:
@@ -119,8 +123,6 @@ def attach(
             f"dualview.adapters.{subclass.dualview_adapter} adapts {plain.__name__} models, got "
             f"{type(host).__name__}{hint}"
         )
-    if init_weights is not None:
-        dem.apply(init_weights)  # post-order, as transformers' initialize_weights visits modules
     host.__class__ = subclass
     (dem_parent if dem_parent is not None else host).add_module(DEM_ATTR, dem)
     record_options(config, options)

@@ -88,8 +88,9 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     layers = feature_layers(config.vision_feature_layer)
     check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
     vision = config.vision_config
-    dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector)
-    _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config, init_weights=inner._init_weights)
+    dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector,
+                          init=inner._init_weights)
+    _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config)
     return model
 
 

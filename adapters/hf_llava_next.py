@@ -137,8 +137,9 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
-    dem = _host.new_dem(opts, vision.hidden_size * len(layers), (side, side), like=inner.multi_modal_projector)
-    _host.attach(inner, DualViewLlavaNextModel, options=opts, dem=dem, config=config, init_weights=inner._init_weights)
+    dem = _host.new_dem(opts, vision.hidden_size * len(layers), (side, side), like=inner.multi_modal_projector,
+                          init=inner._init_weights)
+    _host.attach(inner, DualViewLlavaNextModel, options=opts, dem=dem, config=config)
     return model
 
 

@@ -232,9 +232,8 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     if dim != tower.hidden_size:
         raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
     side = tower.config.image_size // tower.config.patch_size
-    dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector)
-    _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner,
-                 init_weights=model._init_weights)
+    dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._init_weights)
+    _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner)
     return model
 
 

@@ -213,6 +213,10 @@ class HFVisionTower(nn.Module):
     def _can_truncate(self) -> bool:
         if self._family is None:
             return False
+        # accelerate's offloading hooks (device_map with "cpu" / "disk") bring the weights in around
+        # the hooked module's own forward: a run that skips it would meet meta tensors
+        if any(hasattr(m, "_hf_hook") for m in self.model.modules()):
+            return False
         # transformers 4 checkpoints in the encoder's own loop (5 does it in each layer, which we call)
         encoder = self._backbone[0].encoder
         stack = _attr_path(self._backbone[0], self._family.layers)

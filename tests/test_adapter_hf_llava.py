@@ -147,3 +147,32 @@ def test_errors():
         hf_llava.encoder_of(make_model())
     with pytest.raises(ValueError, match="fixed grid"):
         hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model(), grid="auto"))
+
+
+# -- the host battery ------------------------------------------------------------------------------
+
+from .host_battery import HostBattery, HostCase  # noqa: E402
+
+
+def _inputs(sizes):
+    processor = hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model()))
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(images=[tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
+                          text=[tiny.PROMPT] * len(sizes), return_tensors="pt", padding=True))
+
+
+def _plain_inputs(sizes):
+    return dict(make_processor()(images=[tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
+                                 text=[tiny.PROMPT] * len(sizes), return_tensors="pt", padding=True))
+
+
+class TestHostBattery(HostBattery):
+    @staticmethod
+    def case() -> HostCase:
+        return HostCase(
+            adapter=hf_llava, build=make_model, inputs=_inputs, options=dict(grid=(2, 3), num_heads=4),
+            image_token_id=tiny.IMAGE_TOKEN_ID,
+            image_features=lambda model, inputs, **kw: model.model.get_image_features(inputs["pixel_values"], **kw),
+            offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
+                         "model.language_model": "cpu", "lm_head": "cpu"}, plain_inputs=_plain_inputs,
+        )

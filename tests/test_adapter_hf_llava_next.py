@@ -334,3 +334,27 @@ def test_fixed_options_may_be_restated_and_misuse_is_refused():
     inputs = batch([(30, 90), (100, 100)])
     with pytest.raises(ValueError, match="pixel_values"):
         image_features(model, {"pixel_values": inputs["pixel_values"][:, :3], "image_sizes": inputs["image_sizes"]})
+
+
+# -- the host battery ------------------------------------------------------------------------------
+
+from .host_battery import HostBattery, HostCase  # noqa: E402
+
+
+def _battery_model():
+    model = tiny_model()
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+class TestHostBattery(HostBattery):
+    @staticmethod
+    def case() -> HostCase:
+        return HostCase(
+            adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
+            sizes=((30, 90), (57, 41)), image_token_id=IMAGE_TOKEN_ID,
+            image_features=lambda model, inputs, **kw: model.model.get_image_features(
+                inputs["pixel_values"], inputs["image_sizes"], **kw),
+            offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
+                         "model.language_model": "cpu", "lm_head": "cpu"},
+        )

@@ -377,3 +377,46 @@ def test_apply_errors(tower_28):
     with pytest.raises(ValueError, match="fixed grid"):
         llava15.image_processor(adapted(tower_28, grid="auto"))
 
+
+
+# -- the host battery ------------------------------------------------------------------------------
+
+from .host_battery import HostBattery, HostCase  # noqa: E402
+
+
+@pytest.fixture(scope="class")
+def battery_tower(tmp_path_factory):
+    TestHostBattery.tower = save_tower(tmp_path_factory.mktemp("clip28-battery"), 28)
+
+
+@pytest.mark.usefixtures("battery_tower")
+class TestHostBattery(HostBattery):
+    tower: str = ""
+
+    @classmethod
+    def case(cls) -> HostCase:
+        def build():
+            model = make_model(cls.tower)
+            model.get_model().get_vision_tower().load_model()
+            return model
+
+        def inputs(sizes):
+            model = llava15.apply(make_model(cls.tower))
+            ids = prompt_ids().repeat(len(sizes), 1)
+            return {"input_ids": ids, "images": images(model, *sizes), "attention_mask": torch.ones_like(ids)}
+
+        return HostCase(
+            adapter=llava15, build=build, inputs=inputs, options=dict(grid=(2, 3), num_heads=4),
+            dem_parent=lambda model: model.get_model(), vision_tower=lambda model: model.get_vision_tower(),
+            projector=lambda model: model.get_model().mm_projector, image_token_id=IMAGE_TOKEN_INDEX,
+            generate=lambda model, inputs, **kw: model.generate(
+                inputs["input_ids"], images=inputs["images"], attention_mask=inputs["attention_mask"], **kw),
+            generate_returns_prompt=False,
+            plain_inputs=lambda sizes: {"input_ids": prompt_ids().repeat(len(sizes), 1),
+                                        "images": torch.randn(len(sizes), 3, 28, 28)},
+            not_applicable={
+                "mismatch": "llava's prepare_inputs_labels_for_multimodal has no image-token / feature check",
+                "image_features": "llava has no get_image_features (encode_images returns projected features)",
+                "offload": "llava loads its vision tower itself from mm_vision_tower, outside from_pretrained's device_map",
+            },
+        )

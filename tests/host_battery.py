@@ -1,0 +1,336 @@
+"""One battery of host contracts for every adapter, in the manner of transformers' ModelTesterMixin.
+
+An adapter's test file subclasses :class:`HostBattery` and gives its :class:`HostCase` (a tiny
+random plain model, the host processor's inputs, the adapter module); every check below then runs
+on the adapted model: save / load, batching, left padding, greedy and beam generation, a training
+step, bfloat16, pickling, unapply, a replaced DEM, the host's own errors, ``get_image_features``'
+switches, the DEM's initialisation, and offloaded loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from dualview import DEM
+
+Size = tuple[int, int]
+
+
+@dataclass
+class HostCase:
+    """What the battery needs to know about one host + adapter."""
+
+    adapter: Any
+    """The adapter module: ``apply``, ``unapply``, ``from_pretrained``."""
+    build: Callable[[], nn.Module]
+    """A plain tiny random model in eval mode, the same every call (seeded), vision tower frozen."""
+    inputs: Callable[[Sequence[Size]], dict]
+    """Model keyword inputs for one prompt per image of the given ``(H, W)`` sizes, made by the
+    host's processor (left-padded where the prompts differ in length)."""
+    options: dict = field(default_factory=dict)
+    sizes: tuple[Size, Size] = ((40, 70), (90, 30))
+    """Two image sizes whose crops differ from their tiles (pinpoints / grids make them differ)."""
+    dem_parent: Callable[[nn.Module], nn.Module] = lambda model: model.model
+    """The module holding ``spatial_embed``."""
+    vision_tower: Callable[[nn.Module], nn.Module] = lambda model: model.model.vision_tower
+    projector: Callable[[nn.Module], nn.Module] = lambda model: model.model.multi_modal_projector
+    image_features: Optional[Callable[..., Any]] = None
+    """``(model, inputs, **kwargs) -> get_image_features output``; None: the host has no such method."""
+    mismatch_error: str = "Image features and image tokens do not match"
+    """Regex of the host's own error when image tokens and features disagree."""
+    generate_returns_prompt: bool = True
+    offload_map: Optional[dict] = None
+    """A ``device_map`` putting the vision tower on "disk"."""
+    image_token_id: Optional[int] = None
+    input_ids_key: str = "input_ids"
+    generate: Callable[..., torch.Tensor] = lambda model, inputs, **kwargs: model.generate(**inputs, **kwargs)
+    """How the host's ``generate`` takes the inputs."""
+    not_applicable: dict = field(default_factory=dict)
+    """Check name ("mismatch", "image_features", "offload", "left_padding") -> why the host has no such contract."""
+    plain_inputs: Optional[Callable[[Sequence[Size]], dict]] = None
+    """Inputs for the never-adapted model, where its processor makes other ones (default: ``inputs``)."""
+
+
+def logits(model: nn.Module, inputs: dict, **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+def greedy(model: nn.Module, inputs: dict, steps: int) -> torch.Tensor:
+    """The tokens greedy decoding must produce: the argmax of full forwards, one token at a time."""
+    inputs = dict(inputs)
+    ids = inputs.pop("input_ids")
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    mask = inputs.pop("attention_mask", None)
+    new = []
+    for _ in range(steps):
+        kwargs = dict(inputs, input_ids=ids)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        last = logits(model, kwargs)[:, -1]
+        last[:, eos] = float("-inf")  # generate's min_new_tokens: no end of sequence yet
+        nxt = last.argmax(-1, keepdim=True)
+        new.append(nxt)
+        ids = torch.cat((ids, nxt), 1)
+        if mask is not None:
+            mask = torch.cat((mask, torch.ones_like(nxt)), 1)
+    return torch.cat(new, 1)
+
+
+class HostBattery:
+    """Mixin of host-contract tests; subclasses define ``case()``."""
+
+    @staticmethod
+    def case() -> HostCase:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def adapted(self) -> tuple[HostCase, nn.Module]:
+        case = self.case()
+        return case, case.adapter.apply(case.build(), **case.options)
+
+    @staticmethod
+    def skip_unless(case: HostCase, check: str) -> None:
+        if check in case.not_applicable:
+            pytest.skip(case.not_applicable[check])
+
+    def dem(self, case: HostCase, model: nn.Module) -> DEM:
+        return case.dem_parent(model).spatial_embed
+
+    # -- the DEM that is registered is the DEM that runs ---------------------------------------------
+
+    def test_dem_is_a_registered_submodule_and_the_only_new_state(self):
+        case = self.case()
+        plain = case.build()
+        model = case.adapter.apply(case.build(), **case.options)
+        dem = self.dem(case, model)
+        assert isinstance(dem, DEM) and any(m is dem for m in model.modules())
+        new = set(model.state_dict()) - set(plain.state_dict())
+        assert new and all(".spatial_embed." in "." + k for k in new)
+        assert "dualview" in model.config.to_dict()
+
+    def test_a_replaced_dem_is_the_one_that_runs(self):
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes[:1])
+        before = logits(model, inputs)
+        replacement = copy.deepcopy(self.dem(case, model))
+        with torch.no_grad():
+            for p in replacement.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        case.dem_parent(model).spatial_embed = replacement
+        after = logits(model, inputs)
+        assert not torch.allclose(before, after)
+        # the same weights loaded with load_state_dict into a fresh adapted model give the same logits
+        _, twin = self.adapted()
+        self.dem(case, twin).load_state_dict(replacement.state_dict())
+        torch.testing.assert_close(logits(twin, inputs), after, rtol=0, atol=0)
+
+    def test_apply_twice_is_refused_and_unapply_gives_the_plain_model_back(self):
+        case = self.case()
+        plain = case.build()
+        inputs = (case.plain_inputs or case.inputs)(case.sizes[:1])
+        model = case.adapter.apply(case.build(), **case.options)
+        with pytest.raises(ValueError, match="already applied"):
+            case.adapter.apply(model, **case.options)
+        restored = case.adapter.unapply(model)
+        assert type(restored) is type(plain)
+        assert set(restored.state_dict()) == set(plain.state_dict())
+        assert "dualview" not in restored.config.to_dict()
+        torch.testing.assert_close(logits(restored, inputs), logits(plain, inputs), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="no dual view"):
+            case.adapter.unapply(restored)
+        case.adapter.apply(restored, **case.options)  # and it can be applied again
+
+    # -- save / load, pickling -------------------------------------------------------------------------
+
+    def test_save_pretrained_then_from_pretrained_is_bit_exact(self, tmp_path):
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes)
+        model.save_pretrained(tmp_path)
+        loaded = case.adapter.from_pretrained(tmp_path).eval()
+        assert type(loaded) is type(model)
+        torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+
+    def test_pickle_deepcopy_and_torch_save_round_trip(self):
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+        for other in copies:
+            assert type(other) is type(model)
+            assert self.dem(case, other) is not self.dem(case, model)
+            torch.testing.assert_close(logits(other, inputs), expected, rtol=0, atol=0)
+        # each copy runs its own DEM
+        with torch.no_grad():
+            self.dem(case, copies[1]).ln_fuse.bias.add_(1.0)
+        assert not torch.allclose(logits(copies[1], inputs), expected)
+
+    # -- batching, padding, generation -----------------------------------------------------------------
+
+    def test_batched_equals_one_at_a_time(self):
+        case, model = self.adapted()
+        size = case.sizes[0]
+        both = case.inputs([size, size])
+        # two different images of one size: same prompt length, no padding
+        pixels_key = next(k for k in both if "pixel" in k or k == "images")
+        both[pixels_key] = both[pixels_key].clone()
+        both[pixels_key][1] = both[pixels_key][1].flip(-1)
+        batched = logits(model, both)
+        for i in range(2):
+            one = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v) for k, v in both.items()}
+            torch.testing.assert_close(batched[i : i + 1], logits(model, one), atol=1e-5, rtol=1e-4)
+
+    def test_left_padding_leaves_the_last_logits_unchanged(self):
+        case, model = self.adapted()
+        self.skip_unless(case, "left_padding")
+        inputs = case.inputs(case.sizes[:1])
+        ids = inputs[case.input_ids_key]
+        pad = torch.full((1, 3), getattr(model.config, "pad_token_id", None) or 0, dtype=ids.dtype)
+        mask = inputs.get("attention_mask", torch.ones_like(ids))
+        padded = dict(inputs, **{case.input_ids_key: torch.cat((pad, ids), 1)},
+                      attention_mask=torch.cat((torch.zeros_like(pad), mask), 1))
+        positions = (padded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        plain_positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        expected = logits(model, dict(inputs, attention_mask=mask), position_ids=plain_positions)[:, -1]
+        got = logits(model, padded, position_ids=positions)[:, -1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+    def test_greedy_generate_equals_a_manual_greedy_loop(self):
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes[:1])
+        out = case.generate(model, inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=1)
+        new = out[:, -3:]
+        if case.generate_returns_prompt:
+            assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+        assert torch.equal(new, greedy(model, inputs, 3))
+
+    def test_beam_search_generates_the_requested_sequences(self):
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes[:1])
+        out = case.generate(model, inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2,
+                            num_return_sequences=2)
+        assert out.shape[0] == 2 and out.shape[1] >= 3
+        again = case.generate(model, inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2,
+                              num_return_sequences=2)
+        assert torch.equal(out, again)
+
+    # -- training, precision -----------------------------------------------------------------------------
+
+    def test_a_training_step_trains_the_dem_and_projector_not_the_frozen_tower(self):
+        case, model = self.adapted()
+        model.train()
+        inputs = case.inputs(case.sizes)
+        ids = inputs[case.input_ids_key]
+        labels = ids.clamp(min=0).masked_fill(ids == case.image_token_id, -100) if case.image_token_id is not None else ids.clamp(min=0)
+        dem, tower, projector = self.dem(case, model), case.vision_tower(model), case.projector(model)
+        before = copy.deepcopy(dem.state_dict())
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loss = model(**inputs, labels=labels).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        for name, module in (("DEM", dem), ("projector", projector)):
+            grads = [p.grad for p in module.parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+            assert any(g.abs().sum() > 0 for g in grads), name
+        assert all(p.grad is None for p in tower.parameters())
+        optimizer.step()
+        assert any(not torch.equal(before[k], v) for k, v in dem.state_dict().items())
+
+    def test_bfloat16_model_runs(self):
+        case, model = self.adapted()
+        model.to(torch.bfloat16)
+        inputs = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in case.inputs(case.sizes).items()}
+        out = logits(model, inputs)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+    # -- the host's own errors and switches ---------------------------------------------------------------
+
+    def test_image_tokens_and_features_that_disagree_raise_the_hosts_error(self):
+        case, model = self.adapted()
+        self.skip_unless(case, "mismatch")
+        inputs = case.inputs(case.sizes[:1])
+        ids = inputs[case.input_ids_key].clone()
+        first = int((ids[0] == case.image_token_id).nonzero()[0])
+        ids[0, first] = 0 if case.image_token_id != 0 else 1
+        with pytest.raises(ValueError, match=case.mismatch_error):
+            logits(model, dict(inputs, **{case.input_ids_key: ids}))
+
+    def _features(self, case, model, **kwargs):
+        self.skip_unless(case, "image_features")
+        with torch.no_grad():
+            return case.image_features(model, case.inputs(case.sizes[:1]), **kwargs)
+
+    def _tower_layers(self, case, model) -> int:
+        return case.vision_tower(model).config.num_hidden_layers
+
+    def test_get_image_features_returns_the_towers_hidden_states_when_asked(self):
+        case, model = self.adapted()
+        out = self._features(case, model, output_hidden_states=True)
+        states = out.hidden_states
+        assert states is not None and len(states) == self._tower_layers(case, model) + 1
+        assert len({s.shape[0] for s in states}) == 1 and states[0].shape[0] > 1  # every crop, one entry per layer
+        assert self._features(case, model).hidden_states is None  # not asked: none kept
+
+    def test_get_image_features_returns_the_towers_attentions_when_asked(self):
+        case, model = self.adapted()
+        self.skip_unless(case, "image_features")
+        case.vision_tower(model).set_attn_implementation("eager")
+        out = self._features(case, model, output_attentions=True)
+        assert out.attentions is not None and len(out.attentions) == self._tower_layers(case, model)
+        crops, heads, tokens, _ = out.attentions[0].shape
+        assert crops == out.hidden_states[0].shape[0] if out.hidden_states else crops > 1
+        torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(crops, heads, tokens))
+
+    def test_get_image_features_honours_return_dict_false(self):
+        case, model = self.adapted()
+        as_dict = self._features(case, model)
+        model.config.return_dict = False
+        as_tuple = self._features(case, model)
+        assert isinstance(as_tuple, tuple)
+        assert any(isinstance(x, (list, tuple)) and len(x) == len(as_dict.pooler_output) for x in as_tuple)
+        as_tuple = self._features(case, model, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+
+    def test_the_dem_is_initialised_by_the_hosts_init_weights(self):
+        case = self.case()
+        model = case.build()
+        torch.manual_seed(123)
+        case.adapter.apply(model, **case.options)
+        dem = self.dem(case, model)
+        # the same DEM built on the meta device (as a load with missing weights builds it), then
+        # initialised by the host's own per-module rule under the same seed
+        with torch.device("meta"):
+            twin = copy.deepcopy(dem).to("meta")
+        twin = twin.to_empty(device="cpu")
+        init_owner = model.get_model() if hasattr(model, "get_model") and not hasattr(model, "model") else model
+        torch.manual_seed(123)
+        twin.apply(init_owner._init_weights)
+        for (name, a), (_, b) in zip(dem.state_dict().items(), twin.state_dict().items()):
+            assert torch.equal(a, b), name
+        std = getattr(model.config, "initializer_range", None) or model.config.get_text_config().initializer_range
+        linear = next(m for m in dem.modules() if isinstance(m, nn.Linear))
+        assert abs(float(linear.weight.std()) - std) < 0.25 * std and not linear.bias.abs().any()
+
+    def test_loading_with_the_vision_tower_offloaded_gives_the_same_logits(self, tmp_path):
+        case, model = self.adapted()
+        self.skip_unless(case, "offload")
+        pytest.importorskip("accelerate")
+        inputs = case.inputs(case.sizes[:1])
+        model.save_pretrained(tmp_path / "saved")
+        offloaded = case.adapter.from_pretrained(
+            tmp_path / "saved", device_map=case.offload_map, offload_folder=str(tmp_path / "offload")
+        ).eval()
+        assert any(p.device.type == "meta" for p in case.vision_tower(offloaded).parameters())
+        torch.testing.assert_close(logits(offloaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
