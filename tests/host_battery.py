@@ -275,7 +275,10 @@ class HostBattery:
     def _tower_layers(self, case, model) -> int:
         return case.vision_tower(model).config.num_hidden_layers
 
-    def test_get_image_features_returns_the_towers_hidden_states_when_asked(self):
+    # The next five are transformers' common-battery checks of the same names, in our words.
+
+    def test_get_image_features_hidden_states(self):
+        """The vision tower's hidden states, of every crop, when asked (and none when not)."""
         case, model = self.adapted()
         out = self._features(case, model, output_hidden_states=True)
         states = out.hidden_states
@@ -283,7 +286,8 @@ class HostBattery:
         assert len({s.shape[0] for s in states}) == 1 and states[0].shape[0] > 1  # every crop, one entry per layer
         assert self._features(case, model).hidden_states is None  # not asked: none kept
 
-    def test_get_image_features_returns_the_towers_attentions_when_asked(self):
+    def test_get_image_features_attentions(self):
+        """The vision tower's attention maps, of every crop, when asked."""
         case, model = self.adapted()
         self.skip_unless(case, "image_features")
         case.vision_tower(model).set_attn_implementation("eager")
@@ -293,7 +297,8 @@ class HostBattery:
         assert crops == out.hidden_states[0].shape[0] if out.hidden_states else crops > 1
         torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(crops, heads, tokens))
 
-    def test_get_image_features_honours_return_dict_false(self):
+    def test_get_image_features_output_return_dict_false(self):
+        """``config.return_dict=False`` (or ``return_dict=False`` in the call) gives a tuple."""
         case, model = self.adapted()
         as_dict = self._features(case, model)
         model.config.return_dict = False
@@ -303,7 +308,9 @@ class HostBattery:
         as_tuple = self._features(case, model, return_dict=False)
         assert isinstance(as_tuple, tuple)
 
-    def test_the_dem_is_initialised_by_the_hosts_init_weights(self):
+    def test_can_init_all_missing_weights(self):
+        """The DEM made by ``apply`` is exactly what the host's ``_init_weights`` makes of a DEM whose
+        weights are missing (built on the meta device), under one seed."""
         case = self.case()
         model = case.build()
         torch.manual_seed(123)
@@ -323,7 +330,9 @@ class HostBattery:
         linear = next(m for m in dem.modules() if isinstance(m, nn.Linear))
         assert abs(float(linear.weight.std()) - std) < 0.25 * std and not linear.bias.abs().any()
 
-    def test_loading_with_the_vision_tower_offloaded_gives_the_same_logits(self, tmp_path):
+    def test_offloaded_vision_tower_with_device_map(self, tmp_path):
+        """``from_pretrained(..., device_map=...)`` with the tower on "disk" (accelerate hooks, meta
+        parameters) loads and gives the logits of the model in memory."""
         case, model = self.adapted()
         self.skip_unless(case, "offload")
         pytest.importorskip("accelerate")
