@@ -405,5 +405,6 @@ class TestHostBattery(HostBattery):
             sizes=((35, 105), (70, 70)), image_token_id=IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], **kw),
-            offload_map={"model.vision_tower": "disk", "": "cpu"},
+            offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
+                         "model.language_model": "cpu", "lm_head": "cpu"},
         )
