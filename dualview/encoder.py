@@ -167,11 +167,7 @@ class DualViewEncoder(nn.Module):
             size = self.tower_batch_size
             return [size] * (crops // size) + ([crops % size] if crops % size else [])
         tokens = self.tower_tokens
-        if tokens is None:
-            return [crops]
-        calls = min(crops, math.ceil(crops * tokens / AUTO_CHUNK_TOKENS))
-        size, bigger = divmod(crops, calls)  # equal chunks (sizes differ by one at most): no small tail
-        return [size + 1] * bigger + [size] * (calls - bigger)
+        return [crops] if tokens is None else even_chunks(crops, tokens, AUTO_CHUNK_TOKENS)
 
     @property
     def tower_tokens(self) -> Optional[int]:
@@ -234,6 +230,16 @@ AUTO_CHUNK_TOKENS = 32768
 size; on an H100 (bf16, ViT-L/14-336, issue 13's probe) chunks of 38 crops = 22k tokens ran 3.4%
 slower than one call of 152 crops with a third of its activation memory, so the chunk is set
 above that. At 3x3 and batch 8 (152 crops of 577 tokens): 3 calls of 51 crops."""
+
+
+def even_chunks(crops: int, tokens_per_crop: int, max_tokens: int) -> list[int]:
+    """The fewest calls of at most ``max_tokens`` tokens (one crop per call at least) for
+    ``crops`` crops, as equal as can be (sizes differ by one at most: no small tail)."""
+    if crops == 0:
+        return [0]
+    calls = min(crops, math.ceil(crops * tokens_per_crop / max_tokens))
+    size, bigger = divmod(crops, calls)
+    return [size + 1] * bigger + [size] * (calls - bigger)
 
 
 def _check_tower_batch_size(value: object) -> None:

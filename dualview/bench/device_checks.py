@@ -10,7 +10,10 @@ Checks, each on fresh random inputs (never zeros), against the CPU in float64 or
   ``||out - ref|| / ||ref||``, forward and input gradients; a non-finite element fails the check;
 * the INF-LLaVA fixtures (DEM and the whole encode path) reproduced on the device;
 * DEM's attention runs under the flash SDPA backend alone in half precision (no fallback to a
-  materialised attention matrix), and the compiled DEM matches eager (fullgraph, inductor).
+  materialised attention matrix), and the compiled DEM matches eager (fullgraph, inductor);
+* the layer-truncated tower equals the plain forward's hidden states bit for bit (float32, bf16),
+  the benchmark's released-path scheme reproduces the released fixture, and
+  ``DualViewEncoder(compile=True)`` matches eager.
 
 Prints a table, writes ``checks.json`` and exits 1 if any check fails.
 """
@@ -138,15 +141,81 @@ def check_compiled(device: torch.device) -> dict:
     return dict(what="compiled DEM (fullgraph, inductor) vs eager, float32 rel err (bound 1e-5)", value=err, ok=err <= 1e-5)
 
 
+def tiny_clip(device: torch.device, dtype: torch.dtype):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=3, num_attention_heads=4)
+    torch.manual_seed(0)
+    return CLIPVisionModel(config).to(device=device, dtype=dtype).eval()
+
+
+def check_tower(device: torch.device) -> list[dict]:
+    """The layer-truncated tower equals the plain forward's hidden states bit for bit on the device."""
+    from dualview.adapters.towers import HFVisionTower
+
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_clip(device, dtype)
+        pixels = torch.randn(7, 3, 56, 56, device=device, dtype=dtype)
+        equal = True
+        with torch.no_grad():
+            hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+            for layer in (-1, -2, 0, [-2, 0]):
+                layers = [layer] if isinstance(layer, int) else layer
+                expected = torch.cat([hidden[i] for i in layers], -1)[:, 1:]
+                equal &= bool(torch.equal(HFVisionTower(model, layer=layer)(pixels), expected))
+        results.append(dict(what=f"layer-truncated HFVisionTower == plain hidden_states[layer], bit for bit ({str(dtype)[6:]}; "
+                                 "layers -1, -2, 0, [-2, 0])", value=float(equal), ok=equal))
+    return results
+
+
+def check_released(device: torch.device) -> dict:
+    """The benchmark's released-path baseline reproduces the released code's fixture on the device."""
+    from safetensors.torch import load_file
+
+    from .released import released
+
+    fx = load_file(FIXTURES / "inf_llava_encode_n3_d16.safetensors")
+    dem = DEM.from_inf_llava({f"model.spatial_embed.{k[4:]}": v for k, v in fx.items() if k.startswith("dem.")}).to(device)
+    tower = PatchTower(dim=16, patch_size=14)
+    tower.proj.load_state_dict({"weight": fx["tower.weight"], "bias": fx["tower.bias"]})
+    tower.to(device)
+    with torch.no_grad():
+        out = torch.stack(released(tower, 336, (3, 3), dem)((fx["image_uint8"].float() / 127.5 - 1).to(device)))
+    err = float((out.cpu() - fx["output"]).abs().max())
+    return dict(what=f"benchmark's released-path scheme on the released fixture, max abs err (bound 1e-4), "
+                     f"tower calls {tower.calls}", value=err, ok=err <= 1e-4 and tower.calls == 19)
+
+
+def check_compiled_encoder(device: torch.device) -> dict:
+    """DualViewEncoder(compile=True): tower calls (in chunks) and DEM under inductor == eager."""
+    from dualview.adapters.towers import HFVisionTower
+
+    torch._dynamo.reset()
+    tower = HFVisionTower(tiny_clip(device, torch.float32), layer=-2)
+    dem = DEM(64, num_heads=8, out_size=(4, 4)).to(device).eval()
+    eager = DualViewEncoder(tower, DCM(56, (2, 3)), dem, tower_batch_size=5)
+    compiled = DualViewEncoder(tower, DCM(56, (2, 3)), dem, tower_batch_size=5, compile=True)
+    images = torch.rand(2, 3, 100, 150, device=device)
+    with torch.no_grad():
+        err = rel_err(compiled(images), eager(images).double())
+    return dict(what="DualViewEncoder(compile=True) (tower chunks + DEM, inductor) vs eager, float32 rel err (bound 1e-5)",
+                value=err, ok=err <= 1e-5)
+
+
 def run_checks(device: torch.device, compile_check: bool = True) -> list[dict]:
     results = check_dcm(device)
     results += [check_dem(device, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    results += check_tower(device)
     if FIXTURES.is_dir():  # they live in the source tree (tests/fixtures), not in an installed wheel
         results += check_fixtures(device)
+        results.append(check_released(device))
     if device.type == "cuda":
         results.append(check_flash(device))
     if compile_check:
         results.append(check_compiled(device))
+        results.append(check_compiled_encoder(device))
     return results
 
 

@@ -48,38 +48,85 @@ def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     return Timing(statistics.median(times), min(times), max(times), repeats)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, Timing]:
+    """Like :func:`time_it` for several variants, run in turn within each repeat, so that a slow
+    spell of a shared machine hits them all alike rather than whichever ran then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(t), min(t), max(t), repeats) for name, t in times.items()}
+
+
 class PeakMemory:
     """Peak memory of a block: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's
-    peak RSS (VmHWM), reset before the block through /proc/self/clear_refs."""
+    peak RSS (VmHWM), reset before the block through /proc/self/clear_refs after handing freed
+    heap memory back to the system (``malloc_trim``), so that memory freed earlier and reused
+    inside the block still counts. ``peak_bytes`` is the whole process's (weights included),
+    ``extra_bytes`` what the block added above what was in use when it started."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.start_bytes = 0
         self.peak_bytes = 0
+
+    @property
+    def extra_bytes(self) -> int:
+        return max(self.peak_bytes - self.start_bytes, 0)
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
+            _malloc_trim()
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:  # not Linux: the peak then covers the whole process so far
                 pass
+            self.start_bytes = _vm_status("VmRSS:")
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             self.peak_bytes = _vm_hwm()
 
 
-def _vm_hwm() -> int:
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _vm_status(key: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return 0
+
+
+def _vm_hwm() -> int:
+    peak = _vm_status("VmHWM:")
+    if peak:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
