@@ -9,6 +9,8 @@ the model's config, and leaves everything else alone; its ``from_pretrained(path
 - :mod:`dualview.adapters.hf_llava_next`: transformers' ``LlavaNextForConditionalGeneration``.
 - :mod:`dualview.adapters.hf_llava_onevision`: transformers' ``LlavaOnevisionForConditionalGeneration``
   (multi-image prompts and video stay plain).
+- :mod:`dualview.adapters.hf_internvl`: transformers' ``InternVLForConditionalGeneration`` (InternVL
+  2.5 / 3; ``prepare_processor`` adds the tile grids the model needs; video frames stay plain).
 - :mod:`dualview.adapters.towers`: CLIP / SigLIP (transformers) and timm ViT models as towers.
 
 Adapter modules import their host library lazily; importing this package needs only the core.

@@ -18,11 +18,12 @@ Every patch becomes ``image_seq_length`` tokens (InternViT patch tokens, CLS dro
 
 **What changes.** In ``get_image_features``, before ``pixel_shuffle``: the adapter puts each
 image's canvas back together from its tiles (``layout.merge_local``) and cuts it into the ``R*C``
-strided global crops ``canvas[a::R, b::C]``; the vision tower runs ONCE over every patch of the
-batch and every global crop; the DEM (``out_size=None``) fuses the local and global maps of each
-image into a full ``R*h x C*w`` map, which is cut back into the ``R*C`` tile windows and takes the
-place of the tiles' features. ``pixel_shuffle``, the projector, the thumbnail's features and the
-prompt stay the host's:
+strided global crops ``canvas[a::R, b::C]``; the vision tower runs over every patch of the batch
+and every global crop as one tower batch (``DualViewEncoder.run_tower``: one call, or equal
+chunks when it is large or ``tower_batch_size`` asks); the DEM (``out_size=None``) fuses the
+local and global maps of each image into a full ``R*h x C*w`` map, which is cut back into the
+``R*C`` tile windows and takes the place of the tiles' features. ``pixel_shuffle``, the
+projector, the thumbnail's features and the prompt stay the host's:
 
     image tokens per image = the host's = image_seq_length * (R*C + 1)   (1 tile: image_seq_length)
     tower passes per image = 2*R*C + 1                                   (host: R*C + 1; 1 tile: 1)
@@ -31,7 +32,8 @@ prompt stay the host's:
 ``max_patches=1``, ``crop_to_patches=False``) and every video frame take the host's plain path: the
 patch is the whole image, so its global view would be the same pixels and the DEM would only
 attend the map to itself. Such a patch is treated like a thumbnail, which keeps its plain features
-too: one tower pass, the host's features exactly.
+too: one tower pass, the host's features exactly. Multi-image prompts work (each image has its
+own grid); a batch of mixed sizes groups the images by grid, one DEM call per grid.
 
 **Grid metadata.** The plain ``InternVLProcessor`` drops ``num_patches`` and never had the grid,
 so the model cannot tell a 1x2 from a 2x1 image. :func:`prepare_processor` makes the processor also
@@ -375,7 +377,7 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     pixel_values (P, 3, s, s): per visual, R*C tiles row-major then the thumbnail, or one patch
     (grid 1x1). -> (P, h*w, D): tiles DEM-fused (local map of the tiles <-> global map of the
     strided crops of their canvas), thumbnails and single patches the tower's own features.
-    One tower call (``encoder.run_tower``) over all patches and global crops; one DEM call per grid.
+    One tower batch (``encoder.run_tower``) over all patches and global crops; one DEM call per grid.
     """
     counts = [patches_per_image(g) for g in grids]
     starts = [sum(counts[:i]) for i in range(len(counts))]
