@@ -478,7 +478,7 @@ def test_llava_next_merge_steps_run_unchanged_on_the_dual_view_features(next_for
     arch, tower, load = next_fork
     dual = load(arch, fork_config(tower, dualview={"num_heads": 2}, mm_patch_merge_type=merge, image_aspect_ratio=aspect))
     plain = load(arch, fork_config(tower, mm_patch_merge_type=merge, image_aspect_ratio=aspect))
-    plain.get_model().spatial_embed = dual.get_model().spatial_embed  # weights for the reference only
+    assert plain.dual_view_grids([torch.zeros(5, 3, S, S)], [(41, 57)], []) == [None]  # off: the plain path
     sizes = [(90, 31), (100, 100), (57, 41)]
     pixels, fork_sizes = anyres_pixels(arch, tower, sizes)
     grids = dual.dual_view_grids(pixels, fork_sizes, [])
