@@ -245,6 +245,24 @@ def test_multi_image_prompts_keep_their_images_plain_and_single_images_are_dual_
         image_features(adapted, {**inputs, "batch_num_images": torch.tensor([2, 1])})
 
 
+def test_a_batch_of_multi_image_prompts_only_is_exactly_the_plain_model():
+    plain, adapted = plain_and_adapted()
+    inputs = multi_image_batch([[(35, 105), (50, 50)], [(12, 30), (105, 35)]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
+
+
+def test_tower_batch_size_chunks_the_one_call_on_request_with_the_same_features():
+    _, adapted = plain_and_adapted()
+    chunked = adapter.apply(tiny_model(), num_heads=2, tower_batch_size=4)
+    chunked.model.spatial_embed.load_state_dict(adapted.model.spatial_embed.state_dict())
+    inputs = batch([(70, 105), (35, 35)])  # 1 + 2*6 and 1 + 2*1 crops: 16
+    calls = TowerCalls(chunked)
+    for a, b in zip(image_features(chunked, inputs), image_features(adapted, inputs)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert calls.sizes == [4, 4, 4, 4]
+
+
 def test_video_goes_through_the_plain_path_unchanged():
     plain, adapted = plain_and_adapted()
     inputs = video_batch()
