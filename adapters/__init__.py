@@ -11,6 +11,9 @@ the model's config, and leaves everything else alone; its ``from_pretrained(path
   (multi-image prompts and video stay plain).
 - :mod:`dualview.adapters.hf_internvl`: transformers' ``InternVLForConditionalGeneration`` (InternVL
   2.5 / 3; ``prepare_processor`` adds the tile grids the model needs; video frames stay plain).
+- :mod:`dualview.adapters.hf_idefics3`: transformers' ``Idefics3ForConditionalGeneration`` and
+  ``SmolVLMForConditionalGeneration`` (``prepare_processor`` adds the ``image_grid`` the model needs;
+  unsplit images and video frames stay plain).
 - :mod:`dualview.adapters.towers`: CLIP / SigLIP (transformers) and timm ViT models as towers.
 
 Adapter modules import their host library lazily; importing this package needs only the core.
