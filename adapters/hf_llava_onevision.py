@@ -44,7 +44,8 @@ the module-level subclass :class:`DualViewLlavaOnevisionModel` and registers the
 swaps it back.
 
 Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`budget`,
-:func:`packed_map_size`, :func:`image_tokens`, :func:`max_num_patches`, :func:`onevision_dual_view`.
+:func:`packed_map_size`, :func:`image_tokens`, :func:`max_num_patches`, :func:`tiled_images`,
+:func:`onevision_dual_view`.
 """
 
 from __future__ import annotations
