@@ -1,22 +1,26 @@
-"""The config-driven ablation runner.
+"""The config-driven, resumable ablation runner.
 
-    python -m dualview.ablation --config examples/ablation/configs/default.json --out examples/ablation/results
-    python -m dualview.ablation --steps 2 --seeds 0 --eval-samples 16     # a smoke run
+    python -m dualview.ablation --config examples/ablation/configs/default.json --out DIR
+    python -m dualview.ablation --quick --out DIR                          # a smoke run (seconds)
+    python -m dualview.ablation --config ... --out DIR --report-only       # tables from finished runs
     torchrun --nproc_per_node=2 -m dualview.ablation --config ...          # data-parallel (gloo / nccl)
 
-Every variant is trained from scratch with the same data stream, steps, optimiser and seeds, and
-evaluated on the same held-out samples. Writes ``ablation.json``, ``ablation.md`` and
-``ablation.png`` (accuracy mean and standard deviation over seeds) to ``--out``.
+One tower is pretrained on the crop pretext (cached by config hash) and frozen; every arm
+(variant x resampling x task mark) then trains its projector, DEM and head for every seed, on the
+same data stream per seed, and is scored on the same held-out samples. Each finished (arm, seed) is
+written to ``DIR/runs/`` at once; a rerun skips it. At the end: ``ablation.json``, ``ablation.md``
+and ``ablation.png`` with paired bootstrap intervals (``report.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import platform
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,31 +29,45 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .task import NUM_CLASSES, TaskConfig, make_batch
-from .variants import VARIANTS, AblationModel
+from . import report
+from .features import FeatureStream, held_out
+from .progress import Progress
+from .store import RunStore, write_atomic
+from .task import NUM_CLASSES, TaskConfig
+from .tower import TowerConfig, pretrained_tower
+from .variants import MARKS, VARIANTS, Arm, VariantModel
 
-EVAL_SEED = 10_000  # held-out samples: the same for every variant and seed
+DEFAULT_ARMS = tuple(VARIANTS) + ("dem_both/bilinear",) + tuple(
+    f"{v}@arrow" for v in ("anyres", "local_only", "global_only", "local_plus_global", "dem_both"))
 
 
 @dataclass
 class ExperimentConfig:
+    # the task
     crop_size: int = 24
     grid: tuple[int, int] = (3, 3)
     glyph_px: int = 1
-    mark: str = "frame"  # see dualview.ablation.task: "frame" or "arrow"
     snap: int = 6  # glyph placement grid in pixels (task.TaskConfig.snap): the patch size
+    # the frozen tower and its pretext training
     patch_size: int = 6
-    resample: str = "avgpool"  # how every variant brings its (R*h, C*w) map to (h, w): "bilinear" | "avgpool"
-    head: str = "mean"  # the LLM stand-in: "mean" or "transformer"
     dim: int = 48
-    tower_layers: int = 1
+    tower_layers: int = 2
+    pretext_steps: int = 1000
+    pretext_batch: int = 128
+    pretext_lr: float = 3e-3
+    pretext_held_out: int = 1000
+    tower_seed: int = 0
+    # what every arm trains (projector + DEM + head) and how it is scored
+    head: str = "mean"  # the LLM stand-in: "mean" or "transformer"
     head_layers: int = 1
-    steps: int = 500
-    batch: int = 32
+    steps: int = 200
+    batch: int = 16
     lr: float = 2e-3
     eval_samples: int = 1000
-    seeds: tuple[int, ...] = (0, 1, 2)
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    # the sweep: arms x seeds, and the intervals
+    seeds: tuple[int, ...] = tuple(range(8))
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    bootstrap_resamples: int = 5000
 
     @classmethod
     def from_json(cls, path: Path) -> "ExperimentConfig":
@@ -59,8 +77,30 @@ class ExperimentConfig:
             raise ValueError(f"config {str(path)!r} has unknown keys {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
-    def task(self) -> TaskConfig:
-        return TaskConfig(self.crop_size, tuple(self.grid), self.glyph_px, self.mark, self.snap)
+    def task(self, mark: str) -> TaskConfig:
+        return TaskConfig(self.crop_size, tuple(self.grid), self.glyph_px, mark, self.snap)
+
+    def tower(self) -> TowerConfig:
+        return TowerConfig(crop_size=self.crop_size, patch_size=self.patch_size, dim=self.dim, layers=self.tower_layers,
+                           glyph_px=self.glyph_px, snap=self.snap, steps=self.pretext_steps, batch=self.pretext_batch,
+                           lr=self.pretext_lr, seed=self.tower_seed, held_out=self.pretext_held_out)
+
+    def digest(self) -> str:
+        """What a finished run depends on: every field but the sweep's extent and the intervals, so
+        a sweep can grow (more seeds, more arms) on top of the runs it already has."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "arms", "bootstrap_resamples")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def parsed_arms(self) -> list[Arm]:
+        arms = [Arm.parse(a) for a in self.arms]
+        names = [a.name for a in arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arms must be distinct, got {names}")
+        return arms
+
+
+QUICK = dict(steps=3, batch=4, eval_samples=16, seeds=(0, 1), pretext_steps=3, pretext_batch=16, pretext_held_out=32,
+             bootstrap_resamples=200)
 
 
 @dataclass
@@ -68,6 +108,10 @@ class World:
     rank: int = 0
     size: int = 1
     ddp: bool = field(default=False)
+
+    def barrier(self) -> None:
+        if self.ddp:
+            dist.barrier()
 
 
 def start_world() -> World:
@@ -78,152 +122,185 @@ def start_world() -> World:
     return World()
 
 
-def train_one(cfg: ExperimentConfig, variant: str, seed: int, world: World) -> dict:
-    """Train one variant from scratch; return its held-out accuracy and costs."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    task = cfg.task()
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    model = AblationModel(VARIANTS[variant], crop_size=cfg.crop_size, grid=tuple(cfg.grid), patch_size=cfg.patch_size,
-                          dim=cfg.dim, tower_layers=cfg.tower_layers, head_layers=cfg.head_layers, classes=NUM_CLASSES,
-                          resample=cfg.resample, head=cfg.head)
-    trainable = model
-    if world.ddp:
-        trainable = torch.nn.parallel.DistributedDataParallel(model)
+def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream, evaluation: list, world: World) -> dict:
+    """Train one arm's projector / DEM / head on ``stream``; score it on ``evaluation``."""
+    torch.manual_seed(seed)  # the same projector and head for every arm of this seed, on every rank
+    model = VariantModel(VARIANTS[arm.variant], resample=arm.resample, grid=tuple(cfg.grid),
+                         tokens_side=cfg.crop_size // cfg.patch_size, dim=cfg.dim, head=cfg.head,
+                         head_layers=cfg.head_layers, classes=NUM_CLASSES)
+    trainable = torch.nn.parallel.DistributedDataParallel(model) if world.ddp else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
-    data = torch.Generator().manual_seed(1_000 * seed + world.rank)  # each rank its own share of the stream
-    per_rank = max(cfg.batch // world.size, 1)
-    start = time.perf_counter()
+    start, made_before = time.perf_counter(), stream.made_s
     model.train()
     losses = []
-    for _ in range(cfg.steps):
-        images, labels = make_batch(task, per_rank, data)
-        loss = torch.nn.functional.cross_entropy(trainable(images), labels)
+    for step in range(cfg.steps):
+        feats, labels = stream[step]
+        loss = torch.nn.functional.cross_entropy(trainable(feats), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    train_s = time.perf_counter() - start
+    data_s = stream.made_s - made_before  # this arm's share of making the stream (the first arm of a seed pays)
+    train_s = time.perf_counter() - start - data_s
     model.eval()
-    correct = 0
-    held_out = torch.Generator().manual_seed(EVAL_SEED)
     with torch.no_grad():
-        for first in range(0, cfg.eval_samples, 250):
-            images, labels = make_batch(task, min(250, cfg.eval_samples - first), held_out)
-            correct += int((model(images).argmax(-1) == labels).sum())
-    return dict(variant=variant, seed=seed, accuracy=correct / cfg.eval_samples, final_loss=losses[-1] if losses else None,
-                train_s=train_s, tower_passes=model.tower_passes(), tokens=model.h * model.w,
-                params=sum(p.numel() for p in model.parameters()))
+        correct = torch.cat([model(feats).argmax(-1) == labels for feats, labels in evaluation])
+    every = max(cfg.steps // 20, 1)
+    return dict(arm=arm.name, variant=arm.variant, resample=arm.resample, mark=arm.mark, seed=seed,
+                accuracy=float(correct.double().mean()), correct=report.encode_correct(correct),
+                final_loss=losses[-1] if losses else None, loss_curve=losses[::every], train_s=train_s, data_s=data_s,
+                tower_passes=model.tower_passes(), tokens=model.h * model.w,
+                trainable_params=sum(p.numel() for p in model.parameters()))
 
 
-def summarise(runs: list[dict], cfg: ExperimentConfig) -> list[dict]:
-    rows = []
-    for name in cfg.variants:
-        accs = [r["accuracy"] for r in runs if r["variant"] == name]
-        first = next(r for r in runs if r["variant"] == name)
-        rows.append(dict(variant=name, accuracy_mean=statistics.mean(accs),
-                         accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0, accuracies=accs,
-                         tower_passes=first["tower_passes"], tokens=first["tokens"], params=first["params"],
-                         train_s_mean=statistics.mean(r["train_s"] for r in runs if r["variant"] == name)))
-    return rows
-
-
-def markdown(result: dict) -> str:
-    cfg = result["config"]
-    lines = [
-        f"Command: `{result['command']}`",
-        "",
-        f"Task: {cfg['grid'][0]}x{cfg['grid'][1]} canvas of {cfg['crop_size']}-px crops, {cfg['glyph_px']}-px glyph bits, "
-        f"{NUM_CLASSES} classes (chance {1 / NUM_CLASSES:.0%}); {cfg['steps']} steps of batch {cfg['batch']}, "
-        f"{len(cfg['seeds'])} seeds, {cfg['eval_samples']} held-out samples; {result['world_size']} process(es), "
-        f"{result['elapsed_s']:.0f} s in all.",
-        "",
-        "| variant | accuracy (mean ± std) | per seed | tower passes | LLM tokens | params |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in result["summary"]:
-        per_seed = ", ".join(f"{a:.3f}" for a in r["accuracies"])
-        lines.append(f"| {r['variant']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {per_seed} | "
-                     f"{r['tower_passes']} | {r['tokens']} | {r['params']:,} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["summary"]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    ax.bar([r["variant"] for r in rows], [r["accuracy_mean"] for r in rows],
-           yerr=[r["accuracy_std"] for r in rows], capsize=4, color="tab:blue")
-    ax.axhline(1 / NUM_CLASSES, color="gray", ls="--", lw=1, label="chance")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend()
-    ax.set_title(f"dual-view ablation, same token budget ({rows[0]['tokens']} tokens); mean ± std over "
-                 f"{len(result['config']['seeds'])} seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def parse_args(argv=None) -> tuple[ExperimentConfig, Path]:
-    p = argparse.ArgumentParser(description="dual-view ablations on a synthetic high-resolution task")
+def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description="dual-view ablations with a frozen pretrained tower, paired by seed")
     p.add_argument("--config", type=Path, help="JSON file with ExperimentConfig fields")
-    p.add_argument("--out", type=Path, default=Path("ablation-out"))
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch", type=int)
+    p.add_argument("--out", type=Path, default=Path("ablation-out"), help="results; finished runs in OUT/runs/")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and two seeds: a smoke run in seconds")
+    p.add_argument("--tower-cache", type=Path, help="where pretrained towers are cached "
+                   "(default $XDG_CACHE_HOME/dualview/ablation-towers, i.e. ~/.cache/...)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
+    p.add_argument("--max-runs", type=int, help="stop after this many new runs (the rest on a rerun)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, which follows OMP_NUM_THREADS)")
+    p.add_argument("--note", default="", help="free text about the machine, stored with the results")
+    p.add_argument("--no-tqdm", action="store_true", help="plain progress lines even if tqdm is installed")
+    p.add_argument("--no-plot", action="store_true", help="skip ablation.png")
+    for name in ("steps", "batch", "eval_samples", "dim", "pretext_steps", "bootstrap_resamples"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+    p.add_argument("--head", choices=("mean", "transformer"))
     p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
-    p.add_argument("--variants", help=f"comma-separated among {','.join(VARIANTS)}")
-    p.add_argument("--eval-samples", type=int)
-    p.add_argument("--dim", type=int)
+    p.add_argument("--arms", help="comma-separated VARIANT[/RESAMPLE][@MARK], e.g. dem_both,dem_both/bilinear,anyres@arrow")
     args = p.parse_args(argv)
     cfg = ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig()
-    for name in ("steps", "batch", "eval_samples", "dim"):
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(cfg, name, value)
+    for name in ("steps", "batch", "eval_samples", "dim", "pretext_steps", "bootstrap_resamples", "head"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.seeds:
         cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
-    if args.variants:
-        cfg.variants = tuple(args.variants.split(","))
-    for name in cfg.variants:
-        if name not in VARIANTS:
-            raise SystemExit(f"ablation: error: variant must be one of {sorted(VARIANTS)}, got {name!r}")
-    return cfg, args.out
+    if args.arms:
+        cfg.arms = tuple(args.arms.split(","))
+    try:
+        cfg.parsed_arms()
+    except ValueError as err:
+        p.error(str(err))
+    if args.max_runs is not None and args.max_runs < 0:
+        p.error(f"--max-runs must be >= 0, got {args.max_runs}")
+    return cfg, args
+
+
+def _command(argv, world: World) -> str:
+    args = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    prefix = f"torchrun --nproc_per_node={world.size}" if world.size > 1 else "python"
+    return f"{prefix} -m dualview.ablation {args}".strip()
+
+
+def sweep(cfg: ExperimentConfig, args: argparse.Namespace, world: World, store: RunStore) -> int:
+    """Train every unfinished (arm, seed), seed by seed (so an interruption leaves whole seeds and the
+    ETA is honest after the first seed). Returns the number of runs trained."""
+    arms = cfg.parsed_arms()
+    if world.rank == 0:  # the others wait and read the cache it wrote
+        tower, info = pretrained_tower(cfg.tower(), args.tower_cache)
+    world.barrier()
+    if world.rank != 0:
+        tower, info = pretrained_tower(cfg.tower(), args.tower_cache)
+    tower_record = {k: info[k] for k in ("digest", "glyph_accuracy", "mark_accuracy", "held_out")}
+    todo = {(a.name, s) for a in arms for s in cfg.seeds if store.load(a.name, s) is None}
+    total = len(arms) * len(cfg.seeds)
+    progress = Progress(total, total - len(todo), use_tqdm=False if args.no_tqdm else None) if world.rank == 0 else None
+    evaluation: dict[str, list] = {}
+    ran = 0
+    try:
+        for seed in cfg.seeds:
+            for mark in MARKS:
+                pending = [a for a in arms if a.mark == mark and (a.name, seed) in todo]
+                if not pending:
+                    continue
+                if args.max_runs is not None and ran >= args.max_runs:
+                    return ran
+                if mark not in evaluation:
+                    evaluation[mark] = held_out(cfg.task(mark), tower, cfg.eval_samples)
+                stream = FeatureStream(cfg.task(mark), tower, data_seed=1_000 * seed + world.rank,
+                                       batch=max(cfg.batch // world.size, 1), keep=len(pending) > 1)
+                for arm in pending:
+                    if args.max_runs is not None and ran >= args.max_runs:
+                        return ran
+                    run = train_one(cfg, arm, seed, stream, evaluation[mark], world)
+                    ran += 1
+                    if world.rank == 0:
+                        store.save(dict(run, tower=tower_record))
+                        progress.update(f"{arm.name} seed {seed}: accuracy {run['accuracy']:.3f} "
+                                        f"(loss {run['final_loss']:.3f}, {run['train_s']:.1f} s)")
+    finally:
+        if progress is not None:
+            progress.close()
+    return ran
 
 
 def main(argv=None) -> dict | None:
-    cfg, out = parse_args(argv)
+    cfg, args = parse_args(argv)
     world = start_world()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif world.size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
+    out = args.out
+    store = RunStore(out / "runs", cfg.digest())
     start = time.perf_counter()
-    runs = []
-    for name in cfg.variants:
-        for seed in cfg.seeds:
-            run = train_one(cfg, name, seed, world)
-            runs.append(run)
-            if world.rank == 0:
-                print(f"[ablation] {name:<20} seed {seed}: accuracy {run['accuracy']:.3f} "
-                      f"(loss {run['final_loss']:.3f}, {run['train_s']:.1f} s)", file=sys.stderr, flush=True)
+    ran = 0 if args.report_only else sweep(cfg, args, world, store)
+    elapsed = time.perf_counter() - start
+    if world.rank == 0 and not args.report_only:  # one line per session: the run's duration across resumes
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "sessions.jsonl", "a") as log:
+            log.write(json.dumps(dict(finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                      elapsed_s=elapsed, runs=ran, threads=torch.get_num_threads(),
+                                      world_size=world.size, note=args.note)) + "\n")
     result = None
     if world.rank == 0:
-        command = "python -m dualview.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        if world.size > 1:
-            command = f"torchrun --nproc_per_node={world.size} -m dualview.ablation " + command.split(" ", 3)[-1]
-        result = dict(config=dataclasses.asdict(cfg), command=command.strip(), world_size=world.size,
-                      elapsed_s=time.perf_counter() - start, torch=torch.__version__, runs=runs, summary=summarise(runs, cfg))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ablation.json").write_text(json.dumps(result, indent=2))
-        table = markdown(result)
-        (out / "ablation.md").write_text(table)
-        plot(result, out / "ablation.png")
-        print(table)
+        result = write_report(cfg, args, world, store, ran=ran, elapsed=elapsed, command=_command(argv, world))
     if world.ddp:
-        dist.barrier()
+        world.barrier()
         dist.destroy_process_group()
+    return result
+
+
+def write_report(cfg: ExperimentConfig, args, world: World, store: RunStore, *, ran: int, elapsed: float,
+                 command: str) -> dict | None:
+    arms = cfg.parsed_arms()
+    runs = {a.name: {s: r for s in cfg.seeds if (r := store.load(a.name, s)) is not None} for a in arms}
+    finished = sum(len(v) for v in runs.values())
+    if finished == 0:
+        print(f"[ablation] no finished runs in {store.folder}: nothing to report", file=sys.stderr)
+        return None
+    towers = {json.dumps(r["tower"], sort_keys=True) for v in runs.values() for r in v.values()}
+    if len(towers) != 1:  # cannot happen under one config digest, unless files were mixed by hand
+        raise ValueError(f"the runs in {store.folder} used {len(towers)} different towers: {sorted(towers)}")
+    sessions = [json.loads(line) for line in (args.out / "sessions.jsonl").read_text().splitlines()] \
+        if (args.out / "sessions.jsonl").exists() else []
+    result = dict(
+        config=dataclasses.asdict(cfg), config_digest=cfg.digest(), command=command,
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
+                + (f"; {args.note}" if args.note else ""),
+        threads=torch.get_num_threads(), world_size=world.size, elapsed_s=elapsed, runs_this_session=ran,
+        runs_resumed=finished - ran, runs_missing=len(arms) * len(cfg.seeds) - finished,
+        run_s_total=sum(r["train_s"] for v in runs.values() for r in v.values()),
+        sessions=sessions, wall_s_all_sessions=sum(x["elapsed_s"] for x in sessions),
+        tower=json.loads(towers.pop()),
+        analysis=report.analyse(runs, arms, resamples=cfg.bootstrap_resamples),
+    )
+    out = args.out
+    write_atomic(out / "ablation.json", json.dumps(result, indent=1))
+    table = report.markdown(result)
+    if result["runs_missing"]:
+        table = (f"**Partial: {result['runs_missing']} of {len(arms) * len(cfg.seeds)} runs missing** "
+                 "(rerun the same command to finish them).\n\n" + table)
+    write_atomic(out / "ablation.md", table)
+    if not args.no_plot:
+        report.plot(result, out / "ablation.png")
+    print(table)
     return result

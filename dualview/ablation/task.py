@@ -14,6 +14,9 @@ Detail: a glyph is ``3*glyph_px`` pixels wide; squashed to one crop (the thumbna
 smaller) it shrinks to about ``3*glyph_px/R`` pixels, and as all classes have the same number of
 ink pixels, blur alone does not tell them apart. Reproducible: the same seed gives the same batch.
 Chance level is ``1 / num_classes``.
+
+``make_crops`` draws the tower's pretext task: single crops at full resolution, each with a glyph
+(or none) and a mark (none, a frame, or an arrow in one of four directions), labelled with both.
 """
 
 from __future__ import annotations
@@ -64,6 +67,74 @@ def _arrow(size: int, corner: int) -> torch.Tensor:
     return (shaft | head).float()
 
 
+def _border(s: int) -> int:
+    return max(s // 8, 2)  # frame width; glyphs stay inside it
+
+
+def _glyph_spots(cfg: TaskConfig) -> list[int]:
+    """Offsets (in a tile) where a glyph's top-left corner may go: inside the frame, on the snap grid."""
+    s, g, border = cfg.crop_size, 3 * cfg.glyph_px, _border(cfg.crop_size)
+    if g + 2 * border + 2 > s:
+        raise ValueError(f"glyph_px={cfg.glyph_px} makes {g}-pixel glyphs, too large for crop_size={s}")
+    spots = [p for p in range(border + 1, s - g - border) if p % cfg.snap == 0]
+    if not spots:
+        raise ValueError(f"no place for a {g}-pixel glyph on multiples of snap={cfg.snap} inside a {s}-pixel tile")
+    return spots
+
+
+def _frame(s: int) -> torch.Tensor:
+    """A (s, s) mask: the tile's border, ``_border(s)`` pixels wide."""
+    mask = torch.ones(s, s)
+    border = _border(s)
+    mask[border:-border, border:-border] = 0
+    return mask
+
+
+def _background(batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch, 3, height, width): a soft random grey and noise, so that the tower must find the glyph."""
+    base = torch.rand(batch, 3, 1, 1, generator=generator) * 0.3 + 0.35
+    noise = torch.rand(batch, 1, height, width, generator=generator) * 0.1
+    return (base + noise).expand(batch, 3, height, width).clone()
+
+
+def _glyph(cls: int, glyph_px: int) -> torch.Tensor:
+    """(3*glyph_px, 3*glyph_px): dark ink (0) on a light square (1)."""
+    return 1.0 - GLYPHS[cls].repeat_interleave(glyph_px, 0).repeat_interleave(glyph_px, 1)
+
+
+def _paint_mark(region: torch.Tensor, mask: torch.Tensor) -> None:
+    """Red up, green and blue down where ``mask`` is 1 (``region``: (3, H, W), in place)."""
+    region[0] += mask * 0.5
+    region[1:] -= mask[None] * 0.3
+
+
+PRETEXT_MARKS = ("none", "frame", "arrow_top_left", "arrow_top_right", "arrow_bottom_left", "arrow_bottom_right")
+NO_GLYPH = NUM_CLASSES  # the pretext's glyph label for a crop without a glyph
+
+
+def make_crops(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tower's pretext task: single ``s x s`` crops drawn like the task's tiles.
+
+    Returns (crops (B, 3, s, s) in [0, 1], glyph (B,) in ``0..NUM_CLASSES`` where ``NO_GLYPH`` means
+    none, mark (B,) indexing ``PRETEXT_MARKS``). A glyph is present with probability 3/4; the mark is
+    uniform over the six kinds. The glyph is drawn last, so an arrow never hides it.
+    """
+    s, g = cfg.crop_size, 3 * cfg.glyph_px
+    spots = _glyph_spots(cfg)
+    crops = _background(batch, s, s, generator)
+    glyph = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    glyph[torch.rand(batch, generator=generator) < 0.25] = NO_GLYPH
+    mark = torch.randint(0, len(PRETEXT_MARKS), (batch,), generator=generator)
+    masks = [torch.zeros(s, s), _frame(s)] + [_arrow(s, k) for k in range(4)]
+    place = torch.randint(len(spots), (batch, 2), generator=generator)
+    for i in range(batch):
+        _paint_mark(crops[i], masks[int(mark[i])])
+        if glyph[i] != NO_GLYPH:
+            top, left = spots[int(place[i, 0])], spots[int(place[i, 1])]
+            crops[i, :, top:top + g, left:left + g] = _glyph(int(glyph[i]), cfg.glyph_px)
+    return crops.clamp(0, 1), glyph, mark
+
+
 def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (B, 3, R*s, C*s) in [0, 1], labels (B,)) for ``batch`` fresh samples."""
     rows, cols = cfg.grid
@@ -72,30 +143,22 @@ def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
         raise ValueError(f"grid must have at least 2 rows and 2 columns for corner tiles, got {cfg.grid}")
     gp = cfg.glyph_px
     g = 3 * gp  # glyph side in pixels
-    border = max(s // 8, 2)  # frame width; glyphs stay inside it
-    if g + 2 * border + 2 > s:
-        raise ValueError(f"glyph_px={gp} makes {g}-pixel glyphs, too large for crop_size={s}")
-    spots = [p for p in range(border + 1, s - g - border) if p % cfg.snap == 0]
-    if not spots:
-        raise ValueError(f"no place for a {g}-pixel glyph on multiples of snap={cfg.snap} inside a {s}-pixel tile")
+    spots = _glyph_spots(cfg)
     if cfg.mark not in ("frame", "arrow"):
         raise ValueError(f"mark must be 'frame' or 'arrow', got {cfg.mark!r}")
     height, width = cfg.canvas
-    # soft random background: gradients and noise, so that the tower must find the glyph
-    base = torch.rand(batch, 3, 1, 1, generator=generator) * 0.3 + 0.35
-    noise = torch.rand(batch, 1, height, width, generator=generator) * 0.1
-    images = (base + noise).expand(batch, 3, height, width).clone()
+    images = _background(batch, height, width, generator)
     pointed = torch.randint(0, 4, (batch,), generator=generator)
     labels = torch.empty(batch, dtype=torch.long)
     centre = ((rows // 2) * s, (cols // 2) * s)
     arrows = [_arrow(s, k) for k in range(4)]
+    frame = _frame(s)
     for i in range(batch):
         classes = torch.randperm(NUM_CLASSES, generator=generator)  # all four corners differ
         for k, (r, c) in enumerate(CORNERS):
             top = (r % rows) * s + spots[int(torch.randint(len(spots), (1,), generator=generator))]
             left = (c % cols) * s + spots[int(torch.randint(len(spots), (1,), generator=generator))]
-            glyph = GLYPHS[classes[k]].repeat_interleave(gp, 0).repeat_interleave(gp, 1)
-            images[i, :, top:top + g, left:left + g] = 1.0 - glyph  # dark ink on a light square
+            images[i, :, top:top + g, left:left + g] = _glyph(int(classes[k]), gp)
         k = int(pointed[i])
         labels[i] = classes[k]
         if cfg.mark == "arrow":
@@ -103,8 +166,6 @@ def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
         else:
             r, c = CORNERS[k]
             region = (slice((r % rows) * s, (r % rows + 1) * s), slice((c % cols) * s, (c % cols + 1) * s))
-            mask = torch.ones(s, s)
-            mask[border:-border, border:-border] = 0
-        images[i, 0, region[0], region[1]] += mask * 0.5
-        images[i, 1:, region[0], region[1]] -= mask[None] * 0.3
+            mask = frame
+        _paint_mark(images[i, :, region[0], region[1]], mask)
     return images.clamp(0, 1), labels

@@ -1,8 +1,8 @@
-"""The ablation variants and the small model they share.
+"""The ablation variants, the arms of a sweep, and the trainable model they share.
 
-Every variant hands the same number of tokens to the "LLM side" (a small transformer head): one
-crop's ``h*w``. They differ only in what the vision side does (the paper's Tables 4-6 and the usual
-baselines):
+Every variant hands the same number of tokens to the "LLM side" (projector + a small head): one
+crop's ``h*w``. They differ only in what the vision side does with the frozen tower's tokens (the
+paper's Tables 4-6 and the usual baselines):
 
 | name | views through the tower | combined by | thumbnail |
 |---|---|---|---|
@@ -16,6 +16,10 @@ baselines):
 | dem_add / dem_conv3x3 | both | DEM, both directions, add / conv3x3 fusion | yes |
 
 "yes" thumbnail: the resampled tokens are averaged with the thumbnail's (INF-LLaVA's mean).
+
+An *arm* of a sweep is a variant on a task with a resampling rule, written
+``variant[/resample][@mark]``: ``dem_both`` (avgpool, frame mark), ``dem_both/bilinear`` (the
+released resampling), ``anyres@arrow`` (the layout-heavy arrow mark).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from dualview import DCM, DEM, layout
+from dualview import DEM, layout
+
+from .features import ViewFeatures
 
 
 @dataclass(frozen=True)
@@ -54,22 +61,6 @@ VARIANTS = {
         Variant("dem_conv3x3", "both", "dem", fusion="conv3x3"),
     )
 }
-
-
-class SmallViT(nn.Module):
-    """Patch embedding + a few transformer layers: (N, 3, s, s) -> (N, (s/p)^2, D)."""
-
-    def __init__(self, crop_size: int, patch_size: int, dim: int, layers: int, heads: int = 4):
-        super().__init__()
-        self.patch_size = patch_size
-        tokens = (crop_size // patch_size) ** 2
-        self.embed = nn.Conv2d(3, dim, patch_size, patch_size)
-        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.embed(pixels).flatten(2).transpose(1, 2) + self.pos)
 
 
 class Head(nn.Module):
@@ -100,42 +91,75 @@ class Head(nn.Module):
         return self.out(self.norm(self.blocks(x)[:, 0]))
 
 
-class AblationModel(nn.Module):
-    """DCM -> tower (one call over the crops the variant uses) -> combine -> (h*w) tokens -> head."""
 
-    def __init__(self, variant: Variant, *, crop_size: int, grid: tuple[int, int], patch_size: int, dim: int,
-                 tower_layers: int, head_layers: int, classes: int, resample: str = "bilinear", head: str = "mean"):
+
+BASE_RESAMPLE = "avgpool"
+BASE_MARK = "frame"
+RESAMPLES = ("avgpool", "bilinear")
+MARKS = ("frame", "arrow")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One column of a sweep: a variant, the rule that brings its map to ``h x w``, the task's mark."""
+
+    variant: str
+    resample: str = BASE_RESAMPLE
+    mark: str = BASE_MARK
+
+    @property
+    def name(self) -> str:
+        return (self.variant + ("" if self.resample == BASE_RESAMPLE else f"/{self.resample}")
+                + ("" if self.mark == BASE_MARK else f"@{self.mark}"))
+
+    @classmethod
+    def parse(cls, text: str) -> "Arm":
+        """``"variant[/resample][@mark]"`` -> Arm, with one clear error for each bad part."""
+        rest, _, mark = text.partition("@")
+        variant, _, resample = rest.partition("/")
+        if variant not in VARIANTS:
+            raise ValueError(f"arm {text!r}: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        resample = resample or BASE_RESAMPLE
+        if resample not in RESAMPLES:
+            raise ValueError(f"arm {text!r}: resample (after '/') must be one of {list(RESAMPLES)}, got {resample!r}")
+        mark = mark or BASE_MARK
+        if mark not in MARKS:
+            raise ValueError(f"arm {text!r}: mark (after '@') must be one of {list(MARKS)}, got {mark!r}")
+        return cls(variant, resample, mark)
+
+    def reference(self, variant: str) -> "Arm":
+        """The arm of ``variant`` on the same task with the base resampling: what this arm is compared with."""
+        return Arm(variant, BASE_RESAMPLE, self.mark)
+
+
+class VariantModel(nn.Module):
+    """The trainable part of one variant: frozen-tower tokens -> combine -> (h*w) tokens -> projector -> head.
+
+    The projector (LLaVA's two-layer MLP, per token) and the head are built first, so under the same
+    ``torch.manual_seed`` every variant starts from the same projector and head; the DEM comes after.
+    """
+
+    def __init__(self, variant: Variant, *, resample: str, grid: tuple[int, int], tokens_side: int, dim: int,
+                 head: str, head_layers: int, classes: int):
         super().__init__()
-        self.variant = variant
-        self.resample = resample
-        self.grid = grid
-        self.h = self.w = crop_size // patch_size
-        self.dcm = DCM(crop_size, grid, fit="squash", thumbnail=variant.thumbnail or variant.views == "thumbnail")
-        self.tower = SmallViT(crop_size, patch_size, dim, tower_layers)
+        if resample not in RESAMPLES:
+            raise ValueError(f"resample must be one of {list(RESAMPLES)}, got {resample!r}")
+        self.variant, self.resample, self.grid = variant, resample, tuple(grid)
+        self.h = self.w = tokens_side
+        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.head = Head(self.h * self.w, dim, head_layers, classes, kind=head)
         self.dem = None
         if variant.combine == "dem":
             self.dem = DEM(dim, num_heads=4, out_size=(self.h, self.w), directions=variant.directions,
                            fusion=variant.fusion, resample=resample, ffn_hidden=max(dim // 16, 4))
-        self.head = Head(self.h * self.w, dim, head_layers, classes, kind=head)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R*s, C*s) -> (B, h*w, D): the image tokens the head sees."""
+    def tokens(self, feats: ViewFeatures) -> torch.Tensor:
+        """The tower's tokens of all views -> (B, h*w, D): the image tokens the projector sees."""
         v, (rows, cols) = self.variant, self.grid
-        crops = self.dcm(images)
-        batch, n = images.shape[0], rows * cols
-        parts = []
-        if v.views in ("local", "both"):
-            parts.append(crops.local_view.flatten(0, 1))
-        if v.views in ("global", "both"):
-            parts.append(crops.global_view.flatten(0, 1))
-        if crops.thumbnail is not None:
-            parts.append(crops.thumbnail)
-        feats = self.tower(torch.cat(parts)).split([p.shape[0] for p in parts])
-        thumb = feats[-1] if crops.thumbnail is not None else None
         if v.views == "thumbnail":
-            return thumb
-        local = feats[0].unflatten(0, (batch, n)) if v.views in ("local", "both") else None
-        glob = feats[-2 if thumb is not None else -1].unflatten(0, (batch, n)) if v.views in ("global", "both") else None
+            return feats.thumbnail
+        local = feats.local if v.views in ("local", "both") else None
+        glob = feats.glob if v.views in ("global", "both") else None
         if v.combine == "dem":
             out = self.dem(local, glob, self.grid)
         else:
@@ -144,19 +168,19 @@ class AblationModel(nn.Module):
                 maps.append(layout.windows_to_map(local, rows, cols, self.h, self.w))
             if glob is not None:
                 maps.append(layout.groups_to_map(glob, rows, cols, self.h, self.w))
-            fmap = maps[0] if len(maps) == 1 else maps[0] + maps[1]
-            chans_first = fmap.permute(0, 3, 1, 2)
-            if self.resample == "bilinear":  # as DEM resamples: the same rule for every variant
-                out = F.interpolate(chans_first, size=(self.h, self.w), mode="bilinear", align_corners=False)
+            fmap = rearrange(sum(maps), "b y x d -> b d y x")
+            if self.resample == "bilinear":  # as the released DEM resamples: the same rule for every variant
+                out = F.interpolate(fmap, size=(self.h, self.w), mode="bilinear", align_corners=False)
             else:
-                out = F.adaptive_avg_pool2d(chans_first, (self.h, self.w))
-            out = out.permute(0, 2, 3, 1).flatten(1, 2)
-        return out if thumb is None or not v.thumbnail else (thumb + out) / 2
+                out = F.adaptive_avg_pool2d(fmap, (self.h, self.w))
+            out = rearrange(out, "b d y x -> b (y x) d")
+        return (feats.thumbnail + out) / 2 if v.thumbnail else out
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tokens(images))
+    def forward(self, feats: ViewFeatures) -> torch.Tensor:
+        return self.head(self.projector(self.tokens(feats)))
 
     def tower_passes(self) -> int:
+        """Crops per image that the variant sends through the tower."""
         n = self.grid[0] * self.grid[1]
         views = {"thumbnail": 0, "local": n, "global": n, "both": 2 * n}[self.variant.views]
-        return views + int(self.dcm.thumbnail)
+        return views + int(self.variant.thumbnail or self.variant.views == "thumbnail")
