@@ -89,7 +89,7 @@ class Outcome:
     changes: tuple[tuple[str, int, int], ...]  # (path, lines added, lines removed)
 
     def report(self) -> str:
-        how = "with a 3-way merge (the fork has drifted from " + self.fork.commit[:12] + ")" if self.three_way else "cleanly"
+        how = f"with a 3-way merge (the fork has drifted from {self.fork.commit[:12]})" if self.three_way else "cleanly"
         head = f"{'patched' if self.applied else 'would patch'} {self.fork.repository} checkout {self.root} {how}:"
         lines = [head] + [f"  {path}  +{added} -{removed}" for path, added, removed in self.changes]
         if not self.applied:
