@@ -45,9 +45,11 @@ Without it the adapted model raises a ValueError saying to call :func:`prepare_p
 never guesses a grid.
 
 **Tower and options.** InternViT has a CLS token: ``vision_feature_select_strategy`` must be
-``"default"`` (drops it; the host's ``"full"`` cannot run either). ``vision_feature_layer`` is one
-int, as the host's (its projector takes ``4 * hidden_size`` channels); ``-1`` is the tower's
-``last_hidden_state`` (after its final LayerNorm when ``use_mean_pooling=False``), as in the host.
+``"default"`` (drops it; the host's ``"full"`` cannot run either). The host also takes a CLIP
+(``"default"``) or SigLIP (``"full"``, no CLS) tower from its config; so does the adapter: the
+strategy must drop exactly the tower's prefix tokens. ``vision_feature_layer`` is one int, as the
+host's (its projector takes ``4 * hidden_size`` channels); ``-1`` is the tower's
+``last_hidden_state`` (after its final norm where it has one), as in the host.
 Free options: ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``; the others are fixed
 (the processor picks the grid, the full DEM map replaces the tiles). The DEM is registered at
 ``model.model.spatial_embed`` (keys ``model.spatial_embed.*``), the options in ``config.dualview``;
@@ -291,9 +293,10 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
             raise ValueError(f"pixel_values must be (patches, 3, s, s), got {got}")
         grids = grids_from_image_sizes(image_sizes, pixel_values)
         tower = vision_tower_for(self, [_feature_layer(layer)], strategy, kwargs)
+        if layer == -1:
+            tower = _LastHiddenState(tower.tower, hidden_states=tower.hidden_states, attentions=tower.attentions)
         s, (h, _) = _square_tile(config), _tile_tokens(config)
-        encoder = self.dualview_encoder(_with_final_norm(tower, self.vision_tower) if layer == -1 else tower,
-                                        crop_size=s, patch_size=s // h)
+        encoder = self.dualview_encoder(tower, crop_size=s, patch_size=s // h)
         feats = dual_view_patches(encoder, pixel_values.to(dtype=self.dtype), grids)  # (P, h*w, D)
         shuffled = self.pixel_shuffle(feats.unflatten(1, (h, h)), scale_factor=config.downsample_ratio)
         projected = self.multi_modal_projector(shuffled.flatten(1, 2))  # (P, image_seq_length, text_dim)
@@ -328,17 +331,22 @@ def _feature_layer(layer: Any) -> int:
     return layer
 
 
-def _with_final_norm(tower: nn.Module, vision_model: nn.Module):
-    """The host's ``vision_feature_layer=-1`` is ``last_hidden_state``: after the tower's final
-    LayerNorm (an Identity with ``use_mean_pooling``); token-wise, so it commutes with dropping CLS."""
-    norm = vision_model.layernorm
-    if isinstance(norm, nn.Identity):
-        return tower
+class _LastHiddenState(_host.RecordingTower):
+    """The host's ``vision_feature_layer=-1``: the vision model's own ``last_hidden_state``, which
+    some towers take after a final norm (InternViT without mean pooling: ``layernorm``; SigLIP:
+    ``post_layernorm``; CLIP: none), prefix tokens dropped. Every layer runs at -1 anyway, so the
+    model's own forward costs nothing over a truncated one; hidden states / attentions are kept
+    when asked, as :class:`~dualview.adapters._host.RecordingTower` keeps them."""
 
-    def feats(pixels: torch.Tensor) -> torch.Tensor:
-        return norm(tower(pixels))
-
-    return feats
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        out = tower.model(
+            pixel_values=pixels.to(dtype=next(tower.model.parameters()).dtype), output_hidden_states=self.hidden_states,
+            output_attentions=self.attentions, return_dict=True,
+        )
+        if self.hidden_states or self.attentions:
+            self.recorded.append(out)
+        return out.last_hidden_state[:, tower.num_prefix_tokens:].to(pixels.dtype)
 
 
 def grids_from_image_sizes(image_sizes: Any, pixel_values: torch.Tensor) -> list[G.Grid]:

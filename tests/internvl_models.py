@@ -24,13 +24,17 @@ PROMPT = f"user : {IMAGE_TOKEN} what is in the picture ?"
 
 
 def tiny_model(
-    *, use_mean_pooling: bool = True, vision_feature_layer: int = -1, strategy: str = "default", seed: int = 0,
+    *, tower: str = "internvit", use_mean_pooling: bool = True, vision_feature_layer: int = -1,
+    strategy: str = "default", seed: int = 0,
 ) -> "transformers.InternVLForConditionalGeneration":
-    """A seeded random InternVL model: a 2-layer InternViT (CLS token, 16 channels) and a 2-layer Qwen2."""
-    vision = transformers.InternVLVisionConfig(
-        image_size=S, patch_size=PATCH, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, use_mean_pooling=use_mean_pooling,
-    )
+    """A seeded random InternVL model: a 2-layer vision tower with 16 channels (``"internvit"``, with
+    a CLS token; or the ``"clip"`` / ``"siglip"`` towers the host also takes) and a 2-layer Qwen2."""
+    sizes = dict(image_size=S, patch_size=PATCH, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=2)
+    if tower == "internvit":
+        vision = transformers.InternVLVisionConfig(**sizes, use_mean_pooling=use_mean_pooling)
+    else:
+        vision = {"clip": transformers.CLIPVisionConfig, "siglip": transformers.SiglipVisionConfig}[tower](**sizes)
     text = transformers.Qwen2Config(
         vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3,

@@ -70,9 +70,11 @@ class TowerCalls:
 
 
 def host_tower(inner, pixels, layer):
-    """The host's tower features: ``last_hidden_state`` for -1, else ``hidden_states[layer]``; CLS dropped."""
+    """The host's tower features: ``last_hidden_state`` for -1, else ``hidden_states[layer]``; the
+    CLS token dropped where the tower has one (all but SigLIP)."""
     out = inner.vision_tower(pixel_values=pixels, output_hidden_states=True)
-    return (out.last_hidden_state if layer == -1 else out.hidden_states[layer])[:, 1:]
+    prefix = 0 if "Siglip" in type(inner.vision_tower).__name__ else 1
+    return (out.last_hidden_state if layer == -1 else out.hidden_states[layer])[:, prefix:]
 
 
 def reference_tile_features(model, tiles, grid, layer=-1):
@@ -212,10 +214,15 @@ def test_prepare_processor_is_idempotent_saves_as_the_plain_processor_and_refuse
 # ---- the model: DEM-fused tiles, the host's plain path for the rest -------------------------------
 
 
-@pytest.mark.parametrize("layer, mean_pooling", [(-1, True), (-1, False), (-2, False)],
-                         ids=["last", "last+final-norm", "penultimate"])
-def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_hosts(layer, mean_pooling):
-    plain, adapted = plain_and_adapted(vision_feature_layer=layer, use_mean_pooling=mean_pooling)
+@pytest.mark.parametrize(
+    "tower, strategy, layer, mean_pooling",
+    [("internvit", "default", -1, True), ("internvit", "default", -1, False), ("internvit", "default", -2, False),
+     ("siglip", "full", -1, True), ("clip", "default", -1, True), ("clip", "default", -2, True)],
+    ids=["internvit", "internvit-final-norm", "internvit-penultimate", "siglip", "clip", "clip-penultimate"],
+)
+def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_hosts(tower, strategy, layer, mean_pooling):
+    plain, adapted = plain_and_adapted(tower=tower, strategy=strategy, vision_feature_layer=layer,
+                                       use_mean_pooling=mean_pooling)
     sizes = [(40, 90), (28, 28), (300, 40), (10, 13), (20, 20), (84, 56)]
     text = [f"user : {M.IMAGE_TOKEN} {M.IMAGE_TOKEN} <video> ?", f"user : {M.IMAGE_TOKEN} ?",
             f"user : {M.IMAGE_TOKEN} {M.IMAGE_TOKEN} {M.IMAGE_TOKEN} ?"]
@@ -399,9 +406,13 @@ def test_fixed_options_may_be_restated_and_misuse_is_refused():
         adapter.budget(torch.nn.Linear(2, 2), (40, 90))
 
 
-def test_a_cls_dropping_strategy_and_one_feature_layer_are_required():
+def test_the_strategy_must_drop_the_towers_prefix_and_one_feature_layer_is_required():
     with pytest.raises(ValueError, match="'default'"):
         adapter.apply(M.tiny_model(strategy="full"))
+    with pytest.raises(ValueError, match="'default'"):
+        adapter.apply(M.tiny_model(tower="clip", strategy="full"))
+    with pytest.raises(ValueError, match="'full'"):
+        adapter.apply(M.tiny_model(tower="siglip", strategy="default"))
     model = M.tiny_model()
     model.config.vision_feature_layer = [-2, -1]
     with pytest.raises(ValueError, match="one int"):
@@ -444,13 +455,14 @@ class TestHostBattery(HostBattery):
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
-            offload_map=None,  # the plain InternVL cannot be loaded with a disk device_map: see below
+            not_applicable={"offload": "the plain InternVL cannot be loaded with its vision tower on 'disk' "
+                                       "(test_the_plain_host_cannot_be_offloaded_to_disk)"},
         )
 
     def test_the_plain_host_cannot_be_offloaded_to_disk(self, tmp_path):
         """Why ``offload_map`` is None: transformers 5.24 + accelerate fail to dispatch InternVL with
         any of its vision tower on "disk" ("... is on the meta device, we need a `value`"), dual view
-        or not. When this starts passing, give the battery an offload_map."""
+        or not. When this starts failing, give the battery an offload_map."""
         pytest.importorskip("accelerate")
         _battery_model().save_pretrained(tmp_path / "plain")
         with pytest.raises(ValueError, match="meta device"):
@@ -473,7 +485,7 @@ class TestHostBattery(HostBattery):
             one["pixel_values"] = pixels[i * per_image:(i + 1) * per_image]
             torch.testing.assert_close(batched[i:i + 1], logits(model, one), atol=1e-5, rtol=1e-4)
 
-    def test_get_image_features_honours_return_dict_false(self):
+    def test_get_image_features_output_return_dict_false(self):
         """The host's pooler_output is one (patches, image_seq_length, text_dim) tensor, not a list."""
         case, model = self.adapted()
         as_dict = self._features(case, model)
