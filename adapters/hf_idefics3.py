@@ -39,10 +39,21 @@ grid). SigLIP-style towers have no CLS token: every token is a spatial patch tok
 ``image_grid`` is a ``(batch, images, 2)`` long tensor: ``(rows, cols)`` per image in prompt order,
 ``(0, 0)`` for an unsplit image, ``(-1, -1)`` padding. ``model(**inputs)``, ``model.generate(**inputs)``
 and ``model.model.get_image_features(pixel_values, pixel_attention_mask, image_grid=...)`` take it;
-without it a ValueError says to call :func:`prepare_processor` (a grid is never guessed).
+without it a ValueError says to call :func:`prepare_processor` (a grid is never guessed), and a grid
+that does not match the frames (each sample's real frames must be its images' ``R*C + 1`` or 1) is a
+ValueError too. The prepared processor is the host's processor class swapped for a module-level
+subclass (:class:`DualViewIdefics3Processor`, :class:`DualViewSmolVLMProcessor`); it saves as the plain one.
 
-The DEM is registered at ``model.model.spatial_embed`` (keys ``model.spatial_embed.*``); the options go
-to ``config.dualview`` (written by ``save_pretrained``).
+How it lives in the model: :func:`apply` swaps the inner model's class (``Idefics3Model`` /
+``SmolVLMModel``) for :class:`DualViewIdefics3Model` / :class:`DualViewSmolVLMModel`, whose
+``get_image_features`` reads ``model.model.spatial_embed`` and ``config.dualview`` at every call and
+whose ``forward`` passes ``image_grid`` to it. Unlike the other transformers adapters it also swaps
+the outer class (``...ForConditionalGeneration``, when given one) for a subclass whose ``forward``
+names ``image_grid``: ``generate`` refuses inputs that its model's ``forward`` does not name. So
+``save_pretrained`` writes the dual-view class name in ``config.architectures``; transformers' Auto
+classes load such a folder as the plain model (without the DEM), :func:`from_pretrained` with it.
+:func:`unapply` gives the plain classes back. The DEM (``dim`` = the tower's hidden size) is at
+``model.model.spatial_embed`` (keys ``model.spatial_embed.*``); options in ``config.dualview``.
 
 Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`prepare_processor`,
 :func:`budget`, :func:`processor_grid`.
@@ -315,8 +326,8 @@ def _dual_view_features(
     *,
     tower_batch_size: Optional[int] = None,
     **kwargs: Any,
-) -> Optional[BaseModelOutputWithPooling]:
-    """The host's ``get_image_features`` with dual view for split images; None when no image is split.
+) -> BaseModelOutputWithPooling:
+    """The host's ``get_image_features`` with dual view for the split images (``grids`` lists some).
 
     pixel_values (B, N, 3, H, W) zero-padded frames, pixel_attention_mask (B, N, H, W) or None ->
     ``pooler_output``: per sample (its real frames * image_seq_len, text_dim), as the host;
@@ -327,8 +338,6 @@ def _dual_view_features(
     pixels = pixel_values.to(dtype=model.dtype).flatten(0, 1)  # the host's cast, fp16 compatibility
     real = (pixels == 0.0).sum(dim=(-1, -2, -3)) != pixels.shape[1:].numel()  # the host's padding rule
     split = _split_images(grids, real.view(batch, num))
-    if not split:
-        return None
     frames = pixels[real]
     if pixel_attention_mask is None:
         masks = torch.ones(frames.shape[0], *frames.shape[-2:], dtype=torch.bool, device=frames.device)
@@ -353,15 +362,15 @@ def _dual_view_features(
     hidden = tower_out.last_hidden_state  # (F + global crops, h*w, D)
     h, w = frames.shape[-2] // patch, frames.shape[-1] // patch
     fused_frames, offset = hidden[: frames.shape[0]], frames.shape[0]
-    dem_dtype = next(dem.parameters()).dtype
+    dem_param = next(dem.parameters())  # the DEM runs in its own dtype, on its own device
     for grid, index in tiles.items():
         rows, cols = grid
         local = fused_frames[index]  # (n, R*C, h*w, D)
         glob = hidden[offset : offset + index.numel()].view(local.shape)
         offset += index.numel()
-        fused = dem(local.to(dem_dtype), glob.to(dem_dtype), grid, (h, w))  # (n, R*h*C*w, D)
+        fused = dem(local.to(dem_param), glob.to(dem_param), grid, (h, w))  # (n, R*h*C*w, D)
         windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # back to tiles
-        fused_frames = fused_frames.index_copy(0, index.flatten(), windows.flatten(0, 1).to(hidden.dtype))
+        fused_frames = fused_frames.index_copy(0, index.flatten(), windows.flatten(0, 1).to(hidden))
 
     features = model.connector(fused_frames)  # pixel shuffle + projection, per frame, as the host
     counts = real.view(batch, num).sum(1).tolist()
@@ -393,14 +402,12 @@ class _DualViewFrames:
         if pixel_values.ndim != 5:
             raise ValueError(f"pixel_values must be 5-D (batch, frames, 3, H, W), got shape {tuple(pixel_values.shape)}")
         grids = _check_image_grid(image_grid, pixel_values)
-        if any(rows for sample in grids for rows, _ in sample):
-            out = _dual_view_features(
-                self, self.dualview_dem, pixel_values, pixel_attention_mask, grids,
-                tower_batch_size=self.dualview_options.tower_batch_size, **kwargs,
-            )
-            if out is not None:
-                return out
-        return super().get_image_features(pixel_values, pixel_attention_mask, **kwargs)
+        if not any(rows for sample in grids for rows, _ in sample):
+            return super().get_image_features(pixel_values, pixel_attention_mask, **kwargs)
+        return _dual_view_features(
+            self, self.dualview_dem, pixel_values, pixel_attention_mask, grids,
+            tower_batch_size=self.dualview_options.tower_batch_size, **kwargs,
+        )
 
     def forward(
         self,

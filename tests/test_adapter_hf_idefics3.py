@@ -134,14 +134,13 @@ def test_token_counts_are_the_plain_processors(models, processor):
     """Every size (extreme aspect ratios, smaller than a tile, exact multiples, odd): the adapted
     model's features fill exactly the <image> tokens the unchanged processor wrote."""
     plain, adapted = models
-    for size in SIZES:
-        inputs = batch(processor, [[size]])
-        rows, cols = adapter.processor_grid(size, tile=S, longest_edge=LONGEST)
-        assert image_counts(inputs) == [(rows * cols + 1) * SEQ] == [adapter.budget(processor, size).tokens]
-        pooled = features(adapted, inputs).pooler_output
-        assert [p.shape[0] for p in pooled] == image_counts(inputs), size
+    inputs = batch(processor, [[size] for size in SIZES])
+    grids = [adapter.processor_grid(size, tile=S, longest_edge=LONGEST) for size in SIZES]
+    assert inputs["image_grid"][:, 0].tolist() == [list(g) for g in grids]
+    assert image_counts(inputs) == [(r * c + 1) * SEQ for r, c in grids] == [adapter.budget(processor, s).tokens for s in SIZES]
     with torch.no_grad():
-        adapted(**batch(processor, [[s] for s in SIZES[:4]]))  # the model's own token / feature check passes
+        out = adapted(**inputs)  # the host's own token / feature check passes
+    assert [p.shape[0] for p in out.image_outputs.pooler_output] == image_counts(inputs)
 
 
 def test_mixed_batch_multi_image_and_unsplit_images(models, host):
@@ -437,21 +436,29 @@ def _case(host):
             inputs["pixel_values"], inputs["pixel_attention_mask"], image_grid=inputs["image_grid"], **kwargs
         )
 
+    def inputs(sizes):
+        return batch(processor, [[s] for s in sizes])
+
+    def plain_inputs(sizes):  # the plain processor's: no image_grid
+        return {k: v for k, v in inputs(sizes).items() if k != "image_grid"}
+
     return HostCase(
         adapter=adapter,
         build=build,
-        inputs=lambda sizes: batch(processor, [[s] for s in sizes]),
+        inputs=inputs,
+        plain_inputs=plain_inputs,
         options={"num_heads": 2},
         sizes=((40, 70), (90, 30)),  # 3x4 and 4x2 tiles: the global crops differ from the tiles
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,
         image_features=image_features,
         image_token_id=IMAGE_TOKEN_ID,
-        # plain Idefics3Model.forward moves the text embeddings to `self.device`, the device of its first
-        # parameter: with the vision tower offloaded that is "meta", and the plain host fails (SmolVLM
-        # uses the input ids' device and runs)
-        offload_map=None if host == "idefics3" else {
-            "model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu", "lm_head": "cpu"},
+        offload_map={"model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu",
+                     "lm_head": "cpu"},
+        not_applicable={} if host == "smolvlm" else {
+            "offload": "plain Idefics3Model.forward moves the text embeddings to `self.device`, the device of its "
+                       "first parameter: with the vision tower offloaded that is 'meta' and the plain host fails "
+                       "(SmolVLMModel uses the input ids' device and runs)"},
     )
 
 
