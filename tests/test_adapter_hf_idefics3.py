@@ -127,6 +127,19 @@ def test_prepare_processor_is_idempotent_saves_the_plain_processor_and_refuses_o
                                                               tokenizer=processor.tokenizer))
 
 
+def test_prepared_processor_answers_the_token_count_api_with_what_it_produces():
+    """``_get_num_multimodal_tokens`` (what serving engines ask; SmolVLMProcessor has none) counts
+    each image's whole expansion: fake-token / row-col / global tokens, newlines and <image> tokens."""
+    processor = adapter.prepare_processor(tiny_processor("idefics3"))
+    without_image = len(processor.tokenizer(PROMPT.replace("<image>", ""))["input_ids"])
+    for size in SIZES:
+        inputs = processor(images=[[image(size)]], text=[PROMPT], return_tensors="pt")
+        produced = inputs["input_ids"].shape[1] - without_image
+        counted = processor._get_num_multimodal_tokens(image_sizes=[size])
+        assert counted.num_image_tokens == [produced], size
+        assert counted.num_image_patches == [adapter.frames_of(tuple(inputs["image_grid"][0, 0].tolist()))]
+
+
 # --- token parity and the features ---------------------------------------------------------------
 
 
