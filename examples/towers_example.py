@@ -49,15 +49,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     image = demo_image().unsqueeze(0) * 2 - 1  # (1, 3, 1000, 1800) in [-1, 1]
     for name, model in (real_towers() if args.real else tiny_towers()).items():
-        tower = vision_tower(model)  # (N, 3, s, s) -> (N, h*w, D), prefix tokens dropped
+        # (N, 3, s, s) -> (N, h*w, D), prefix tokens dropped. transformers towers: LLaVA's penultimate
+        # hidden state, computed by running only the layers up to it (bit-identical to the plain forward's
+        # hidden_states[-2]); timm: the last block's output (layer=-1), the blocks after it skipped.
+        tower = vision_tower(model, layer=-1) if name == "timm" else vision_tower(model, layer=-2)
         dim = model.config.hidden_size if hasattr(model, "config") else model.embed_dim
         feat = crop_tokens(tower.image_size, tower.patch_size)  # DEM to the tower's own token grid
         encoder = DualViewEncoder(tower, DCM(tower.image_size, "auto", max_tiles=6), DEM(dim, num_heads=8, out_size=feat))
         with torch.no_grad():
             tokens = encoder(image)
         budget = encoder.budget(tuple(image.shape[-2:]))
+        chunks = encoder.tower_chunks(budget.tower_passes)  # tower_batch_size=None: bounded tokens per call
+        truncated = "layers up to the selected one" if getattr(tower, "truncated", True) else "plain forward"
         print(f"{name:>6}: crop {tower.image_size}, patch {tower.patch_size}, grid {budget.grid}, "
-              f"{budget.tower_passes} crops in one tower call -> tokens {tuple(tokens.shape)}")
+              f"{budget.tower_passes} crops in {len(chunks)} tower call(s) ({truncated}) -> tokens {tuple(tokens.shape)}")
 
 
 if __name__ == "__main__":
