@@ -180,3 +180,37 @@ def test_forward_errors_name_the_argument():
         dcm([])
     with pytest.raises(ValueError, match=r"images\[1\] must be 3-D"):
         dcm([torch.rand(3, 20, 20), torch.rand(1, 3, 20, 20)])
+
+
+def test_an_image_of_the_target_size_is_returned_itself_not_resampled():
+    from dualview.cropping import resize
+
+    image = torch.rand(2, 3, 9, 14)
+    for mode in ("bicubic", "bilinear", "nearest-exact", "area"):
+        assert resize(image, (9, 14), mode, antialias=True) is image
+    assert resize(image, (14, 9), "bicubic", antialias=False).shape == (2, 3, 14, 9)
+
+
+@pytest.mark.parametrize("grid", [(1, 3), (3, 1), (2, 5)])
+@pytest.mark.parametrize("fit", ["pad", "squash"])
+def test_canvas_size_and_content_on_non_square_grids(grid, fit):
+    rows, cols = grid
+    image = torch.rand(1, 3, 37, 23)
+    crops = DCM(8, grid, fit=fit, interpolation="bilinear")(image)
+    assert crops.canvas_size == (rows * 8, cols * 8) == tuple(crops.local_canvas().shape[-2:])
+    box = crops.content_box
+    assert box == G.fit_box((37, 23), (rows * 8, cols * 8), fit)
+    expected = F.interpolate(image, (box.height, box.width), mode="bilinear", align_corners=False)
+    assert torch.equal(crops.content(crops.local_canvas()), expected)
+    assert torch.equal(crops.global_canvas(), crops.local_canvas())
+
+
+@pytest.mark.parametrize("grid", [(G.MAX_GRID_SIDE, 1), (1, G.MAX_GRID_SIDE), (1, 1)])
+def test_both_ends_of_the_grid_range(grid):
+    rows, cols = grid
+    canvas = coordinate_canvas(1, rows, cols, 2, torch.float32)
+    crops = DCM(2, grid, thumbnail=False)(canvas)
+    assert crops.local_view.shape == (1, rows * cols, 3, 2, 2)
+    assert torch.equal(crops.global_view[0, rows * cols - 1], canvas[0, :, rows - 1::rows, cols - 1::cols])
+    with pytest.raises(ValueError, match="grid must be"):
+        DCM(2, (rows + G.MAX_GRID_SIDE, cols))

@@ -156,3 +156,25 @@ def test_forward_errors():
     no_patch = DualViewEncoder(lambda x: x, DCM(28), DEM(16, num_heads=2, out_size=None), thumbnail_fusion="none")
     with pytest.raises(ValueError, match="feat_size"):
         no_patch.budget((100, 100))
+
+
+@pytest.mark.parametrize("size", [(300, 700), (640, 200)])
+def test_inf_llava_preset_squashes_a_non_square_image_as_released(size):
+    """The released encode_images on a non-square image, written out: bicubic squash to 1008x1008
+    (no padding), 3x3 contiguous tiles and X3[a::3, b::3] samples, a bicubic thumbnail of the
+    input, DEM, then (thumb + dem) / 2. On a square image pad and squash coincide; here they do not."""
+    torch.manual_seed(0)
+    tower = PatchTower(dim=16, patch_size=14)
+    dem = DEM(16, num_heads=8, out_size=(24, 24))
+    encoder = DualViewEncoder.inf_llava(tower, dem)
+    image = torch.rand(1, 3, *size)
+    resize = dict(mode="bicubic", align_corners=False)
+    x3 = torch.nn.functional.interpolate(image, (1008, 1008), **resize)
+    local = torch.stack([x3[0, :, r * 336:(r + 1) * 336, c * 336:(c + 1) * 336] for r in range(3) for c in range(3)])
+    strided = torch.stack([x3[0, :, a::3, b::3] for a in range(3) for b in range(3)])
+    with torch.no_grad():
+        got = encoder(image)
+        thumb = tower(torch.nn.functional.interpolate(image, (336, 336), **resize))
+        fused = dem(tower(local)[None], tower(strided)[None], (3, 3))
+    torch.testing.assert_close(got, (thumb + fused) / 2, atol=1e-5, rtol=1e-5)
+    assert encoder.budget(size).tokens == 576 and encoder.budget(size).tower_passes == 19

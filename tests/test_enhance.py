@@ -398,3 +398,61 @@ def test_plans_survive_fake_and_symbolic_tracing_and_are_not_pickled():
     dem.out_size = [2, 3]  # a list works as well as a tuple
     with torch.no_grad():
         torch.testing.assert_close(dem(x, x, (2, 3)), ref, rtol=0, atol=0)
+
+
+def test_linear_concat_needs_an_even_dim_and_an_empty_batch_is_refused():
+    with pytest.raises(ValueError, match="dim must be even, got 15"):
+        DEM(15, num_heads=3)
+    DEM(15, num_heads=3, fusion="add")  # no halves: any dim divisible by the heads
+    dem = DEM(16, num_heads=2)
+    with pytest.raises(ValueError, match="batch size 0"):
+        dem(torch.randn(0, 4, 9, 16), torch.randn(0, 4, 9, 16), (2, 2))
+
+
+def test_from_inf_llava_refuses_an_unexpected_key_alone():
+    _, state = dem_fixture()
+    with pytest.raises(ValueError, match=r"missing keys \[\], unexpected keys \['extra.weight'\]"):
+        DEM.from_inf_llava({**state, "extra.weight": torch.zeros(1)})
+
+
+def test_the_plan_cache_never_holds_more_than_its_bound():
+    from dualview.enhance import _MAX_PLANS
+
+    dem = DEM(8, num_heads=2, out_size=(3, 3)).eval()
+    with torch.no_grad():
+        for b in range(1, 2 * _MAX_PLANS + 3):
+            dem(torch.randn(b, 1, 9, 8), torch.randn(b, 1, 9, 8), (1, 1))
+            assert 1 <= len(dem._plans) <= _MAX_PLANS
+
+
+def test_a_conv3x3_dem_saved_with_bare_keys_loads_from_a_file(tmp_path):
+    torch.manual_seed(0)
+    dem = DEM(16, num_heads=2, fusion="conv3x3", out_size=(3, 3))
+    save_file(dem.state_dict(), tmp_path / "conv.safetensors")
+    loaded = DEM.from_inf_llava(tmp_path / "conv.safetensors", num_heads=2, fusion="conv3x3", out_size=(3, 3))
+    local = torch.randn(1, 4, 9, 16)
+    torch.testing.assert_close(loaded(local, local, (2, 2)), dem(local, local, (2, 2)), rtol=0, atol=0)
+
+
+def test_a_torch_file_must_hold_a_dict(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.bin")
+    with pytest.raises(ValueError, match="must hold a dict of tensors, got list"):
+        DEM.from_inf_llava(tmp_path / "list.bin")
+
+
+def test_a_sharded_folder_is_read_through_its_index(tmp_path):
+    """Only the files the index names are read: a stale weight file left in the folder is not."""
+    import json
+
+    fx, state = dem_fixture()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({f"model.spatial_embed.{k}": state[k] for k in part}, tmp_path / name)
+    index = {"weight_map": {f"model.spatial_embed.{k}": name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({f"model.spatial_embed.{k}": torch.zeros_like(v) for k, v in state.items()}, tmp_path / "old.safetensors")
+    dem = DEM.from_inf_llava(tmp_path)
+    with torch.no_grad():
+        out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
+    assert (out - fx["output"]).abs().max().item() <= 1e-4

@@ -90,3 +90,138 @@ def test_budgets():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         G.crop_tokens(336, 15)
     assert math.prod(G.crop_tokens(384, 16)) == 576
+
+
+# ---- pinned examples: the ties and rounding edges a random search rarely finds ---------------------
+
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape  # noqa: E402
+
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+@pytest.mark.parametrize("size", [(336, 336), (100, 100), (1, 1), (250, 250)])
+def test_exact_ties_go_to_the_first_candidate_as_in_transformers(size):
+    """A square image fits (1, 2) and (2, 1) equally well (same pixels kept, same waste): the first
+    pinpoint wins, so LLaVA-NeXT's default pinpoints give (1, 2), as transformers picks."""
+    grids = G.grids_from_pinpoints(LLAVA_NEXT_PINPOINTS, 336)
+    assert G.select_grid(size, 336, grids) == (1, 2)
+    assert tuple(hf_utils.select_best_resolution(size, LLAVA_NEXT_PINPOINTS)) == (336, 672)
+    assert tuple(get_anyres_image_grid_shape(list(size), LLAVA_NEXT_PINPOINTS, 336)) == (1, 2)
+
+
+@given(
+    size=st.one_of(
+        st.tuples(st.integers(1, 400), st.integers(1, 400)),  # upscaled: every canvas keeps all pixels
+        st.integers(1, 12).map(lambda k: (k * 168, k * 168)),  # square: many exact ties
+        sizes,
+    ),
+    order=st.permutations(range(len(LLAVA_NEXT_PINPOINTS))),
+)
+def test_select_grid_equals_transformers_for_any_pinpoint_order(size, order):
+    """Ties are frequent with small or square images; whatever the order of the pinpoints, the
+    choice is transformers' (the first of the tied candidates)."""
+    pinpoints = [LLAVA_NEXT_PINPOINTS[i] for i in order]
+    best = hf_utils.select_best_resolution(size, pinpoints)
+    assert G.select_grid(size, 336, G.grids_from_pinpoints(pinpoints, 336)) == (best[0] // 336, best[1] // 336)
+
+
+def test_effective_pixels_round_each_side_down_as_transformers():
+    # int(w*s) * int(h*s), not int(w*s*h*s): the latter picks (3, 2) here
+    grids = G.candidate_grids(6)
+    assert G.select_grid((325, 318), 14, grids) == (2, 2)
+    assert tuple(hf_utils.select_best_resolution((325, 318), [(r * 14, c * 14) for r, c in grids])) == (28, 28)
+
+
+def test_candidate_grids_order_fewer_tiles_then_fewer_rows():
+    assert G.candidate_grids(4) == [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (2, 2), (4, 1)]
+    assert G.candidate_grids(1) == [(1, 1)]
+    # square image, no (1, 1) among ties of equal area: the wide grid comes first
+    assert G.select_grid((100, 100), 336, G.candidate_grids(4)[1:3]) == (1, 2)
+
+
+def test_candidate_grids_reach_the_maximum_side():
+    grids = G.candidate_grids(G.MAX_GRID_SIDE + 8)
+    assert (1, G.MAX_GRID_SIDE) in grids and (G.MAX_GRID_SIDE, 1) in grids
+    assert all(max(g) <= G.MAX_GRID_SIDE for g in grids)
+    with pytest.raises(ValueError, match="max_tiles must be a positive int, got 0"):
+        G.candidate_grids(0)
+
+
+@pytest.mark.parametrize(
+    "size, map_size, box",
+    [
+        # 375 * 72 / 1000 = 26.999999999999996 in floating point: LLaVA-NeXT's round(., 7) makes it 27,
+        # so 22 padding tokens go on each side and 28 of 72 columns (rows) stay; without it 26 would
+        ((1000, 375), (72, 72), G.Box(0, 22, 72, 28)),
+        ((375, 1000), (72, 72), G.Box(22, 0, 28, 72)),
+        # odd padding (24 - 21 = 3): one token off each side, 22 rows stay (not new_h = 21)
+        ((300, 1000), (24, 72), G.Box(1, 0, 22, 72)),
+        ((1000, 300), (72, 24), G.Box(0, 1, 72, 22)),
+        # the map's own aspect ratio: nothing removed
+        ((600, 300), (48, 24), G.Box(0, 0, 48, 24)),
+    ],
+)
+def test_unpad_rounding_edges_equal_transformers(size, map_size, box):
+    assert G.unpad_box(size, map_size) == box
+    assert tuple(hf_unpad_image(torch.zeros(1, *map_size), size).shape[1:]) == (box.height, box.width)
+
+
+@pytest.mark.parametrize(
+    "size, canvas, box",
+    [
+        # 300 * 1008 / 1000 = 302.4 -> ceil 303; odd margin 33: 16 above, 17 below
+        ((300, 1000), (336, 1008), G.Box(16, 0, 303, 1008)),
+        ((1000, 300), (1008, 336), G.Box(0, 16, 1008, 303)),
+        ((10, 10), (336, 672), G.Box(0, 168, 336, 336)),
+    ],
+)
+def test_pad_box_rounding_edges_equal_transformers(size, canvas, box):
+    assert G.fit_box(size, canvas, "pad") == box
+    image = torch.empty(3, *size)
+    assert hf_utils.get_patch_output_size(image, canvas, "channels_first") == (box.height, box.width)
+
+
+def test_squash_box_on_a_non_square_canvas():
+    assert G.fit_box((900, 100), (672, 336), "squash") == G.Box(0, 0, 672, 336)
+
+
+# ---- both ends of every documented range -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("good", [(1, 1), (1, G.MAX_GRID_SIDE), (G.MAX_GRID_SIDE, 1), (32, 32), [2, 3]])
+def test_check_grid_accepts_both_ends(good):
+    assert G.MAX_GRID_SIDE == 32
+    assert G.check_grid(good) == tuple(good)
+
+
+@pytest.mark.parametrize(
+    "text, grid", [("auto", "auto"), ("3x3", (3, 3)), ("2X5", (2, 5)), ("1x32", (1, 32)), ("32x1", (32, 1))]
+)
+def test_parse_grid(text, grid):
+    assert G.parse_grid(text) == grid
+
+
+@pytest.mark.parametrize("text", ["33x1", "0x2", "2x3x4", "x3", "3x", "3", "3x-1", "AUTO", "2.0x3"])
+def test_parse_grid_rejects(text):
+    with pytest.raises(ValueError, match="grid must be"):
+        G.parse_grid(text)
+
+
+@pytest.mark.parametrize("bad", [(0, 5), (5, 0), (-1, 5), (5,), (2.0, 3), (True, 3), None])
+def test_check_size_rejects(bad):
+    with pytest.raises(ValueError, match="out_size must be a \\(height, width\\) pair of positive ints"):
+        G.check_size(bad, "out_size")
+
+
+def test_check_size_accepts_the_smallest():
+    assert G.check_size((1, 1), "x") == (1, 1) and G.check_size([3, 2], "x") == (3, 2)
+
+
+def test_pinpoints_must_be_multiples_of_the_crop_on_both_sides():
+    with pytest.raises(ValueError, match="multiple of crop_size=336"):
+        G.grids_from_pinpoints([[336, 500]], 336)
+    with pytest.raises(ValueError, match="non-empty"):
+        G.grids_from_pinpoints([], 336)
+    assert G.grids_from_pinpoints([[336 * 32, 336]], 336) == [(32, 1)]
+    with pytest.raises(ValueError, match="pinpoints entry as grid"):
+        G.grids_from_pinpoints([[336 * 33, 336]], 336)
