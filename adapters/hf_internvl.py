@@ -66,6 +66,7 @@ import inspect
 import json
 import re
 from collections import defaultdict
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -388,18 +389,15 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     One tower batch (``encoder.run_tower``) over all patches and global crops; one DEM call per grid.
     """
     counts = [patches_per_image(g) for g in grids]
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    tiled = [i for i, g in enumerate(grids) if counts[i] > 1]
-    glob = [
-        layout.split_global(layout.merge_local(pixel_values[None, starts[i]:starts[i] + counts[i] - 1], *grids[i]),
-                            *grids[i])[0]
-        for i in tiled
-    ]  # per tiled image (R*C, 3, s, s), canvas[a::R, b::C]
-    feats = encoder.run_tower(torch.cat([pixel_values, *glob]))
+    starts = list(accumulate(counts, initial=0))
+    tiled = [i for i, n in enumerate(counts) if n > 1]
+    tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}  # (R*C, 3, s, s), thumbnail left out
+    glob = [layout.split_global(layout.merge_local(tiles[i][None], *grids[i]), *grids[i])[0] for i in tiled]
+    feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
     feats = feats.to(encoder.dem.ln_fuse.weight.dtype)
-    plain, glob_feats = feats[: pixel_values.shape[0]], feats[pixel_values.shape[0]:]
-    glob_starts = dict(zip(tiled, [sum(counts[j] - 1 for j in tiled[:k]) for k in range(len(tiled))]))
-    h = w = int(plain.shape[1] ** 0.5)
+    # where each tiled image's global crops sit in feats: after the P patches, in `tiled` order
+    glob_starts = dict(zip(tiled, accumulate((len(tiles[i]) for i in tiled), initial=len(pixel_values))))
+    h, w = encoder.feat_size
 
     by_grid: dict[G.Grid, list[int]] = defaultdict(list)
     for i in tiled:
@@ -407,18 +405,18 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     fused: dict[int, torch.Tensor] = {}
     for (rows, cols), members in by_grid.items():
         n = rows * cols
-        local = torch.stack([plain[starts[i]:starts[i] + n] for i in members])  # (B, R*C, h*w, D)
-        glob_g = torch.stack([glob_feats[glob_starts[i]:glob_starts[i] + n] for i in members])
-        full = encoder.dem(local, glob_g, (rows, cols))  # (B, R*h*C*w, D), row-major over the canvas map
+        local = torch.stack([feats[starts[i]:starts[i] + n] for i in members])  # (B, R*C, h*w, D)
+        global_ = torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members])
+        full = encoder.dem(local, global_, (rows, cols))  # (B, R*h*C*w, D), row-major over the canvas map
         windows = layout.map_to_windows(full.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
         fused.update(zip(members, windows))
 
+    # the host's order: per visual its fused tiles then its thumbnail, or its one plain patch
     parts = []
-    for i, start in enumerate(starts):
+    for i in range(len(grids)):
         if i in fused:
-            parts += [fused[i], plain[start + counts[i] - 1:start + counts[i]]]  # tiles, then the thumbnail
-        else:
-            parts.append(plain[start:start + 1])
+            parts.append(fused[i])
+        parts.append(feats[starts[i + 1] - 1:starts[i + 1]])
     return torch.cat(parts)
 
 
