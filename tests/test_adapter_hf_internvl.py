@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from dualview import DEM, layout  # noqa: E402
 from dualview.adapters import hf_internvl as adapter  # noqa: E402
 from dualview.adapters._common import recorded_options  # noqa: E402
-from tests import internvl_models as M  # noqa: E402
+from . import internvl_models as M  # noqa: E402
 
 S = M.S
 H = M.S // M.PATCH  # tokens per tile side before the pixel shuffle
