@@ -263,6 +263,16 @@ def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_host
         torch.testing.assert_close(dual[where][:-1], reference, atol=1e-5, rtol=1e-4)
 
 
+def test_tower_batch_size_chunks_the_one_tower_batch_and_changes_nothing_else():
+    plain = M.tiny_model()
+    whole = adapter.apply(copy.deepcopy(plain), num_heads=2)
+    chunked = adapter.apply(copy.deepcopy(plain), num_heads=2, tower_batch_size=4)
+    inputs = M.batch(prepared(), [(40, 90), (100, 100), (28, 28)])  # 3 + 5 + 1 patches, 2 + 4 global crops
+    whole_calls, chunked_calls = TowerCalls(whole), TowerCalls(chunked)
+    torch.testing.assert_close(image_features(chunked, inputs), image_features(whole, inputs), atol=1e-4, rtol=1e-4)
+    assert whole_calls.sizes == [15] and chunked_calls.sizes == [4, 4, 4, 3]
+
+
 def test_a_batch_of_only_single_tiles_is_exactly_the_host():
     plain, adapted = plain_and_adapted()
     inputs = M.batch(prepared(max_patches=1), [(40, 90), (300, 40), (28, 28)])
