@@ -64,16 +64,17 @@ def tokenizer() -> "transformers.PreTrainedTokenizerFast":
     )
 
 
-def image_processor(host: str = "idefics3", *, backend: str = "torchvision", longest: int = LONGEST, **kwargs):
+def image_processor(host: str = "idefics3", *, backend: str = "torchvision", longest: int = LONGEST, tile: int = S,
+                    **kwargs):
     """The unchanged ``Idefics3ImageProcessor`` / ``SmolVLMImageProcessor`` (or its ``Pil`` twin)
-    with ``S``-pixel tiles and the longest edge resized to ``longest``."""
+    with ``tile``-pixel tiles and the longest edge resized to ``longest``."""
     cls = {
         ("idefics3", "torchvision"): transformers.Idefics3ImageProcessor,
         ("idefics3", "pil"): transformers.Idefics3ImageProcessorPil,
         ("smolvlm", "torchvision"): transformers.SmolVLMImageProcessor,
         ("smolvlm", "pil"): transformers.SmolVLMImageProcessorPil,
     }[host, backend]
-    return cls(size={"longest_edge": longest}, max_image_size={"longest_edge": S}, **kwargs)
+    return cls(size={"longest_edge": longest}, max_image_size={"longest_edge": tile}, **kwargs)
 
 
 def tiny_processor(host: str = "idefics3", *, backend: str = "torchvision", longest: int = LONGEST, **kwargs):

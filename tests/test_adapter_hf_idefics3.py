@@ -63,22 +63,25 @@ def features(model, inputs, **kwargs):
 
 # --- the host's tiling, as arithmetic --------------------------------------------------------------
 
+# (33, 132), (99, 132), (132, 99) with tile 33: the short edge is resized to an odd multiple of the tile,
+# which the processors round up to even, one pixel past the tile (one more row or column)
 GRID_SIZES = [(4, 4), (5, 7), (31, 32), (32, 32), (33, 32), (50, 90), (90, 50), (64, 96), (128, 128), (129, 40),
-              (10, 200), (200, 10), (300, 301), (17, 1000), (1000, 17), (97, 65), (365, 364), (4, 257), (64, 32)]
+              (10, 200), (200, 10), (300, 301), (17, 1000), (1000, 17), (97, 65), (365, 364), (4, 257), (64, 32),
+              (33, 132), (99, 132), (132, 99)]
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
-@pytest.mark.parametrize("longest, kwargs", [
-    (LONGEST, {}), (80, {}), (S, {}), (LONGEST, {"do_resize": False}), (100, {"do_resize": False}),
-    (LONGEST, {"do_image_splitting": False}),
+@pytest.mark.parametrize("longest, tile, kwargs", [
+    (LONGEST, S, {}), (80, S, {}), (S, S, {}), (132, 33, {}), (LONGEST, S, {"do_resize": False}),
+    (100, S, {"do_resize": False}), (LONGEST, S, {"do_image_splitting": False}),
 ])
-def test_processor_grid_is_the_image_processors_tiling(backend, longest, kwargs):
-    images = image_processor("idefics3", backend=backend, longest=longest, **kwargs)
+def test_processor_grid_is_the_image_processors_tiling(backend, longest, tile, kwargs):
+    images = image_processor("idefics3", backend=backend, longest=longest, tile=tile, **kwargs)
     resize = kwargs.get("do_resize", True)
     for size in GRID_SIZES:
         out = images([image(size)], return_row_col_info=True, input_data_format="channels_last")
         want = (out["rows"][0][0], out["cols"][0][0])
-        got = adapter.processor_grid(size, tile=S, longest_edge=longest if resize else None,
+        got = adapter.processor_grid(size, tile=tile, longest_edge=longest if resize else None,
                                      split=kwargs.get("do_image_splitting", True))
         assert got == want, size
         assert out["pixel_values"].shape[1] == adapter.frames_of(got)
