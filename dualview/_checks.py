@@ -30,3 +30,22 @@ def check_same_shape(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str)
         raise ValueError(
             f"{a_name} and {b_name} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+
+
+class MissingDependency(ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(*modules: str, extra: str, feature: str) -> None:
+    """Import ``modules`` now, before any work, or raise one :class:`MissingDependency` line that
+    says which extra to install (``pip install 'dualview[viz]'``)."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingDependency(
+                f"{feature} needs {module}, which is not installed: install dualview[{extra}] "
+                f"(pip install 'dualview[{extra}]')"
+            ) from None

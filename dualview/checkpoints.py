@@ -1,25 +1,47 @@
 """Reading INF-LLaVA checkpoints safely: safetensors, or ``torch.load(weights_only=True)``; never an
-arbitrary unpickle. A checkpoint is a file or a (sharded) folder; only the tensors asked for are read."""
+arbitrary unpickle. A checkpoint is a file or a folder read the way transformers reads one: through
+its shard index or its standard weight file names, never "every file in it". Shard names stay
+inside the folder; only the tensors asked for are read; DEM weights must be floating point and of
+the expected shapes (nothing is cast silently). Every failure is one line naming the file and key.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 import zipfile
-from pathlib import Path
-from typing import Callable, Mapping, Union
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable, Mapping, Optional, Union
 
 import torch
+from torch import nn
 
 DEM_MARK = "spatial_embed."
 """Released INF-LLaVA checkpoints keep the DEM under ``model.spatial_embed.``."""
 PROJECTOR_MARK = "mm_projector."
 DEM_TOP_LEVEL = ("attention.", "ffn_crop.", "ffn_stride.", "ln_fuse.", "fuse_conv.")
 """First names of the DEM's own keys, to find bare DEM keys in a file."""
+DEM_DIM_KEY = "attention.linears.0.weight"
+"""The DEM weight whose (dim, dim) shape gives the DEM's width."""
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""What a weight may be stored as. float8 is refused too: loading it would be a silent lossy cast."""
 
 PathLike = Union[str, "os.PathLike[str]"]
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+# A folder's weight files, in the order transformers looks for them: an index (sharded), the
+# single file, a complete set of shards without an index. `mm_projector.bin` is what LLaVA's and
+# INF-LLaVA's pretraining stage saves (projector, and the DEM for INF-LLaVA).
+_FOLDER_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors", "model"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model"),
+)
+_PROJECTOR_FILE = "mm_projector.bin"
+_SHARD_NAME = re.compile(r"^(?P<stem>model|pytorch_model)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
 
 
 def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
@@ -52,19 +74,83 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tenso
     )
 
 
-def _shards(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder: those an index names, else every weight file in it."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+def _inside_folder(name: object) -> bool:
+    """Whether a shard name from an index is a relative path that stays in the checkpoint folder.
+
+    Checked on the name, not on the resolved path: the Hugging Face cache keeps a checkpoint's
+    files as symlinks into ``../../blobs``, and those must still load."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return not (posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts)
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (key -> shard file name) of a shard index, every name checked to stay in
+    the index's folder and to exist there."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint index {str(index)!r} could not be read as JSON: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(
+            f"checkpoint index {str(index)!r} has no 'weight_map' (a non-empty {{tensor key: shard file}} object), "
+            f"got {type(weight_map).__name__ if weight_map is not None else 'none'}"
+        )
+    for key, name in weight_map.items():
+        if not _inside_folder(name):
+            raise ValueError(
+                f"checkpoint index {str(index)!r}: key {key!r} names the shard {name!r}, which is not a file "
+                "inside the checkpoint folder (absolute paths and '..' are refused)"
+            )
+    for name in sorted(set(weight_map.values())):
+        if not (index.parent / name).is_file():
+            raise FileNotFoundError(
+                f"checkpoint index {str(index)!r} names the shard {name!r}, which does not exist in {str(index.parent)!r}"
+            )
+    return weight_map
+
+
+def _unindexed_shards(folder: Path, stem: str, ext: str) -> list[Path]:
+    """A complete ``<stem>-0000i-of-0000n.<ext>`` set without an index (all n present), else []."""
+    found = [m for p in folder.iterdir() if (m := _SHARD_NAME.match(p.name)) and m["stem"] == stem and m["ext"] == ext]
+    if not found:
+        return []
+    counts = {int(m["n"]) for m in found}
+    present = {int(m["i"]) for m in found}
+    if len(counts) != 1 or present != set(range(1, counts.pop() + 1)):
+        names = sorted(m.string for m in found)
+        raise ValueError(
+            f"checkpoint folder {str(folder)!r} holds an incomplete or mixed set of shards {names} and no index"
+        )
+    return sorted(folder / m.string for m in found)
+
+
+def weight_files(folder: PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder, found as transformers finds them: the shard index
+    (``model.safetensors.index.json``), ``model.safetensors``, a complete set of
+    ``model-0000i-of-0000n.safetensors`` shards; then the same for ``pytorch_model*.bin``; then
+    ``mm_projector.bin``. Other files (``training_args.bin``, optimizer states) are never read."""
+    folder = Path(folder)
+    for index_name, single_name, stem in _FOLDER_LAYOUTS:
+        ext = single_name.rsplit(".", 1)[1]
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors")) or sorted(
-        p for p in folder.iterdir() if p.suffix in _TORCH_SUFFIXES
+            return [folder / name for name in sorted(set(read_index(index).values()))]
+        if (folder / single_name).is_file():
+            return [folder / single_name]
+        shards = _unindexed_shards(folder, stem, ext)
+        if shards:
+            return shards
+    if (folder / _PROJECTOR_FILE).is_file():
+        return [folder / _PROJECTOR_FILE]
+    held = sorted(p.name for p in folder.iterdir())
+    raise ValueError(
+        f"checkpoint folder {str(folder)!r} holds none of the standard weight files (model.safetensors, its "
+        f"index or shards, pytorch_model.bin, its index or shards, {_PROJECTOR_FILE}); it holds "
+        f"{held[:8]}{' ...' if len(held) > 8 else ''}: pass the weight file itself"
     )
-    if not files:
-        raise ValueError(f"checkpoint folder {str(folder)!r} holds no .safetensors or .bin weight files")
-    return files
 
 
 def read_tensors(path: PathLike, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
@@ -72,22 +158,134 @@ def read_tensors(path: PathLike, keep: Callable[[str], bool] = lambda key: True)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    files = _shards(path) if path.is_dir() else [path]
+    files = weight_files(path) if path.is_dir() else [path]
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(_read_file(file, keep))
     return tensors
 
 
-def strip_prefix(state: Mapping[str, torch.Tensor], mark: str) -> dict[str, torch.Tensor]:
-    """Keys ``<anything>{mark}<name>`` as ``<name>``. All such keys must share one prefix."""
-    prefixes = {k[: k.index(mark) + len(mark)] for k in state if mark in k}
+def find_prefix(keys, mark: str) -> Optional[str]:
+    """The one ``<anything>{mark}`` prefix of the keys holding ``mark``, or None if none does."""
+    prefixes = {k[: k.index(mark) + len(mark)] for k in keys if mark in k}
     if len(prefixes) > 1:
         raise ValueError(f"state dict holds several '{mark}' prefixes {sorted(prefixes)}: pass one module's weights")
-    if not prefixes:
+    return prefixes.pop() if prefixes else None
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], mark: str) -> dict[str, torch.Tensor]:
+    """Keys ``<anything>{mark}<name>`` as ``<name>``. All such keys must share one prefix."""
+    prefix = find_prefix(state, mark)
+    if prefix is None:
         return {}
-    (prefix,) = prefixes
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _file_holding(path: Path, key: str) -> Path:
+    """The file of a checkpoint (a file or a folder) that holds ``key``, for error messages."""
+    if not path.is_dir():
+        return path
+    for index_name, _, _ in _FOLDER_LAYOUTS:
+        if (path / index_name).is_file():
+            name = read_index(path / index_name).get(key)
+            return path / name if name else path
+    files = weight_files(path)
+    if len(files) == 1:
+        return files[0]
+    for file in files:  # shards without an index: read the safetensors headers only
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                if key in f.keys():
+                    return file
+    return path
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a state dict with bare keys came from, for error messages: a checkpoint (a file or a
+    folder) and the prefix its keys had there (``model.spatial_embed.``), or an in-memory dict."""
+
+    path: Optional[Path] = None
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        return "state dict" if self.path is None else f"checkpoint {str(self.path)!r}"
+
+    def key(self, key: str) -> str:
+        """``checkpoint '<the file holding it>', key '<the key as stored>'``."""
+        stored = self.prefix + key
+        if self.path is None:
+            return f"state dict key {stored!r}"
+        return f"checkpoint {str(_file_holding(self.path, stored))!r}, key {stored!r}"
+
+
+def dem_dim(state: Mapping[str, torch.Tensor], origin: Origin = Origin()) -> int:
+    """The DEM width ``dim``, read off ``attention.linears.0.weight`` (a float ``(dim, dim)`` tensor)."""
+    weight = state[DEM_DIM_KEY]
+    _check_weight_dtype(weight, origin, DEM_DIM_KEY)
+    if weight.ndim != 2 or weight.shape[0] != weight.shape[1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"{origin.key(DEM_DIM_KEY)}: expected a square (dim, dim) weight with dim > 0, got shape {tuple(weight.shape)}"
+        )
+    return int(weight.shape[0])
+
+
+def _check_weight_dtype(tensor: object, origin: Origin, key: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{origin.key(key)}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in WEIGHT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in WEIGHT_DTYPES)
+        raise ValueError(
+            f"{origin.key(key)}: dtype {str(tensor.dtype).replace('torch.', '')}, expected a floating-point "
+            f"weight ({names}); it is not cast"
+        )
+
+
+def check_dem_state(
+    state: Mapping[str, torch.Tensor],
+    expected: Union[nn.Module, Mapping[str, torch.Tensor]],
+    *,
+    origin: Origin = Origin(),
+    model: str = "the DEM",
+) -> None:
+    """Strict check of a DEM state dict (bare keys) against a DEM or its ``state_dict()``, before
+    ``load_state_dict``: the same keys, every tensor floating point (float16 / bfloat16 / float32 /
+    float64; ints, bools and float8 are refused, not cast) and of the expected shape. A ValueError
+    names the file and the key (``origin``) and what was expected."""
+    expected = expected.state_dict() if isinstance(expected, nn.Module) else expected
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{origin} does not match {model}: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    for key in sorted(state):
+        tensor = state[key]
+        _check_weight_dtype(tensor, origin, key)
+        if tensor.shape != expected[key].shape:
+            raise ValueError(
+                f"{origin.key(key)}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} for {model}"
+            )
+
+
+def dem_state_and_origin(source: Union[Mapping[str, torch.Tensor], PathLike]) -> tuple[dict[str, torch.Tensor], Origin]:
+    """:func:`load_dem_state`, and where the keys came from (for :func:`check_dem_state`'s messages)."""
+    path = None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        source = read_tensors(path, keep=lambda k: DEM_MARK in k or k.startswith(DEM_TOP_LEVEL))
+    if not isinstance(source, Mapping):
+        raise TypeError(f"state_dict_or_path must be a dict or a path, got {type(source).__name__}")
+    prefix = find_prefix(source, DEM_MARK)
+    state = strip_prefix(source, DEM_MARK) if prefix is not None else dict(source)
+    origin = Origin(path, prefix or "")
+    if DEM_DIM_KEY not in state:
+        raise ValueError(
+            f"no INF-LLaVA DEM weights found in {origin}: expected keys '{DEM_DIM_KEY}', ... "
+            f"bare or under a '...{DEM_MARK}' prefix; got {sorted(source)[:8]}{' ...' if len(source) > 8 else ''}"
+        )
+    return state, origin
 
 
 def load_dem_state(source: Union[Mapping[str, torch.Tensor], PathLike]) -> dict[str, torch.Tensor]:
@@ -96,14 +294,4 @@ def load_dem_state(source: Union[Mapping[str, torch.Tensor], PathLike]) -> dict[
     ``source``: a state dict with bare keys or keys prefixed ``...spatial_embed.``, or a path
     (file or folder) holding them.
     """
-    if isinstance(source, (str, os.PathLike)):
-        source = read_tensors(source, keep=lambda k: DEM_MARK in k or k.startswith(DEM_TOP_LEVEL))
-    if not isinstance(source, Mapping):
-        raise TypeError(f"state_dict_or_path must be a dict or a path, got {type(source).__name__}")
-    state = strip_prefix(source, DEM_MARK) or dict(source)
-    if "attention.linears.0.weight" not in state:
-        raise ValueError(
-            "no INF-LLaVA DEM weights found: expected keys 'attention.linears.0.weight', ... "
-            f"bare or under a '...{DEM_MARK}' prefix; got {sorted(source)[:8]}{' ...' if len(source) > 8 else ''}"
-        )
-    return state
+    return dem_state_and_origin(source)[0]

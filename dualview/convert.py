@@ -8,7 +8,10 @@ from typing import Union
 
 import torch
 
-from .checkpoints import DEM_MARK, PROJECTOR_MARK, read_tensors, strip_prefix
+from .checkpoints import (
+    DEM_DIM_KEY, DEM_MARK, PROJECTOR_MARK, WEIGHT_DTYPES, Origin, check_dem_state, dem_dim, find_prefix, read_tensors,
+    strip_prefix,
+)
 from .enhance import DEM
 
 FORMAT = "dualview-inf-llava/1"
@@ -16,17 +19,31 @@ FORMAT = "dualview-inf-llava/1"
 RELEASED = {"num_heads": 8, "out_size": (24, 24), "directions": "both", "fusion": "linear_concat", "resample": "bilinear"}
 
 
-def convert_inf_llava(source: Path, output: Path) -> dict:
+def convert_inf_llava(source: Union[str, Path], output: Union[str, Path]) -> dict:
     """Read ``source`` (a checkpoint folder, sharded or not, or one weight file such as the
     pretraining stage's ``mm_projector.bin``) safely and write ``output``. Returns a summary."""
     from safetensors.torch import save_file
 
+    source, output = Path(source), Path(output)
+    if output.is_dir():  # checked first: nothing is read before a command line mistake is reported
+        raise ValueError(f"output {str(output)!r} is a folder: give the file to write, e.g. {str(output / 'dem.safetensors')!r}")
     tensors = read_tensors(source, keep=lambda k: DEM_MARK in k or PROJECTOR_MARK in k)
-    dem_state = strip_prefix(tensors, DEM_MARK)
-    if not dem_state:
+    dem_prefix = find_prefix(tensors, DEM_MARK)
+    if dem_prefix is None:
         raise ValueError(f"checkpoint {str(source)!r} holds no '{DEM_MARK}' keys: it is not an INF-LLaVA checkpoint")
-    dem = DEM.from_inf_llava(dem_state, **{k: v for k, v in RELEASED.items()})  # strict: every key checked
+    dem_state = strip_prefix(tensors, DEM_MARK)
+    origin = Origin(source, dem_prefix)
+    if DEM_DIM_KEY not in dem_state:
+        raise ValueError(f"{origin.key(DEM_DIM_KEY)} is missing: the DEM's weights are incomplete")
+    dem = DEM(dem_dim(dem_state, origin), **RELEASED)
+    check_dem_state(dem_state, dem, origin=origin, model="the released INF-LLaVA DEM")  # keys, dtypes, shapes
+    projector_prefix = find_prefix(tensors, PROJECTOR_MARK)
     projector = strip_prefix(tensors, PROJECTOR_MARK)
+    for key, tensor in projector.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"{Origin(source, projector_prefix).key(key)}: dtype {tensor.dtype}, expected a floating-point weight"
+            )
     out = {f"{DEM_MARK}{k}": v.contiguous() for k, v in dem_state.items()}
     out.update({f"{PROJECTOR_MARK}{k}": v.contiguous() for k, v in projector.items()})
     metadata = {"format": FORMAT, "dim": str(dem.dim), "source": str(source)}
@@ -36,19 +53,46 @@ def convert_inf_llava(source: Path, output: Path) -> dict:
     return {"dim": dem.dim, "dem_tensors": len(dem_state), "projector_tensors": len(projector)}
 
 
+def _metadata_value(meta: dict, key: str, path: Path, parse):
+    """``parse(meta[key])``, or one ValueError naming the file and the entry."""
+    if key not in meta:
+        raise ValueError(
+            f"{str(path)!r}: metadata entry {key!r} is missing (written by another version of the converter?): "
+            "convert the checkpoint again with `dualview convert-inf-llava`"
+        )
+    try:
+        return parse(meta[key])
+    except ValueError:
+        raise ValueError(f"{str(path)!r}: metadata entry {key!r} has an invalid value {meta[key]!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    out_h, out_w = (int(v) for v in text.split("x"))  # a ValueError for anything but "HxW"
+    return out_h, out_w
+
+
 def load_converted(path: Union[str, Path]) -> tuple[DEM, dict[str, torch.Tensor]]:
     """A file written by :func:`convert_inf_llava` -> (the DEM configured from its metadata, the
     projector's state dict with bare keys)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"converted checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a dualview conversion (metadata format {meta.get('format')!r})")
-    out_h, out_w = (int(v) for v in meta["out_size"].split("x"))
-    dem = DEM.from_inf_llava(
-        path, num_heads=int(meta["num_heads"]), out_size=(out_h, out_w), directions=meta["directions"],
-        fusion=meta["fusion"], resample=meta["resample"],
+    options = dict(
+        num_heads=_metadata_value(meta, "num_heads", path, int),
+        out_size=_metadata_value(meta, "out_size", path, _size),
+        directions=_metadata_value(meta, "directions", path, str),
+        fusion=_metadata_value(meta, "fusion", path, str),
+        resample=_metadata_value(meta, "resample", path, str),
     )
+    dem = DEM.from_inf_llava(path, **options)
     projector = strip_prefix(read_tensors(path, keep=lambda k: k.startswith(PROJECTOR_MARK)), PROJECTOR_MARK)
     return dem, projector

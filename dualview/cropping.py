@@ -89,7 +89,7 @@ class DCM(nn.Module):
 
     Args:
         crop_size: ``s``, the vision tower's input size (336 for CLIP ViT-L/14-336).
-        grid: ``(rows, cols)``, or ``"auto"`` for LLaVA-NeXT's AnyRes choice among ``pinpoints``
+        grid: ``(rows, cols)`` (or ``"RxC"``, e.g. ``"3x3"``), or ``"auto"`` for LLaVA-NeXT's AnyRes choice among ``pinpoints``
             (``(height, width)`` pixel canvases, multiples of ``crop_size``) or, without pinpoints,
             among all grids of at most ``max_tiles`` tiles.
         fit: ``"pad"`` keeps the aspect ratio and pads (centred) with ``pad_value``;
@@ -138,6 +138,8 @@ class DCM(nn.Module):
         self.pad_value = float(pad_value)
         self.allow_small = bool(allow_small)
         self.check_finite = bool(check_finite)
+        if isinstance(grid, str):  # what the command line takes: "auto" or "RxC"
+            grid = G.parse_grid(grid)
         if grid == "auto":
             self.grid: G.GridSpec = "auto"
             self.candidates = (

@@ -87,6 +87,17 @@ def _is_compiling() -> bool:  # torch.compiler.is_compiling arrived in torch 2.3
     return getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
 
 
+def _cls_hint(tokens: int) -> Optional[str]:
+    """For ``tokens = n*n + 1``: the extra token is almost surely a ViT's CLS token."""
+    side = math.isqrt(tokens - 1)
+    if tokens > 1 and side * side == tokens - 1:
+        return (
+            f"{tokens} = {side}x{side} patches + 1, likely the vision tower's CLS token: drop it "
+            "(feats[:, :, 1:], or select='patch' in dualview.adapters.towers.vision_tower)"
+        )
+    return None
+
+
 def _ffn(dim: int, hidden: int, out: int, device, dtype) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(dim, hidden, device=device, dtype=dtype),
@@ -121,7 +132,8 @@ class DEM(nn.Module):
     Args:
         dim: ``D``, channels of the vision tower's tokens.
         num_heads: attention heads (8 in the release).
-        out_size: ``(out_h, out_w)`` of the output map, or None for the full fused map.
+        out_size: ``(out_h, out_w)`` of the output map (an int ``n`` means ``(n, n)``), or None
+            for the full fused map.
         directions: ``"both"``, ``"local_to_global"`` or ``"global_to_local"``.
         fusion: ``"linear_concat"``, ``"add"`` or ``"conv3x3"``.
         resample: ``"bilinear"``, ``"avgpool"`` or None.
@@ -145,7 +157,7 @@ class DEM(nn.Module):
         dim: int,
         num_heads: int = 8,
         *,
-        out_size: Optional[G.Size] = (24, 24),
+        out_size: Union[G.Size, int, None] = (24, 24),
         directions: Directions = "both",
         fusion: Fusion = "linear_concat",
         resample: Resample = "bilinear",
@@ -162,6 +174,10 @@ class DEM(nn.Module):
         check_choice(fusion, "fusion", ("linear_concat", "add", "conv3x3"))
         check_choice(resample, "resample", ("bilinear", "avgpool", None))
         self.dim = dim
+        if isinstance(out_size, int) and not isinstance(out_size, bool):
+            out_size = (out_size, out_size)  # a square map, as a command line's single number means
+        if out_size is not None and not isinstance(out_size, (tuple, list)):
+            raise ValueError(f"out_size must be an int, an (out_h, out_w) pair of positive ints or None, got {out_size!r}")
         self.out_size = None if out_size is None else G.check_size(tuple(out_size), "out_size")
         self.directions = directions
         self.fusion = fusion
@@ -358,12 +374,16 @@ class DEM(nn.Module):
             side = math.isqrt(tokens)
             if side * side != tokens:
                 raise ValueError(
-                    f"local_feats has {tokens} tokens per sub-image, not a square h*w: pass feat_size=(h, w)"
+                    f"local_feats has {tokens} tokens per sub-image, not a square h*w: "
+                    + (_cls_hint(tokens) or "pass feat_size=(h, w) for a non-square token grid")
                 )
             return side, side
         h, w = G.check_size(tuple(feat_size), "feat_size")
         if h * w != tokens:
-            raise ValueError(f"feat_size={feat_size} gives h*w={h * w} tokens, but local_feats has {tokens} per sub-image")
+            raise ValueError(
+                f"feat_size={feat_size} gives h*w={h * w} tokens, but local_feats has {tokens} per sub-image"
+                + (f": {_cls_hint(tokens)}" if tokens == h * w + 1 else "")
+            )
         return h, w
 
     def _fuse(self, el: torch.Tensor, eg: torch.Tensor) -> torch.Tensor:
@@ -404,21 +424,20 @@ class DEM(nn.Module):
         ``state_dict_or_path``: a state dict (bare keys, or keys with any prefix ending in
         ``spatial_embed.``, e.g. ``model.spatial_embed.``) or a path to a ``.safetensors`` /
         ``.bin`` file or a (sharded) checkpoint folder. ``dim`` is inferred; ``overrides`` go to
-        the constructor (e.g. ``out_size=None``). Loads strictly: a missing or unexpected key is a
-        ValueError that names it.
+        the constructor (e.g. ``out_size=None``). Loads strictly: a missing or unexpected key, a
+        weight that is not floating point (ints, bools, float8: never cast) or of another shape is a
+        ValueError that names the file and the key.
         """
-        from .checkpoints import load_dem_state
+        from .checkpoints import check_dem_state, dem_dim, dem_state_and_origin
 
-        state = load_dem_state(state_dict_or_path)
+        state, origin = dem_state_and_origin(state_dict_or_path)
         if "dim" in overrides:
             raise ValueError("dim is inferred from the checkpoint; do not pass it to from_inf_llava")
-        dim = state["attention.linears.0.weight"].shape[0]
+        dim = dem_dim(state, origin)
         dem = cls(dim, **overrides)
-        incompatible = dem.load_state_dict(state, strict=False)
-        if incompatible.missing_keys or incompatible.unexpected_keys:
-            raise ValueError(
-                "checkpoint does not match DEM("
-                + ", ".join([f"dim={dim}"] + [f"{k}={v!r}" for k, v in overrides.items()])
-                + f"): missing keys {sorted(incompatible.missing_keys)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
-            )
+        # keys, dtypes (floating point only: never cast from ints or float8) and shapes, each
+        # failure naming the file and the key
+        model = "DEM(" + ", ".join([f"dim={dim}"] + [f"{k}={v!r}" for k, v in overrides.items()]) + ")"
+        check_dem_state(state, dem, origin=origin, model=model)
+        dem.load_state_dict(state)
         return dem

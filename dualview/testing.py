@@ -1,8 +1,18 @@
-"""Tiny stand-ins for tests and device checks (no weights, no downloads)."""
+"""Tiny stand-ins for tests, examples and device checks: no weights, no downloads.
+
+:class:`PatchTower` needs only torch. The builders below (a word-level tokenizer with an
+``<image>`` token, small CLIP / Llama configs, a random PIL image) need the ``hf`` extra; they make
+the randomly initialised LLaVA-style models the examples and the adapter tests run offline.
+"""
 
 from __future__ import annotations
 
 import torch
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "what", "is", "small", "here?", "a", "dot"]
+"""The tiny tokenizer's whole vocabulary."""
+IMAGE_TOKEN_ID = WORDS.index("<image>")
+PROMPT = "USER: <image> what is small here? ASSISTANT:"
 
 
 class PatchTower(torch.nn.Module):
@@ -20,3 +30,49 @@ class PatchTower(torch.nn.Module):
         self.calls += 1
         self.crops += pixels.shape[0]
         return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+def tokenizer():
+    """A word-level fast tokenizer over :data:`WORDS` with an ``<image>`` token, built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def clip_config(image_size: int = 28, hidden: int = 32):
+    """A 2-layer CLIP vision config, patch 14."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=image_size, patch_size=14, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=4,
+    )
+
+
+def llama_config(hidden: int = 32):
+    """A 2-layer Llama config over :data:`WORDS`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    )
+
+
+def pil_image(height: int, width: int, seed: int = 0):
+    """A random RGB PIL image of ``height`` x ``width`` pixels (numpy's generator, seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)

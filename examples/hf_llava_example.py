@@ -10,12 +10,11 @@ load a trained one with ``DEM.from_inf_llava(...)`` and ``model.model.spatial_em
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
+from dualview import testing as tiny
 from dualview.adapters import hf_llava
 from dualview.sample import demo_image
 
@@ -24,8 +23,6 @@ PROMPT = "USER: <image> what is small here? ASSISTANT:"
 
 def tiny_model_and_processor():
     """A 2-layer CLIP + 2-layer Llama with random weights and an in-memory tokenizer: no download."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests import tiny_models as tiny
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_llava import LlavaImageProcessor
 

@@ -12,7 +12,6 @@ is new: fine-tune it with the projector (the paper's first stage) before trustin
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dualview import testing as tiny
 from dualview.adapters import llava15
 from dualview.sample import demo_image
 
@@ -31,9 +31,7 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*", category=Future
 def tiny_model_and_tokenizer(folder: Path):
     """A 2-layer CLIP (saved to ``folder``, as llava's ``mm_vision_tower`` wants a path) and a 2-layer
     Llama with random weights, and an in-memory tokenizer: no download."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-    from tests import tiny_models as tiny
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     torch.manual_seed(0)

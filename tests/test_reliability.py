@@ -253,3 +253,41 @@ def test_fuzz_encoder(size, grid, batch, fusion, out, tower_dim, chunk):
         return
     event("correct result")
     assert tokens.shape == (batch, encoder.budget(size).tokens, 16) and bool(torch.isfinite(tokens).all())
+
+
+# ---- the API takes what the command line takes; hints point at the fix --------------------------
+
+
+def test_dcm_takes_the_command_lines_grid_text():
+    assert DCM(336, grid="3x3").grid == (3, 3) and DCM(336, grid="2X4").grid == (2, 4)
+    images = torch.rand(1, 3, 60, 90)
+    assert torch.equal(DCM(28, grid="2x3")(images).local_view, DCM(28, grid=(2, 3))(images).local_view)
+    with pytest.raises(ValueError, match=r"grid must be 'auto' or RxC like '3x3', got '3by3'"):
+        DCM(336, grid="3by3")
+    with pytest.raises(ValueError, match=r"grid must be \(rows, cols\)"):
+        DCM(336, grid="0x3")
+
+
+def test_dem_takes_an_int_out_size_as_a_square():
+    assert DEM(64, out_size=24).out_size == (24, 24)
+    torch.manual_seed(0)
+    square, pair = DEM(16, num_heads=2, out_size=3), DEM(16, num_heads=2, out_size=(3, 3))
+    pair.load_state_dict(square.state_dict())
+    feats = torch.randn(1, 4, 9, 16)
+    assert torch.equal(square(feats, feats, (2, 2)), pair(feats, feats, (2, 2)))
+    for bad in ("24", 0, -2, True, 2.5):
+        with pytest.raises(ValueError, match="out_size must be"):
+            DEM(64, out_size=bad)
+
+
+def test_a_cls_token_gets_the_hint_to_drop_it():
+    dem = DEM(16, num_heads=2, out_size=4)
+    with_cls = torch.randn(1, 4, 17, 16)  # CLS + 4x4 patches
+    for feat_size in (None, (4, 4)):
+        with pytest.raises(ValueError, match=r"17 = 4x4 patches \+ 1, likely the vision tower's CLS token: drop it") as error:
+            dem(with_cls, with_cls, (2, 2), feat_size)
+        assert "feat_size=(h, w) for" not in str(error.value)
+    odd = torch.randn(1, 4, 15, 16)  # not CLS + a square: the non-square grid is the likely case
+    with pytest.raises(ValueError, match=r"pass feat_size=\(h, w\) for a non-square token grid"):
+        dem(odd, odd, (2, 2))
+    dem(odd, odd, (2, 2), feat_size=(3, 5))  # and passing it works

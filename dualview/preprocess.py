@@ -1,0 +1,107 @@
+"""Images -> the normalised pixels a vision tower expects, at full resolution (DCM resizes later).
+
+DCM and DualViewEncoder take ``(B, 3, H, W)`` float pixels in the units the tower was trained on:
+``(x / 255 - mean) / std`` per channel. Normalising before DCM gives the same crops as
+normalising each crop (resizing is a weighted average whose weights sum to one, so it commutes
+with a per-channel affine map), and DCM's default ``pad_value=0.0`` then pads with the mean colour,
+as LLaVA's ``expand2square`` does.
+
+    pixels = to_pixels(Image.open("photo.jpg"), "clip")   # (3, H, W) float32
+    tokens = encoder(pixels.unsqueeze(0))
+
+Or take the numbers from the host's own image processor: ``to_pixels(image, processor)`` reads
+its ``image_mean`` / ``image_std`` (and only those: DCM does the resizing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import torch
+
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+NORMALISATION: dict[str, Stats] = {
+    # OpenAI CLIP (LLaVA-1.5 / NeXT towers)
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    # SigLIP / SigLIP 2 (LLaVA-OneVision, Idefics3): [0, 1] -> [-1, 1]
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # ImageNet statistics (most timm ViTs, InternViT)
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+"""Per-channel ``(mean, std)`` of the pixels in [0, 1], by tower family."""
+
+Tower = Union[str, Stats, Any]
+
+
+def mean_std(tower: Tower) -> Stats:
+    """``(mean, std)`` for ``tower``: a name in :data:`NORMALISATION`, a ``(mean, std)`` pair of
+    3-sequences, or an image processor with ``image_mean`` / ``image_std`` (transformers), or a
+    timm model (``pretrained_cfg`` mean / std)."""
+    if isinstance(tower, str):
+        if tower not in NORMALISATION:
+            raise ValueError(f"tower must be one of {sorted(NORMALISATION)}, a (mean, std) pair or an image processor, got {tower!r}")
+        return NORMALISATION[tower]
+    if hasattr(tower, "image_mean") and hasattr(tower, "image_std"):
+        pair = (tower.image_mean, tower.image_std)
+    elif isinstance(getattr(tower, "pretrained_cfg", None), dict) and "mean" in tower.pretrained_cfg:
+        pair = (tower.pretrained_cfg["mean"], tower.pretrained_cfg["std"])
+    else:
+        pair = tower
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_three_numbers(v) for v in pair)):
+        raise ValueError(
+            f"tower must be one of {sorted(NORMALISATION)}, a (mean, std) pair of 3 numbers each, or an image "
+            f"processor with image_mean / image_std, got {tower!r}"
+        )
+    mean, std = (tuple(float(x) for x in v) for v in pair)
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return mean, std
+
+
+def _three_numbers(value: object) -> bool:
+    return isinstance(value, Sequence) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value)
+
+
+def to_unit_range(image: Any) -> torch.Tensor:
+    """``image`` as float32 ``(3, H, W)`` in [0, 1] (``(..., 3, H, W)`` for a batched tensor).
+
+    ``image``: a PIL image (any mode, converted to RGB), a uint8 array ``(H, W, 3)`` (numpy, as
+    PIL and OpenCV lay them out), a uint8 tensor ``(..., 3, H, W)`` (as torchvision reads them),
+    or a float tensor ``(..., 3, H, W)`` already in [0, 1]."""
+    if hasattr(image, "convert") and hasattr(image, "size") and hasattr(image, "mode"):  # PIL, without importing it
+        rgb = image.convert("RGB")
+        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float().div_(255)
+    if type(image).__module__ == "numpy" and hasattr(image, "dtype"):
+        if str(image.dtype) != "uint8" or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(
+                f"a numpy image must be uint8 (H, W, 3), got {image.dtype} of shape {tuple(image.shape)}"
+            )
+        return torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a PIL image, a uint8 numpy array or a tensor, got {type(image).__name__}")
+    if image.ndim < 3 or image.shape[-3] != 3:
+        raise ValueError(f"an image tensor must be (..., 3, H, W), got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.float().div_(255)
+    if not image.is_floating_point():
+        raise TypeError(f"an image tensor must be uint8 or floating point in [0, 1], got dtype {image.dtype}")
+    low, high = float(image.min()), float(image.max())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"a float image tensor must hold values in [0, 1], got [{low:.3g}, {high:.3g}]: already normalised? "
+            "pass it to the encoder as it is"
+        )
+    return image.float()
+
+
+def to_pixels(image: Any, tower: Tower = "clip", *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``image`` (see :func:`to_unit_range`) normalised for ``tower`` (see :func:`mean_std`):
+    ``(x - mean) / std`` per channel, ``(3, H, W)`` (``(..., 3, H, W)`` for a batch) in ``dtype``.
+    Resizing is left to DCM."""
+    mean, std = mean_std(tower)
+    pixels = to_unit_range(image)
+    shape = (3, 1, 1)
+    pixels = (pixels - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+    return pixels.to(dtype)

@@ -1,0 +1,87 @@
+"""Images -> normalised pixels for a tower: the formula, every input kind, and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dualview import DCM
+from dualview.preprocess import NORMALISATION, mean_std, to_pixels, to_unit_range
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+
+def reference(pixels_hw3: np.ndarray, mean, std) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` written out per channel in float64."""
+    out = np.empty((3, *pixels_hw3.shape[:2]))
+    for c in range(3):
+        out[c] = (pixels_hw3[..., c] / 255.0 - mean[c]) / std[c]
+    return torch.from_numpy(out)
+
+
+def test_every_input_kind_gives_the_reference_normalisation():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)  # non-square
+    for tower in ("clip", "siglip", "imagenet"):
+        expected = reference(array, *NORMALISATION[tower])
+        inputs = [Image.fromarray(array), array, torch.from_numpy(array).permute(2, 0, 1).contiguous(),
+                  torch.from_numpy(array).permute(2, 0, 1).double() / 255]
+        for image in inputs:
+            got = to_pixels(image, tower)
+            assert got.shape == (3, 37, 53) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    assert NORMALISATION["siglip"] == ((0.5,) * 3, (0.5,) * 3)
+    torch.testing.assert_close(to_pixels(np.full((2, 2, 3), 255, np.uint8), "siglip"), torch.ones(3, 2, 2))
+
+
+def test_pil_modes_batches_and_dtypes():
+    gray = Image.fromarray(np.full((4, 6), 128, np.uint8), mode="L")
+    rgba = Image.fromarray(np.full((4, 6, 4), 128, np.uint8), mode="RGBA")
+    assert torch.equal(to_unit_range(gray), to_unit_range(rgba))
+    batch = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    out = to_pixels(batch, "clip", dtype=torch.bfloat16)
+    assert out.shape == (2, 3, 5, 7) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[1].float(), to_pixels(batch[1], "clip"), atol=2e-2, rtol=0)
+
+
+def test_the_host_processors_numbers_are_used():
+    class Processor:  # what transformers' image processors carry
+        image_mean = [0.1, 0.2, 0.3]
+        image_std = [0.5, 0.25, 0.125]
+
+    assert mean_std(Processor()) == ((0.1, 0.2, 0.3), (0.5, 0.25, 0.125))
+    assert mean_std(((0, 0, 0), (1, 1, 1))) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    clip = pytest.importorskip("transformers").CLIPImageProcessor()
+    assert mean_std(clip) == NORMALISATION["clip"]
+
+
+def test_normalising_before_dcm_equals_normalising_each_crop_and_pads_with_the_mean():
+    image = torch.rand(3, 50, 80, dtype=torch.float64)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in NORMALISATION["clip"])
+    dcm = DCM(28, (2, 2), fit="pad", interpolation="bilinear")
+    before = dcm(((image - mean) / std).unsqueeze(0))
+    after = dcm(image.unsqueeze(0))
+    box = after.content_box
+    rows, cols = box.slices
+    torch.testing.assert_close(before.local_canvas()[0][:, rows, cols], ((after.local_canvas()[0] - mean) / std)[:, rows, cols])
+    assert box.height < 56 and float(before.local_canvas()[0][:, 0, 0].abs().max()) == 0.0  # padding: 0 = the mean colour
+
+
+@pytest.mark.parametrize(
+    "image, tower, error, message",
+    [
+        (torch.rand(3, 4, 4) * 2 - 1, "clip", ValueError, r"in \[0, 1\], got \[-"),
+        (torch.zeros(4, 4, 3), "clip", ValueError, r"must be \(\.\.\., 3, H, W\)"),
+        (torch.zeros(3, 4, 4, dtype=torch.int32), "clip", TypeError, "uint8 or floating point"),
+        (np.zeros((4, 4, 3), np.float32), "clip", ValueError, "uint8 \\(H, W, 3\\)"),
+        ([[0, 0, 0]], "clip", TypeError, "PIL image, a uint8 numpy array or a tensor"),
+        (torch.zeros(3, 4, 4), "openclip", ValueError, "tower must be one of"),
+        (torch.zeros(3, 4, 4), ((0, 0), (1, 1)), ValueError, "3 numbers each"),
+        (torch.zeros(3, 4, 4), ((0, 0, 0), (1, 0, 1)), ValueError, "std must be positive"),
+    ],
+)
+def test_bad_inputs_name_what_was_expected(image, tower, error, message):
+    with pytest.raises(error, match=message):
+        to_pixels(image, tower)
