@@ -413,6 +413,20 @@ def test_unapply_gives_the_plain_model_back(host, processor):
         assert torch.equal(adapted(**inputs).logits, plain(**inputs).logits)
 
 
+def test_a_bare_inner_model_is_adapted_alike(host, models, processor):
+    """apply(Idefics3Model / SmolVLMModel): the same features and hidden states as the inner model of
+    an adapted ...ForConditionalGeneration with the same DEM; unapply gives the plain class back."""
+    plain, adapted = models
+    bare = adapter.apply(copy.deepcopy(plain.model), num_heads=2)
+    assert type(bare) is type(adapted.model)
+    bare.spatial_embed.load_state_dict(adapted.model.spatial_embed.state_dict())
+    inputs = batch(processor, [[(90, 50)]])
+    with torch.no_grad():
+        torch.testing.assert_close(bare(**inputs).last_hidden_state, adapted.model(**inputs).last_hidden_state,
+                                   rtol=0, atol=0)
+    assert type(adapter.unapply(bare)) is type(plain.model)
+
+
 def test_apply_errors(host):
     plain, adapted = plain_and_adapted(host)
     with pytest.raises(ValueError, match="already applied"):
