@@ -1,0 +1,144 @@
+"""The package as users get it: the wheel holds every file (checked against the source tree), installs
+into a clean venv without the editable finder, and a plain checkout (``PYTHONPATH=.``, no install)
+imports everything, ``dualview.adapters`` included. CI runs the full entry-point check
+(.ci/wheel_check.py); these tests run its parts on the working tree."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+import dualview
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("setuptools") is None, reason="building the wheel needs setuptools in this venv"
+)
+
+
+def wheel_check():
+    spec = importlib.util.spec_from_file_location("wheel_check", ROOT / ".ci" / "wheel_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return wheel_check().build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_the_wheel_holds_every_source_file_license_and_typing_marker(wheel):
+    check = wheel_check()
+    check.check_contents(wheel)  # raises SystemExit naming what is missing
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = Parser().parsestr(zf.read(info).decode())
+        license_text = zf.read(next(n for n in names if n.endswith("licenses/LICENSE"))).decode()
+    for needed in ("dualview/ablation/__main__.py", "dualview/bench/__main__.py", "dualview/py.typed",
+                   "dualview/adapters/towers.py"):
+        assert needed in names
+    assert "dualview/adapters/_common.py" in names and not any(n.startswith("adapters/") for n in names)
+    assert metadata["Version"] == dualview.__version__  # one version source
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert license_text == (ROOT / "LICENSE").read_text()
+    assert metadata.get_all("Project-URL")
+
+
+def test_the_contents_check_fails_when_a_package_is_left_out(tmp_path):
+    # the hand-written package list this project had: dualview.ablation was not in it
+    check = wheel_check()
+    src = check.copy_tree(tmp_path, ROOT)
+    pyproject = (src / "pyproject.toml").read_text()
+    start = pyproject.index("[tool.setuptools.packages.find]")
+    end = pyproject.index("[tool.setuptools.package-data]")
+    hand_listed = 'packages = ["dualview", "dualview.adapters", "dualview.bench"]\n\n'
+    (src / "pyproject.toml").write_text(
+        pyproject[:start].replace("[tool.setuptools]\n", "[tool.setuptools]\n" + hand_listed) + pyproject[end:]
+    )
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(src)], check=True, capture_output=True)
+    with pytest.raises(SystemExit, match="dualview/ablation/__init__.py"):
+        check.check_contents(next(dist.glob("*.whl")), ROOT)
+
+
+def test_one_version_source():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dualview.__version__"}
+    assert "ruff" in project["tool"] and project["tool"]["ruff"]["lint"]["select"]
+    assert "format" in project["tool"]["ruff"]
+
+
+def test_the_wheel_installs_into_a_clean_venv_without_the_editable_finder(wheel, tmp_path):
+    check = wheel_check()
+    python = check.clean_venv(wheel, tmp_path / "venv")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    code = (  # dualview.ablation.__main__ would run if imported: its spec is enough
+        "import sys, importlib.util, dualview, dualview.adapters, dualview.adapters.towers\n"
+        "assert importlib.util.find_spec('dualview.ablation.__main__')\n"
+        "print(dualview.__file__); print(dualview.adapters.__file__)\n"
+        "print(any('__editable__' in getattr(f, '__module__', '') for f in sys.meta_path))"
+    )
+    out = check.run([str(python), "-c", code], outside).split()
+    venv = (tmp_path / "venv").resolve()
+    assert all(Path(p).resolve().is_relative_to(venv) for p in out[:2]), out
+    assert out[2] == "False"
+    version = check.run([str(python.parent / "dualview"), "--version"], outside)
+    assert version.strip() == f"dualview {dualview.__version__}"
+
+
+def test_a_plain_checkout_imports_everything_without_an_install(tmp_path):
+    # a copy of the checkout; `-S` keeps the development venv's .pth files (its editable finder)
+    # out, and its site-packages is added for torch and transformers only
+    for name in ("dualview", "adapters", "examples"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    check = wheel_check()
+    names = check.modules(tmp_path)
+    code = (
+        f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+        "import importlib\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "import dualview.adapters as a, dualview.adapters.hf_llava as h\n"
+        "print(a.__file__); print(h.__file__); print(sys.modules['dualview'].adapters is a)"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env={"PYTHONPATH": "."},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    init, module, same = result.stdout.split()
+    assert Path(init) == tmp_path / "adapters" / "__init__.py" and Path(module) == tmp_path / "adapters" / "hf_llava.py"
+    assert same == "True"
+    assert any(n.startswith("dualview.adapters.") for n in names) and "dualview.ablation" in names
+
+
+def test_a_missing_adapters_folder_is_one_clear_import_error(tmp_path):
+    shutil.copytree(ROOT / "dualview", tmp_path / "dualview", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r})\nimport dualview.adapters"
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env={"PYTHONPATH": "."},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "adapters/ folder was not found" in result.stderr
+
+
+def test_ci_lints_and_checks_the_wheel():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "ruff\" check" in ci or "ruff check" in ci
+    assert ".ci/wheel_check.py" in ci and "bash run.sh test" in ci
+    ruff = Path(sys.executable).parent / "ruff"
+    if ruff.exists():  # the dev extra installs it (run.sh)
+        result = subprocess.run([str(ruff), "check", "--no-cache", "dualview/cli.py", "dualview/checkpoints.py",
+                                 "dualview/convert.py", "dualview/preprocess.py", "tests/test_packaging.py"],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
