@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The whole GPU run in one script (about 4 minutes on one H100 / H200, 6 at most):
+# The whole GPU run in one script (about 6 minutes on one H100 / H200, 8 at most):
 #   bash benchmarks/gpu.sh OUT_DIR [extra args for python -m dualview.bench]
-# 1. correctness on the device against the CPU (dualview.bench.device_checks) -> OUT_DIR/checks.json
-# 2. the benchmark, eager, batch 8, with a profile of dual_576 at 3x3        -> OUT_DIR/eager/
-# 3. the same with the DEMs compiled (torch.compile, fullgraph)              -> OUT_DIR/compiled/
-# 4. eager at batch 1, 3x3 (where the naive loop's small tower calls cost most) -> OUT_DIR/batch1/
-# 5. DEM alone, timed several ways (benchmarks/dem_variants.py)              -> OUT_DIR/dem_variants.json
+# 1. correctness on the device against the CPU (dualview.bench.device_checks): DCM, DEM, fixtures,
+#    the layer-truncated tower == plain hidden states bit for bit, the released-path scheme on the
+#    released fixture, DualViewEncoder(compile=True) == eager                    -> OUT_DIR/checks.json
+# 2. the benchmark, eager, batch 8, 3x3, with a profile of dual_576             -> OUT_DIR/eager/
+#    (issue 13: dual_576 >= 2.0x the released path, peak memory <= 1.5x; dual_full inside the
+#    AnyRes latency bound + 3%)
+# 3. the same compiled: DualViewEncoder(compile=True), tower chunks + DEM; AnyRes's tower too -> OUT_DIR/compiled/
+# 4. eager at batch 1, 3x3 (issue 13: dual_576 >= 8x the released path)       -> OUT_DIR/batch1/
+# 5. the tower alone (benchmarks/tower_chunks.py): plain forward vs layer-truncated, and the
+#    automatic chunks against one call (within 3%?) with their extra memory     -> OUT_DIR/tower/
 # Needs only what a CUDA machine with torch, transformers and the usual scientific packages has
 # (torch, einops, transformers, safetensors, matplotlib, tqdm); runs from the source tree, installs nothing.
 set -uo pipefail
@@ -37,10 +42,10 @@ step() {  # step NAME SECONDS CMD...: a failed or timed-out step is reported and
   echo "== gpu.sh: $name: exit $rc after $((SECONDS - start))s" >&2
   if [ $rc -ne 0 ]; then status=1; fi
 }
-step "device checks" 60 "$py" -m dualview.bench.device_checks --out "$out"
+step "device checks" 75 "$py" -m dualview.bench.device_checks --out "$out"
 # eager first: its results stand even if a later step fails or runs out of time
-step "benchmark, eager" 110 "$py" -m dualview.bench --out "$out/eager" --profile "$@"
-step "benchmark, compiled DEM" 110 "$py" -m dualview.bench --out "$out/compiled" --compile "$@"
-step "benchmark, batch 1" 40 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
-step "DEM variants" 60 "$py" "$root/benchmarks/dem_variants.py" --out "$out"
+step "benchmark, eager" 100 "$py" -m dualview.bench --out "$out/eager" --grids 3x3 --profile "$@"
+step "benchmark, compiled tower + DEM" 200 "$py" -m dualview.bench --out "$out/compiled" --grids 3x3 --compile "$@"
+step "benchmark, batch 1" 45 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
+step "tower alone" 60 "$py" "$root/benchmarks/tower_chunks.py" --out "$out/tower"
 exit $status

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=336)
     p.add_argument("--patch", type=int, default=14)
     p.add_argument("--crops", type=int, default=152 if gpu else 19, help="152 = batch 8 at 3x3; 19 = batch 1")
-    p.add_argument("--layer", default="-2,-1", help="comma-separated hidden-state indices; chunks use the first")
+    p.add_argument("--layer", default="-2,-1", help="comma-separated hidden-state indices (write --layer=-2,-1); chunks use the first")
     p.add_argument("--budgets", default="16384,65536" if gpu else "1024,4096", help="comma-separated tokens per call")
     p.add_argument("--warmup", type=int, default=2 if gpu else 1)
     p.add_argument("--repeats", type=int, default=10 if gpu else 5)
