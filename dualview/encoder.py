@@ -225,11 +225,13 @@ class DualViewEncoder(nn.Module):
 
 
 AUTO_CHUNK_TOKENS = 32768
-"""Tokens per tower call under ``tower_batch_size=None``. Measured (``benchmarks/tower_chunks.py``,
-``benchmarks/README.md``): on 2 CPU cores chunks of this size run within 3% of one call at any
-size; on an H100 (bf16, ViT-L/14-336, issue 13's probe) chunks of 38 crops = 22k tokens ran 3.4%
-slower than one call of 152 crops with a third of its activation memory, so the chunk is set
-above that. At 3x3 and batch 8 (152 crops of 577 tokens): 3 calls of 51 crops."""
+"""Tokens per tower call under ``tower_batch_size=None``; the activation memory of a call grows with
+it. Measured (``benchmarks/tower_chunks.py``, ``benchmarks/NOTES.md``): on the 2-core development
+machine chunks of 1k-29k tokens ran at 0.83-1.00 of one call's time with 1/2 to 1/7 of its extra
+memory, so any size above ~1k tokens is free there; on an H100 (bf16, ViT-L/14-336, issue 13's
+probe) chunks of 38 crops = 22k tokens ran 3.4% slower than one call of 152 crops with a third of
+its memory, so the budget is set above that (batch 8 at 3x3: 3 calls of 51 crops; to be confirmed
+by the next GPU run's ``tower/`` sweep)."""
 
 
 def even_chunks(crops: int, tokens_per_crop: int, max_tokens: int) -> list[int]:
