@@ -4,10 +4,13 @@ INF-LLaVA checkpoints, run the CPU benchmark.
     dualview show [IMAGE] [--grid auto|RxC] [--crop-size 336] [--max-tiles N] -o crops.png
     dualview budget --size HxW [--grid ...] [--json]
     dualview convert-inf-llava SOURCE -o dem.safetensors
-    dualview bench [--out DIR]
+    dualview bench [--device ...] [--grids 2x2,3x3] [--out DIR] ...   (the options of python -m dualview.bench)
     dualview upstream {llava,llava-next} FORK_DIR [--check]
 
-Errors are one line on stderr and exit code 1 (2 for a malformed command line), never a traceback.
+    dualview --version
+
+Errors are one line on stderr and exit code 1 (2 for a malformed command line), never a traceback;
+a missing optional dependency is reported before any work is done.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from . import __version__
 from . import grid as G
+from ._checks import MissingDependency, require
 
 EXIT_ERROR = 1
+VIZ = ("matplotlib", "PIL")
+"""What ``dualview show`` and the benchmark's plot need: the ``viz`` extra."""
 
 
 class CommandError(Exception):
@@ -34,7 +41,19 @@ def parse_size(text: str) -> G.Size:
     return int(parts[0]), int(parts[1])
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a positive int, else a usage error that names the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
 def cmd_show(args) -> None:
+    require(*VIZ, extra="viz", feature="dualview show")
     from .sample import demo_image
     from .show import load_image, render
 
@@ -70,17 +89,19 @@ def cmd_convert(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import run
 
-    run.main(["--device", "cpu", "--out", str(args.out)] + (["--repeats", str(args.repeats)] if args.repeats else []))
+    require(*VIZ, extra="viz", feature="dualview bench (its plot, bench.png)")
+    run.execute(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualview", description="INF-LLaVA's dual-view cropping and enhancement")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def grid_options(p):
         p.add_argument("--grid", default="auto", help="'auto' (LLaVA-NeXT's AnyRes choice) or RxC, e.g. 3x3")
-        p.add_argument("--crop-size", type=int, default=336, help="vision tower input size s (default 336)")
-        p.add_argument("--max-tiles", type=int, default=9, help="largest R*C for --grid auto (default 9)")
+        p.add_argument("--crop-size", type=positive_int, default=336, help="vision tower input size s (default 336)")
+        p.add_argument("--max-tiles", type=positive_int, default=9, help="largest R*C for --grid auto (default 9)")
 
     show = sub.add_parser("show", help="draw the image, its grid, the local and the global crops, and the budgets")
     show.add_argument("image", nargs="?", help="any image PIL reads (default: the embedded demo image)")
@@ -91,18 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     budget = sub.add_parser("budget", help="tower passes and LLM tokens per image, scheme by scheme")
     budget.add_argument("--size", required=True, help="image size HxW, e.g. 1000x1800")
     grid_options(budget)
-    budget.add_argument("--patch-size", type=int, default=14, help="vision tower patch size (default 14)")
+    budget.add_argument("--patch-size", type=positive_int, default=14, help="vision tower patch size (default 14)")
     budget.add_argument("--json", action="store_true", help="print JSON")
     budget.set_defaults(run=cmd_budget)
 
     convert = sub.add_parser("convert-inf-llava", help="extract the DEM (and projector) of an INF-LLaVA checkpoint")
     convert.add_argument("source", help="checkpoint folder (sharded .safetensors / .bin) or one file (mm_projector.bin)")
-    convert.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    convert.add_argument("-o", "--output", required=True, help="safetensors file to write (not a folder)")
     convert.set_defaults(run=cmd_convert)
 
-    bench = sub.add_parser("bench", help="the CPU benchmark: dual view vs AnyRes vs a naive loop")
-    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
-    bench.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    from .bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`
+
+    bench = sub.add_parser("bench", help="the benchmark: dual view vs AnyRes vs a naive loop", description=DESCRIPTION)
+    add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
 
     from .upstream import add_subcommand as add_upstream_subcommand  # dualview upstream: patch a LLaVA fork
@@ -115,7 +137,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CommandError, ValueError, TypeError, FileNotFoundError, OSError) as e:
+    except (CommandError, MissingDependency, ValueError, TypeError, FileNotFoundError, OSError) as e:
         message = " ".join(str(e).split())  # one line, whatever the exception held
         print(f"dualview {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR

@@ -109,6 +109,9 @@ def test_convert_inf_llava_sharded_folder_reproduces_the_fixture(tmp_path):
         (["convert-inf-llava", "{tmp}/plain.safetensors", "-o", "{tmp}/o.safetensors"], "holds no 'spatial_embed.' keys"),
         (["convert-inf-llava", "{tmp}/broken.safetensors", "-o", "{tmp}/o.safetensors"], "not a readable safetensors file"),
         (["convert-inf-llava", "{tmp}/pickle.bin", "-o", "{tmp}/o.safetensors"], "weights_only=True"),
+        (["convert-inf-llava", "{tmp}/plain.safetensors", "-o", "{tmp}"], "is a folder: give the file to write"),
+        (["convert-inf-llava", "{tmp}/noindex", "-o", "{tmp}/o.safetensors"], "has no 'weight_map'"),
+        (["convert-inf-llava", "{tmp}/int.safetensors", "-o", "{tmp}/o.safetensors"], "key 'model.spatial_embed.ln_fuse.weight': dtype int32"),
     ],
 )
 def test_failures_are_one_line_with_a_non_zero_exit(tmp_path, args, message):
@@ -118,6 +121,10 @@ def test_failures_are_one_line_with_a_non_zero_exit(tmp_path, args, message):
     import pickle
 
     (tmp_path / "pickle.bin").write_bytes(pickle.dumps({"x": object()}))
+    (tmp_path / "noindex").mkdir()
+    (tmp_path / "noindex" / "model.safetensors.index.json").write_text("{}")
+    state = {f"model.spatial_embed.{k}": v for k, v in DEM(16, num_heads=2).state_dict().items()}
+    save_file({**state, "model.spatial_embed.ln_fuse.weight": torch.ones(16, dtype=torch.int32)}, tmp_path / "int.safetensors")
     result = dualview(*[a.format(tmp=tmp_path) for a in args], ok=False)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -133,3 +140,78 @@ def test_help_on_every_command(command):
 def test_bad_command_line_is_a_usage_error():
     result = dualview("budget", ok=False)
     assert result.returncode == 2 and "--size" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["budget", "--size", "100x100", "--patch-size", "0"], "--patch-size"),
+        (["budget", "--size", "100x100", "--crop-size", "-3"], "--crop-size"),
+        (["show", "--max-tiles", "x"], "--max-tiles"),
+        (["bench", "--grids", "2x2,auto"], "--grids"),
+        (["bench", "--repeats", "0"], "--repeats"),
+    ],
+)
+def test_a_bad_number_is_a_usage_error_naming_the_option(args, option):
+    result = dualview(*args, ok=False)
+    assert result.returncode == 2
+    assert f"dualview {args[0]}: error: argument {option}:" in result.stderr.strip().splitlines()[-1]
+
+
+def test_version_is_the_package_version():
+    from dualview import __version__
+
+    assert dualview("--version").stdout.strip() == f"dualview {__version__}"
+
+
+def test_bench_command_shares_every_option_of_python_m_dualview_bench():
+    from dualview.bench.run import build_parser
+
+    options = {o for action in build_parser()._actions for o in action.option_strings}
+    assert len(options) > 12
+    help_text = dualview("bench", "--help").stdout
+    assert all(o in help_text for o in options)
+    module_help = subprocess.run([sys.executable, "-m", "dualview.bench", "--help"], capture_output=True, text=True,
+                                 timeout=300)
+    assert module_help.stdout.startswith("usage: python -m dualview.bench")
+
+
+def test_bench_command_runs_with_the_modules_options(tmp_path):
+    result = dualview("bench", "--device", "cpu", "--tower", "tiny", "--llm", "tiny", "--crop", "28", "--grids", "1x2",
+                      "--warmup", "0", "--repeats", "1", "--out", tmp_path)
+    table = (tmp_path / "bench.md").read_text()
+    assert "| 1x2 | dual_576 |" in table and table in result.stdout
+    # a 1-repeat CPU run says nothing about the GPU targets
+    target_rows = [line for line in table.splitlines() if line.startswith("| DEM >=")]
+    assert target_rows and all(line.endswith("| not judged: cpu run, the targets are set for a GPU |") for line in target_rows)
+
+
+NO_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # as if dualview[viz] were not installed
+from dualview.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["show"], ["bench", "--tower", "tiny", "--llm", "tiny", "--crop", "28"]])
+def test_missing_matplotlib_is_one_line_naming_the_extra_before_any_work(tmp_path, command):
+    out = tmp_path / "out"
+    args = [*command, "--out" if command[0] == "bench" else "-o", out / ("" if command[0] == "bench" else "c.png")]
+    result = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, *map(str, args)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dualview {command[0]}: error:")
+    assert "needs matplotlib" in lines[0] and "install dualview[viz]" in lines[0]
+    assert not out.exists() and not result.stdout  # nothing was computed or written
+
+
+def test_missing_matplotlib_in_python_m_dualview_bench_is_one_line_before_any_work(tmp_path):
+    code = "import sys; sys.modules['matplotlib'] = None; import runpy; runpy.run_module('dualview.bench', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code, "--out", str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "install dualview[viz]" in lines[0]
+    assert not (tmp_path / "out").exists()
