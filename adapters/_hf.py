@@ -3,7 +3,7 @@ feature-layer and select-strategy rules, and the vision tower of one call."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from typing import Callable, Sequence, Union
 
 from torch import nn
 

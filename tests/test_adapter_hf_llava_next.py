@@ -291,7 +291,7 @@ def test_full_strategy_with_siglip_matches_plain_anyres():
     inputs = batch(sizes, tiny_processor(strategy="full", extra_tokens=0))
     anyres, dual = image_features(plain, inputs), image_features(adapted, inputs)
     in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
-    for i, size in enumerate(sizes):
+    for i in range(len(sizes)):
         assert dual[i].shape == anyres[i].shape and dual[i].shape[0] == in_prompt[i]
         torch.testing.assert_close(dual[i][: H * W], anyres[i][: H * W])
     with pytest.raises(ValueError, match="'default'"):
