@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`
 
-    bench = sub.add_parser("bench", help="the benchmark: dual view vs AnyRes vs a naive loop", description=DESCRIPTION)
+    bench = sub.add_parser("bench", help="the benchmark: dual view vs AnyRes vs the released INF-LLaVA path", description=DESCRIPTION)
     add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
 
