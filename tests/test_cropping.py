@@ -151,7 +151,8 @@ def test_fixed_grid_ignores_image_aspect_but_pads():
     "kwargs, match",
     [
         (dict(grid=(0, 2)), "grid must be"),
-        (dict(grid="3x3"), "grid must be"),
+        (dict(grid="3by3"), "grid must be"),
+        (dict(grid="3x33"), "grid must be"),
         (dict(fit="crop"), "fit must be one of"),
         (dict(interpolation="lanczos"), "interpolation must be one of"),
         (dict(crop_size=0), "crop_size must be a positive int"),

@@ -441,7 +441,7 @@ def test_a_torch_file_must_hold_a_dict(tmp_path):
 
 
 def test_a_sharded_folder_is_read_through_its_index(tmp_path):
-    """Only the files the index names are read: a stale weight file left in the folder is not."""
+    """The index wins: the shards it names are read, not a stale single-file checkpoint beside it."""
     import json
 
     fx, state = dem_fixture()
@@ -451,7 +451,7 @@ def test_a_sharded_folder_is_read_through_its_index(tmp_path):
         save_file({f"model.spatial_embed.{k}": state[k] for k in part}, tmp_path / name)
     index = {"weight_map": {f"model.spatial_embed.{k}": name for name, part in shards.items() for k in part}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    save_file({f"model.spatial_embed.{k}": torch.zeros_like(v) for k, v in state.items()}, tmp_path / "old.safetensors")
+    save_file({f"model.spatial_embed.{k}": torch.zeros_like(v) for k, v in state.items()}, tmp_path / "model.safetensors")
     dem = DEM.from_inf_llava(tmp_path)
     with torch.no_grad():
         out = dem(fx["local_feats"], fx["global_feats"], (3, 3))

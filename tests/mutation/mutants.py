@@ -18,12 +18,23 @@ CORE_TESTS = (
     "tests/test_grid.py",
     "tests/test_budgets.py",
     "tests/test_cropping.py",
-    "tests/test_reference_dem.py",
     "tests/test_enhance.py",
     "tests/test_encoder.py",
     "tests/test_reliability.py",
+    "tests/test_checkpoints.py",
+    "tests/test_reference_dem.py",
 )
 """Fast first: with ``-x`` most mutants die in the first files."""
+
+FIRST_TESTS = {
+    "dualview/grid.py": ("tests/test_grid.py", "tests/test_budgets.py"),
+    "dualview/layout.py": ("tests/test_cropping.py", "tests/test_enhance.py"),
+    "dualview/cropping.py": ("tests/test_cropping.py",),
+    "dualview/enhance.py": ("tests/test_enhance.py", "tests/test_reference_dem.py"),
+    "dualview/encoder.py": ("tests/test_encoder.py", "tests/test_budgets.py"),
+    "dualview/checkpoints.py": ("tests/test_checkpoints.py", "tests/test_enhance.py", "tests/test_reliability.py"),
+}
+"""The test files most likely to kill a mutant of each core file run first (the set is the same)."""
 
 HF_LLAVA_NEXT_TESTS = ("tests/test_adapter_hf_llava_next.py",)
 LLAVA15_TESTS = ("tests/test_adapter_llava15.py",)
@@ -41,6 +52,9 @@ class Mutant:
 
 
 def _m(id, path, old, new, what, equivalent=None, tests=CORE_TESTS):  # noqa: A002 - short table rows
+    if tests == CORE_TESTS:
+        first = FIRST_TESTS.get(path, ())
+        tests = first + tuple(t for t in CORE_TESTS if t not in first)
     return Mutant(id, path, old, new, what, equivalent, tests)
 
 
@@ -270,8 +284,6 @@ MUTANTS: list[Mutant] = [
        "return grid[0] * grid[0] * feat_size[0] * feat_size[1]", "output_tokens with R*R"),
     _m("dem-fused-tokens", DEM_, "        return self.out_size[0] * self.out_size[1]\n\n    def _attend",
        "        return self.out_size[0] * self.out_size[0]\n\n    def _attend", "fused_tokens with out_h*out_h"),
-    _m("dem-strict-unexpected", DEM_, "if incompatible.missing_keys or incompatible.unexpected_keys:",
-       "if incompatible.missing_keys:", "from_inf_llava ignores unexpected keys"),
     # ---- encoder.py --------------------------------------------------------------------------------
     _m("enc-preset-pad", ENC, 'dcm = DCM(336, (3, 3), fit="squash"', 'dcm = DCM(336, (3, 3), fit="pad"',
        "the inf_llava preset pads instead of squashing"),
@@ -293,8 +305,16 @@ MUTANTS: list[Mutant] = [
     _m("enc-feat-size", ENC, "return G.crop_tokens(self.dcm.crop_size, self.patch_size)",
        "return G.crop_tokens(self.dcm.crop_size, self.patch_size * 2)", "feat_size from twice the patch"),
     # ---- checkpoints.py -------------------------------------------------------------------------------
-    _m("ckpt-prefix-cut", CKPT, "prefixes = {k[: k.index(mark) + len(mark)] for k in state if mark in k}",
-       "prefixes = {k[: k.index(mark)] for k in state if mark in k}", "prefix stripped without the mark"),
+    _m("ckpt-prefix-cut", CKPT, "prefixes = {k[: k.index(mark) + len(mark)] for k in keys if mark in k}",
+       "prefixes = {k[: k.index(mark)] for k in keys if mark in k}", "prefix stripped without the mark"),
+    _m("ckpt-strict-unexpected", CKPT, "    if missing or unexpected:\n", "    if missing:\n",
+       "a DEM state with an unexpected key passes the strict check"),
+    _m("ckpt-shape-numel", CKPT, "if tensor.shape != expected[key].shape:", "if tensor.numel() != expected[key].numel():",
+       "a weight of the right size but another shape (transposed) passes"),
+    _m("ckpt-shards-off-by-one", CKPT, "present != set(range(1, counts.pop() + 1))",
+       "present != set(range(1, counts.pop()))", "a complete set of unindexed shards is called incomplete"),
+    _m("ckpt-inside-dotdot", CKPT, ' or ".." in posix.parts)', ")",
+       "an index naming '../x.safetensors' reads outside the folder"),
     _m("ckpt-several-prefixes", CKPT, "if len(prefixes) > 1:", "if len(prefixes) > 2:",
        "two different spatial_embed prefixes accepted"),
     _m("ckpt-bare-keys", CKPT, "keep=lambda k: DEM_MARK in k or k.startswith(DEM_TOP_LEVEL)",
@@ -307,9 +327,8 @@ MUTANTS: list[Mutant] = [
        "        if False:\n            raise", "a .bin holding a list reaches .items()"),
     _m("ckpt-exists", CKPT, "    if not path.exists():\n        raise", "    if False:\n        raise",
        "a missing path gives the reader's own error"),
-    _m("ckpt-index-shards", CKPT, 'for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):',
-       'for index_name in ():', "sharded folders read without their index",
-       equivalent="without the index every weight file of the folder is read, and a DEM's keys are the same"),
+    _m("ckpt-index-first", CKPT, "        if index.is_file():\n            return [folder / name",
+       "        if False:\n            return [folder / name", "a folder's shard index is ignored (the single file wins)"),
     # ---- adapters: their grid and token arithmetic -------------------------------------------------
     _m("next-budget-passes", NEXT, "passes = encoder.budget(size).tower_passes",
        "passes = 1 + encoder.budget(size).tower_passes", "LLaVA-NeXT adapter budget counts the base twice",

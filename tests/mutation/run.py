@@ -6,8 +6,9 @@
     python tests/mutation/run.py --committed --write tests/mutation/RESULTS.md
 
 The checkout itself is never modified: the files are copied to a temporary folder, each mutant is
-written there, its tests run with ``pytest -x`` (``OMP_NUM_THREADS=1``, a per-mutant timeout, no
-bytecode written, a fresh hypothesis database), and the file is put back. A guard plugin makes
+written there, its tests run with ``pytest -x`` in a fork of this process (which imported torch and
+transformers once; ``OMP_NUM_THREADS=1``, a per-mutant timeout, no bytecode written, a fresh
+hypothesis database), and the file is put back. A guard plugin makes
 every pytest run check that ``dualview`` and ``dualview.adapters`` are imported from the copy
 (the editable install would otherwise serve the checkout's files).
 
@@ -17,9 +18,11 @@ A periodic check, not part of CI: one run takes about 20 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutants import MUTANTS, Mutant  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+EXAMPLES: int | None = None
+"""Hypothesis examples per property test (--examples); None keeps the CI profile's 100."""
 GUARD_EXIT = 99
 GUARD = f'''"""pytest plugin written by tests/mutation/run.py: the copy's modules must be the ones imported."""
 import os
@@ -86,23 +91,76 @@ def prepare(dest: Path) -> None:
     (dest / "_mutation_guard.py").write_text(GUARD)
 
 
+# Imported once by this process; each test run is a fork of it, so a mutant pays for pytest and
+# its tests, not for importing torch and transformers again (about 7 s of CPU each).
+PRELOAD = (
+    "torch", "einops", "hypothesis", "pytest", "safetensors.torch", "transformers",
+    "transformers.image_processing_utils", "transformers.models.llava_next.modeling_llava_next",
+    "transformers.models.llava_next.processing_llava_next", "transformers.models.llava_next.image_processing_llava_next",
+)
+
+
+def preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | None, str, float]:
-    """-> (return code, or None on timeout; output; seconds)."""
+    """Run pytest on ``tests`` in a fork whose imports resolve to ``copy``.
+    -> (return code, or None on timeout; output; seconds)."""
     shutil.rmtree(copy / ".hypothesis", ignore_errors=True)  # no example replayed from another mutant
     missing = [t for t in tests if not (copy / t).is_file()]
     if missing:
         raise SystemExit(f"test files missing from the copy: {missing}")
-    env = dict(os.environ, PYTHONPATH=str(copy), MUTATION_COPY=str(copy), OMP_NUM_THREADS="1",
-               PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED="0")
-    cmd = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "_mutation_guard",
-           "-o", "addopts=", "-rf", "--tb=no"]
+    args = [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "_mutation_guard", "-o", "addopts=", "-rf", "--tb=no"]
+    log = copy / ".mutation-log"
     start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return None, out, time.monotonic() - start
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+    pid = os.fork()
+    if pid == 0:  # the child: run the tests, exit with pytest's code
+        code = 3
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(copy)
+            sys.path.insert(0, str(copy))
+            os.environ["MUTATION_COPY"] = str(copy)
+            if EXAMPLES is not None:  # tests/conftest.py loads the profile HYPOTHESIS_PROFILE names
+                from hypothesis import HealthCheck, settings
+
+                settings.register_profile("mutation", max_examples=EXAMPLES, deadline=None, derandomize=True,
+                                          suppress_health_check=[HealthCheck.too_slow])
+                os.environ["HYPOTHESIS_PROFILE"] = "mutation"
+            import pytest
+
+            code = int(pytest.main(args))
+        except BaseException as e:  # noqa: BLE001 - anything the mutant breaks is a failed run
+            print(f"mutation runner: {type(e).__name__}: {e}", flush=True)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    code: int | None = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() - start > timeout:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.2)
+    output = log.read_text(errors="replace") if log.exists() else ""
+    return code, output, time.monotonic() - start
 
 
 def first_failure(output: str) -> str:
@@ -157,8 +215,9 @@ def report(outcomes: list[Outcome], source: str, minutes: float) -> str:
     lines = [
         "# Mutation check: latest results",
         "",
-        f"Run {date} on the {source}, `python tests/mutation/run.py --committed` "
-        f"({minutes:.0f} min, {os.cpu_count()} CPU cores).",
+        f"Run {date} on the {source}: `python tests/mutation/run.py {' '.join(sys.argv[1:])}` "
+        f"({minutes:.0f} min on {os.cpu_count()} shared CPU cores; hypothesis examples per property test: "
+        f"{EXAMPLES if EXAMPLES is not None else 'the CI profile (100)'}).",
         "",
         f"**Score: {killed} of {counted} non-equivalent mutants killed ({pct:.1f}%).** "
         f"{len(outcomes)} mutants: {killed} killed, {len(survivors)} survived, {equivalent} equivalent "
@@ -187,11 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="ID", help="run these mutants only")
     parser.add_argument("--committed", action="store_true", help="mutate a copy of HEAD, not of the working tree")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant (default 300)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutant (default 1800: generous, so that a loaded machine is not read as a kill)")
     parser.add_argument("--write", type=Path, metavar="FILE", help="write the report (markdown) to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once, each on its own copy (default 1)")
+    parser.add_argument("--examples", type=int, help="hypothesis examples per property test (default: the CI "
+                        "profile's 100); fewer is faster and may let a subtle mutant live")
     parser.add_argument("--tests", nargs="+", metavar="FILE", help="run these test files against every chosen mutant")
     args = parser.parse_args(argv)
+    global EXAMPLES
+    EXAMPLES = args.examples
 
     ids = [m.id for m in MUTANTS]
     if len(set(ids)) != len(ids):
@@ -208,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         source = copy_tree(copy, args.committed)
         prepare(copy)
         print(f"copy of the {source} in {copy}", flush=True)
-        suites = sorted({m.tests for m in chosen})
+        os.environ.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        sys.dont_write_bytecode = True
+        preload()
+        suites = {frozenset(m.tests): m.tests for m in chosen}.values()
         for tests in suites:  # the unmutated code must pass, or no result means anything
             code, output, seconds = run_tests(copy, tests, args.timeout)
             if code == GUARD_EXIT:
@@ -217,13 +284,42 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the unmutated copy fails {' '.join(tests)} ({first_failure(output)}):\n{output[-3000:]}")
             print(f"baseline passes {len(tests)} test file(s) in {seconds:.0f} s", flush=True)
         start = time.monotonic()
-        outcomes = []
-        for i, mutant in enumerate(chosen, 1):
-            outcome = run_mutant(copy, mutant, args.timeout)
-            outcomes.append(outcome)
-            flag = " (declared equivalent)" if mutant.equivalent else ""
-            print(f"[{i}/{len(chosen)}] {mutant.id}: {outcome.status}{flag} in {outcome.seconds:.0f} s - {outcome.detail}",
-                  flush=True)
+        copies = [copy] + [Path(tempfile.mkdtemp(prefix="dualview-mutation-")) for _ in range(args.jobs - 1)]
+        for extra in copies[1:]:
+            shutil.copytree(copy, extra, dirs_exist_ok=True)
+        results = copy / ".mutation-results.jsonl"
+        workers = []
+        for j, worker_copy in enumerate(copies):
+            pid = os.fork()
+            if pid == 0:  # one worker per copy: every jobs-th mutant, one at a time
+                code = 0
+                try:
+                    for i, mutant in enumerate(chosen):
+                        if i % args.jobs != j:
+                            continue
+                        outcome = run_mutant(worker_copy, mutant, args.timeout)
+                        with open(results, "a") as f:
+                            f.write(json.dumps(dict(id=mutant.id, status=outcome.status, seconds=outcome.seconds,
+                                                    detail=outcome.detail)) + "\n")
+                        flag = " (declared equivalent)" if mutant.equivalent else ""
+                        print(f"[{i + 1}/{len(chosen)}] {mutant.id}: {outcome.status}{flag} in {outcome.seconds:.0f} s"
+                              f" - {outcome.detail}", flush=True)
+                except BaseException as e:  # noqa: BLE001
+                    print(f"worker {j}: {type(e).__name__}: {e}", flush=True)
+                    code = 1
+                os._exit(code)
+            workers.append(pid)
+        failed = [pid for pid in workers if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+        for extra in copies[1:]:
+            if not args.keep:
+                shutil.rmtree(extra, ignore_errors=True)
+        if failed:
+            raise SystemExit("a worker failed (see above)")
+        by_id = {}
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            by_id[row["id"]] = row
+        outcomes = [Outcome(m, by_id[m.id]["status"], by_id[m.id]["seconds"], by_id[m.id]["detail"]) for m in chosen]
         minutes = (time.monotonic() - start) / 60
     finally:
         if not args.keep:
