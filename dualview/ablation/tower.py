@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .store import atomic_target
 from .task import NUM_CLASSES, PRETEXT_MARKS, TaskConfig, make_crops
 
 CACHE_FORMAT = 1  # bump when the pretext or the tower changes in a way the fields below do not show
@@ -142,17 +142,9 @@ def _load(path: Path, cfg: TowerConfig) -> tuple[SmallViT, dict] | None:
 
 
 def _save(path: Path, cfg: TowerConfig, tower: SmallViT, info: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(digest=cfg.digest(), config=asdict(cfg), info=info, state_dict=tower.state_dict())
-    handle, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_target(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def pretrained_tower(cfg: TowerConfig, cache_dir: Path | None = None) -> tuple[SmallViT, dict]:
