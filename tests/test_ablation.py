@@ -341,6 +341,8 @@ def test_an_interrupted_sweep_resumes_with_only_the_missing_runs(tmp_path, capsy
     assert sorted(done) == ["dem_both~bilinear/seed0.json", "resize/seed0.json"]  # seed-major order
     assert "Partial: 4 of 6 runs missing" in (tmp_path / "out" / "ablation.md").read_text()
     capsys.readouterr()
+    (tower_file,) = (tmp_path / "towers").glob("tower-*.pt")
+    tower_bytes = tower_file.read_bytes()
     second = runner.main(_quick(tmp_path))
     err = capsys.readouterr().err
     assert second["runs_this_session"] == 4 and second["runs_resumed"] == 2 and second["runs_missing"] == 0
@@ -349,6 +351,7 @@ def test_an_interrupted_sweep_resumes_with_only_the_missing_runs(tmp_path, capsy
     after = _finished(tmp_path)
     assert all(after[name] == data for name, data in done.items())  # ... and its file untouched
     assert len(after) == 6 and "local_only@arrow/seed0.json" in after and "local_only@arrow/seed1.json" in after
+    assert tower_file.read_bytes() == tower_bytes  # read from the cache, not pretrained again nor changed
     third = runner.main(_quick(tmp_path))  # nothing left to do
     assert third["runs_this_session"] == 0 and _finished(tmp_path) == after
     sessions = third["sessions"]
