@@ -172,6 +172,12 @@ def first_failure(output: str) -> str:
 
 
 def run_mutant(copy: Path, mutant: Mutant, timeout: float) -> Outcome:
+    if not mutant.path:  # a baseline: the unmutated code
+        code, output, seconds = run_tests(copy, mutant.tests, timeout)
+        if code == GUARD_EXIT:
+            raise SystemExit(f"import guard failed:\n{output}")
+        status = "survived" if code == 0 else "killed"
+        return Outcome(mutant, status, seconds, first_failure(output) if code else "all tests passed")
     path = copy / mutant.path
     if not path.is_file():
         return Outcome(mutant, "stale", 0.0, f"{mutant.path} not found")
@@ -275,14 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
         sys.dont_write_bytecode = True
         preload()
+        # The unmutated code must pass each test set, or no result means anything: the baselines
+        # run first, beside the mutants, and are checked at the end.
         suites = {frozenset(m.tests): m.tests for m in chosen}.values()
-        for tests in suites:  # the unmutated code must pass, or no result means anything
-            code, output, seconds = run_tests(copy, tests, args.timeout)
-            if code == GUARD_EXIT:
-                raise SystemExit(f"import guard failed:\n{output}")
-            if code != 0:
-                raise SystemExit(f"the unmutated copy fails {' '.join(tests)} ({first_failure(output)}):\n{output[-3000:]}")
-            print(f"baseline passes {len(tests)} test file(s) in {seconds:.0f} s", flush=True)
+        baselines = [Mutant(f"baseline-{i}", "", "", "", "the unmutated code", tests=t) for i, t in enumerate(suites)]
+        chosen = baselines + chosen
         start = time.monotonic()
         copies = [copy] + [Path(tempfile.mkdtemp(prefix="dualview-mutation-")) for _ in range(args.jobs - 1)]
         for extra in copies[1:]:
@@ -320,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             row = json.loads(line)
             by_id[row["id"]] = row
         outcomes = [Outcome(m, by_id[m.id]["status"], by_id[m.id]["seconds"], by_id[m.id]["detail"]) for m in chosen]
+        for o in outcomes[:len(baselines)]:
+            if o.status != "survived":
+                raise SystemExit(f"the unmutated copy fails {' '.join(o.mutant.tests)}: {o.detail}; no result is valid")
+            print(f"baseline passes {' '.join(o.mutant.tests)} in {o.seconds:.0f} s", flush=True)
+        outcomes = outcomes[len(baselines):]
         minutes = (time.monotonic() - start) / 60
     finally:
         if not args.keep:
