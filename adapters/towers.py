@@ -21,7 +21,10 @@ layers); so does a transformers-4 encoder doing its own gradient checkpointing i
 **Device rule.** Pixels go to the device and dtype of the model's patch-embedding weight; when that
 weight is on ``meta`` (accelerate's CPU / disk offloading), the pixels stay where they are and the
 offloading hooks move them. The first parameter's device is not used: under offloading it is
-``meta``, and in a model split over devices it need not be the embedding's.
+``meta``, and in a model split over devices it need not be the embedding's. Offloading hooks on the
+embeddings and layers (``accelerate.cpu_offload``) run as usual; a hook on a module the truncated
+run skips (the model, the backbone or its encoder, as ``device_map`` puts there) that loads weights
+or moves inputs makes the tower use the plain forward.
 """
 
 from __future__ import annotations
@@ -132,6 +135,22 @@ def _to_model(pixels: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Ten
     return pixels.to(device=device, dtype=weight.dtype)
 
 
+def _skipped_hook_matters(module: nn.Module, top: bool) -> bool:
+    """Whether an accelerate hook on ``module``, which the truncated run does not call, does work the
+    run needs: loading offloaded weights (device_map with "cpu" / "disk" on that module), moving
+    inputs to an execution device (the model's own input move is what the device rule does), or an
+    unknown kind of hook. Hooks on the embeddings and the layers run: those modules are called."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return False
+    for part in getattr(hook, "hooks", (hook,)):
+        if type(part).__name__ != "AlignDevicesHook" or getattr(part, "offload", True):
+            return True
+        if not top and getattr(part, "execution_device", None) is not None:
+            return True
+    return False
+
+
 def _check_layers(layer: Layers, arg: str = "layer") -> list[int]:
     if isinstance(layer, int) and not isinstance(layer, bool):
         return [layer]
@@ -194,6 +213,11 @@ class HFVisionTower(nn.Module):
         self._resolved = _resolve(self.layers, len(stack) + 1, f"hidden states of {type(backbone).__name__}")
         # Not registered as submodules (they are the model's): plain attributes in a tuple.
         self._backbone, self._family = (backbone,), family
+        chain, module = [], model  # the modules from the model down to the backbone, then the encoder
+        while module is not backbone:
+            chain.append(module)
+            module = module.vision_model
+        self._skipped = (*chain, backbone, backbone.encoder, stack)
         self._weight_source = (model, backbone.embeddings)
         params = inspect.signature(stack[0].forward).parameters
         # transformers 4's CLIP layers also take causal_attention_mask (None for vision)
@@ -213,9 +237,9 @@ class HFVisionTower(nn.Module):
     def _can_truncate(self) -> bool:
         if self._family is None:
             return False
-        # accelerate's offloading hooks (device_map with "cpu" / "disk") bring the weights in around
-        # the hooked module's own forward: a run that skips it would meet meta tensors
-        if any(hasattr(m, "_hf_hook") for m in self.model.modules()):
+        # accelerate hooks on the modules the truncated run skips (the model, the backbone, its
+        # encoder) would not run: fall back when one of them loads offloaded weights or moves inputs
+        if any(_skipped_hook_matters(m, top=m is self.model) for m in self._skipped):
             return False
         # transformers 4 checkpoints in the encoder's own loop (5 does it in each layer, which we call)
         encoder = self._backbone[0].encoder

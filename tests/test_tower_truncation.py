@@ -141,10 +141,29 @@ def test_offloaded_model_keeps_pixels_where_they_are_and_gives_the_same_output()
     pixels = torch.randn(2, 3, 42, 42)
     with torch.no_grad():
         expected = HFVisionTower(model, layer=-2)(pixels)
-        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))  # hooks on every module with weights
         assert model.embeddings.patch_embedding.weight.device.type == "meta"
-        out = HFVisionTower(model, layer=-2)(pixels)
-    assert torch.equal(out, expected)
+        tower = HFVisionTower(model, layer=-2)
+        out = tower(pixels)
+    assert tower._can_truncate() and torch.equal(out, expected)
+
+
+def test_weights_loaded_by_a_skipped_module_make_the_tower_use_the_plain_forward():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = build("clip")
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        expected = HFVisionTower(model, layer=-2)(pixels)
+        # as device_map does for an offloaded encoder: its hook brings in every layer's weights
+        weights = accelerate.utils.OffloadedWeightsLoader(state_dict=model.encoder.state_dict())
+        add_hook_to_module(model.encoder, AlignDevicesHook(execution_device="cpu", offload=True, weights_map=weights,
+                                                           place_submodules=True))
+        assert model.encoder.layers[0].mlp.fc1.weight.device.type == "meta"
+        tower = HFVisionTower(model, layer=-2)
+        out = tower(pixels)
+    assert not tower._can_truncate() and torch.equal(out, expected)
 
 
 def test_pixels_follow_the_patch_embedding_not_the_first_parameter():
