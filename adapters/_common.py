@@ -33,7 +33,9 @@ class DualViewOptions:
     fusion: str = "linear_concat"
     resample: Optional[str] = "bilinear"
     thumbnail_fusion: str = "mean"
-    tower_batch_size: Optional[int] = None
+    tower_batch_size: Union[int, str, None] = None  # None: automatic chunks, "all": one call
+    ffn_hidden: Optional[int] = None  # DEM fusion FFN width (None: max(dim // 16, 1))
+    eps: float = 1e-5  # DEM LayerNorm epsilon
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> "DualViewOptions":
@@ -46,6 +48,9 @@ class DualViewOptions:
             opts.grid = tuple(opts.grid)
         if isinstance(opts.out_size, list):
             opts.out_size = tuple(opts.out_size)
+        size = opts.tower_batch_size
+        if size is not None and size != "all" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"tower_batch_size must be a positive int, 'all' or None (automatic), got {size!r}")
         return opts
 
     def to_dict(self) -> dict:

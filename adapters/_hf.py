@@ -37,6 +37,7 @@ def feature_layers(layer: Layers) -> list[int]:
 
 
 _DROPS = {"default": 1, "full": 0}  # prefix tokens each select strategy drops
+_KNOWN_TOWERS = ("clip", "siglip", "intern_vit", "idefics3", "smolvlm")
 
 
 def check_strategy(strategy: str, vision_model: nn.Module) -> None:
@@ -45,7 +46,15 @@ def check_strategy(strategy: str, vision_model: nn.Module) -> None:
     (CLIP), ``"full"`` with a tower without one (SigLIP)."""
     if strategy not in _DROPS:
         raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-    prefix = HFVisionTower(vision_model).num_prefix_tokens
+    tower = HFVisionTower(vision_model)
+    model_type = getattr(vision_model.config, "model_type", "")
+    if not tower.truncated and not any(name in model_type for name in _KNOWN_TOWERS):
+        raise ValueError(
+            f"dual view needs a vision tower with a fixed square grid of patch tokens (CLIP, SigLIP, InternViT, "
+            f"Idefics3); got {type(vision_model).__name__} (model_type={model_type!r}), whose token layout it does "
+            f"not know"
+        )
+    prefix = tower.num_prefix_tokens
     if _DROPS[strategy] != prefix:
         fix = "default" if prefix else "full"
         raise ValueError(

@@ -36,6 +36,22 @@ class DualViewHost:
     """Module name under ``dualview.adapters`` (for messages)."""
     dualview_plain: ClassVar[type]
     """The host class this subclass extends: what :func:`unapply` restores."""
+    dualview_live: ClassVar[dict] = {}
+    """Option name -> host config attribute it always follows, read at every call (e.g. AnyRes's
+    ``pinpoints`` from ``config.image_grid_pinpoints``); such options are recorded as None."""
+    dualview_full_map: ClassVar[bool] = False
+    """The host packs the DEM's full ``R*h x C*w`` map back into its tiles: ``out_size`` must be None."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == DEM_ATTR and isinstance(value, nn.Module):
+            self._dualview_check(unwrap_dem(value))  # a wrong DEM is refused before it replaces the right one
+        super().__setattr__(name, value)
+        if name == DEM_ATTR and DEM_ATTR in self._modules:
+            self.dualview_dem  # noqa: B018 - record the new DEM's settings in config.dualview
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        self.dualview_dem  # noqa: B018 - the saved options describe the DEM that is saved
+        return super().save_pretrained(*args, **kwargs)
 
     @property
     def dualview_options(self) -> DualViewOptions:
@@ -46,15 +62,28 @@ class DualViewHost:
                 f"config.{CONFIG_KEY} is missing: the dual-view options of this {type(self).__name__} were removed; "
                 f"call dualview.adapters.{self.dualview_adapter}.unapply(model) and apply it again"
             )
-        return DualViewOptions.from_kwargs(**recorded)
+        live = {name: getattr(self.config, attr) for name, attr in self.dualview_live.items()}
+        return DualViewOptions.from_kwargs(**{**recorded, **live})
 
     @property
     def dualview_dem(self) -> DEM:
-        """The DEM registered in the module tree, looked up now."""
-        dem = dem_of(self)
+        """The DEM registered in the module tree, looked up now (through wrappers that keep it:
+        ``torch.compile``, activation checkpointing, PEFT's ``modules_to_save``). Its settings are
+        written to ``config.dualview``, so what is saved describes the DEM that runs."""
+        dem = unwrap_dem(dem_of(self))
+        self._dualview_check(dem)
+        record_dem_settings(self.config, dem)
+        return dem
+
+    def _dualview_check(self, dem: nn.Module) -> None:
         if not isinstance(dem, DEM):
             raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
-        return dem
+        if self.dualview_full_map and dem.out_size is not None:
+            raise ValueError(
+                f"dualview.adapters.{self.dualview_adapter} packs the DEM's full map into the host's tiles: the DEM at "
+                f"{DEM_ATTR} must have out_size=None, got out_size={dem.out_size} (e.g. DEM.from_inf_llava(ckpt, "
+                f"out_size=None))"
+            )
 
     def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
@@ -69,6 +98,52 @@ def dem_of(host: nn.Module) -> nn.Module:
     if inner is not None and DEM_ATTR in inner._modules:
         return inner._modules[DEM_ATTR]
     raise AttributeError(f"{type(host).__name__} has no {DEM_ATTR} submodule")
+
+
+def unwrap_dem(module: nn.Module) -> nn.Module:
+    """The module holding the weights behind the wrappers users put around a DEM."""
+    for _ in range(8):
+        inner = (getattr(module, "_orig_mod", None)  # torch.compile
+                 or getattr(module, "_checkpoint_wrapped_module", None)  # activation checkpointing
+                 or _peft_active(module))
+        if inner is None:
+            return module
+        module = inner
+    return module
+
+
+def _peft_active(module: nn.Module) -> Optional[nn.Module]:
+    """PEFT's ``ModulesToSaveWrapper``: the trained copy of the active adapter, else the original."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is None or not hasattr(module, "original_module"):
+        return None
+    active = getattr(module, "active_adapter", None)
+    active = active[0] if isinstance(active, (list, tuple)) and active else active
+    if getattr(module, "disable_adapters", False) or active not in copies:
+        return module.original_module
+    return copies[active]
+
+
+def dem_settings(dem: DEM) -> dict:
+    """The options that rebuild ``dem``'s architecture (its weights aside)."""
+    out = {
+        "num_heads": dem.attention.num_heads, "out_size": None if dem.out_size is None else list(dem.out_size),
+        "directions": dem.directions, "fusion": dem.fusion, "eps": dem.ln_fuse.eps,
+        "ffn_hidden": dem.ffn_crop[0].out_features if dem.fusion == "linear_concat" else None,
+    }
+    if dem.out_size is not None:  # without resampling the option is unused (and fixed by full-map hosts)
+        out["resample"] = dem.resample
+    return out
+
+
+def record_dem_settings(config: Any, dem: DEM) -> None:
+    """Write ``dem``'s settings into ``config.dualview`` where they differ."""
+    recorded = recorded_options(config)
+    if recorded is None:
+        return
+    settings = dem_settings(dem)
+    if any(recorded.get(k, "missing") != v for k, v in settings.items()):
+        setattr(config, CONFIG_KEY, {**recorded, **settings})
 
 
 def encoder_from(
@@ -95,7 +170,8 @@ def new_dem(
     out_size = feat_size if options.out_size == "tower" else options.out_size
     ref = next(like.parameters())
     device = ref.device if ref.device.type != "meta" else torch.device("cpu")
-    settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample)
+    settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample,
+                    ffn_hidden=options.ffn_hidden, eps=options.eps)
     if init is None:
         return DEM(dim, options.num_heads, **settings, device=device, dtype=ref.dtype)
     dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=ref.dtype).to_empty(device=device)
@@ -123,9 +199,18 @@ def attach(
             f"dualview.adapters.{subclass.dualview_adapter} adapts {plain.__name__} models, got "
             f"{type(host).__name__}{hint}"
         )
-    host.__class__ = subclass
+    swap_class(host, subclass)
     (dem_parent if dem_parent is not None else host).add_module(DEM_ATTR, dem)
     record_options(config, options)
+
+
+def swap_class(module: nn.Module, cls: type) -> None:
+    """``module.__class__ = cls``, keeping accelerate's hooks (``device_map`` loading) on the new
+    class's ``forward``: the hook calls the ``_old_forward`` it stored on the instance, bound to the
+    class the module had when it was hooked."""
+    module.__class__ = cls
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        module._old_forward = cls.forward.__get__(module, cls)
 
 
 def check_not_applied(host: nn.Module) -> None:
@@ -139,11 +224,13 @@ def check_not_applied(host: nn.Module) -> None:
         )
 
 
-def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = None) -> None:
+def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = None, adapter: str = "") -> None:
     """Undo :func:`attach`: the plain class back, the DEM and the recorded options removed."""
     if not isinstance(host, DualViewHost):
         raise ValueError(f"this {type(host).__name__} has no dual view applied: nothing to unapply")
-    host.__class__ = type(host).dualview_plain
+    if adapter:
+        adapted(host, adapter)
+    swap_class(host, type(host).dualview_plain)
     parent = dem_parent if dem_parent is not None else host
     if DEM_ATTR in parent._modules:
         delattr(parent, DEM_ATTR)
@@ -152,9 +239,14 @@ def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = N
 
 
 def adapted(host: nn.Module, adapter: str) -> DualViewHost:
-    """``host`` if it carries dual view, else a ValueError saying how to apply it."""
+    """``host`` if ``adapter`` installed dual view in it, else a ValueError saying what to call."""
     if not isinstance(host, DualViewHost):
         raise ValueError(f"model has no dual view: call dualview.adapters.{adapter}.apply(model) first")
+    if type(host).dualview_adapter != adapter:
+        raise ValueError(
+            f"dual view was applied to this model by dualview.adapters.{type(host).dualview_adapter}, not {adapter}: "
+            f"use dualview.adapters.{type(host).dualview_adapter}"
+        )
     return host
 
 

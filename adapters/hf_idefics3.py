@@ -304,7 +304,7 @@ def _global_crops(frames: torch.Tensor, tiles: torch.Tensor, grid: G.Grid) -> to
 
 def _run_tower(vision: nn.Module, pixels: torch.Tensor, patch_mask: torch.Tensor, chunk: Optional[int], **kwargs: Any):
     """The vision transformer over all crops: one call, or chunks of ``chunk`` crops (outputs joined)."""
-    if chunk is None or pixels.shape[0] <= chunk:
+    if chunk is None or chunk == "all" or pixels.shape[0] <= chunk:
         return vision(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True, **kwargs)
     parts = [
         vision(pixel_values=p, patch_attention_mask=m, return_dict=True, **kwargs)
@@ -438,6 +438,7 @@ class DualViewIdefics3Model(_host.DualViewHost, _DualViewFrames, Idefics3Model):
 
     dualview_adapter = ADAPTER
     dualview_plain = Idefics3Model
+    dualview_full_map = True
 
 
 class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
@@ -445,6 +446,7 @@ class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
 
     dualview_adapter = ADAPTER
     dualview_plain = SmolVLMModel
+    dualview_full_map = True
 
 
 class _GridInput:
@@ -546,16 +548,16 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     dem = _host.new_dem(opts, vision.hidden_size, (side, side), like=inner.connector, init=inner._init_weights)
     _host.attach(inner, _INNER[type(inner)], options=opts, dem=dem, config=model.config)
     if outer is not None:
-        outer.__class__ = _OUTER[type(outer)]
+        _host.swap_class(outer, _OUTER[type(outer)])
     return model
 
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain model back (classes, no DEM, no ``config.dualview``)."""
     outer, inner = _parts(model)
-    _host.unapply(inner, config=model.config)
+    _host.unapply(inner, config=model.config, adapter=ADAPTER)
     if outer is not None and isinstance(outer, _GridInput):
-        outer.__class__ = type(outer).dualview_plain
+        _host.swap_class(outer, type(outer).dualview_plain)
     return model
 
 

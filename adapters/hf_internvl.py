@@ -272,6 +272,7 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
 
     dualview_adapter = ADAPTER
     dualview_plain = InternVLModel
+    dualview_full_map = True
 
     @merge_config_defaults
     @can_return_tuple
@@ -459,7 +460,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain ``InternVLForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config)
+    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
     return model
 
 

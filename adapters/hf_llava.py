@@ -67,8 +67,9 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
         encoder = self.dualview_encoder(
             tower, crop_size=self.config.vision_config.image_size, patch_size=self.config.vision_config.patch_size
         )
-        feats = encoder(pixel_values)  # (B, tokens, D_vision)
-        projected = self.multi_modal_projector(feats)
+        feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
+        # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
+        projected = self.multi_modal_projector(feats.to(_dtype_of(self.multi_modal_projector)))
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **tower.outputs())
 
 
@@ -91,12 +92,17 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector,
                           init=inner._init_weights)
     _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config)
+    try:
+        encoder_of(model)  # every option checked now, not at the first forward
+    except (TypeError, ValueError):
+        unapply(model)
+        raise
     return model
 
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain ``LlavaForConditionalGeneration`` back (class, no DEM, no ``config.dualview``); returns it."""
-    _host.unapply(model.model, config=model.config)
+    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
     return model
 
 
@@ -115,8 +121,12 @@ def _feat(vision: Any) -> tuple[int, int]:
     return side, side
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 def _hint(model: nn.Module) -> str:
-    fits = _host.adapter_for(type(getattr(model, "model", model)))
+    fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
     return f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
 
 

@@ -71,6 +71,8 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
 
     dualview_adapter = ADAPTER
     dualview_plain = LlavaNextModel
+    dualview_full_map = True
+    dualview_live = {"pinpoints": "image_grid_pinpoints"}
 
     @merge_config_defaults
     @can_return_tuple
@@ -92,7 +94,9 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
         encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
                                         patch_size=config.vision_config.patch_size)
         per_image = anyres_dual_view(encoder, pixel_values, image_sizes)
-        projected = self.multi_modal_projector(torch.cat(per_image)).split([t.shape[0] for t in per_image])
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype  # a DEM in another precision
+        projected = self.multi_modal_projector(torch.cat(per_image).to(projector_dtype)).split(
+            [t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
         )
@@ -106,14 +110,18 @@ def _jsonable(value: Any) -> Any:
 
 def _options(config: Any, options: dict) -> DualViewOptions:
     """The user's options with AnyRes's fixed choices; a conflicting fixed choice is a ValueError."""
+    # pinpoints follow config.image_grid_pinpoints at every call: recorded as None, and a value
+    # passed (or recorded by an older save) must be the config's
     fixed = dict(_FIXED, pinpoints=_jsonable(config.image_grid_pinpoints))
     for name in sorted(fixed.keys() & options.keys()):
+        if name == "pinpoints" and options[name] is None:
+            continue
         if _jsonable(options[name]) != fixed[name]:
             raise ValueError(
                 f"option {name} is fixed by LLaVA-NeXT's AnyRes to {fixed[name]!r} "
                 f"(pinpoints: config.image_grid_pinpoints), got {options[name]!r}"
             )
-    return DualViewOptions.from_kwargs(**{**options, **fixed})
+    return DualViewOptions.from_kwargs(**{**options, **fixed, "pinpoints": None})
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:
@@ -127,7 +135,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     ``model.model.spatial_embed`` to a trained one (e.g. ``DEM.from_inf_llava(ckpt, out_size=None)``).
     """
     if type(model) is not LlavaNextForConditionalGeneration:
-        fits = _host.adapter_for(type(getattr(model, "model", model)))
+        fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
         hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
         raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}{hint}")
     inner = model.model
@@ -145,7 +153,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain ``LlavaNextForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config)
+    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
     return model
 
 

@@ -86,6 +86,8 @@ class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaOnevisionModel):
 
     dualview_adapter = ADAPTER
     dualview_plain = LlavaOnevisionModel
+    dualview_full_map = True
+    dualview_live = {"pinpoints": "image_grid_pinpoints"}
 
     @merge_config_defaults
     @can_return_tuple
@@ -248,14 +250,18 @@ def _jsonable(value: Any) -> Any:
 
 def _options(config: Any, options: dict) -> DualViewOptions:
     """The user's options with AnyRes's fixed choices; a conflicting fixed choice is a ValueError."""
+    # pinpoints follow config.image_grid_pinpoints at every call: recorded as None, and a value
+    # passed (or recorded by an older save) must be the config's
     fixed = dict(_FIXED, pinpoints=_jsonable(config.image_grid_pinpoints))
     for name in sorted(fixed.keys() & options.keys()):
+        if name == "pinpoints" and options[name] is None:
+            continue
         if _jsonable(options[name]) != fixed[name]:
             raise ValueError(
                 f"option {name} is fixed by LLaVA-OneVision's AnyRes to {fixed[name]!r} "
                 f"(pinpoints: config.image_grid_pinpoints), got {options[name]!r}"
             )
-    return DualViewOptions.from_kwargs(**{**options, **fixed})
+    return DualViewOptions.from_kwargs(**{**options, **fixed, "pinpoints": None})
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:
@@ -278,7 +284,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     config = model.config
     opts = _options(config, options)
     vision = config.vision_config
-    G.grids_from_pinpoints(opts.pinpoints, vision.image_size)  # tiles of the tower's crop, else ValueError
+    G.grids_from_pinpoints(config.image_grid_pinpoints, vision.image_size)  # tiles of the tower's crop, else ValueError
     max_num_patches(config.vision_aspect_ratio)
     layers = feature_layers(config.vision_feature_layer)
     check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
@@ -291,7 +297,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain ``LlavaOnevisionForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config)
+    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
     return model
 
 

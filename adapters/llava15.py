@@ -112,8 +112,9 @@ class DualViewLlava(_host.DualViewHost):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
-        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size)
-        return self.get_model().mm_projector(feats)
+        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
+        projector = self.get_model().mm_projector
+        return projector(feats.to(next(projector.parameters()).dtype))  # a DEM kept in another precision
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
@@ -210,8 +211,10 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     :func:`load_checkpoint`, ``DEM.from_inf_llava``, or by assigning ``model.get_model().spatial_embed``.
     """
     if not isinstance(model, LlavaMetaForCausalLM):
+        fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
         raise TypeError(
             f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
+            + (f"; use dualview.adapters.{fits}" if fits else "")
         )
     _host.check_not_applied(model)
     subclass = SUBCLASSES.get(getattr(model.config, "model_type", None))
@@ -234,13 +237,18 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     side = tower.config.image_size // tower.config.patch_size
     dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._init_weights)
     _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner)
+    try:
+        encoder_of(model)  # every option checked now, not at the first forward
+    except (TypeError, ValueError):
+        unapply(model)
+        raise
     return model
 
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain llava model back (its class, no DEM, no ``config.dualview``); returns it."""
     _host.adapted(model, ADAPTER)
-    _host.unapply(model, config=model.config, dem_parent=model.get_model())
+    _host.unapply(model, config=model.config, dem_parent=model.get_model(), adapter=ADAPTER)
     return model
 
 

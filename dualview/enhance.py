@@ -59,8 +59,11 @@ class CrossAttention(nn.Module):
         w_q, w_k, w_v, w_o = self.linears
         heads = "n t (h d) -> n h t d"
         query = rearrange(w_q(q), heads, h=self.num_heads)
-        # K and V read the same tokens: one (D -> 2D) matmul instead of two
-        kv_proj = F.linear(kv, torch.cat((w_k.weight, w_v.weight)), torch.cat((w_k.bias, w_v.bias)))
+        if type(w_k) is nn.Linear and type(w_v) is nn.Linear:
+            # K and V read the same tokens: one (D -> 2D) matmul instead of two
+            kv_proj = F.linear(kv, torch.cat((w_k.weight, w_v.weight)), torch.cat((w_k.bias, w_v.bias)))
+        else:  # wrapped layers (LoRA, hooks) run their own forward
+            kv_proj = torch.cat((w_k(kv), w_v(kv)), dim=-1)
         key, value = rearrange(kv_proj, "n t (two h d) -> two n h t d", two=2, h=self.num_heads)
         if self.fused_attn:
             out = F.scaled_dot_product_attention(query, key, value)

@@ -195,7 +195,8 @@ def test_dem_is_the_only_new_state_and_the_tower_is_not_duplicated():
         p.numel() for p in adapted.model.spatial_embed.parameters()
     )
     assert adapter.encoder_of(adapted).dem is adapted.model.spatial_embed
-    assert recorded_options(adapted.config)["pinpoints"] == PINPOINTS
+    assert recorded_options(adapted.config)["pinpoints"] is None  # follows config.image_grid_pinpoints
+    assert adapter.encoder_of(adapted).dcm.candidates == G.grids_from_pinpoints(PINPOINTS, S)
 
 
 def test_a_replaced_spatial_embed_is_the_dem_used():

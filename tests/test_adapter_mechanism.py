@@ -103,3 +103,128 @@ def test_an_adapted_model_runs_in_a_spawned_process():
     assert worker.exitcode == 0
     with torch.no_grad():
         torch.testing.assert_close(got, model(**inputs).logits, rtol=0, atol=0)
+
+
+# -- found by review: the saved options describe the DEM that ran, whatever replaced it --------------
+
+from dualview import DEM  # noqa: E402
+from dualview.adapters._common import recorded_options  # noqa: E402
+
+from .test_adapter_hf_llava_next import PINPOINTS, S, batch, tiny_model, tiny_processor  # noqa: E402
+
+
+def _prompt_inputs(model, size=(40, 70)):
+    processor = hf_llava.prepare_processor(make_processor(), model)
+    return dict(processor(images=tiny.pil_image(*size), text=tiny.PROMPT, return_tensors="pt"))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(num_heads=2), dict(directions="local_to_global"), dict(resample="avgpool"), dict(ffn_hidden=7),
+     dict(eps=1e-3), dict(fusion="add")],
+    ids=lambda s: next(iter(s)),
+)
+def test_a_replaced_dem_with_other_settings_is_saved_as_it_ran(tmp_path, settings):
+    model = hf_llava.apply(make_model(), grid=(2, 2))
+    inputs = _prompt_inputs(model)
+    old = model.model.spatial_embed
+    model.model.spatial_embed = DEM(old.dim, **{**dict(num_heads=4, out_size=old.out_size), **settings})
+    with torch.no_grad():
+        ran = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = hf_llava.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, ran, rtol=0, atol=0)
+
+
+def test_llava15_style_dem_into_a_full_map_host_is_refused_before_it_replaces_the_dem():
+    model = hf_llava_next.apply(tiny_model(), num_heads=2)
+    dem = model.model.spatial_embed
+    with pytest.raises(ValueError, match=r"out_size=None.*got out_size=\(2, 2\)"):
+        model.model.spatial_embed = DEM(dem.dim, 2, out_size=(2, 2))
+    assert model.model.spatial_embed is dem
+
+
+def test_changed_pinpoints_are_followed_at_call_time_and_reload(tmp_path):
+    model = hf_llava_next.apply(tiny_model(), num_heads=2)
+    model.config.image_grid_pinpoints = [[S, 3 * S], [3 * S, S]]
+    processor = tiny_processor()
+    processor.image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints
+    inputs = batch([(30, 90)], processor)
+    with torch.no_grad():
+        ran = model(**inputs).logits
+    assert hf_llava_next.budget(model, (30, 90)).grid == (1, 3)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_llava_next.from_pretrained(tmp_path)(**inputs).logits, ran, rtol=0, atol=0)
+    assert PINPOINTS != model.config.image_grid_pinpoints
+
+
+@pytest.mark.parametrize("options", [dict(grid=(0, 3)), dict(fit="bogus"), dict(grid="banana"),
+                                     dict(out_size=None), dict(tower_batch_size=0)])
+def test_bad_options_are_refused_by_apply_and_leave_the_model_plain(options):
+    model = make_model()
+    with pytest.raises((TypeError, ValueError)):
+        hf_llava.apply(model, **options)
+    assert type(model.model) is transformers.LlavaModel and "dualview" not in model.config.to_dict()
+
+
+@pytest.mark.parametrize("adapter", ["hf_llava", "hf_llava_next"])
+def test_a_float32_dem_runs_in_a_bfloat16_model(adapter):
+    if adapter == "hf_llava":
+        model = hf_llava.apply(make_model(), grid=(2, 2))
+        inputs = _prompt_inputs(model)
+    else:
+        model = hf_llava_next.apply(tiny_model(), num_heads=2)
+        inputs = dict(batch([(30, 90)]))
+    dem = model.model.spatial_embed
+    model.to(torch.bfloat16)
+    model.model.spatial_embed = dem.float()
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_a_tower_without_a_known_patch_grid_is_refused():
+    pixtral = transformers.PixtralVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, head_dim=8)
+    config = transformers.LlavaConfig(vision_config=pixtral, text_config=tiny.llama_config())
+    with pytest.raises(ValueError, match="fixed square grid of patch tokens.*PixtralVisionModel"):
+        hf_llava.apply(transformers.LlavaForConditionalGeneration(config))
+
+
+def test_a_wrapped_dem_is_looked_through_and_its_weights_run():
+    model = hf_llava.apply(make_model(), grid=(2, 2))
+    inputs = _prompt_inputs(model)
+    dem = model.model.spatial_embed
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.model.spatial_embed = torch.compile(dem, backend="eager")  # compiles nothing until called
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_unapply_and_encoder_of_refuse_another_adapters_installation():
+    model = hf_llava_next.apply(tiny_model(), num_heads=2)
+    with pytest.raises(ValueError, match="by dualview.adapters.hf_llava_next, not hf_llava"):
+        hf_llava.encoder_of(model)
+
+
+def test_lora_style_wrapped_key_value_layers_run_their_own_forward():
+    """A layer wrapper (as PEFT's LoRA) around K / V: its forward must run, not only its base weight."""
+    dem = DEM(16, 2, out_size=None)
+    local, glob = torch.randn(1, 4, 4, 16), torch.randn(1, 4, 4, 16)
+    expected = dem(local, glob, (2, 2))
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.weight, self.bias = base, base.weight, base.bias
+
+        def forward(self, x):
+            return self.base(x) + 1.0
+
+    linears = dem.attention.linears
+    linears[1] = Shifted(linears[1])
+    assert not torch.allclose(dem(local, glob, (2, 2)), expected)
