@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from dualview import DEM
-from dualview.checkpoints import read_tensors, strip_prefix
+from dualview.checkpoints import Origin, check_dem_state, read_tensors, strip_prefix
 
 CONFIG_KEY = "dualview"
 """Attribute of the host model's config (and key of its config.json) holding the options."""
@@ -71,18 +71,14 @@ def load_dem_weights(dem: DEM, folder: Union[str, Path], prefix: str) -> None:
     """Load ``<prefix>*`` tensors of a saved checkpoint folder into ``dem``, strictly.
 
     ``from_pretrained`` of the plain host class drops the DEM keys it does not know; this puts
-    them back, bit-exactly."""
+    them back, bit-exactly. The keys, floating-point dtypes and shapes are checked first (a
+    checkpoint of ints, bools or float8 is refused, not cast); a float checkpoint in another
+    precision than the model is loaded into the model's precision, as ``from_pretrained`` does."""
     state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix)), prefix)
     if not state:
         raise ValueError(f"checkpoint {str(folder)!r} holds no '{prefix}*' DEM weights")
-    ref = next(dem.parameters())
-    incompatible = dem.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()}, strict=False)
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise ValueError(
-            f"DEM weights under '{prefix}' in {str(folder)!r} do not match the recorded options: missing keys "
-            f"{sorted(incompatible.missing_keys)}, unexpected keys {sorted(incompatible.unexpected_keys)}"
-        )
-
+    check_dem_state(state, dem, origin=Origin(Path(folder), prefix), model="the DEM of the recorded options")
+    dem.load_state_dict(state)
 
 
 def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any) -> nn.Module:

@@ -11,6 +11,7 @@ plain one. :func:`unapply` swaps the plain class back and removes the DEM and th
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -41,6 +42,19 @@ class DualViewHost:
     ``pinpoints`` from ``config.image_grid_pinpoints``); such options are recorded as None."""
     dualview_full_map: ClassVar[bool] = False
     """The host packs the DEM's full ``R*h x C*w`` map back into its tiles: ``out_size`` must be None."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        plain = cls.__dict__.get("dualview_plain")
+        if plain is not None:
+            _inherit_conversion_mapping(cls, plain)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """transformers treats classes outside its package as custom code and then skips their
+        checkpoint key conversions; a dual-view subclass is the plain host class plus a hook."""
+        plain = getattr(cls, "dualview_plain", None)
+        return plain.is_custom_code() if plain is not None and hasattr(plain, "is_custom_code") else False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == DEM_ATTR and isinstance(value, nn.Module):
@@ -169,12 +183,14 @@ def new_dem(
     """
     out_size = feat_size if options.out_size == "tower" else options.out_size
     ref = next(like.parameters())
-    device = ref.device if ref.device.type != "meta" else torch.device("cpu")
     settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample,
                     ffn_hidden=options.ffn_hidden, eps=options.eps)
     if init is None:
-        return DEM(dim, options.num_heads, **settings, device=device, dtype=ref.dtype)
-    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=ref.dtype).to_empty(device=device)
+        return DEM(dim, options.num_heads, **settings, device=ref.device, dtype=ref.dtype)
+    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=ref.dtype)
+    if ref.device.type == "meta":  # a host built on meta: its loader initialises what is missing
+        return dem
+    dem = dem.to_empty(device=ref.device)
     dem.apply(init)  # post-order, as transformers' initialize_weights visits modules
     return dem
 
@@ -204,13 +220,32 @@ def attach(
     record_options(config, options)
 
 
+def _inherit_conversion_mapping(cls: type, plain: type) -> None:
+    """Give a dual-view subclass the checkpoint key conversions transformers keeps for its plain
+    class name, so an adapted model saves (and loads) the plain model's keys plus the DEM's."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # pragma: no cover - transformers without conversion mappings
+        return
+    mapping = get_checkpoint_conversion_mapping(plain.__name__)
+    if mapping:
+        register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+
+
 def swap_class(module: nn.Module, cls: type) -> None:
     """``module.__class__ = cls``, keeping accelerate's hooks (``device_map`` loading) on the new
     class's ``forward``: the hook calls the ``_old_forward`` it stored on the instance, bound to the
-    class the module had when it was hooked."""
+    class the module had when it was hooked, and ``generate`` reads the wrapper's signature."""
     module.__class__ = cls
     if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
         module._old_forward = cls.forward.__get__(module, cls)
+        hooked = module.__dict__.get("forward")
+        if isinstance(hooked, functools.partial):
+            module.forward = functools.update_wrapper(
+                functools.partial(hooked.func, *hooked.args, **hooked.keywords), module._old_forward
+            )
 
 
 def check_not_applied(host: nn.Module) -> None:

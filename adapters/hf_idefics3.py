@@ -545,7 +545,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     _host.check_not_applied(inner)
     vision = inner.config.vision_config
     side = vision.image_size // vision.patch_size
-    dem = _host.new_dem(opts, vision.hidden_size, (side, side), like=inner.connector, init=inner._init_weights)
+    dem = _host.new_dem(opts, vision.hidden_size, (side, side), like=inner.connector, init=inner._initialize_weights)
     _host.attach(inner, _INNER[type(inner)], options=opts, dem=dem, config=model.config)
     if outer is not None:
         _host.swap_class(outer, _OUTER[type(outer)])

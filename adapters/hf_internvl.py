@@ -453,7 +453,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
     h, _ = _tile_tokens(config)
     dem = _host.new_dem(opts, config.vision_config.hidden_size, (h, h), like=inner.multi_modal_projector,
-                        init=inner._init_weights)
+                        init=inner._initialize_weights)
     _host.attach(inner, DualViewInternVLModel, options=opts, dem=dem, config=config)
     return model
 

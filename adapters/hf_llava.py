@@ -59,7 +59,7 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
         """pixel_values (B, 3, H, W) at high resolution -> output whose ``pooler_output`` is a list of B
         (tokens, text_dim) tensors and ``last_hidden_state`` the (B, tokens, D_vision) dual-view
         features before the projector. ``output_hidden_states`` / ``output_attentions`` give the
-        vision tower's, of every crop (crops in tower order: per image local tiles, global crops,
+        vision tower's, of every crop (image by image: its local tiles, global crops,
         thumbnail)."""
         layers = feature_layers(self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
@@ -70,7 +70,9 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
         feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
         projected = self.multi_modal_projector(feats.to(_dtype_of(self.multi_modal_projector)))
-        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **tower.outputs())
+        grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch
+        outputs = {k: _per_image(v, grid, encoder.dcm.thumbnail, len(feats)) for k, v in tower.outputs().items()}
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **outputs)
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:
@@ -90,7 +92,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
     vision = config.vision_config
     dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector,
-                          init=inner._init_weights)
+                          init=inner._initialize_weights)
     _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config)
     try:
         encoder_of(model)  # every option checked now, not at the first forward
@@ -119,6 +121,19 @@ def encoder_of(model: nn.Module) -> DualViewEncoder:
 def _feat(vision: Any) -> tuple[int, int]:
     side = vision.image_size // vision.patch_size
     return side, side
+
+
+def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: int) -> tuple:
+    """Tower outputs of one batch (all local tiles, all global crops, all thumbnails: the tower's
+    order) regrouped image by image: its R*C tiles, R*C global crops, then its thumbnail."""
+    tiles = grid[0] * grid[1]
+    index = []
+    for i in range(images):
+        index += [i * tiles + t for t in range(tiles)] + [(images + i) * tiles + t for t in range(tiles)]
+        if thumbnail:
+            index.append(2 * images * tiles + i)
+    order = torch.tensor(index, device=states[0].device)
+    return tuple(s.index_select(0, order) for s in states)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

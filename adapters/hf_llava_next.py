@@ -146,7 +146,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
     dem = _host.new_dem(opts, vision.hidden_size * len(layers), (side, side), like=inner.multi_modal_projector,
-                          init=inner._init_weights)
+                          init=inner._initialize_weights)
     _host.attach(inner, DualViewLlavaNextModel, options=opts, dem=dem, config=config)
     return model
 

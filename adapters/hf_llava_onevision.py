@@ -290,7 +290,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
     feat_size = G.crop_tokens(vision.image_size, vision.patch_size)
     dem = _host.new_dem(opts, vision.hidden_size * len(layers), feat_size, like=inner.multi_modal_projector,
-                        init=inner._init_weights)
+                        init=inner._initialize_weights)
     _host.attach(inner, DualViewLlavaOnevisionModel, options=opts, dem=dem, config=config)
     return model
 

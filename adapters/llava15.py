@@ -235,7 +235,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     if dim != tower.hidden_size:
         raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
     side = tower.config.image_size // tower.config.patch_size
-    dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._init_weights)
+    dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._initialize_weights)
     _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner)
     try:
         encoder_of(model)  # every option checked now, not at the first forward

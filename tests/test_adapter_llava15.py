@@ -19,7 +19,8 @@ from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMi
 from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPVisionModel  # noqa: E402
 
-from dualview.adapters import llava15  # noqa: E402
+from dualview.adapters import llava15
+from dualview.adapters._host import dem_settings  # noqa: E402
 from dualview.adapters._common import DualViewOptions, recorded_options  # noqa: E402
 
 from . import tiny_models as tiny  # noqa: E402
@@ -212,7 +213,10 @@ def test_save_pretrained_and_from_pretrained_keep_dem_and_options(tower_28, tmp_
             p.add_(torch.randn_like(p))
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == DualViewOptions.from_kwargs(**options).to_dict()
+    # the options given, with the DEM's architecture as it ran (concrete sizes, FFN width)
+    dem_now = dem_settings(model.get_model().spatial_embed)
+    assert saved == {**DualViewOptions.from_kwargs(**options).to_dict(), **dem_now}
+    assert dem_now["num_heads"] == 4 and dem_now["out_size"] == [3, 3]
 
     again = llava15.from_pretrained(tmp_path)
     assert recorded_options(again.config) == saved
@@ -286,7 +290,8 @@ def test_inf_llava_checkpoint_loads_with_no_missing_or_unexpected_key(inf_llava_
 def test_inf_llava_checkpoint_through_from_pretrained(inf_llava_checkpoint):
     folder, _, written = inf_llava_checkpoint
     model = llava15.from_pretrained(folder)  # no recorded options: the released INF-LLaVA defaults
-    assert recorded_options(model.config) == DualViewOptions().to_dict()
+    released = {**DualViewOptions().to_dict(), **dem_settings(model.get_model().spatial_embed)}
+    assert recorded_options(model.config) == released and released["out_size"] == [24, 24]
     check_reproduces_the_fixture(model, written["fixture"])
     assert torch.equal(model.get_model().mm_projector[0].weight, written["state"]["model.mm_projector.0.weight"])
 

@@ -228,3 +228,62 @@ def test_lora_style_wrapped_key_value_layers_run_their_own_forward():
     linears = dem.attention.linears
     linears[1] = Shifted(linears[1])
     assert not torch.allclose(dem(local, glob, (2, 2)), expected)
+
+
+def test_tower_hidden_states_come_image_by_image_so_a_batch_equals_its_images():
+    model = hf_llava.apply(make_model(), grid=(2, 3))
+    processor = hf_llava.prepare_processor(make_processor(), model)
+    pixels = processor(images=[tiny.pil_image(40, 70), tiny.pil_image(90, 30, seed=1)], text=[tiny.PROMPT] * 2,
+                       return_tensors="pt", padding=True)["pixel_values"]
+    with torch.no_grad():
+        both = model.model.get_image_features(pixels, output_hidden_states=True).hidden_states
+        per_image = [model.model.get_image_features(pixels[i : i + 1], output_hidden_states=True).hidden_states
+                     for i in range(2)]
+    crops = 2 * 6 + 1
+    for layer, states in enumerate(both):
+        assert states.shape[0] == 2 * crops
+        for i in range(2):
+            torch.testing.assert_close(states[i * crops : (i + 1) * crops], per_image[i][layer], atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapted_model_saves_the_plain_models_keys_plus_the_dem(tmp_path):
+    from safetensors import safe_open
+
+    plain = make_model()
+    plain.save_pretrained(tmp_path / "plain")
+    hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path / "adapted")
+    keys = {}
+    for name in ("plain", "adapted"):
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            keys[name] = set(f.keys())
+    extra = keys["adapted"] - keys["plain"]
+    assert keys["plain"] <= keys["adapted"] and extra and all(k.startswith("model.spatial_embed.") for k in extra)
+
+
+def test_an_adapted_offloaded_idefics3_generates_with_its_grid(tmp_path):
+    """accelerate's hook keeps the forward (and the signature generate reads) of the class it hooked:
+    a class swap after loading must carry the hook over to the dual-view forward."""
+    from dualview.adapters import hf_idefics3
+
+    from .test_adapter_hf_idefics3 import TestSmolVLMBattery
+
+    case = TestSmolVLMBattery.case()
+    model = case.adapter.apply(case.build(), **case.options)
+    model.save_pretrained(tmp_path / "saved")
+    offloaded = hf_idefics3.from_pretrained(tmp_path / "saved", device_map=case.offload_map,
+                                            offload_folder=str(tmp_path / "offload"))
+    inputs = case.inputs(case.sizes[:1])
+    out = offloaded.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.equal(out, model.generate(**inputs, max_new_tokens=2, do_sample=False))
+
+
+def test_a_dem_checkpoint_of_integers_is_refused_not_cast(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = next(k for k in state if k.startswith("model.spatial_embed.") and k.endswith("ln_fuse.weight"))
+    state[key] = state[key].to(torch.int32)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"key {key!r}.*int32"):
+        hf_llava.from_pretrained(tmp_path)
