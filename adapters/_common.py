@@ -99,10 +99,23 @@ def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any
             del cls._keys_to_ignore_on_load_unexpected
 
 
+def check_device_map(device_map: Any) -> None:
+    """The DEM is made after the host is loaded, next to its projector: a ``device_map`` entry
+    for it would be ignored, so it is refused."""
+    if isinstance(device_map, dict):
+        named = sorted(k for k in device_map if "spatial_embed" in k)
+        if named:
+            raise ValueError(
+                f"device_map entries {named}: the DEM is placed with the host's projector (it is small and "
+                f"runs on every image); remove them and offload other modules"
+            )
+
+
 def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "model.spatial_embed.", **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path)`` of a folder saved from an adapted model: the plain class, dual
     view re-applied (``apply(model, **options)``) with the options in its config.json, the DEM
     weights (``<dem_prefix>*``) restored strictly into the registered ``spatial_embed``."""
+    check_device_map(kwargs.get("device_map"))
     model = from_pretrained_without_dem(cls, path, **kwargs)
     options = recorded_options(model.config)
     if options is None:

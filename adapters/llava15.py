@@ -61,7 +61,9 @@ from dualview import grid as G
 from dualview.checkpoints import read_tensors
 
 from . import _host
-from ._common import DualViewOptions, from_pretrained_without_dem, load_dem_weights, recorded_options
+from ._common import (
+    DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, recorded_options,
+)
 from .towers import HFVisionTower
 
 try:
@@ -321,6 +323,7 @@ def from_pretrained(
     from transformers import AutoConfig
 
     path = Path(path)
+    check_device_map(kwargs.get("device_map"))
     for model_type in MODEL_CLASSES:  # importing a class registers its config with AutoConfig
         try:
             _model_class(model_type)

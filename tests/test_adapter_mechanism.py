@@ -287,3 +287,9 @@ def test_a_dem_checkpoint_of_integers_is_refused_not_cast(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"key {key!r}.*int32"):
         hf_llava.from_pretrained(tmp_path)
+
+
+def test_a_device_map_entry_for_the_dem_is_refused_not_ignored(tmp_path):
+    hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"\['model.spatial_embed'\].*placed with the host's projector"):
+        hf_llava.from_pretrained(tmp_path, device_map={"model.spatial_embed": "disk", "": "cpu"})
