@@ -4,6 +4,7 @@ lives in its host is :mod:`._host`."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -56,6 +57,27 @@ class DualViewOptions:
     def to_dict(self) -> dict:
         """JSON-able (tuples become lists), for ``config.json``."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def with_fixed(options: dict, fixed: dict, why: str, *, follows: Optional[dict] = None) -> DualViewOptions:
+    """The user's ``options`` with a host's ``fixed`` choices; passing a fixed choice with another
+    value is a ValueError that says ``why`` it is fixed.
+
+    ``follows``: options the host's config decides at every call (name -> its current value, e.g.
+    AnyRes's pinpoints): a value passed (or recorded by an older save) must be that one, and None
+    is recorded, so a later change of the config is what runs."""
+    fixed = {**fixed, **(follows or {})}
+    for name in sorted(fixed.keys() & options.keys()):
+        if name in (follows or {}) and options[name] is None:
+            continue
+        if _jsonable(options[name]) != _jsonable(fixed[name]):
+            raise ValueError(f"option {name} is fixed {why} to {fixed[name]!r}, got {options[name]!r}")
+    return DualViewOptions.from_kwargs(**{**options, **fixed, **{name: None for name in (follows or {})}})
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as config.json holds it (tuples become lists), for comparing options."""
+    return json.loads(json.dumps(value))
 
 
 def record_options(config: Any, options: DualViewOptions) -> None:

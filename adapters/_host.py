@@ -248,6 +248,17 @@ def swap_class(module: nn.Module, cls: type) -> None:
             )
 
 
+def checked(model: nn.Module, build: Callable[[nn.Module], Any], unapply: Callable[[nn.Module], Any]) -> nn.Module:
+    """``model`` once ``build(model)`` (its encoder) works: every option is checked at ``apply``,
+    not at the first forward; a failure leaves the plain model behind."""
+    try:
+        build(model)
+    except (TypeError, ValueError):
+        unapply(model)
+        raise
+    return model
+
+
 def check_not_applied(host: nn.Module) -> None:
     """A ValueError if ``host`` already carries dual view (``apply`` twice is a mistake, not a no-op:
     a second DEM would silently replace a trained one)."""

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import re
 from collections import defaultdict
 from itertools import accumulate
@@ -83,7 +82,7 @@ from dualview import grid as G
 from dualview import layout
 
 from . import _host
-from ._common import DualViewOptions, reload
+from ._common import DualViewOptions, reload, with_fixed
 from ._hf import check_strategy, host_decorators, vision_tower_for
 
 ADAPTER = "hf_internvl"
@@ -423,13 +422,8 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
 
 def _options(options: dict) -> DualViewOptions:
     """The user's options with InternVL's fixed choices; a conflicting fixed choice is a ValueError."""
-    for name in sorted(_FIXED.keys() & options.keys()):
-        if json.loads(json.dumps(options[name])) != _FIXED[name]:
-            raise ValueError(
-                f"option {name} is fixed by InternVL to {_FIXED[name]!r} (the processor's min_patches / "
-                f"max_patches choose the grid; the full DEM map replaces the tiles), got {options[name]!r}"
-            )
-    return DualViewOptions.from_kwargs(**{**options, **_FIXED})
+    return with_fixed(options, _FIXED, "by InternVL (the processor's min_patches / max_patches choose the grid; "
+                      "the full DEM map replaces the tiles)")
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:

@@ -94,12 +94,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector,
                           init=inner._initialize_weights)
     _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config)
-    try:
-        encoder_of(model)  # every option checked now, not at the first forward
-    except (TypeError, ValueError):
-        unapply(model)
-        raise
-    return model
+    return _host.checked(model, encoder_of, unapply)
 
 
 def unapply(model: nn.Module) -> nn.Module:

@@ -41,7 +41,6 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`budget`,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -55,7 +54,7 @@ from dualview import grid as G
 from dualview import layout
 
 from . import _host
-from ._common import DualViewOptions, reload
+from ._common import DualViewOptions, reload, with_fixed
 from ._hf import Layers, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_next"
@@ -103,25 +102,11 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
         return BaseModelOutputWithPooling(pooler_output=packed, **tower.outputs())
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` as config.json holds it (tuples become lists), for comparing options."""
-    return json.loads(json.dumps(value))
-
-
 def _options(config: Any, options: dict) -> DualViewOptions:
-    """The user's options with AnyRes's fixed choices; a conflicting fixed choice is a ValueError."""
-    # pinpoints follow config.image_grid_pinpoints at every call: recorded as None, and a value
-    # passed (or recorded by an older save) must be the config's
-    fixed = dict(_FIXED, pinpoints=_jsonable(config.image_grid_pinpoints))
-    for name in sorted(fixed.keys() & options.keys()):
-        if name == "pinpoints" and options[name] is None:
-            continue
-        if _jsonable(options[name]) != fixed[name]:
-            raise ValueError(
-                f"option {name} is fixed by LLaVA-NeXT's AnyRes to {fixed[name]!r} "
-                f"(pinpoints: config.image_grid_pinpoints), got {options[name]!r}"
-            )
-    return DualViewOptions.from_kwargs(**{**options, **fixed, "pinpoints": None})
+    """The user's options with AnyRes's fixed choices (pinpoints: ``config.image_grid_pinpoints``,
+    read at every call)."""
+    return with_fixed(options, _FIXED, "by LLaVA-NeXT's AnyRes",
+                      follows={"pinpoints": config.image_grid_pinpoints})
 
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:

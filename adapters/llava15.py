@@ -239,12 +239,7 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     side = tower.config.image_size // tower.config.patch_size
     dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._initialize_weights)
     _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner)
-    try:
-        encoder_of(model)  # every option checked now, not at the first forward
-    except (TypeError, ValueError):
-        unapply(model)
-        raise
-    return model
+    return _host.checked(model, encoder_of, unapply)
 
 
 def unapply(model: nn.Module) -> nn.Module:
