@@ -336,9 +336,10 @@ class RecordingTower(nn.Module):
         """``hidden_states`` / ``attentions`` tuples over all recorded chunks (keys only when asked)."""
         out = {}
         for key, wanted in (("hidden_states", self.hidden_states), ("attentions", self.attentions)):
-            if wanted and self.recorded:
-                per_chunk = [getattr(o, key) for o in self.recorded]
-                out[key] = tuple(torch.cat(layer) for layer in zip(*per_chunk))
+            per_chunk = [getattr(o, key, None) for o in self.recorded]
+            if wanted and per_chunk and all(p is not None for p in per_chunk):
+                # an entry the tower left empty (None) stays None: nothing to join
+                out[key] = tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_chunk))
         return out
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -127,8 +127,8 @@ def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: in
         index += [i * tiles + t for t in range(tiles)] + [(images + i) * tiles + t for t in range(tiles)]
         if thumbnail:
             index.append(2 * images * tiles + i)
-    order = torch.tensor(index, device=states[0].device)
-    return tuple(s.index_select(0, order) for s in states)
+    order = torch.tensor(index)
+    return tuple(s if s is None else s.index_select(0, order.to(s.device)) for s in states)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

@@ -99,7 +99,10 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
         )
-        return BaseModelOutputWithPooling(pooler_output=packed, **tower.outputs())
+        # last_hidden_state: the (patches, h*w, D) features the projector read (base images and
+        # DEM-fused tiles in AnyRes's layout), where the plain host gives the tower's last layer
+        return BaseModelOutputWithPooling(last_hidden_state=torch.cat(per_image), pooler_output=packed,
+                                          **tower.outputs())
 
 
 def _options(config: Any, options: dict) -> DualViewOptions:

@@ -19,7 +19,7 @@ from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMi
 from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPVisionModel  # noqa: E402
 
-from dualview.adapters import llava15
+from dualview.adapters import llava15  # noqa: E402
 from dualview.adapters._host import dem_settings  # noqa: E402
 from dualview.adapters._common import DualViewOptions, recorded_options  # noqa: E402
 

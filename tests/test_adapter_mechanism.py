@@ -108,7 +108,6 @@ def test_an_adapted_model_runs_in_a_spawned_process():
 # -- found by review: the saved options describe the DEM that ran, whatever replaced it --------------
 
 from dualview import DEM  # noqa: E402
-from dualview.adapters._common import recorded_options  # noqa: E402
 
 from .test_adapter_hf_llava_next import PINPOINTS, S, batch, tiny_model, tiny_processor  # noqa: E402
 
