@@ -54,7 +54,7 @@ class CallCounter(torch.nn.Module):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dualview.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="auto", help="'auto' (AnyRes choice, up to --max-tiles) or RxC")
     parser.add_argument("--crop-size", type=int, default=336)
     parser.add_argument("--max-tiles", type=int, default=9)

@@ -156,7 +156,7 @@ def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream,
 
 
 def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description="dual-view ablations with a frozen pretrained tower, paired by seed")
+    p = argparse.ArgumentParser(prog="python -m dualview.ablation", description="dual-view ablations with a frozen pretrained tower, paired by seed")
     p.add_argument("--config", type=Path, help="JSON file with ExperimentConfig fields")
     p.add_argument("--out", type=Path, default=Path("ablation-out"), help="results; finished runs in OUT/runs/")
     p.add_argument("--quick", action="store_true", help="tiny sizes and two seeds: a smoke run in seconds")

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests import tiny_models as tiny  # noqa: E402
-
-from dualview.adapters import hf_llava  # noqa: E402
+from dualview import testing as tiny
+from dualview.adapters import hf_llava
 
 
 def build():
