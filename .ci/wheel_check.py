@@ -23,6 +23,7 @@ file left out of the wheel still imports from the checkout). So:
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def clean_venv(wheel: Path, where: Path) -> Path:
 
 
 def run(command: list[str], cwd: Path) -> str:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    # a PYTHONPATH pointing at a checkout would hide what the wheel itself installs
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if result.returncode != 0:
         raise SystemExit(f"wheel check: `{' '.join(command)}` failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result.stdout
