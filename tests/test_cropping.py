@@ -215,3 +215,16 @@ def test_both_ends_of_the_grid_range(grid):
     assert torch.equal(crops.global_view[0, rows * cols - 1], canvas[0, :, rows - 1::rows, cols - 1::cols])
     with pytest.raises(ValueError, match="grid must be"):
         DCM(2, (rows + G.MAX_GRID_SIDE, cols))
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_images_are_resized_in_float32(antialias, dtype):
+    """Computed in float32 and rounded once, as released: bicubic in float16 itself rounds
+    differently (up to 1e-3 here), and antialiased bicubic has no half-precision CPU kernel."""
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 50, 70).to(dtype)
+    crops = DCM(12, (3, 3), fit="squash", antialias=antialias)(image)
+    resize = dict(mode="bicubic", align_corners=False, antialias=antialias)
+    assert torch.equal(crops.local_canvas(), F.interpolate(image.float(), (36, 36), **resize).to(dtype))
+    assert torch.equal(crops.thumbnail, F.interpolate(image.float(), (12, 12), **resize).to(dtype))
