@@ -4,6 +4,7 @@ processor's token-count APIs, and a model that crosses a spawned process."""
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 
 import pytest
@@ -86,7 +87,11 @@ def test_prepared_processor_saves_as_a_plain_llava_processor(tmp_path):
 
 def _logits_in_worker(model, inputs, queue):
     with torch.no_grad():
-        queue.put(model(**inputs).logits)
+        logits = model(**inputs).logits
+    # plain bytes: a tensor put on a queue is shared by file descriptor, which dies with this process
+    buffer = io.BytesIO()
+    torch.save(logits, buffer)
+    queue.put(buffer.getvalue())
 
 
 def test_an_adapted_model_runs_in_a_spawned_process():
@@ -98,7 +103,7 @@ def test_an_adapted_model_runs_in_a_spawned_process():
     queue = context.Queue()
     worker = context.Process(target=_logits_in_worker, args=(model, inputs, queue))
     worker.start()
-    got = queue.get(timeout=240)
+    got = torch.load(io.BytesIO(queue.get(timeout=240)))
     worker.join(timeout=60)
     assert worker.exitcode == 0
     with torch.no_grad():
