@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, Union
 
+import torch
 from torch import nn
 
 from . import _host
@@ -80,3 +81,28 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
         )
     hidden, attentions = _host.output_flags(host.config, kwargs)
     return _host.RecordingTower(tower, hidden_states=hidden, attentions=attentions)
+
+
+# AnyRes (LLaVA-NeXT, OneVision) fixes these: the grid comes from the pinpoints, the canvas is padded,
+# the full DEM map replaces the tile map and the base image stays in front ("concat" thumbnail).
+ANYRES_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
+
+
+def anyres_patches(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """pixel_values (B, P, 3, s, s) zero-padded on P, or (sum counts, 3, s, s) stacked
+    -> per image (counts[i], 3, s, s): the base image, then the R*C tiles row-major."""
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
+            raise ValueError(
+                f"pixel_values (B, patches, 3, s, s) must hold {len(counts)} images of up to {max(counts)} patches "
+                f"(base + R*C tiles per image, from image_sizes), got shape {tuple(pixel_values.shape)}"
+            )
+        return [pv[:n] for pv, n in zip(pixel_values, counts)]
+    if pixel_values.dim() == 4:
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(
+                f"stacked pixel_values (patches, 3, s, s) must hold {sum(counts)} patches (base + R*C tiles "
+                f"per image, from image_sizes), got shape {tuple(pixel_values.shape)}"
+            )
+        return list(pixel_values.split(counts))
+    raise ValueError(f"pixel_values must be 5-D (B, patches, 3, s, s) or 4-D, got shape {tuple(pixel_values.shape)}")

@@ -55,14 +55,11 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import Layers, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_next"
 merge_config_defaults, can_return_tuple = host_decorators()
 
-# AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
-# replaces the tile map and the base image stays in front (the encoder's "concat" thumbnail).
-_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
 
 
 class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
@@ -108,7 +105,7 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
 def _options(config: Any, options: dict) -> DualViewOptions:
     """The user's options with AnyRes's fixed choices (pinpoints: ``config.image_grid_pinpoints``,
     read at every call)."""
-    return with_fixed(options, _FIXED, "by LLaVA-NeXT's AnyRes",
+    return with_fixed(options, ANYRES_FIXED, "by LLaVA-NeXT's AnyRes",
                       follows={"pinpoints": config.image_grid_pinpoints})
 
 
@@ -180,7 +177,7 @@ def anyres_dual_view(
         raise ValueError(f"pixel_values patches must be {crop}x{crop} (vision_config.image_size), got shape {tuple(pixel_values.shape)}")
     dem_param = next(encoder.dem.parameters())
     pixel_values = pixel_values.to(device=dem_param.device, dtype=dem_param.dtype)
-    patches = _patches_per_image(pixel_values, [1 + r * c for r, c in grids])
+    patches = anyres_patches(pixel_values, [1 + r * c for r, c in grids])
     encoded = encoder.encode_crops([_dual_crops(p, g, s) for p, g, s in zip(patches, grids, sizes)])
     h, w = encoder.feat_size
     per_image = []
@@ -189,26 +186,6 @@ def anyres_dual_view(
         windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)[0]
         per_image.append(torch.cat((base, windows)))
     return per_image
-
-
-def _patches_per_image(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    """pixel_values (B, P, 3, s, s) zero-padded on P, or (sum counts, 3, s, s) stacked
-    -> per image (counts[i], 3, s, s): the base image, then the R*C tiles row-major."""
-    if pixel_values.dim() == 5:
-        if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
-            raise ValueError(
-                f"pixel_values (B, patches, 3, s, s) must hold {len(counts)} images of up to {max(counts)} patches "
-                f"(base + R*C tiles, from image_sizes), got shape {tuple(pixel_values.shape)}"
-            )
-        return [pv[:n] for pv, n in zip(pixel_values, counts)]
-    if pixel_values.dim() == 4:
-        if pixel_values.shape[0] != sum(counts):
-            raise ValueError(
-                f"stacked pixel_values (patches, 3, s, s) must hold {sum(counts)} patches (base + R*C tiles "
-                f"per image, from image_sizes), got shape {tuple(pixel_values.shape)}"
-            )
-        return list(pixel_values.split(counts))
-    raise ValueError(f"pixel_values must be 5-D (B, patches, 3, s, s) or 4-D, got shape {tuple(pixel_values.shape)}")
 
 
 def _dual_crops(patches: torch.Tensor, grid: G.Grid, image_size: G.Size) -> DualCrops:

@@ -67,14 +67,11 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import Layers, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_onevision"
 merge_config_defaults, can_return_tuple = host_decorators()
 
-# AnyRes fixes these: the grid comes from the pinpoints, the canvas is padded, the full DEM map
-# replaces the tile map and the base image stays in front.
-_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
 
 ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -195,7 +192,7 @@ def onevision_dual_view(
     ref = next(dem.parameters())
     pixel_values = pixel_values.to(device=ref.device, dtype=ref.dtype)
     counts = [1 + g[0] * g[1] if g else 1 for g in grids]
-    patches = _patches_per_image(pixel_values, counts)
+    patches = anyres_patches(pixel_values, counts)
     global_crops = [layout.split_global(layout.merge_local(p[None, 1:], *g), *g)[0]
                     for p, g in zip(patches, grids) if g]
     feats = encoder.run_tower(torch.cat(patches + global_crops))
@@ -221,31 +218,13 @@ def onevision_dual_view(
     return per_image
 
 
-def _patches_per_image(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    """pixel_values (B, P, 3, s, s) zero-padded on P, or (sum counts, 3, s, s) stacked
-    -> per image (counts[i], 3, s, s): the base image, then its R*C tiles row-major."""
-    if pixel_values.dim() == 5:
-        if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
-            raise ValueError(
-                f"pixel_values (images, patches, 3, s, s) must hold {len(counts)} images of up to {max(counts)} "
-                f"patches (base + R*C tiles, from image_sizes and batch_num_images), got shape {tuple(pixel_values.shape)}"
-            )
-        return [pv[:n] for pv, n in zip(pixel_values, counts)]
-    if pixel_values.shape[0] != sum(counts):
-        raise ValueError(
-            f"stacked pixel_values (patches, 3, s, s) must hold {sum(counts)} patches (base + R*C tiles per image, "
-            f"from image_sizes and batch_num_images), got shape {tuple(pixel_values.shape)}"
-        )
-    return list(pixel_values.split(counts))
-
-
 # ---- apply / unapply / budget / from_pretrained ----------------------------------------------------
 
 
 def _options(config: Any, options: dict) -> DualViewOptions:
     """The user's options with AnyRes's fixed choices (pinpoints: ``config.image_grid_pinpoints``,
     read at every call)."""
-    return with_fixed(options, _FIXED, "by LLaVA-OneVision's AnyRes",
+    return with_fixed(options, ANYRES_FIXED, "by LLaVA-OneVision's AnyRes",
                       follows={"pinpoints": config.image_grid_pinpoints})
 
 
