@@ -87,6 +87,16 @@ def test_processor_grid_is_the_image_processors_tiling(backend, longest, tile, k
         assert out["pixel_values"].shape[1] == adapter.frames_of(got)
 
 
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_processor_grid_applies_the_4096_pixel_cap_above_a_longest_edge_of_4096(backend):
+    # longest edge 5000 -> capped to 4096 = 4 tiles of 1024 (5 without the cap), the short edge with it
+    images = image_processor("idefics3", backend=backend, longest=5000, tile=1024)
+    for size, want in [((17, 1000), (1, 4)), ((1000, 17), (4, 1)), ((40, 33), (4, 4))]:
+        out = images([image(size)], return_row_col_info=True, input_data_format="channels_last")
+        assert (out["rows"][0][0], out["cols"][0][0]) == want
+        assert adapter.processor_grid(size, tile=1024, longest_edge=5000) == want
+
+
 def test_processor_grid_agrees_with_get_number_of_image_patches_at_the_real_settings():
     images = image_processor("smolvlm")  # longest edge a multiple of the tile, as in the real checkpoints
     for size in GRID_SIZES:

@@ -37,6 +37,9 @@ FIRST_TESTS = {
 """The test files most likely to kill a mutant of each core file run first (the set is the same)."""
 
 HF_LLAVA_NEXT_TESTS = ("tests/test_adapter_hf_llava_next.py",)
+ONEVISION_TESTS = ("tests/test_adapter_hf_llava_onevision.py",)
+INTERNVL_TESTS = ("tests/test_adapter_hf_internvl.py",)
+IDEFICS3_TESTS = ("tests/test_adapter_hf_idefics3.py",)
 LLAVA15_TESTS = ("tests/test_adapter_llava15.py",)
 
 
@@ -66,6 +69,9 @@ ENC = "dualview/encoder.py"
 CKPT = "dualview/checkpoints.py"
 NEXT = "adapters/hf_llava_next.py"
 L15 = "adapters/llava15.py"
+OV = "adapters/hf_llava_onevision.py"
+IVL = "adapters/hf_internvl.py"
+IDF = "adapters/hf_idefics3.py"
 
 MUTANTS: list[Mutant] = [
     # ---- grid.py: validation -------------------------------------------------------------------
@@ -338,4 +344,63 @@ MUTANTS: list[Mutant] = [
        "LLaVA-NeXT adapter budget on the transposed grid", tests=HF_LLAVA_NEXT_TESTS),
     _m("l15-canvas-side", L15, "side = max(dcm.grid) * dcm.crop_size", "side = min(dcm.grid) * dcm.crop_size",
        "LLaVA-1.5 adapter's canvas side from the shorter grid side", tests=LLAVA15_TESTS),
+    # OneVision: unpad, anyres_max downscale, newline per row, which images are tiled
+    _m("ov-ratio-threshold", OV, "    if ratio > 1.1:\n", "    if ratio > 1.0:\n",
+       "OneVision downscales a map only slightly over anyres_max (host: ratio > 1.1)", tests=ONEVISION_TESTS),
+    _m("ov-downscale-round", OV, "return int(box.height // ratio), int(box.width // ratio)",
+       "return round(box.height / ratio), round(box.width / ratio)", "OneVision downscaled map rounded, not floored",
+       tests=ONEVISION_TESTS),
+    _m("ov-newline-per-column", OV, "return feat_size[0] * feat_size[1] + height * (width + 1)",
+       "return feat_size[0] * feat_size[1] + (height + 1) * width", "OneVision: one image_newline per column",
+       tests=ONEVISION_TESTS),
+    _m("ov-no-base-tokens", OV, "return feat_size[0] * feat_size[1] + height * (width + 1)",
+       "return height * (width + 1)", "OneVision token count without the base image", tests=ONEVISION_TESTS),
+    _m("ov-multi-image-tiled", OV, "return [n == 1 for n in counts for _ in range(n)]",
+       "return [n >= 1 for n in counts for _ in range(n)]", "OneVision: a multi-image sample's images taken as tiled",
+       tests=ONEVISION_TESTS),
+    _m("ov-unpad-on-canvas", OV, "box = G.unpad_box(image_size, (rows * h, cols * w))",
+       "box = G.unpad_box(image_size, (cols * h, rows * w))", "OneVision unpads the transposed map",
+       tests=ONEVISION_TESTS),
+    _m("ov-budget-passes", OV, "1 + 2 * rows * cols, image_tokens(size, grid, feat_size, max_patches))",
+       "2 * rows * cols, image_tokens(size, grid, feat_size, max_patches))", "OneVision budget forgets the base image pass",
+       tests=ONEVISION_TESTS),
+    # InternVL: the host's grid, patches per image, where the thumbnail sits
+    _m("ivl-grid-transposed", IVL, "    return rows, cols\n\n\ndef patches_per_image", "    return cols, rows\n\n\ndef patches_per_image",
+       "InternVL's (cols, rows) canvas read as (rows, cols)", tests=INTERNVL_TESTS),
+    _m("ivl-thumbnail-always", IVL, "return tiles + 1 if tiles > 1 else 1", "return tiles + 1",
+       "InternVL: an uncropped image counted with a thumbnail", tests=INTERNVL_TESTS),
+    _m("ivl-max-patches-one", IVL, "if not crop_to_patches or max_patches <= 1:", "if not crop_to_patches:",
+       "InternVL: max_patches=1 still asks the host's tiler",
+       equivalent="get_optimal_tiled_canvas has no arrangement of more than max_patches <= 1 tiles but (1, 1), and "
+       "returns (1, 1) when it has none; the check mirrors the host's own `crop_to_patches and max_patches > 1`",
+       tests=INTERNVL_TESTS),
+    _m("ivl-budget-passes", IVL, "passes = 2 * grid[0] * grid[1] + 1 if patches > 1 else 1",
+       "passes = 2 * grid[0] * grid[1] if patches > 1 else 1", "InternVL budget forgets the thumbnail pass",
+       tests=INTERNVL_TESTS),
+    _m("ivl-grid-from-canvas", IVL, "grids.append((height // s, width // s))", "grids.append((width // s, height // s))",
+       "InternVL grid from image_sizes transposed", tests=INTERNVL_TESTS),
+    _m("ivl-thumbnail-in-tiles", IVL, "tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}",
+       "tiles = {i: pixel_values[starts[i] + 1:starts[i + 1]] for i in tiled}",
+       "InternVL: the thumbnail taken as the first tile (it is the last patch)", tests=INTERNVL_TESTS),
+    _m("ivl-shuffle-divisible", IVL, "if not side.is_integer() or not (1 / config.downsample_ratio).is_integer():",
+       "if not (1 / config.downsample_ratio).is_integer():", "InternVL accepts a tile the pixel shuffle cannot take",
+       tests=INTERNVL_TESTS),
+    # Idefics3 / SmolVLM: the processors' resize chain and grid
+    _m("idf-even-height", IDF, "        height += height % 2\n", "",
+       "Idefics3: the short edge not rounded up to even", tests=IDEFICS3_TESTS),
+    _m("idf-cap-side", IDF, "height, width = _cap_side(height, width, MAX_IMAGE_SIDE)", "pass",
+       "Idefics3: the 4096-pixel cap skipped", tests=IDEFICS3_TESTS),
+    _m("idf-round-up-truncation", IDF, "height = math.ceil(int(width / aspect) / tile) * tile",
+       "height = math.ceil((width / aspect) / tile) * tile", "Idefics3: short edge not truncated before rounding up",
+       tests=IDEFICS3_TESTS),
+    _m("idf-unsplit-edge", IDF, "if height <= tile and width <= tile:", "if height < tile and width < tile:",
+       "Idefics3: an image of exactly one tile split into a 1x1 grid", tests=IDEFICS3_TESTS),
+    _m("idf-frames-no-global", IDF, "return rows * cols + 1 if rows else 1", "return rows * cols if rows else 1",
+       "Idefics3: a split image's global frame not counted", tests=IDEFICS3_TESTS),
+    _m("idf-budget-passes", IDF, "passes = 2 * rows * cols + 1 if rows else 1", "passes = rows * cols + 1 if rows else 1",
+       "Idefics3 budget without the global crops' passes", tests=IDEFICS3_TESTS),
+    _m("idf-grid-padding-entry", IDF, "+ [[-1, -1]] * (width - len(rs))", "+ [[0, 0]] * (width - len(rs))",
+       "Idefics3: a short sample padded with unsplit images instead of padding", tests=IDEFICS3_TESTS),
+    _m("idf-global-frame-is-first", IDF, "found.append(_SplitImage(grid, first))", "found.append(_SplitImage(grid, first + 1))",
+       "Idefics3: tiles read one frame late (the global image is last)", tests=IDEFICS3_TESTS),
 ]
