@@ -164,7 +164,9 @@ def encoder_from(
     options: DualViewOptions, tower: nn.Module, dem: DEM, *, crop_size: int, patch_size: int
 ) -> DualViewEncoder:
     """A DualViewEncoder over ``tower`` with a DCM built from ``options`` and the given ``dem``."""
-    dcm = DCM(crop_size, options.grid, fit=options.fit, max_tiles=options.max_tiles, pinpoints=options.pinpoints)
+    # no thumbnail when nothing uses it: thumbnail_fusion="none" would otherwise pay a tower pass per image
+    dcm = DCM(crop_size, options.grid, fit=options.fit, max_tiles=options.max_tiles, pinpoints=options.pinpoints,
+              thumbnail=options.thumbnail_fusion != "none")
     return DualViewEncoder(
         tower, dcm, dem, thumbnail_fusion=options.thumbnail_fusion, tower_batch_size=options.tower_batch_size,
         patch_size=patch_size,

@@ -124,6 +124,39 @@ def test_list_of_feature_layers_is_concatenated_on_channels():
         model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1)
 
 
+def test_processor_resizes_to_the_rows_by_cols_canvas_and_counts_its_tokens():
+    model, processor = adapted(grid=(2, 3), out_size=None, thumbnail_fusion="concat")
+    inputs = processor(images=tiny.pil_image(40, 70), text=tiny.PROMPT, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 2 * 28, 3 * 28)  # (R*s, C*s): 2 rows, 3 columns
+    tokens = 4 + (2 * 2) * (3 * 2)  # thumbnail 2x2 + the full (R*h, C*w) map
+    assert (inputs["input_ids"] == tiny.IMAGE_TOKEN_ID).sum() == tokens
+    assert model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0].shape[0] == tokens
+
+
+@pytest.mark.parametrize("thumbnail_fusion", ["mean", "none"])
+def test_hidden_states_are_each_images_tiles_then_global_crops_then_thumbnail(thumbnail_fusion):
+    """Image by image, R*C local tiles (row-major), R*C strided global crops, then its thumbnail:
+    compared with the tower run on crops cut here by slicing the canvas."""
+    model = hf_llava.apply(make_model(), grid=(2, 3), thumbnail_fusion=thumbnail_fusion)
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 56, 84)  # two different images on a 2x3 canvas of 28-pixel crops
+    with torch.no_grad():
+        states = model.model.get_image_features(pixel_values=pixels, output_hidden_states=True).hidden_states
+    thumb = thumbnail_fusion != "none"
+    per_image = 2 * 6 + thumb
+    assert states[0].shape[0] == 2 * per_image
+    dcm = hf_llava.encoder_of(model).dcm
+    for i in range(2):
+        canvas = pixels[i]
+        tiles = [canvas[:, r * 28:(r + 1) * 28, c * 28:(c + 1) * 28] for r in range(2) for c in range(3)]
+        strided = [canvas[:, a::2, b::3] for a in range(2) for b in range(3)]
+        crops = tiles + strided + ([dcm(pixels[i:i + 1]).thumbnail[0]] if thumb else [])
+        with torch.no_grad():
+            want = model.model.vision_tower(torch.stack(crops), output_hidden_states=True).hidden_states
+        for layer in (0, -2):
+            torch.testing.assert_close(states[layer][i * per_image:(i + 1) * per_image], want[layer])
+
+
 def test_processor_pads_to_square_with_the_mean_colour():
     model, processor = adapted(grid=(1, 1))
     inputs = processor(images=tiny.pil_image(10, 60), text=tiny.PROMPT, return_tensors="pt")

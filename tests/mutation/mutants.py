@@ -37,6 +37,7 @@ FIRST_TESTS = {
 """The test files most likely to kill a mutant of each core file run first (the set is the same)."""
 
 HF_LLAVA_NEXT_TESTS = ("tests/test_adapter_hf_llava_next.py",)
+HF_LLAVA_TESTS = ("tests/test_adapter_hf_llava.py",)
 ONEVISION_TESTS = ("tests/test_adapter_hf_llava_onevision.py",)
 INTERNVL_TESTS = ("tests/test_adapter_hf_internvl.py",)
 IDEFICS3_TESTS = ("tests/test_adapter_hf_idefics3.py",)
@@ -69,6 +70,7 @@ ENC = "dualview/encoder.py"
 CKPT = "dualview/checkpoints.py"
 NEXT = "adapters/hf_llava_next.py"
 L15 = "adapters/llava15.py"
+HFL = "adapters/hf_llava.py"
 OV = "adapters/hf_llava_onevision.py"
 IVL = "adapters/hf_internvl.py"
 IDF = "adapters/hf_idefics3.py"
@@ -344,6 +346,15 @@ MUTANTS: list[Mutant] = [
        "LLaVA-NeXT adapter budget on the transposed grid", tests=HF_LLAVA_NEXT_TESTS),
     _m("l15-canvas-side", L15, "side = max(dcm.grid) * dcm.crop_size", "side = min(dcm.grid) * dcm.crop_size",
        "LLaVA-1.5 adapter's canvas side from the shorter grid side", tests=LLAVA15_TESTS),
+    # LLaVA (transformers): hidden states regrouped per image, the prompt's image tokens
+    _m("hfl-per-image-global", HFL, "+ [(images + i) * tiles + t for t in range(tiles)]",
+       "+ [images * tiles + i + t for t in range(tiles)]", "LLaVA hidden states: global crops of the wrong image",
+       tests=HF_LLAVA_TESTS),
+    _m("hfl-per-image-thumb", HFL, "index.append(2 * images * tiles + i)", "index.append(2 * images * tiles)",
+       "LLaVA hidden states: every image gets the first thumbnail", tests=HF_LLAVA_TESTS),
+    _m("hfl-processor-canvas", HFL, "height, width = grid[0] * encoder.dcm.crop_size, grid[1] * encoder.dcm.crop_size",
+       "height, width = grid[1] * encoder.dcm.crop_size, grid[0] * encoder.dcm.crop_size",
+       "LLaVA processor resizes to the transposed canvas", tests=HF_LLAVA_TESTS),
     # OneVision: unpad, anyres_max downscale, newline per row, which images are tiled
     _m("ov-ratio-threshold", OV, "    if ratio > 1.1:\n", "    if ratio > 1.0:\n",
        "OneVision downscales a map only slightly over anyres_max (host: ratio > 1.1)", tests=ONEVISION_TESTS),
