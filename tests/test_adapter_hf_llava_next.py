@@ -151,14 +151,16 @@ def test_token_counts_equal_plain_anyres_and_the_processor_for_every_size():
 
 def test_single_images_and_stacked_pixel_values_give_the_same_features():
     _, adapted = plain_and_adapted()
-    inputs = batch(SIZES[:4])
+    sizes = [SIZES[6], SIZES[0], SIZES[4], SIZES[1]]
+    inputs = batch(sizes)
     together = image_features(adapted, inputs)
-    counts = [1 + r * c for r, c in map(grid_of, SIZES[:4])]
+    counts = [1 + r * c for r, c in map(grid_of, sizes)]
+    assert counts[0] > counts[1] and len(set(counts)) > 1  # unequal patch counts, the largest first
     stacked = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], counts)])
     for i, feats in enumerate(image_features(adapted, {"pixel_values": stacked, "image_sizes": inputs["image_sizes"]})):
         torch.testing.assert_close(feats, together[i])
     for i in range(4):
-        alone = image_features(adapted, batch([SIZES[i]]))[0]
+        alone = image_features(adapted, batch([sizes[i]]))[0]
         torch.testing.assert_close(alone, together[i], atol=1e-5, rtol=1e-4)
 
 

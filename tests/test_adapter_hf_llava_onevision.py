@@ -196,10 +196,11 @@ def test_clip_tower_with_default_strategy_matches_the_processor():
 
 def test_single_images_and_stacked_pixel_values_give_the_same_features():
     _, adapted = plain_and_adapted()
-    sizes = SIZES[:5]
+    sizes = [SIZES[8], SIZES[4], SIZES[0], SIZES[1], SIZES[2]]
     inputs = batch(sizes)
     together = image_features(adapted, inputs)
     counts = [1 + r * c for r, c in map(host_grid, sizes)]
+    assert counts[0] > counts[1] and len(set(counts)) > 1  # unequal patch counts, the largest first
     stacked = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], counts)])
     for i, feats in enumerate(image_features(adapted, {"pixel_values": stacked, "image_sizes": inputs["image_sizes"]})):
         torch.testing.assert_close(feats, together[i], atol=0, rtol=0)
