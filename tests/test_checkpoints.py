@@ -222,3 +222,12 @@ def test_load_converted_names_missing_or_bad_metadata(tmp_path):
         with pytest.raises(ValueError) as error:
             load_converted(tmp_path / "broken.safetensors")
         assert "broken.safetensors" in one_line(error) and f"metadata entry {key!r}" in str(error.value)
+
+
+def test_check_dem_state_refuses_a_transposed_weight_of_the_same_size():
+    dem = DEM(dim=8, num_heads=2)
+    state = {k: v.clone() for k, v in dem.state_dict().items()}
+    key = next(k for k, v in state.items() if v.ndim == 2 and v.shape[0] != v.shape[1])
+    state[key] = state[key].t().contiguous()  # same numel, another shape
+    with pytest.raises(ValueError, match=key):
+        check_dem_state(state, dem)
