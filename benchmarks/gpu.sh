@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU run in one script (about 6 minutes on one H100 / H200; the step limits add to 7m55s):
+# The whole GPU run in one script (about 6 minutes on one H100 / H200; the step limits add to 8m45s):
 #   bash benchmarks/gpu.sh OUT_DIR [extra args for python -m dualview.bench]
 # 1. correctness on the device against the CPU (dualview.bench.device_checks): DCM, DEM, fixtures,
 #    the layer-truncated tower == plain hidden states bit for bit, the released-path scheme on the
@@ -11,6 +11,8 @@
 # 4. eager at batch 1, 3x3 (issue 13: dual_576 >= 8x the released path)       -> OUT_DIR/batch1/
 # 5. the tower alone (benchmarks/tower_chunks.py): plain forward vs layer-truncated, and the
 #    automatic chunks against one call (within 3%?) with their extra memory     -> OUT_DIR/tower/
+# 6. eager at batch 8 with ONE tower call (--tower-batch-size all): the automatic chunks' cost
+#    inside the whole encode, against step 2                                    -> OUT_DIR/eager_one_call/
 # Needs only what a CUDA machine with torch, transformers and the usual scientific packages has
 # (torch, einops, transformers, safetensors, matplotlib, tqdm); runs from the source tree, installs nothing.
 set -uo pipefail
@@ -49,4 +51,5 @@ step "benchmark, eager" 90 "$py" -m dualview.bench --out "$out/eager" --grids 3x
 step "benchmark, compiled tower + DEM" 230 "$py" -m dualview.bench --out "$out/compiled" --grids 3x3 --compile "$@"
 step "benchmark, batch 1" 40 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
 step "tower alone" 45 "$py" "$root/benchmarks/tower_chunks.py" --out "$out/tower"
+step "benchmark, eager, one tower call" 50 "$py" -m dualview.bench --out "$out/eager_one_call" --grids 3x3 --tower-batch-size all "$@"
 exit $status
