@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU run in one script (about 6 minutes on one H100 / H200; the step limits add to 8m45s):
+# The whole GPU run in one script (about 6 minutes on one H100 / H200; the step limits add to 10m25s: pass a timeout):
 #   bash benchmarks/gpu.sh OUT_DIR [extra args for python -m dualview.bench]
 # 1. correctness on the device against the CPU (dualview.bench.device_checks): DCM, DEM, fixtures,
 #    the layer-truncated tower == plain hidden states bit for bit, the released-path scheme on the
@@ -9,6 +9,7 @@
 #    AnyRes latency bound + 3%)
 # 3. the same compiled: DualViewEncoder(compile=True), tower chunks + DEM; AnyRes's tower too -> OUT_DIR/compiled/
 # 4. eager at batch 1, 3x3 (issue 13: dual_576 >= 8x the released path)       -> OUT_DIR/batch1/
+#    and compiled                                                               -> OUT_DIR/batch1_compiled/
 # 5. the tower alone (benchmarks/tower_chunks.py): plain forward vs layer-truncated, and the
 #    automatic chunks against one call (within 3%?) with their extra memory     -> OUT_DIR/tower/
 # 6. eager at batch 8 with ONE tower call (--tower-batch-size all): the automatic chunks' cost
@@ -50,6 +51,7 @@ step "benchmark, eager" 90 "$py" -m dualview.bench --out "$out/eager" --grids 3x
 # compiles ViT-L three times (chunk shapes 51 and 50, AnyRes's 80) and two DEMs: most of this step
 step "benchmark, compiled tower + DEM" 230 "$py" -m dualview.bench --out "$out/compiled" --grids 3x3 --compile "$@"
 step "benchmark, batch 1" 40 "$py" -m dualview.bench --out "$out/batch1" --batch 1 --grids 3x3 "$@"
+step "benchmark, batch 1, compiled" 100 "$py" -m dualview.bench --out "$out/batch1_compiled" --batch 1 --grids 3x3 --compile "$@"
 step "tower alone" 45 "$py" "$root/benchmarks/tower_chunks.py" --out "$out/tower"
 step "benchmark, eager, one tower call" 50 "$py" -m dualview.bench --out "$out/eager_one_call" --grids 3x3 --tower-batch-size all "$@"
 exit $status

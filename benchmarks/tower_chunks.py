@@ -87,6 +87,17 @@ def _chunked(tower, pixels: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     return out
 
 
+def compare(out: torch.Tensor, ref: torch.Tensor, *, chunked: bool, dtype: torch.dtype) -> dict:
+    """``out`` against the plain forward: bit-equal, and its relative error. One call must be bit-equal
+    (the same kernels on the same batch); chunks need not be on a GPU, where the matrix library picks
+    its kernel by batch size and a bf16 result rounds differently: they must stay within the dtype's
+    rounding (float32 1e-5, half types 1e-2 relative)."""
+    bit_equal = bool(torch.equal(out, ref))
+    rel = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    return dict(bit_equal=bit_equal, rel_err=rel, ok=bit_equal or (chunked and rel <= bound))
+
+
 def run(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
@@ -97,8 +108,8 @@ def run(args) -> dict:
     with torch.inference_mode():
         fns = variants(model, args, pixels)
         reference = {layer: fns[f"plain {layer}"][0]() for layer in args.layer}
-        equal = {name: bool(torch.equal(fn(), reference[int(name.split()[-1])])) for name, (fn, _) in fns.items()
-                 if "compiled" not in name}
+        equal = {name: compare(fn(), reference[int(name.split()[-1])], chunked=len(chunks) > 1, dtype=dtype)
+                 for name, (fn, chunks) in fns.items() if "compiled" not in name}
         timings = measure.time_interleaved({k: fn for k, (fn, _) in fns.items()}, device, args.warmup, args.repeats)
         for name, (fn, chunks) in fns.items():
             with measure.PeakMemory(device) as mem:
@@ -130,12 +141,13 @@ def markdown(result: dict) -> str:
         f"{m['patch']}, {m['crops']} crops; {m['device_name']} ({m['device']}, {m['dtype']}, {m['threads']} threads), "
         f"torch {m['torch']}; median of {m['repeats']} interleaved runs after {m['warmup']} warm-up.",
         "",
-        "| variant | calls x crops | tokens per call | ms median [min, max] | time / truncated one call | extra peak MB | == plain |",
+        "| variant | calls x crops | tokens per call | ms median [min, max] | time / truncated one call | extra peak MB | == plain (chunks: rel err) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ms = r["ms"]
-        eq = "-" if r["equal_to_plain"] is None else ("yes" if r["equal_to_plain"] else "NO")
+        e = r["equal_to_plain"]
+        eq = "-" if e is None else ("yes" if e["bit_equal"] else f"rel err {e['rel_err']:.1e}" + ("" if e["ok"] else " NO"))
         lines.append(f"| {r['variant']} | {r['calls']} x {r['crops_per_call']} | {r['tokens_per_call']} | "
                      f"{ms['median']:.1f} [{ms['min']:.1f}, {ms['max']:.1f}] | {r['time_vs_truncated_one_call']:.3f} | "
                      f"{r['extra_peak_mb']:.0f} | {eq} |")
@@ -169,7 +181,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tower_chunks.json").write_text(json.dumps(result, indent=2))
         (args.out / "tower_chunks.md").write_text(table)
-    return 0 if all(r["equal_to_plain"] is not False for r in result["rows"]) else 1
+    return 0 if all(r["equal_to_plain"] is None or r["equal_to_plain"]["ok"] for r in result["rows"]) else 1
 
 
 if __name__ == "__main__":

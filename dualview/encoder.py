@@ -224,14 +224,13 @@ class DualViewEncoder(nn.Module):
 
 
 
-AUTO_CHUNK_TOKENS = 32768
+AUTO_CHUNK_TOKENS = 65536
 """Tokens per tower call under ``tower_batch_size=None``; the activation memory of a call grows with
 it. Measured (``benchmarks/tower_chunks.py``, ``benchmarks/NOTES.md``): on the 2-core development
-machine chunks of 1k-29k tokens ran at 0.83-1.00 of one call's time with 1/2 to 1/7 of its extra
-memory, so any size above ~1k tokens is free there; on an H100 (bf16, ViT-L/14-336, issue 13's
-probe) chunks of 38 crops = 22k tokens ran 3.4% slower than one call of 152 crops with a third of
-its memory, so the budget is set above that (batch 8 at 3x3: 3 calls of 51 crops; to be confirmed
-by the next GPU run's ``tower/`` sweep)."""
+machine any size above ~1k tokens costs nothing; on an H200 (bf16, ViT-L/14-336, 152 crops = batch 8
+at 3x3, 2026-12-04) calls of <= 32768 tokens (3 x 51 crops) ran 3.9% slower than one call and
+<= 16384 (6 x 26) 3.1% slower, while <= 65536 (2 x 76) ran at 0.985 of one call with 60% of its
+extra memory: the budget is the smallest that costs no time there."""
 
 
 def even_chunks(crops: int, tokens_per_crop: int, max_tokens: int) -> list[int]:

@@ -22,10 +22,11 @@ def make(tower_batch_size=None, crop=28, patch=14):
 
 
 @pytest.mark.parametrize("crops, tokens, expected", [
-    (152, 577, [51, 51, 50]),  # ViT-L/14-336 at 3x3, batch 8: 87,704 tokens -> 3 calls
+    (152, 577, [76, 76]),  # ViT-L/14-336 at 3x3, batch 8: 87,704 tokens -> 2 calls
     (19, 577, [19]),  # batch 1: one call
-    (56, 577, [56]), (57, 577, [29, 28]),  # the boundary: 56 * 577 <= 32768 < 57 * 577
-    (7, 40000, [1] * 7),  # a crop larger than the budget: one crop per call
+    (113, 577, [113]), (114, 577, [57, 57]),  # the boundary: 113 * 577 <= 65536 < 114 * 577
+    (229, 577, [77, 76, 76]),  # three calls, sizes differ by one
+    (7, 70000, [1] * 7),  # a crop larger than the budget: one crop per call
     (0, 577, [0]),
 ])
 def test_automatic_chunks_are_equal_and_bounded_in_tokens(crops, tokens, expected):
