@@ -7,6 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The serving / evaluation lanes have venvs of their own (lanes/run.sh, docs/serving.md): not .venv.
+case "${1:-}" in
+  test-vllm) shift; exec bash lanes/run.sh vllm "$@" ;;
+  test-eval) shift; exec bash lanes/run.sh eval "$@" ;;
+  test-serving) shift; exec bash lanes/run.sh all "$@" ;;
+esac
+
 VENV="${DUALVIEW_VENV:-.venv}"
 # torch<=2.14.1 / torchvision<=0.29.1 are served from local disk here; elsewhere pip takes them
 # from PyPI (a CUDA build on Linux x86_64). Override with DUALVIEW_TORCH="torch==X torchvision==Y".
@@ -36,5 +43,5 @@ shift || true
 case "$cmd" in
   demo) exec "$VENV/bin/python" -m dualview.demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: bash run.sh demo|test [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo|test|test-vllm|test-eval|test-serving [args...]" >&2; exit 2 ;;
 esac
