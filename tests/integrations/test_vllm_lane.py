@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: hooks can count
 vllm = pytest.importorskip("vllm", reason="the vLLM lane runs in .venv-vllm: bash run.sh test-vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: hooks can count
 
 import torch  # noqa: E402
 

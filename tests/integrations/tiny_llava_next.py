@@ -52,11 +52,17 @@ def model(seed: int = 0, *, dual_view: bool = True, num_heads: int = 2):
     host = transformers.LlavaNextForConditionalGeneration(config).eval()
     if dual_view:
         hf_llava_next.apply(host, num_heads=num_heads)
-        with torch.no_grad():  # a DEM that visibly changes the tiles' features (host init is std 0.02)
-            for p in host.model.spatial_embed.parameters():
-                if p.dim() > 1:
-                    p.normal_(0.0, 0.5)
+        louder_dem(host)
     return host
+
+
+def louder_dem(model) -> None:
+    """Re-draw the DEM's matrices with std 0.5 (the host's init draws 0.02): a random DEM that visibly
+    changes the tiles' features, so a test can tell dual view from the plain model by the answers."""
+    with torch.no_grad():
+        for p in model.model.spatial_embed.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.5)
 
 
 def processor():
