@@ -19,7 +19,8 @@ from dualview.integrations import vllm_plugin  # noqa: E402
 from . import tiny_llava_next as tiny  # noqa: E402
 
 NEW_TOKENS = 12
-SIZES = [(90, 150), (150, 60)]  # grids 2x3-ish and 3x1: both AnyRes layouts (wide, tall)
+# wide and tall AnyRes grids (2x2 and 3x1 tiles), and a size twice
+SIZES = [(90, 150), (150, 60), (90, 150)]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(folder):
     return vllm.LLM(
-        model=str(folder), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=2,
+        model=str(folder), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
         limit_mm_per_prompt={"image": 1}, seed=0, kv_cache_memory_bytes=64 * 2**20,
     )
 
@@ -95,3 +96,25 @@ def test_the_dem_weights_are_the_checkpoints(folder, llm):
     (served,) = llm.apply_model(dem_state)
     assert served.keys() == saved.keys()
     assert all(torch.equal(served[k], saved[k]) for k in saved)
+
+
+def test_padded_5d_pixel_values_give_what_the_per_image_list_gives(llm):
+    """vLLM hands over a list of (1 + R*C, 3, s, s) per image, or one (B, P, 3, s, s) tensor zero-padded
+    on P: both must give each image the same features."""
+    sizes = torch.tensor(SIZES[:2])  # 1 + 2*2 and 1 + 3*1 patches
+
+    def both(model):
+        generator = torch.Generator().manual_seed(0)
+        patches = [torch.randn(n, 3, tiny.CROP, tiny.CROP, generator=generator) for n in (5, 4)]
+        padded = torch.zeros(2, 5, 3, tiny.CROP, tiny.CROP)
+        for i, p in enumerate(patches):
+            padded[i, : len(p)] = p
+        with torch.no_grad():
+            listed = model._process_image_pixels({"pixel_values": patches, "image_sizes": sizes})
+            stacked = model._process_image_pixels({"pixel_values": padded, "image_sizes": sizes})
+        return [t.clone() for t in listed], [t.clone() for t in stacked]
+
+    ((listed, stacked),) = llm.apply_model(both)
+    assert [t.shape[0] for t in listed] == [5, 4]
+    for a, b in zip(listed, stacked):
+        torch.testing.assert_close(a, b)
