@@ -21,7 +21,7 @@ run_lane() {
     return "$status"
   fi
   VLLM_ENABLE_V1_MULTIPROCESSING=0 ".venv-$name/bin/python" -m pytest -p no:cacheprovider "${TESTS[$name]}" "$@" || status=$?
-  echo "[lanes] $name: exit $status in $((SECONDS - start)) s (install included)" >&2
+  echo "[lanes] $name: exit $status in $((SECONDS - start)) s (install, when one was needed, included)" >&2
   return "$status"
 }
 

@@ -140,4 +140,4 @@ def test_lmms_eval_scores_the_dual_view_model(task, tmp_path, kind):
     assert scores["exact_match,none"] == 1.0, (scores, log)  # the DEM ran: the plain model's answers differ
     samples = [json.loads(line) for p in out.rglob("*_samples_*.jsonl") for line in p.read_text().splitlines()]
     assert sorted(s["target"] for s in samples) == sorted(adapted)
-    assert all(s["filtered_resps"] == [s["target"]] for s in samples), samples
+    assert all(s["filtered_resps"] in (s["target"], [s["target"]]) for s in samples), samples
