@@ -9,8 +9,16 @@
 #   bash run.sh test-compat low|new [pytest args]  # the suite at the declared lower bounds
 #                                                  # (compat/low.txt) or at the newest releases
 #   bash run.sh lock                               # refresh constraints.txt from the newest releases
+#   bash run.sh test-vllm|test-eval|test-serving   # the vLLM / lmms-eval lanes (docs/serving.md)
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# The serving / evaluation lanes have venvs of their own (lanes/run.sh, docs/serving.md): not .venv.
+case "${1:-}" in
+  test-vllm) shift; exec bash lanes/run.sh vllm "$@" ;;
+  test-eval) shift; exec bash lanes/run.sh eval "$@" ;;
+  test-serving) shift; exec bash lanes/run.sh all "$@" ;;
+esac
 
 # torch<=2.14.1 / torchvision<=0.29.1 are served from local disk here; elsewhere pip takes them
 # from PyPI (a CUDA build on Linux x86_64). Override with DUALVIEW_TORCH="torch==X torchvision==Y".
@@ -74,5 +82,5 @@ case "$cmd" in
     { sed -n '1,3p' constraints.txt; cat .venv-lock/freeze.txt; } > constraints.txt.new
     mv constraints.txt.new constraints.txt
     echo "[run.sh] constraints.txt refreshed from .venv-lock (suite passed); review with git diff" >&2 ;;
-  *) echo "usage: bash run.sh demo|test|test-compat low|new|lock [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo|test|test-compat low|new|lock|test-vllm|test-eval|test-serving [args...]" >&2; exit 2 ;;
 esac

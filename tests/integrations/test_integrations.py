@@ -1,0 +1,97 @@
+"""What the serving / evaluation integrations do without their engines (the main suite): the
+modules import, the entry points name real callables, a saved dual-view folder is marked for vLLM
+(and still loads with the adapter), the lmms-eval loader restores dual view and refuses another host.
+The engines themselves run in the lanes (test_vllm_lane.py, test_lmms_eval_lane.py)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from dualview.adapters import _host, hf_llava_next  # noqa: E402
+from dualview.integrations import lmms_eval_models, vllm_plugin  # noqa: E402
+
+from . import tiny_llava_next as tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_entry_points_name_callables_of_the_integrations():
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert entry_points["vllm.general_plugins"] == {"dualview": "dualview.integrations.vllm_plugin:register"}
+    assert entry_points["lmms_eval.models"] == {"dualview": "dualview.integrations.lmms_eval_models:manifests"}
+    for group in entry_points.values():
+        for value in group.values():
+            module, name = value.split(":")
+            assert callable(getattr(importlib.import_module(module), name))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: the lane builds the class")
+def test_the_model_classes_need_their_engine_and_unknown_names_are_attribute_errors():
+    with pytest.raises(ImportError):
+        vllm_plugin.DualViewLlavaNextForConditionalGeneration  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute"):
+        vllm_plugin.NotAModel  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute"):
+        lmms_eval_models.NotAModel  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dualview-llava-next")
+    model = tiny.model(seed=0)
+    vllm_plugin.save_pretrained(model, folder)
+    return folder, model
+
+
+def test_save_pretrained_names_the_plugins_architecture_and_the_adapter_still_loads_it(saved):
+    folder, model = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [vllm_plugin.LLAVA_NEXT] and "dualview" in config
+    again = hf_llava_next.from_pretrained(folder)
+    saved_dem, loaded_dem = model.model.spatial_embed.state_dict(), again.model.spatial_embed.state_dict()
+    assert all(torch.equal(saved_dem[k], loaded_dem[k]) for k in saved_dem)
+    assert vllm_plugin.mark_for_vllm(folder) == folder / "config.json"  # marking twice changes nothing
+    assert json.loads((folder / "config.json").read_text()) == config
+
+
+def test_mark_for_vllm_refuses_a_plain_folder_and_a_host_it_does_not_serve(tmp_path):
+    plain = tmp_path / "plain"
+    tiny.model(dual_view=False).save_pretrained(plain)
+    with pytest.raises(ValueError, match="not saved from a dual-view model"):
+        vllm_plugin.mark_for_vllm(plain)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["InternVLForConditionalGeneration"],
+                                                   "dualview": {}}))
+    with pytest.raises(ValueError, match="no dual-view vLLM architecture"):
+        vllm_plugin.mark_for_vllm(other)
+
+
+def test_the_lmms_eval_loader_restores_dual_view_with_llava_hfs_arguments(saved):
+    folder, model = saved
+    loader = lmms_eval_models.DualViewLoader("dualview_llava_next", "llava_next")
+    # what llava_hf passes: device_map="" (refused by transformers 5), torch_dtype, attn_implementation=None
+    loaded = loader.from_pretrained(folder, revision="main", torch_dtype=torch.float32, device_map="",
+                                    trust_remote_code=False, attn_implementation=None)
+    assert isinstance(loaded.model, _host.DualViewHost) and loaded.dtype == torch.float32
+    saved_dem, loaded_dem = model.model.spatial_embed.state_dict(), loaded.model.spatial_embed.state_dict()
+    assert all(torch.equal(saved_dem[k], loaded_dem[k]) for k in saved_dem)
+
+
+def test_the_lmms_eval_loader_refuses_a_host_of_another_kind(saved):
+    folder, _ = saved
+    loader = lmms_eval_models.DualViewLoader("dualview_llava_next", "llava_onevision")
+    with pytest.raises(ValueError, match="use --model dualview_llava_onevision"):
+        loader.from_pretrained(folder)
+    with pytest.raises(ValueError, match="evaluates llava_next models"):
+        lmms_eval_models.DualViewLoader("dualview_llava_next", "llava").from_pretrained(folder)
