@@ -343,3 +343,20 @@ class HostBattery:
         ).eval()
         assert any(p.device.type == "meta" for p in case.vision_tower(offloaded).parameters())
         torch.testing.assert_close(logits(offloaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def assert_token_counts_follow_the_host(
+    prepared: Any, plain: Any, sizes: Sequence[Size], *, whole: Sequence[int], placeholders: Sequence[int]
+) -> Any:
+    """The prepared processor's ``_get_num_multimodal_tokens`` (what serving engines ask) is the plain
+    processor's of the INSTALLED transformers, and that answer is what the prompts hold under one
+    of the two rules transformers releases have used, the same for every size: each image's whole
+    expansion (``whole``: start / end / row-col tokens too) or only its placeholder tokens
+    (``placeholders``). Returns the prepared processor's answer."""
+    counted = prepared._get_num_multimodal_tokens(image_sizes=list(sizes))
+    host = plain._get_num_multimodal_tokens(image_sizes=list(sizes))
+    assert list(counted.num_image_tokens) == list(host.num_image_tokens)
+    assert list(counted.num_image_patches) == list(host.num_image_patches)
+    tokens = list(counted.num_image_tokens)
+    assert tokens == list(whole) or tokens == list(placeholders), (tokens, list(whole), list(placeholders))
+    return counted

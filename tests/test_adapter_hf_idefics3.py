@@ -18,6 +18,7 @@ pytest.importorskip("num2words")  # SmolVLMProcessor needs it
 from dualview.adapters import hf_idefics3 as adapter  # noqa: E402
 from dualview.adapters._common import recorded_options  # noqa: E402
 
+from .host_battery import assert_token_counts_follow_the_host  # noqa: E402
 from .idefics3_models import (  # noqa: E402
     HOSTS, IMAGE_TOKEN_ID, LONGEST, PATCH, PROMPT, S, SEQ, batch, image, image_processor, tiny_model, tiny_processor,
 )
@@ -140,17 +141,25 @@ def test_prepare_processor_is_idempotent_saves_the_plain_processor_and_refuses_o
                                                               tokenizer=processor.tokenizer))
 
 
-def test_prepared_processor_answers_the_token_count_api_with_what_it_produces():
-    """``_get_num_multimodal_tokens`` (what serving engines ask; SmolVLMProcessor has none) counts
-    each image's whole expansion: fake-token / row-col / global tokens, newlines and <image> tokens."""
-    processor = adapter.prepare_processor(tiny_processor("idefics3"))
+@pytest.mark.parametrize("host_name", HOSTS)
+def test_prepared_processor_answers_the_token_count_api_with_what_it_produces(host_name):
+    """``_get_num_multimodal_tokens`` (what serving engines ask) is the installed plain processor's,
+    and it counts what the prompt holds: each image's whole expansion (fake-token / row-col /
+    global tokens, newlines and <image> tokens; transformers < 5.25) or its <image> tokens (5.25)."""
+    plain = tiny_processor(host_name)
+    if not hasattr(plain, "_get_num_multimodal_tokens"):
+        pytest.skip(f"this transformers' {type(plain).__name__} has no token-count API")
+    processor = adapter.prepare_processor(tiny_processor(host_name))
     without_image = len(processor.tokenizer(PROMPT.replace("<image>", ""))["input_ids"])
+    whole, placeholders, grids = [], [], []
     for size in SIZES:
         inputs = processor(images=[[image(size)]], text=[PROMPT], return_tensors="pt")
-        produced = inputs["input_ids"].shape[1] - without_image
-        counted = processor._get_num_multimodal_tokens(image_sizes=[size])
-        assert counted.num_image_tokens == [produced], size
-        assert counted.num_image_patches == [adapter.frames_of(tuple(inputs["image_grid"][0, 0].tolist()))]
+        whole.append(inputs["input_ids"].shape[1] - without_image)
+        placeholders.append(image_counts(inputs)[0])
+        grids.append(tuple(inputs["image_grid"][0, 0].tolist()))
+    counted = assert_token_counts_follow_the_host(processor, plain, SIZES, whole=whole, placeholders=placeholders)
+    assert list(counted.num_image_patches) == [adapter.frames_of(g) for g in grids]
+    assert placeholders == [adapter.budget(processor, size).tokens for size in SIZES]
 
 
 # --- token parity and the features ---------------------------------------------------------------

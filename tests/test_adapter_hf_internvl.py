@@ -19,6 +19,7 @@ from dualview import DEM, layout  # noqa: E402
 from dualview.adapters import hf_internvl as adapter  # noqa: E402
 from dualview.adapters._common import recorded_options  # noqa: E402
 from . import internvl_models as M  # noqa: E402
+from .host_battery import assert_token_counts_follow_the_host  # noqa: E402
 
 S = M.S
 H = M.S // M.PATCH  # tokens per tile side before the pixel shuffle
@@ -148,16 +149,23 @@ def test_prepared_processor_adds_only_image_sizes_with_the_canvas_of_every_image
 
 
 def test_token_counts_are_the_hosts_for_every_size():
+    """The prompt, the budget and the token-count API agree with the installed host: the prepared
+    processor answers ``_get_num_multimodal_tokens`` as the plain one does (transformers < 5.25
+    counts ``<img>`` + ``</img>`` too, 5.25 only the ``<IMG_CONTEXT>`` tokens)."""
     processor = prepared()
     inputs = M.batch(processor, SIZES)
     in_prompt = (inputs["input_ids"] == M.IMAGE_TOKEN_ID).sum(dim=1).tolist()
-    counted = processor._get_num_multimodal_tokens(image_sizes=SIZES)
+    tokenizer = processor.tokenizer
+    delimiters = [tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>")]
+    whole = [n + int(torch.isin(ids, torch.tensor(delimiters)).sum()) for n, ids in zip(in_prompt, inputs["input_ids"])]
+    counted = assert_token_counts_follow_the_host(processor, M.tiny_processor(), SIZES, whole=whole,
+                                                  placeholders=in_prompt)
     model = adapter.apply(M.tiny_model(), num_heads=2)
     for i, size in enumerate(SIZES):
         rows, cols = grid_of(size)
         cost = adapter.budget(model, size, min_patches=M.MIN_PATCHES, max_patches=M.MAX_PATCHES)
         patches = adapter.patches_per_image((rows, cols))
-        assert in_prompt[i] == cost.tokens == M.SEQ * patches == counted["num_image_tokens"][i] - 2, size
+        assert in_prompt[i] == cost.tokens == M.SEQ * patches, size
         assert counted["num_image_patches"][i] == patches
         assert cost.grid == (rows, cols) and cost.canvas_size == (rows * S, cols * S)
         assert cost.tower_passes == (2 * rows * cols + 1 if patches > 1 else 1)
