@@ -104,6 +104,20 @@ class DualViewHost:
         return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size)
 
 
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (the precision it computes in)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    raise ValueError(f"{type(module).__name__} has no floating-point parameters")
+
+
+def to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` cast to the precision of ``module``: what a DEM kept in another precision than the model
+    (a float32 DEM in a bfloat16 model, or the reverse) gets from the tower and hands the projector."""
+    return x.to(dtype_of(module))
+
+
 def dem_of(host: nn.Module) -> nn.Module:
     """``host.spatial_embed``, or where the host keeps its language model's wrapper, its inner model's."""
     if DEM_ATTR in host._modules:

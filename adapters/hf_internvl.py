@@ -300,7 +300,8 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
         encoder = self.dualview_encoder(tower, crop_size=s, patch_size=s // h)
         feats = dual_view_patches(encoder, pixel_values.to(dtype=self.dtype), grids)  # (P, h*w, D)
         shuffled = self.pixel_shuffle(feats.unflatten(1, (h, h)), scale_factor=config.downsample_ratio)
-        projected = self.multi_modal_projector(shuffled.flatten(1, 2))  # (P, image_seq_length, text_dim)
+        # a DEM kept in another precision than the model hands the projector the model's
+        projected = self.multi_modal_projector(_host.to_dtype_of(shuffled.flatten(1, 2), self.multi_modal_projector))
         return BaseModelOutputWithPooling(pooler_output=projected, **tower.outputs())
 
     def forward(self, *args: Any, image_sizes: Optional[torch.Tensor] = None, **kwargs: Any):
@@ -394,7 +395,6 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}  # (R*C, 3, s, s), thumbnail left out
     glob = [layout.split_global(layout.merge_local(tiles[i][None], *grids[i]), *grids[i])[0] for i in tiled]
     feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
-    feats = feats.to(encoder.dem.ln_fuse.weight.dtype)
     # where each tiled image's global crops sit in feats: after the P patches, in `tiled` order
     glob_starts = dict(zip(tiled, accumulate((len(tiles[i]) for i in tiled), initial=len(pixel_values))))
     h, w = encoder.feat_size
@@ -405,9 +405,10 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     fused: dict[int, torch.Tensor] = {}
     for (rows, cols), members in by_grid.items():
         n = rows * cols
-        local = torch.stack([feats[starts[i]:starts[i] + n] for i in members])  # (B, R*C, h*w, D)
-        global_ = torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members])
-        full = encoder.dem(local, global_, (rows, cols))  # (B, R*h*C*w, D), row-major over the canvas map
+        # the DEM runs in its own precision; the host's patches keep the tower's
+        local = _host.to_dtype_of(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), encoder.dem)
+        global_ = _host.to_dtype_of(torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members]), encoder.dem)
+        full = encoder.dem(local, global_, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D), row-major canvas map
         windows = layout.map_to_windows(full.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
         fused.update(zip(members, windows))
 

@@ -69,7 +69,7 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
         )
         feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
-        projected = self.multi_modal_projector(feats.to(_dtype_of(self.multi_modal_projector)))
+        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
         grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch
         outputs = {k: _per_image(v, grid, encoder.dcm.thumbnail, len(feats)) for k, v in tower.outputs().items()}
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **outputs)
@@ -129,10 +129,6 @@ def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: in
             index.append(2 * images * tiles + i)
     order = torch.tensor(index)
     return tuple(s if s is None else s.index_select(0, order.to(s.device)) for s in states)
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 def _hint(model: nn.Module) -> str:

@@ -255,6 +255,36 @@ class HostBattery:
         out = logits(model, inputs)
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
+    # The DEM may be kept in another precision than the model (a float32 DEM in a bfloat16 / float16
+    # model, e.g. trained in mixed precision, or the reverse), made so by ``.to`` or assigned.
+    DTYPE_MATRIX = [
+        (torch.bfloat16, torch.float32, "to"), (torch.float16, torch.float32, "to"),
+        (torch.float32, torch.bfloat16, "to"), (torch.float32, torch.float16, "to"),
+        (torch.bfloat16, torch.float16, "to"), (torch.bfloat16, torch.float32, "assign"),
+    ]
+
+    @pytest.mark.parametrize("model_dtype, dem_dtype, how", DTYPE_MATRIX)
+    def test_a_dem_in_another_precision_than_the_model(self, model_dtype, dem_dtype, how):
+        """The model runs in its dtype whatever the DEM's, and gives the float32 model's answer
+        within the lower precision's error (the DEM runs in its own dtype, the projector in its)."""
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes[:1])
+        reference = logits(model, inputs)
+        dem = self.dem(case, model)
+        model.to(model_dtype)
+        if how == "assign":
+            case.dem_parent(model).spatial_embed = copy.deepcopy(dem).to(dem_dtype)
+        else:
+            dem.to(dem_dtype)
+        assert next(self.dem(case, model).parameters()).dtype == dem_dtype
+        assert next(case.projector(model).parameters()).dtype == model_dtype
+        cast = {k: (v.to(model_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in inputs.items()}
+        out = logits(model, cast)
+        assert out.dtype == model_dtype
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(out.float(), reference, atol=0.1 * scale, rtol=0)
+
     # -- the host's own errors and switches ---------------------------------------------------------------
 
     def test_image_tokens_and_features_that_disagree_raise_the_hosts_error(self):
