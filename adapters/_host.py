@@ -104,6 +104,22 @@ class DualViewHost:
         return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size)
 
 
+def placement(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: its parameters', or, when ``device_map`` offloaded it (its
+    weights on "meta" behind accelerate's hooks, loaded from "cpu" / "disk" at each call), the
+    hooks' execution device. "meta" only for a module built on meta without hooks."""
+    ref = next(module.parameters())
+    if ref.device.type != "meta":
+        return ref.device
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return ref.device
+
+
 def dtype_of(module: nn.Module) -> torch.dtype:
     """The dtype of ``module``'s first floating-point parameter (the precision it computes in)."""
     for param in module.parameters():
@@ -191,22 +207,23 @@ def new_dem(
     options: DualViewOptions, dim: int, feat_size: G.Size, *, like: nn.Module, init: Optional[Callable] = None
 ) -> DEM:
     """A fresh DEM of ``dim`` channels for the options, on the device and in the dtype of ``like``
-    (the host's projector). ``out_size="tower"`` means the tower's token grid ``feat_size``.
+    (the host's projector; where ``device_map`` offloaded it, on the device it runs on, with real
+    weights: see :func:`placement`). ``out_size="tower"`` means the tower's token grid ``feat_size``.
 
     ``init``: the host's per-module initialiser (transformers' ``_init_weights``). The DEM is then
     made on the meta device and every layer initialised by it alone, as the host initialises
     weights missing from a checkpoint: one rule, and one seed gives one DEM, whichever path built it.
     """
     out_size = feat_size if options.out_size == "tower" else options.out_size
-    ref = next(like.parameters())
+    dtype, device = dtype_of(like), placement(like)
     settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample,
                     ffn_hidden=options.ffn_hidden, eps=options.eps)
     if init is None:
-        return DEM(dim, options.num_heads, **settings, device=ref.device, dtype=ref.dtype)
-    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=ref.dtype)
-    if ref.device.type == "meta":  # a host built on meta: its loader initialises what is missing
+        return DEM(dim, options.num_heads, **settings, device=device, dtype=dtype)
+    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=dtype)
+    if device.type == "meta":  # a host built on meta: its loader initialises what is missing
         return dem
-    dem = dem.to_empty(device=ref.device)
+    dem = dem.to_empty(device=device)
     dem.apply(init)  # post-order, as transformers' initialize_weights visits modules
     return dem
 

@@ -49,12 +49,15 @@ class HostCase:
     generate_returns_prompt: bool = True
     offload_map: Optional[dict] = None
     """A ``device_map`` putting the vision tower on "disk"."""
+    projector_key: str = "model.multi_modal_projector"
+    """The projector's (connector's) name in the model, for ``device_map``."""
     image_token_id: Optional[int] = None
     input_ids_key: str = "input_ids"
     generate: Callable[..., torch.Tensor] = lambda model, inputs, **kwargs: model.generate(**inputs, **kwargs)
     """How the host's ``generate`` takes the inputs."""
     not_applicable: dict = field(default_factory=dict)
-    """Check name ("mismatch", "image_features", "offload", "left_padding") -> why the host has no such contract."""
+    """Check name ("mismatch", "image_features", "offload", "projector_offload", "left_padding") -> why the host
+    has no such contract."""
     plain_inputs: Optional[Callable[[Sequence[Size]], dict]] = None
     """Inputs for the never-adapted model, where its processor makes other ones (default: ``inputs``)."""
 
@@ -360,6 +363,38 @@ class HostBattery:
         linear = next(m for m in dem.modules() if isinstance(m, nn.Linear))
         assert abs(float(linear.weight.detach().std()) - std) < 0.25 * std and not linear.bias.abs().any()
 
+    @pytest.mark.parametrize("where", ["cpu", "disk"])
+    def test_offloaded_projector_with_device_map(self, tmp_path, where):
+        """The DEM is placed with the projector: with the projector offloaded by ``device_map`` (its
+        weights on "meta" behind accelerate's hooks) the DEM holds the saved weights on the device
+        the projector runs on, and the loaded model gives the logits of the model in memory; so
+        does ``apply`` on a plain model loaded with its projector offloaded."""
+        case, model = self.adapted()
+        self.skip_unless(case, "projector_offload")
+        pytest.importorskip("accelerate")
+        with torch.no_grad():  # a trained DEM: not what a fresh initialisation gives
+            for p in self.dem(case, model).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        inputs = case.inputs(case.sizes[:1])
+        model.save_pretrained(tmp_path / "saved")
+        device_map = projector_offload_map(case.build(), case.projector_key, where)
+        loaded = case.adapter.from_pretrained(tmp_path / "saved", device_map=device_map,
+                                              offload_folder=str(tmp_path / "offload")).eval()
+        dem = self.dem(case, loaded)
+        assert all(p.device.type != "meta" for p in dem.parameters())
+        for (name, saved), got in zip(self.dem(case, model).state_dict().items(), dem.state_dict().values()):
+            assert torch.equal(got.cpu(), saved), name
+        torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+        # apply on a plain model loaded with its projector offloaded: a real (initialised) DEM
+        plain = case.build()
+        plain.save_pretrained(tmp_path / "plain")
+        offloaded = type(plain).from_pretrained(tmp_path / "plain", device_map=device_map,
+                                                offload_folder=str(tmp_path / "offload_plain")).eval()
+        case.adapter.apply(offloaded, **case.options)
+        dem = self.dem(case, offloaded)
+        assert all(p.device.type != "meta" and torch.isfinite(p).all() for p in dem.parameters())
+        assert torch.isfinite(logits(offloaded, inputs)).all()
+
     def test_offloaded_vision_tower_with_device_map(self, tmp_path):
         """``from_pretrained(..., device_map=...)`` with the tower on "disk" (accelerate hooks, meta
         parameters) loads and gives the logits of the model in memory."""
@@ -390,3 +425,19 @@ def assert_token_counts_follow_the_host(
     tokens = list(counted.num_image_tokens)
     assert tokens == list(whole) or tokens == list(placeholders), (tokens, list(whole), list(placeholders))
     return counted
+
+
+def projector_offload_map(model: nn.Module, projector_key: str, where: str) -> dict:
+    """A ``device_map`` of ``model``: every module on "cpu" down to the projector's parent, the
+    projector (``projector_key``) on ``where``."""
+    parent, _, _ = projector_key.rpartition(".")
+    mapping = {}
+    for name, _ in model.named_children():
+        if parent == name or parent.startswith(name + "."):
+            holder = model.get_submodule(parent)
+            for child in [n for n, _ in holder.named_children()] + [n for n, _ in holder.named_parameters(recurse=False)]:
+                mapping[f"{parent}.{child}"] = "cpu"
+        else:
+            mapping[name] = "cpu"
+    mapping[projector_key] = where
+    return mapping

@@ -500,6 +500,7 @@ def _case(host):
         sizes=((40, 70), (90, 30)),  # 3x4 and 4x2 tiles: the global crops differ from the tiles
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,
+        projector_key="model.connector",
         image_features=image_features,
         image_token_id=IMAGE_TOKEN_ID,
         offload_map={"model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu",
