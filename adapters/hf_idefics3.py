@@ -81,7 +81,7 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload
-from ._hf import host_decorators
+from ._hf import bind_host_call, forward_naming, host_decorators
 
 ADAPTER = "hf_idefics3"
 merge_config_defaults, can_return_tuple = host_decorators()
@@ -409,28 +409,17 @@ class _DualViewFrames:
             tower_batch_size=self.dualview_options.tower_batch_size, **kwargs,
         )
 
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        cache: Any = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        pixel_attention_mask: Optional[torch.Tensor] = None,
-        mm_encoder_outputs: Any = None,
-        image_grid: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ):
-        """The host's forward; the image features come from the dual-view hook, given ``image_grid``."""
-        if pixel_values is not None and mm_encoder_outputs is None:
-            image = self.get_image_features(pixel_values, pixel_attention_mask, image_grid=image_grid, return_dict=True)
-            pixel_values, mm_encoder_outputs = None, {"image": image}
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
-        )
+    def forward(self, *args: Any, image_grid: Optional[torch.Tensor] = None, **kwargs: Any):
+        """The host's forward, called with the arguments of the call under the names the installed host
+        takes (a deprecated ``past_key_values`` reaches its own mapping); the image features come from
+        the dual-view hook, given ``image_grid``."""
+        call, rest = bind_host_call(type(self).dualview_plain.forward, self, args, kwargs)
+        pixel_values = call.get("pixel_values")
+        if pixel_values is not None and call.get("mm_encoder_outputs") is None:
+            image = self.get_image_features(pixel_values, call.get("pixel_attention_mask"), image_grid=image_grid,
+                                            return_dict=True)
+            call["pixel_values"], call["mm_encoder_outputs"] = None, {"image": image}
+        return super().forward(**call, **rest)
 
 
 class DualViewIdefics3Model(_host.DualViewHost, _DualViewFrames, Idefics3Model):
@@ -455,28 +444,8 @@ class _GridInput:
 
     dualview_plain: type
 
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        cache: Any = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        pixel_attention_mask: Optional[torch.Tensor] = None,
-        mm_encoder_outputs: Any = None,
-        labels: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        logits_to_keep: Union[int, torch.Tensor] = 0,
-        image_grid: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ):
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-            mm_encoder_outputs=mm_encoder_outputs, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            image_grid=image_grid, **kwargs,
-        )
+    def forward(self, *args: Any, image_grid: Optional[torch.Tensor] = None, **kwargs: Any):
+        return super().forward(*args, image_grid=image_grid, **kwargs)
 
 
 class DualViewIdefics3ForConditionalGeneration(_GridInput, Idefics3ForConditionalGeneration):
@@ -486,6 +455,10 @@ class DualViewIdefics3ForConditionalGeneration(_GridInput, Idefics3ForConditiona
 class DualViewSmolVLMForConditionalGeneration(_GridInput, SmolVLMForConditionalGeneration):
     dualview_plain = SmolVLMForConditionalGeneration
 
+
+for _cls in (DualViewIdefics3Model, DualViewSmolVLMModel, DualViewIdefics3ForConditionalGeneration,
+             DualViewSmolVLMForConditionalGeneration):
+    forward_naming(_cls, GRID_INPUT)
 
 _INNER = {Idefics3Model: DualViewIdefics3Model, SmolVLMModel: DualViewSmolVLMModel}
 _OUTER = {

@@ -62,7 +62,6 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`prepare_
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections import defaultdict
 from itertools import accumulate
@@ -83,7 +82,7 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import check_strategy, host_decorators, vision_tower_for
+from ._hf import bind_host_call, check_strategy, host_decorators, vision_tower_for
 
 ADAPTER = "hf_internvl"
 merge_config_defaults, can_return_tuple = host_decorators()
@@ -307,9 +306,7 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
     def forward(self, *args: Any, image_sizes: Optional[torch.Tensor] = None, **kwargs: Any):
         """The host's forward; the images' features are computed here, with ``image_sizes``, and
         handed to it as ``mm_encoder_outputs`` (the host's own way to take pre-computed features)."""
-        call = _HOST_FORWARD.bind(self, *args, **kwargs).arguments
-        call.pop("self")
-        extra = call.pop("kwargs", {})
+        call, extra = bind_host_call(InternVLModel.forward, self, args, kwargs)
         pixel_values = call.get("pixel_values")
         if pixel_values is not None and call.get("mm_encoder_outputs") is None:
             call["mm_encoder_outputs"] = {"image": self.get_image_features(
@@ -319,9 +316,6 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
             )}
             call["pixel_values"] = None
         return super().forward(**call, **extra)
-
-
-_HOST_FORWARD = inspect.signature(InternVLModel.forward)
 
 
 def _feature_layer(layer: Any) -> int:

@@ -389,6 +389,41 @@ def test_generate_with_the_prepared_processors_inputs(models, processor):
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
 
 
+def _cache_of(out):
+    """The KV cache of a forward's output (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        value = out.get(name) if hasattr(out, "get") else None
+        if value is not None:
+            return value
+    raise AssertionError(f"no cache in the output ({list(out.keys())})")
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["outer", "inner"])
+def test_a_kv_cache_is_used_under_every_name_the_host_takes(models, processor, inner):
+    """The prompt run once with ``use_cache``, its last token run alone with the cache (under each
+    name the installed host's forward takes: ``past_key_values`` and, where it exists, ``cache``)
+    gives the last position of the whole prompt's run, as in the plain host."""
+    import inspect
+
+    plain, adapted = models
+    inputs = batch(processor, [[(90, 50)]])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    head = dict(inputs, input_ids=ids[:, :-1], attention_mask=mask[:, :-1])
+    names = ["past_key_values"] + (["cache"] if "cache" in inspect.signature(type(plain).forward).parameters else [])
+    for model_ in (plain, adapted):
+        model = model_.model if inner else model_
+        with torch.no_grad():
+            whole = model(**inputs)
+            whole = whole.last_hidden_state if inner else whole.logits
+            for name in names:
+                first = model(**head, use_cache=True)
+                out = model(input_ids=ids[:, -1:], attention_mask=mask, **{name: _cache_of(first)}, use_cache=True)
+                last = out.last_hidden_state if inner else out.logits
+                where = f"{type(model).__name__}, {name}"
+                torch.testing.assert_close(last[:, -1], whole[:, -1], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, where=where: f"{where}: {m}")
+
+
 def test_training_step_reaches_the_dem_only(host, processor):
     plain, adapted = plain_and_adapted(host)
     adapted.train()
