@@ -257,10 +257,11 @@ def _check_image_grid(image_grid: Any, pixel_values: torch.Tensor) -> list[list[
     for b, sample in enumerate(grid.tolist()):
         grids = []
         for rows, cols in sample:
-            valid = (rows == cols == -1) or (rows == cols == 0) or (1 <= rows <= G.MAX_GRID_SIDE and 1 <= cols <= G.MAX_GRID_SIDE)
+            # any grid the processor makes (no limit of our own: do_resize=False keeps large images whole)
+            valid = (rows == cols == -1) or (rows == cols == 0) or (rows >= 1 and cols >= 1)
             if not valid:
                 raise ValueError(
-                    f"image_grid[{b}] entries must be (rows, cols) with 1 <= rows, cols <= {G.MAX_GRID_SIDE}, (0, 0) "
+                    f"image_grid[{b}] entries must be (rows, cols) with rows, cols >= 1, (0, 0) "
                     f"for an unsplit image or (-1, -1) for padding, got {(rows, cols)}"
                 )
             if rows >= 0:

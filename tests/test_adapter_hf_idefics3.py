@@ -256,6 +256,21 @@ def test_features_match_the_reference(models, processor, size):
     torch.testing.assert_close(features(adapted, inputs).pooler_output[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it(models, host):
+    """do_resize=False keeps a 2x35-tile image as it is: the adapted model takes the host's grid (no
+    limit of its own), as a grid entry of the input too, and fuses the tiles as for any grid."""
+    plain, adapted = models
+    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False))
+    size = (2 * S - 5, 35 * S - 7)
+    assert adapter.processor_grid(size, tile=S, longest_edge=None) == (2, 35)
+    inputs = batch(processor, [[size]])
+    assert inputs["image_grid"][0, 0].tolist() == [2, 35]
+    frames = inputs["pixel_values"][0, : 2 * 35 + 1]
+    masks = inputs["pixel_attention_mask"][0, : 2 * 35 + 1]
+    want = reference_image_features(adapted.model, frames, masks, (2, 35))
+    torch.testing.assert_close(features(adapted, inputs).pooler_output[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_global_crops_are_strided_samples_of_the_image(models, host):
     """An image of exactly 2x3 tiles with do_resize=False is not resampled: its tiles ARE the image,
     so the global crops the tower sees must be the normalised image's strided samples."""

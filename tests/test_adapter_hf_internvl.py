@@ -271,6 +271,21 @@ def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_host
         torch.testing.assert_close(dual[where][:-1], reference, atol=1e-5, rtol=1e-4)
 
 
+def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it():
+    """max_patches=40 and a 100x3400 image: the host cuts it into 1x34 tiles (plus the thumbnail); the
+    adapted model takes that grid (no limit of its own) and fuses the tiles as for any grid."""
+    plain, adapted = plain_and_adapted()
+    processor = prepared(max_patches=40)
+    inputs = M.batch(processor, [(100, 3400)])
+    assert adapter.tile_grid((100, 3400), tile_size=(S, S), min_patches=1, max_patches=40) == (1, 34)
+    assert inputs["image_sizes"].tolist() == [[S, 34 * S]]
+    dual = image_features(adapted, inputs)
+    reference = reference_tile_features(adapted, inputs["pixel_values"][:-1], (1, 34))
+    torch.testing.assert_close(dual[:-1], reference, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert adapted(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
 def test_tower_batch_size_chunks_the_one_tower_batch_and_changes_nothing_else():
     plain = M.tiny_model()
     whole = adapter.apply(copy.deepcopy(plain), num_heads=2)
