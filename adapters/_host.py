@@ -12,6 +12,7 @@ plain one. :func:`unapply` swaps the plain class back and removes the DEM and th
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -132,6 +133,23 @@ def to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``x`` cast to the precision of ``module``: what a DEM kept in another precision than the model
     (a float32 DEM in a bfloat16 model, or the reverse) gets from the tower and hands the projector."""
     return x.to(dtype_of(module))
+
+
+def owners(module: nn.Module) -> list[nn.Module]:
+    """The modules that hold ``module`` as a direct submodule. torch modules keep no parent, so they
+    are found through the garbage collector's referrers (the owner's ``_modules`` dict); one scan
+    of the live objects per level, run at ``apply`` only."""
+    found = []
+    for holder in gc.get_referrers(module):
+        if not isinstance(holder, dict):
+            continue
+        for owner in gc.get_referrers(holder):
+            if isinstance(owner, dict):  # an instance __dict__ that holds the _modules dict
+                owner = next((m for m in gc.get_referrers(owner) if isinstance(m, nn.Module) and m.__dict__ is owner),
+                             None)
+            if isinstance(owner, nn.Module) and owner.__dict__.get("_modules") is holder and owner not in found:
+                found.append(owner)
+    return found
 
 
 def dem_of(host: nn.Module) -> nn.Module:

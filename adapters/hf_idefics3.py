@@ -52,6 +52,8 @@ the outer class (``...ForConditionalGeneration``, when given one) for a subclass
 names ``image_grid``: ``generate`` refuses inputs that its model's ``forward`` does not name. So
 ``save_pretrained`` writes the dual-view class name in ``config.architectures``; transformers' Auto
 classes load such a folder as the plain model (without the DEM), :func:`from_pretrained` with it.
+A bare ``Idefics3Model`` / ``SmolVLMModel`` may be adapted alone; the inner model of a
+``...ForConditionalGeneration`` (``apply(model.model)``) is refused, naming ``apply(model)``.
 :func:`unapply` gives the plain classes back. The DEM (``dim`` = the tower's hidden size) is at
 ``model.model.spatial_embed`` (keys ``model.spatial_embed.*``); options in ``config.dualview``.
 
@@ -505,6 +507,19 @@ def _parts(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
     )
 
 
+def _check_bare(inner: nn.Module) -> None:
+    """A ValueError when ``inner`` is the model of a ``...ForConditionalGeneration``: its forward would
+    take ``image_grid`` while the outer model's ``generate`` refuses it (generate accepts only the
+    inputs its model's forward names, and only :func:`apply` of the outer model renames that)."""
+    for owner in _host.owners(inner):
+        if type(owner) in _OUTER and owner._modules.get("model") is inner:
+            raise ValueError(
+                f"dualview.adapters.{ADAPTER}.apply got the inner model of a {type(owner).__name__} (its .model): "
+                f"apply the {type(owner).__name__} itself, apply(model) (its generate then takes image_grid; the "
+                f"inner model is adapted with it)"
+            )
+
+
 def apply(model: nn.Module, **options: Any) -> nn.Module:
     """Install dual view into an Idefics3 / SmolVLM model in place; returns it.
 
@@ -515,6 +530,8 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     ``_init_weights``, in the connector's dtype and device. Use :func:`prepare_processor` for inputs.
     """
     outer, inner = _parts(model)
+    if outer is None:
+        _check_bare(inner)
     opts = _options(options)
     _host.check_not_applied(inner)
     vision = inner.config.vision_config

@@ -496,6 +496,21 @@ def test_a_bare_inner_model_is_adapted_alike(host, models, processor):
     assert type(adapter.unapply(bare)) is type(plain.model)
 
 
+def test_apply_to_the_inner_model_of_a_for_conditional_generation_is_refused_naming_what_to_pass(host):
+    """``apply(model.model)`` would adapt a forward that works while the outer model's ``generate``
+    refuses ``image_grid``: refused, naming the outer class and ``apply(model)``; the model is left plain."""
+    model = tiny_model(host)
+    inner_cls = type(model.model)
+    with pytest.raises(ValueError, match=rf"inner model of a {type(model).__name__}.*apply\(model\)"):
+        adapter.apply(model.model, num_heads=2)
+    assert type(model.model) is inner_cls and not hasattr(model.model, "spatial_embed")
+    assert recorded_options(model.config) is None
+    adapter.apply(model, num_heads=2)  # the whole model: generate takes image_grid
+    processor = adapter.prepare_processor(tiny_processor(host))
+    with torch.no_grad():
+        model.generate(**batch(processor, [[(90, 50)]]), max_new_tokens=1, do_sample=False)
+
+
 def test_apply_errors(host):
     plain, adapted = plain_and_adapted(host)
     with pytest.raises(ValueError, match="already applied"):
