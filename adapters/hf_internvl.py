@@ -301,7 +301,9 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
         shuffled = self.pixel_shuffle(feats.unflatten(1, (h, h)), scale_factor=config.downsample_ratio)
         # a DEM kept in another precision than the model hands the projector the model's
         projected = self.multi_modal_projector(_host.to_dtype_of(shuffled.flatten(1, 2), self.multi_modal_projector))
-        return BaseModelOutputWithPooling(pooler_output=projected, **tower.outputs())
+        # last_hidden_state: the (P, h*w, D) features the pixel shuffle read (DEM-fused tiles, plain
+        # thumbnails and single patches), where the plain host gives the tower's
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=projected, **tower.outputs())
 
     def forward(self, *args: Any, image_sizes: Optional[torch.Tensor] = None, **kwargs: Any):
         """The host's forward; the images' features are computed here, with ``image_sizes``, and

@@ -112,12 +112,15 @@ class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaOnevisionModel):
         tiled = tiled_images(len(image_sizes), batch_num_images)
         per_image = onevision_dual_view(encoder, pixel_values, image_sizes, tiled)
         # a DEM kept in another precision than the model hands the projector the model's
-        projected = self.multi_modal_projector(_host.to_dtype_of(torch.cat(per_image), self.multi_modal_projector))
+        feats = torch.cat(per_image)  # (patches, h*w, D)
+        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
         projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, image_newline=self.image_newline, vision_aspect_ratio=aspect
         )
-        return BaseModelOutputWithPooling(pooler_output=packed, **tower.outputs())
+        # last_hidden_state: the features the projector read (base images, DEM-fused tiles, plain
+        # untiled images, in the host's patch order), where the plain host gives the tower's
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=packed, **tower.outputs())
 
 
 # ---- OneVision's token arithmetic ------------------------------------------------------------------

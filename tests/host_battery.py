@@ -44,6 +44,10 @@ class HostCase:
     projector: Callable[[nn.Module], nn.Module] = lambda model: model.model.multi_modal_projector
     image_features: Optional[Callable[..., Any]] = None
     """``(model, inputs, **kwargs) -> get_image_features output``; None: the host has no such method."""
+    pooler_from_last: Optional[Callable[..., Any]] = None
+    """``(model, last_hidden_state, inputs) -> pooler_output``: the host's own steps after the
+    features (projector, pixel shuffle, packing), to check that ``last_hidden_state`` holds what
+    they read; None: checked for shape and dependence on the DEM only."""
     mismatch_error: str = "Image features and image tokens do not match"
     """Regex of the host's own error when image tokens and features disagree."""
     generate_returns_prompt: bool = True
@@ -329,6 +333,27 @@ class HostBattery:
         crops, heads, tokens, _ = out.attentions[0].shape
         assert crops == out.hidden_states[0].shape[0] if out.hidden_states else crops > 1
         torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(crops, heads, tokens))
+
+    def test_get_image_features_last_hidden_state(self):
+        """``last_hidden_state``: the dual-view features the host's projector reads (DEM-fused
+        tiles; D = the DEM's channels), as the host gives the features before its projector."""
+        case, model = self.adapted()
+        out = self._features(case, model)
+        last = out.last_hidden_state
+        assert isinstance(last, torch.Tensor) and last.ndim == 3, type(last)
+        assert last.shape[-1] == self.dem(case, model).dim and torch.isfinite(last.float()).all()
+        if case.pooler_from_last is not None:
+            with torch.no_grad():
+                want = case.pooler_from_last(model, last, case.inputs(case.sizes[:1]))
+            got = out.pooler_output
+            got = list(got) if isinstance(got, (list, tuple)) else [got]
+            want = list(want) if isinstance(want, (list, tuple)) else [want]
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            self.dem(case, model).ln_fuse.bias.add_(1.0)
+        assert not torch.allclose(self._features(case, model).last_hidden_state, last)  # the DEM's output
 
     def test_get_image_features_output_return_dict_false(self):
         """``config.return_dict=False`` (or ``return_dict=False`` in the call) gives a tuple."""

@@ -567,6 +567,7 @@ def _case(host):
         projector=lambda model: model.model.connector,
         projector_key="model.connector",
         image_features=image_features,
+        pooler_from_last=lambda model, last, inputs: [model.model.connector(last).flatten(0, 1)],
         image_token_id=IMAGE_TOKEN_ID,
         offload_map={"model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu",
                      "lm_head": "cpu"},

@@ -494,6 +494,8 @@ class TestHostBattery(HostBattery):
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
+            pooler_from_last=lambda model, last, inputs: model.model.multi_modal_projector(model.model.pixel_shuffle(
+                last.unflatten(1, (H, H)), scale_factor=model.config.downsample_ratio).flatten(1, 2)),
             not_applicable={"offload": "the plain InternVL cannot be loaded with its vision tower on 'disk' "
                                        "(test_the_plain_host_cannot_be_offloaded_to_disk)"},
         )

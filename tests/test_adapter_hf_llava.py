@@ -206,6 +206,7 @@ class TestHostBattery(HostBattery):
             adapter=hf_llava, build=make_model, inputs=_inputs, options=dict(grid=(2, 3), num_heads=4),
             image_token_id=tiny.IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(inputs["pixel_values"], **kw),
+            pooler_from_last=lambda model, last, inputs: list(model.model.multi_modal_projector(last)),
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
                          "model.language_model": "cpu", "lm_head": "cpu"}, plain_inputs=_plain_inputs,
         )
