@@ -67,6 +67,7 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
         encoder = self.dualview_encoder(
             tower, crop_size=self.config.vision_config.image_size, patch_size=self.config.vision_config.patch_size
         )
+        check_resolution(encoder, pixel_values)
         feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
         projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
@@ -111,6 +112,26 @@ def encoder_of(model: nn.Module) -> DualViewEncoder:
                              inner.config.vision_feature_select_strategy, {})
     vision = inner.config.vision_config
     return inner.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size)
+
+
+def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> None:
+    """A ValueError unless ``pixel_values`` (B, 3, H, W) are at the adapted model's resolution: the
+    ``R*s x C*s`` canvas of a fixed grid, what :func:`prepare_processor` makes. A plain
+    ``LlavaProcessor``'s ``s x s`` image would otherwise be upscaled and cut into views of nothing
+    new. (``grid="auto"`` chooses the grid from the input's size: any size is its resolution.)"""
+    grid, s = encoder.dcm.grid, encoder.dcm.crop_size
+    if grid == "auto" or not isinstance(pixel_values, torch.Tensor):
+        return
+    want = (grid[0] * s, grid[1] * s)
+    got = tuple(int(v) for v in pixel_values.shape[-2:])
+    if got != want:
+        raise ValueError(
+            f"pixel_values must be {want[0]}x{want[1]} (the adapted model's resolution: a {grid[0]}x{grid[1]} grid "
+            f"of {s}-pixel crops), got {got[0]}x{got[1]}"
+            + (" (a plain LlavaProcessor's image)" if got == (s, s) else "")
+            + ": make the inputs with the prepared processor, dualview.adapters.hf_llava.prepare_processor(processor, "
+            "model)"
+        )
 
 
 def _feat(vision: Any) -> tuple[int, int]:
