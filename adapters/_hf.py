@@ -122,6 +122,16 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
     return _host.RecordingTower(tower, hidden_states=hidden, attentions=attentions)
 
 
+class LlavaFamilyHost:
+    """``dualview_expects`` of the LLaVA-style hosts (LLaVA, LLaVA-NeXT, OneVision): the tower's
+    hidden size times the layers of ``config.vision_feature_layer``, on its square token grid."""
+
+    def dualview_expects(self) -> tuple[int, tuple[int, int]]:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return vision.hidden_size * len(feature_layers(self.config.vision_feature_layer)), (side, side)
+
+
 # AnyRes (LLaVA-NeXT, OneVision) fixes these: the grid comes from the pinpoints, the canvas is padded,
 # the full DEM map replaces the tile map and the base image stays in front ("concat" thumbnail).
 ANYRES_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}

@@ -93,16 +93,42 @@ class DualViewHost:
     def _dualview_check(self, dem: nn.Module) -> None:
         if not isinstance(dem, DEM):
             raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
-        if self.dualview_full_map and dem.out_size is not None:
-            raise ValueError(
-                f"dualview.adapters.{self.dualview_adapter} packs the DEM's full map into the host's tiles: the DEM at "
-                f"{DEM_ATTR} must have out_size=None, got out_size={dem.out_size} (e.g. DEM.from_inf_llava(ckpt, "
-                f"out_size=None))"
-            )
+        recorded = recorded_options(self.config) or {}
+        # dualview_expects() -> (dim, (h, w)): the channels and token grid of one crop the host's tower
+        # hands the DEM, from the config; given by each adapter's subclass (a mixin after this class)
+        expects = self.dualview_expects() if hasattr(self, "dualview_expects") else None
+        check_dem_fits(dem, adapter=self.dualview_adapter, expects=expects,
+                       full_map=self.dualview_full_map, thumbnail_fusion=recorded.get("thumbnail_fusion"))
 
     def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
         return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size)
+
+
+def check_dem_fits(
+    dem: DEM, *, adapter: str, expects: Optional[tuple[int, G.Size]], full_map: bool, thumbnail_fusion: Optional[str],
+) -> None:
+    """The one check that a host can use ``dem`` (at assignment to ``spatial_embed``, at every call and
+    before saving: a saved DEM the host cannot use could not be loaded back): its ``dim`` is the
+    tower's channels; its ``out_size`` is None where the host packs the full map into its tiles, and
+    the tower's token grid under ``thumbnail_fusion="mean"`` (the thumbnail's tokens are averaged
+    with the DEM's). A ValueError naming ``spatial_embed``, the expected and the actual value."""
+    where = f"dualview.adapters.{adapter}: the DEM at {DEM_ATTR}"
+    if expects is not None and dem.dim != expects[0]:
+        raise ValueError(
+            f"{where} must have dim={expects[0]} (the channels the vision tower gives at the configured "
+            f"vision_feature_layer), got dim={dem.dim}"
+        )
+    if full_map and dem.out_size is not None:
+        raise ValueError(
+            f"{where} must have out_size=None (the host packs the DEM's full map into its tiles), got "
+            f"out_size={dem.out_size} (e.g. DEM.from_inf_llava(ckpt, out_size=None))"
+        )
+    if thumbnail_fusion == "mean" and expects is not None and dem.out_size != tuple(expects[1]):
+        raise ValueError(
+            f"{where} must have out_size={tuple(expects[1])} (thumbnail_fusion='mean' averages the thumbnail's "
+            f"tokens with the DEM's), got out_size={dem.out_size}"
+        )
 
 
 def placement(module: nn.Module) -> torch.device:

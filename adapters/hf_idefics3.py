@@ -391,6 +391,11 @@ def _dual_view_features(
 class _DualViewFrames:
     """The dual-view hook of ``Idefics3Model`` / ``SmolVLMModel`` (mixed in before the host class)."""
 
+    def dualview_expects(self) -> tuple[int, G.Size]:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return vision.hidden_size, (side, side)
+
     @can_return_tuple
     def get_image_features(
         self,

@@ -272,6 +272,10 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
     dualview_plain = InternVLModel
     dualview_full_map = True
 
+    def dualview_expects(self) -> tuple[int, G.Size]:
+        h, _ = _tile_tokens(self.config)
+        return self.config.vision_config.hidden_size, (h, h)
+
     @merge_config_defaults
     @can_return_tuple
     def get_image_features(

@@ -34,13 +34,13 @@ from dualview import DualViewEncoder
 
 from . import _host
 from ._common import DualViewOptions, reload
-from ._hf import check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import LlavaFamilyHost, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava"
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
-class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
+class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
     """``LlavaModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
     dualview_adapter = ADAPTER

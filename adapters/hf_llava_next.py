@@ -55,14 +55,14 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_next"
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
 
-class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
+class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel):
     """``LlavaNextModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
     dualview_adapter = ADAPTER

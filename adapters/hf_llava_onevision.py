@@ -67,7 +67,7 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_onevision"
 merge_config_defaults, can_return_tuple = host_decorators()
@@ -76,7 +76,7 @@ merge_config_defaults, can_return_tuple = host_decorators()
 ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
-class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaOnevisionModel):
+class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaFamilyHost, LlavaOnevisionModel):
     """``LlavaOnevisionModel`` whose ``get_image_features`` is dual view (see the module docstring);
     ``get_video_features`` is the host's."""
 

@@ -60,8 +60,8 @@ class HostCase:
     generate: Callable[..., torch.Tensor] = lambda model, inputs, **kwargs: model.generate(**inputs, **kwargs)
     """How the host's ``generate`` takes the inputs."""
     not_applicable: dict = field(default_factory=dict)
-    """Check name ("mismatch", "image_features", "offload", "projector_offload", "left_padding") -> why the host
-    has no such contract."""
+    """Check name ("mismatch", "image_features", "offload", "projector_offload", "left_padding",
+    "assignment_check") -> why the host has no such contract."""
     plain_inputs: Optional[Callable[[Sequence[Size]], dict]] = None
     """Inputs for the never-adapted model, where its processor makes other ones (default: ``inputs``)."""
 
@@ -139,6 +139,36 @@ class HostBattery:
         _, twin = self.adapted()
         self.dem(case, twin).load_state_dict(replacement.state_dict())
         torch.testing.assert_close(logits(twin, inputs), after, rtol=0, atol=0)
+
+    def test_a_dem_the_host_cannot_use_is_refused_at_assignment(self, tmp_path):
+        """A DEM of the wrong ``dim``, or an ``out_size`` the host cannot take (None under the
+        thumbnail mean; another grid than the tower's; any for full-map hosts), is refused when
+        assigned to ``spatial_embed`` (naming it, expected and actual), the registered DEM kept: the
+        model runs, saves and reloads."""
+        case, model = self.adapted()
+        self.skip_unless(case, "assignment_check")
+        dem = self.dem(case, model)
+        settings = dict(directions=dem.directions, fusion=dem.fusion, resample=dem.resample or "bilinear",
+                        eps=dem.ln_fuse.eps)
+        heads = dem.attention.num_heads
+        bad = [(DEM(dem.dim + heads, heads, out_size=dem.out_size, **settings), rf"dim={dem.dim}.*got dim={dem.dim + heads}")]
+        fusion = model.config.dualview["thumbnail_fusion"]
+        if dem.out_size is None:  # the full map replaces the host's tiles
+            bad.append((DEM(dem.dim, heads, out_size=(2, 2), **settings), r"out_size=None.*got out_size=\(2, 2\)"))
+        elif fusion == "mean":
+            h, w = dem.out_size
+            bad.append((DEM(dem.dim, heads, out_size=None, **settings), rf"out_size=\({h}, {w}\).*got out_size=None"))
+            bad.append((DEM(dem.dim, heads, out_size=(h + 1, w), **settings),
+                        rf"out_size=\({h}, {w}\).*got out_size=\({h + 1}, {w}\)"))
+        for candidate, message in bad:
+            with pytest.raises(ValueError, match=rf"spatial_embed.*{message}"):
+                case.dem_parent(model).spatial_embed = candidate
+            assert self.dem(case, model) is dem
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        model.save_pretrained(tmp_path)
+        torch.testing.assert_close(logits(case.adapter.from_pretrained(tmp_path).eval(), inputs), expected,
+                                   rtol=0, atol=0)
 
     def test_apply_twice_is_refused_and_unapply_gives_the_plain_model_back(self):
         case = self.case()
