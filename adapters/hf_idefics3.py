@@ -305,13 +305,13 @@ def _global_crops(frames: torch.Tensor, tiles: torch.Tensor, grid: G.Grid) -> to
     return layout.split_global(canvas, *grid).flatten(0, 1)
 
 
-def _run_tower(vision: nn.Module, pixels: torch.Tensor, patch_mask: torch.Tensor, chunk: Optional[int], **kwargs: Any):
-    """The vision transformer over all crops: one call, or chunks of ``chunk`` crops (outputs joined)."""
-    if chunk is None or chunk == "all" or pixels.shape[0] <= chunk:
+def _run_tower(vision: nn.Module, pixels: torch.Tensor, patch_mask: torch.Tensor, chunks: list[int], **kwargs: Any):
+    """The vision transformer over all crops: one call, or calls of ``chunks`` crops (outputs joined)."""
+    if len(chunks) == 1:
         return vision(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True, **kwargs)
     parts = [
         vision(pixel_values=p, patch_attention_mask=m, return_dict=True, **kwargs)
-        for p, m in zip(pixels.split(chunk), patch_mask.split(chunk))
+        for p, m in zip(pixels.split(chunks), patch_mask.split(chunks))
     ]
     joined = {}
     for key in parts[0].keys():
@@ -327,7 +327,7 @@ def _dual_view_features(
     pixel_attention_mask: Optional[torch.Tensor],
     grids: list[list[G.Grid]],
     *,
-    tower_batch_size: Optional[int] = None,
+    tower_batch_size: Union[int, str, None] = None,
     **kwargs: Any,
 ) -> BaseModelOutputWithPooling:
     """The host's ``get_image_features`` with dual view for the split images (``grids`` lists some).
@@ -358,9 +358,11 @@ def _dual_view_features(
     crop_masks = [_global_crops(masks[:, None], index, grid)[:, 0] for grid, index in tiles.items()]
 
     patch = model.config.vision_config.patch_size
+    pixels = torch.cat([frames, *crops])
+    tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
     tower_out = _run_tower(
-        model.vision_model, torch.cat([frames, *crops]), _patch_mask(torch.cat([masks, *crop_masks]), patch),
-        tower_batch_size, **kwargs,
+        model.vision_model, pixels, _patch_mask(torch.cat([masks, *crop_masks]), patch),
+        _host.tower_chunks(tower_batch_size, pixels.shape[0], tokens), **kwargs,
     )
     hidden = tower_out.last_hidden_state  # (F + global crops, h*w, D)
     h, w = frames.shape[-2] // patch, frames.shape[-1] // patch

@@ -321,6 +321,30 @@ def test_tower_batch_size_chunks_the_call_with_the_same_result(host, processor):
         torch.testing.assert_close(got_layer, want_layer, rtol=1e-5, atol=1e-5)
 
 
+def test_tower_batch_size_none_is_the_encoders_automatic_chunking(host, processor, monkeypatch):
+    """``tower_batch_size=None`` means automatic chunks, as everywhere (the encoder's rule: the fewest
+    equal calls of at most AUTO_CHUNK_TOKENS tokens), not one call; None, "all" and small ints give
+    the same features."""
+    import dualview.encoder as encoder_module
+
+    inputs = batch(processor, [[(90, 50)]])
+    rows, cols = adapter.processor_grid((90, 50), tile=S, longest_edge=LONGEST)
+    crops, tokens = 2 * rows * cols + 1, (S // PATCH) ** 2
+    monkeypatch.setattr(encoder_module, "AUTO_CHUNK_TOKENS", 4 * tokens)  # at most 4 crops per call
+    outputs, calls = {}, {}
+    for size in (None, "all", 1, 3):
+        _, model = plain_and_adapted(host, tower_batch_size=size)
+        seen = []
+        model.model.vision_model.embeddings.register_forward_hook(
+            lambda module, args, kwargs, out, seen=seen: seen.append(out.shape[0]), with_kwargs=True)
+        outputs[size] = features(model, inputs).pooler_output[0]
+        calls[size] = seen
+    assert calls[None] == encoder_module.even_chunks(crops, tokens, 4 * tokens) and len(calls[None]) > 1
+    assert calls["all"] == [crops] and calls[1] == [1] * crops and sum(calls[3]) == crops
+    for size in ("all", 1, 3):
+        torch.testing.assert_close(outputs[size], outputs[None], rtol=1e-5, atol=1e-5)
+
+
 def test_pixel_masks_are_used_as_the_host_uses_them(models, host):
     """Frames with padded pixels (mask 0): unsplit frames get the host's features exactly, split
     images the reference's with the canvas mask cut into global crops too."""
