@@ -121,7 +121,7 @@ class DualViewLlava(_host.DualViewHost):
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
         feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
         projector = self.get_model().mm_projector
-        return projector(feats.to(next(projector.parameters()).dtype))  # a DEM kept in another precision
+        return projector(_host.to_dtype_of(feats, projector))  # a DEM kept in another precision
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
