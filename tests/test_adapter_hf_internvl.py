@@ -527,9 +527,12 @@ class TestHostBattery(HostBattery):
             torch.testing.assert_close(batched[i:i + 1], logits(model, one), atol=1e-5, rtol=1e-4)
 
     def test_get_image_features_output_return_dict_false(self):
-        """The host's pooler_output is one (patches, image_seq_length, text_dim) tensor, not a list."""
+        """The host's pooler_output is one (patches, image_seq_length, text_dim) tensor, not a list; the
+        tuple starts with last_hidden_state and ends with pooler_output, as the host's (which holds the
+        tower's hidden states between them, as BaseModelOutputWithPooling orders its fields)."""
         case, model = self.adapted()
         as_dict = self._features(case, model)
         model.config.return_dict = False
         for as_tuple in (self._features(case, model), self._features(case, model, return_dict=False)):
-            assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.pooler_output)
+            assert isinstance(as_tuple, tuple)
+            assert torch.equal(as_tuple[0], as_dict.last_hidden_state) and torch.equal(as_tuple[-1], as_dict.pooler_output)
