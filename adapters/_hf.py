@@ -3,7 +3,9 @@ feature-layer and select-strategy rules, and the vision tower of one call."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+import functools
+import inspect
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import nn
@@ -12,6 +14,43 @@ from . import _host
 from .towers import HFVisionTower
 
 Layers = Union[int, Sequence[int]]
+
+
+def bind_host_call(method: Callable, host: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """A call's ``args`` / ``kwargs`` bound to the installed host's ``method`` (its own signature, through
+    its decorators): ``(named, rest)``, the arguments it names and those its ``**kwargs`` takes (e.g.
+    a deprecated name such as ``past_key_values``, which the host's own decorator maps). Calling
+    ``method(host, **named, **rest)`` is then exactly the host's call, whatever its release names."""
+    signature = inspect.signature(method)
+    named = dict(signature.bind(host, *args, **kwargs).arguments)
+    named.pop(next(iter(signature.parameters)))  # self
+    var_kw = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    rest = named.pop(var_kw[0], {}) if var_kw else {}
+    return named, rest
+
+
+def forward_naming(cls: type, name: str) -> None:
+    """Give ``cls`` (a dual-view subclass of ``cls.dualview_plain``) its own ``forward``: the one it
+    inherits from its mixin, under the host forward's signature plus the input ``name``
+    (:func:`signature_with`), so that ``generate`` accepts that input and sees the host's others."""
+    inherited = cls.forward
+
+    @functools.wraps(inherited)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return inherited(self, *args, **kwargs)
+
+    forward.__signature__ = signature_with(cls.dualview_plain.forward, name)
+    cls.forward = forward
+
+
+def signature_with(method: Callable, name: str) -> inspect.Signature:
+    """The host ``method``'s signature plus the keyword-only input ``name`` (default None), before its
+    ``**kwargs``: what ``generate`` reads to accept an input and to learn what the host takes."""
+    signature = inspect.signature(method)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any))
+    return signature.replace(parameters=params)
 
 
 def host_decorators() -> tuple[Callable, Callable]:
@@ -81,6 +120,16 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
         )
     hidden, attentions = _host.output_flags(host.config, kwargs)
     return _host.RecordingTower(tower, hidden_states=hidden, attentions=attentions)
+
+
+class LlavaFamilyHost:
+    """``dualview_expects`` of the LLaVA-style hosts (LLaVA, LLaVA-NeXT, OneVision): the tower's
+    hidden size times the layers of ``config.vision_feature_layer``, on its square token grid."""
+
+    def dualview_expects(self) -> tuple[int, tuple[int, int]]:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return vision.hidden_size * len(feature_layers(self.config.vision_feature_layer)), (side, side)
 
 
 # AnyRes (LLaVA-NeXT, OneVision) fixes these: the grid comes from the pinpoints, the canvas is padded,

@@ -12,12 +12,14 @@ plain one. :func:`unapply` swaps the plain class back and removes the DEM and th
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Optional
+import gc
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from torch import nn
 
 from dualview import DCM, DEM, DualViewEncoder
+from dualview import encoder as encoder_module
 from dualview import grid as G
 
 from ._common import CONFIG_KEY, DualViewOptions, record_options, recorded_options
@@ -92,16 +94,89 @@ class DualViewHost:
     def _dualview_check(self, dem: nn.Module) -> None:
         if not isinstance(dem, DEM):
             raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
-        if self.dualview_full_map and dem.out_size is not None:
-            raise ValueError(
-                f"dualview.adapters.{self.dualview_adapter} packs the DEM's full map into the host's tiles: the DEM at "
-                f"{DEM_ATTR} must have out_size=None, got out_size={dem.out_size} (e.g. DEM.from_inf_llava(ckpt, "
-                f"out_size=None))"
-            )
+        recorded = recorded_options(self.config) or {}
+        # dualview_expects() -> (dim, (h, w)): the channels and token grid of one crop the host's tower
+        # hands the DEM, from the config; given by each adapter's subclass (a mixin after this class)
+        expects = self.dualview_expects() if hasattr(self, "dualview_expects") else None
+        check_dem_fits(dem, adapter=self.dualview_adapter, expects=expects,
+                       full_map=self.dualview_full_map, thumbnail_fusion=recorded.get("thumbnail_fusion"))
 
     def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
         return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size)
+
+
+def check_dem_fits(
+    dem: DEM, *, adapter: str, expects: Optional[tuple[int, G.Size]], full_map: bool, thumbnail_fusion: Optional[str],
+) -> None:
+    """The one check that a host can use ``dem`` (at assignment to ``spatial_embed``, at every call and
+    before saving: a saved DEM the host cannot use could not be loaded back): its ``dim`` is the
+    tower's channels; its ``out_size`` is None where the host packs the full map into its tiles, and
+    the tower's token grid under ``thumbnail_fusion="mean"`` (the thumbnail's tokens are averaged
+    with the DEM's). A ValueError naming ``spatial_embed``, the expected and the actual value."""
+    where = f"dualview.adapters.{adapter}: the DEM at {DEM_ATTR}"
+    if expects is not None and dem.dim != expects[0]:
+        raise ValueError(
+            f"{where} must have dim={expects[0]} (the channels the vision tower gives at the configured "
+            f"vision_feature_layer), got dim={dem.dim}"
+        )
+    if full_map and dem.out_size is not None:
+        raise ValueError(
+            f"{where} must have out_size=None (the host packs the DEM's full map into its tiles), got "
+            f"out_size={dem.out_size} (e.g. DEM.from_inf_llava(ckpt, out_size=None))"
+        )
+    if thumbnail_fusion == "mean" and expects is not None and dem.out_size != tuple(expects[1]):
+        raise ValueError(
+            f"{where} must have out_size={tuple(expects[1])} (thumbnail_fusion='mean' averages the thumbnail's "
+            f"tokens with the DEM's), got out_size={dem.out_size}"
+        )
+
+
+def placement(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: its parameters', or, when ``device_map`` offloaded it (its
+    weights on "meta" behind accelerate's hooks, loaded from "cpu" / "disk" at each call), the
+    hooks' execution device. "meta" only for a module built on meta without hooks."""
+    ref = next(module.parameters())
+    if ref.device.type != "meta":
+        return ref.device
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return ref.device
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (the precision it computes in)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    raise ValueError(f"{type(module).__name__} has no floating-point parameters")
+
+
+def to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` cast to the precision of ``module``: what a DEM kept in another precision than the model
+    (a float32 DEM in a bfloat16 model, or the reverse) gets from the tower and hands the projector."""
+    return x.to(dtype_of(module))
+
+
+def owners(module: nn.Module) -> list[nn.Module]:
+    """The modules that hold ``module`` as a direct submodule. torch modules keep no parent, so they
+    are found through the garbage collector's referrers (the owner's ``_modules`` dict); one scan
+    of the live objects per level, run at ``apply`` only."""
+    found = []
+    for holder in gc.get_referrers(module):
+        if not isinstance(holder, dict):
+            continue
+        for owner in gc.get_referrers(holder):
+            if isinstance(owner, dict):  # an instance __dict__ that holds the _modules dict
+                owner = next((m for m in gc.get_referrers(owner) if isinstance(m, nn.Module) and m.__dict__ is owner),
+                             None)
+            if isinstance(owner, nn.Module) and owner.__dict__.get("_modules") is holder and owner not in found:
+                found.append(owner)
+    return found
 
 
 def dem_of(host: nn.Module) -> nn.Module:
@@ -160,6 +235,19 @@ def record_dem_settings(config: Any, dem: DEM) -> None:
         setattr(config, CONFIG_KEY, {**recorded, **settings})
 
 
+def tower_chunks(tower_batch_size: Union[int, str, None], crops: int, tokens_per_crop: int) -> list[int]:
+    """The crop count of each tower call, for an adapter that runs its host's tower itself: the rule
+    of :meth:`DualViewEncoder.tower_chunks` (``None``: automatic, the fewest equal calls of at most
+    ``dualview.encoder.AUTO_CHUNK_TOKENS`` tokens; an int: at most that many crops per call;
+    ``"all"``: one call)."""
+    if tower_batch_size == "all" or crops == 0:
+        return [crops]
+    if tower_batch_size is not None:
+        size = int(tower_batch_size)
+        return [size] * (crops // size) + ([crops % size] if crops % size else [])
+    return encoder_module.even_chunks(crops, tokens_per_crop, encoder_module.AUTO_CHUNK_TOKENS)
+
+
 def encoder_from(
     options: DualViewOptions, tower: nn.Module, dem: DEM, *, crop_size: int, patch_size: int
 ) -> DualViewEncoder:
@@ -177,22 +265,23 @@ def new_dem(
     options: DualViewOptions, dim: int, feat_size: G.Size, *, like: nn.Module, init: Optional[Callable] = None
 ) -> DEM:
     """A fresh DEM of ``dim`` channels for the options, on the device and in the dtype of ``like``
-    (the host's projector). ``out_size="tower"`` means the tower's token grid ``feat_size``.
+    (the host's projector; where ``device_map`` offloaded it, on the device it runs on, with real
+    weights: see :func:`placement`). ``out_size="tower"`` means the tower's token grid ``feat_size``.
 
     ``init``: the host's per-module initialiser (transformers' ``_init_weights``). The DEM is then
     made on the meta device and every layer initialised by it alone, as the host initialises
     weights missing from a checkpoint: one rule, and one seed gives one DEM, whichever path built it.
     """
     out_size = feat_size if options.out_size == "tower" else options.out_size
-    ref = next(like.parameters())
+    dtype, device = dtype_of(like), placement(like)
     settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample,
                     ffn_hidden=options.ffn_hidden, eps=options.eps)
     if init is None:
-        return DEM(dim, options.num_heads, **settings, device=ref.device, dtype=ref.dtype)
-    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=ref.dtype)
-    if ref.device.type == "meta":  # a host built on meta: its loader initialises what is missing
+        return DEM(dim, options.num_heads, **settings, device=device, dtype=dtype)
+    dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=dtype)
+    if device.type == "meta":  # a host built on meta: its loader initialises what is missing
         return dem
-    dem = dem.to_empty(device=ref.device)
+    dem = dem.to_empty(device=device)
     dem.apply(init)  # post-order, as transformers' initialize_weights visits modules
     return dem
 

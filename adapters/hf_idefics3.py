@@ -52,6 +52,8 @@ the outer class (``...ForConditionalGeneration``, when given one) for a subclass
 names ``image_grid``: ``generate`` refuses inputs that its model's ``forward`` does not name. So
 ``save_pretrained`` writes the dual-view class name in ``config.architectures``; transformers' Auto
 classes load such a folder as the plain model (without the DEM), :func:`from_pretrained` with it.
+A bare ``Idefics3Model`` / ``SmolVLMModel`` may be adapted alone; the inner model of a
+``...ForConditionalGeneration`` (``apply(model.model)``) is refused, naming ``apply(model)``.
 :func:`unapply` gives the plain classes back. The DEM (``dim`` = the tower's hidden size) is at
 ``model.model.spatial_embed`` (keys ``model.spatial_embed.*``); options in ``config.dualview``.
 
@@ -81,7 +83,7 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload
-from ._hf import host_decorators
+from ._hf import bind_host_call, forward_naming, host_decorators
 
 ADAPTER = "hf_idefics3"
 merge_config_defaults, can_return_tuple = host_decorators()
@@ -257,10 +259,11 @@ def _check_image_grid(image_grid: Any, pixel_values: torch.Tensor) -> list[list[
     for b, sample in enumerate(grid.tolist()):
         grids = []
         for rows, cols in sample:
-            valid = (rows == cols == -1) or (rows == cols == 0) or (1 <= rows <= G.MAX_GRID_SIDE and 1 <= cols <= G.MAX_GRID_SIDE)
+            # any grid the processor makes (no limit of our own: do_resize=False keeps large images whole)
+            valid = (rows == cols == -1) or (rows == cols == 0) or (rows >= 1 and cols >= 1)
             if not valid:
                 raise ValueError(
-                    f"image_grid[{b}] entries must be (rows, cols) with 1 <= rows, cols <= {G.MAX_GRID_SIDE}, (0, 0) "
+                    f"image_grid[{b}] entries must be (rows, cols) with rows, cols >= 1, (0, 0) "
                     f"for an unsplit image or (-1, -1) for padding, got {(rows, cols)}"
                 )
             if rows >= 0:
@@ -302,13 +305,13 @@ def _global_crops(frames: torch.Tensor, tiles: torch.Tensor, grid: G.Grid) -> to
     return layout.split_global(canvas, *grid).flatten(0, 1)
 
 
-def _run_tower(vision: nn.Module, pixels: torch.Tensor, patch_mask: torch.Tensor, chunk: Optional[int], **kwargs: Any):
-    """The vision transformer over all crops: one call, or chunks of ``chunk`` crops (outputs joined)."""
-    if chunk is None or chunk == "all" or pixels.shape[0] <= chunk:
+def _run_tower(vision: nn.Module, pixels: torch.Tensor, patch_mask: torch.Tensor, chunks: list[int], **kwargs: Any):
+    """The vision transformer over all crops: one call, or calls of ``chunks`` crops (outputs joined)."""
+    if len(chunks) == 1:
         return vision(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True, **kwargs)
     parts = [
         vision(pixel_values=p, patch_attention_mask=m, return_dict=True, **kwargs)
-        for p, m in zip(pixels.split(chunk), patch_mask.split(chunk))
+        for p, m in zip(pixels.split(chunks), patch_mask.split(chunks))
     ]
     joined = {}
     for key in parts[0].keys():
@@ -324,7 +327,7 @@ def _dual_view_features(
     pixel_attention_mask: Optional[torch.Tensor],
     grids: list[list[G.Grid]],
     *,
-    tower_batch_size: Optional[int] = None,
+    tower_batch_size: Union[int, str, None] = None,
     **kwargs: Any,
 ) -> BaseModelOutputWithPooling:
     """The host's ``get_image_features`` with dual view for the split images (``grids`` lists some).
@@ -355,9 +358,11 @@ def _dual_view_features(
     crop_masks = [_global_crops(masks[:, None], index, grid)[:, 0] for grid, index in tiles.items()]
 
     patch = model.config.vision_config.patch_size
+    pixels = torch.cat([frames, *crops])
+    tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
     tower_out = _run_tower(
-        model.vision_model, torch.cat([frames, *crops]), _patch_mask(torch.cat([masks, *crop_masks]), patch),
-        tower_batch_size, **kwargs,
+        model.vision_model, pixels, _patch_mask(torch.cat([masks, *crop_masks]), patch),
+        _host.tower_chunks(tower_batch_size, pixels.shape[0], tokens), **kwargs,
     )
     hidden = tower_out.last_hidden_state  # (F + global crops, h*w, D)
     h, w = frames.shape[-2] // patch, frames.shape[-1] // patch
@@ -388,6 +393,11 @@ def _dual_view_features(
 class _DualViewFrames:
     """The dual-view hook of ``Idefics3Model`` / ``SmolVLMModel`` (mixed in before the host class)."""
 
+    def dualview_expects(self) -> tuple[int, G.Size]:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return vision.hidden_size, (side, side)
+
     @can_return_tuple
     def get_image_features(
         self,
@@ -409,28 +419,17 @@ class _DualViewFrames:
             tower_batch_size=self.dualview_options.tower_batch_size, **kwargs,
         )
 
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        cache: Any = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        pixel_attention_mask: Optional[torch.Tensor] = None,
-        mm_encoder_outputs: Any = None,
-        image_grid: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ):
-        """The host's forward; the image features come from the dual-view hook, given ``image_grid``."""
-        if pixel_values is not None and mm_encoder_outputs is None:
-            image = self.get_image_features(pixel_values, pixel_attention_mask, image_grid=image_grid, return_dict=True)
-            pixel_values, mm_encoder_outputs = None, {"image": image}
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
-        )
+    def forward(self, *args: Any, image_grid: Optional[torch.Tensor] = None, **kwargs: Any):
+        """The host's forward, called with the arguments of the call under the names the installed host
+        takes (a deprecated ``past_key_values`` reaches its own mapping); the image features come from
+        the dual-view hook, given ``image_grid``."""
+        call, rest = bind_host_call(type(self).dualview_plain.forward, self, args, kwargs)
+        pixel_values = call.get("pixel_values")
+        if pixel_values is not None and call.get("mm_encoder_outputs") is None:
+            image = self.get_image_features(pixel_values, call.get("pixel_attention_mask"), image_grid=image_grid,
+                                            return_dict=True)
+            call["pixel_values"], call["mm_encoder_outputs"] = None, {"image": image}
+        return super().forward(**call, **rest)
 
 
 class DualViewIdefics3Model(_host.DualViewHost, _DualViewFrames, Idefics3Model):
@@ -455,28 +454,8 @@ class _GridInput:
 
     dualview_plain: type
 
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        cache: Any = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        pixel_attention_mask: Optional[torch.Tensor] = None,
-        mm_encoder_outputs: Any = None,
-        labels: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        logits_to_keep: Union[int, torch.Tensor] = 0,
-        image_grid: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ):
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-            mm_encoder_outputs=mm_encoder_outputs, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            image_grid=image_grid, **kwargs,
-        )
+    def forward(self, *args: Any, image_grid: Optional[torch.Tensor] = None, **kwargs: Any):
+        return super().forward(*args, image_grid=image_grid, **kwargs)
 
 
 class DualViewIdefics3ForConditionalGeneration(_GridInput, Idefics3ForConditionalGeneration):
@@ -486,6 +465,10 @@ class DualViewIdefics3ForConditionalGeneration(_GridInput, Idefics3ForConditiona
 class DualViewSmolVLMForConditionalGeneration(_GridInput, SmolVLMForConditionalGeneration):
     dualview_plain = SmolVLMForConditionalGeneration
 
+
+for _cls in (DualViewIdefics3Model, DualViewSmolVLMModel, DualViewIdefics3ForConditionalGeneration,
+             DualViewSmolVLMForConditionalGeneration):
+    forward_naming(_cls, GRID_INPUT)
 
 _INNER = {Idefics3Model: DualViewIdefics3Model, SmolVLMModel: DualViewSmolVLMModel}
 _OUTER = {
@@ -531,6 +514,19 @@ def _parts(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
     )
 
 
+def _check_bare(inner: nn.Module) -> None:
+    """A ValueError when ``inner`` is the model of a ``...ForConditionalGeneration``: its forward would
+    take ``image_grid`` while the outer model's ``generate`` refuses it (generate accepts only the
+    inputs its model's forward names, and only :func:`apply` of the outer model renames that)."""
+    for owner in _host.owners(inner):
+        if type(owner) in _OUTER and owner._modules.get("model") is inner:
+            raise ValueError(
+                f"dualview.adapters.{ADAPTER}.apply got the inner model of a {type(owner).__name__} (its .model): "
+                f"apply the {type(owner).__name__} itself, apply(model) (its generate then takes image_grid; the "
+                f"inner model is adapted with it)"
+            )
+
+
 def apply(model: nn.Module, **options: Any) -> nn.Module:
     """Install dual view into an Idefics3 / SmolVLM model in place; returns it.
 
@@ -541,6 +537,8 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     ``_init_weights``, in the connector's dtype and device. Use :func:`prepare_processor` for inputs.
     """
     outer, inner = _parts(model)
+    if outer is None:
+        _check_bare(inner)
     opts = _options(options)
     _host.check_not_applied(inner)
     vision = inner.config.vision_config

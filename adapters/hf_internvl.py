@@ -62,7 +62,6 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`prepare_
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections import defaultdict
 from itertools import accumulate
@@ -83,7 +82,7 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import check_strategy, host_decorators, vision_tower_for
+from ._hf import bind_host_call, check_strategy, host_decorators, vision_tower_for
 
 ADAPTER = "hf_internvl"
 merge_config_defaults, can_return_tuple = host_decorators()
@@ -273,6 +272,10 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
     dualview_plain = InternVLModel
     dualview_full_map = True
 
+    def dualview_expects(self) -> tuple[int, G.Size]:
+        h, _ = _tile_tokens(self.config)
+        return self.config.vision_config.hidden_size, (h, h)
+
     @merge_config_defaults
     @can_return_tuple
     def get_image_features(
@@ -300,15 +303,16 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
         encoder = self.dualview_encoder(tower, crop_size=s, patch_size=s // h)
         feats = dual_view_patches(encoder, pixel_values.to(dtype=self.dtype), grids)  # (P, h*w, D)
         shuffled = self.pixel_shuffle(feats.unflatten(1, (h, h)), scale_factor=config.downsample_ratio)
-        projected = self.multi_modal_projector(shuffled.flatten(1, 2))  # (P, image_seq_length, text_dim)
-        return BaseModelOutputWithPooling(pooler_output=projected, **tower.outputs())
+        # a DEM kept in another precision than the model hands the projector the model's
+        projected = self.multi_modal_projector(_host.to_dtype_of(shuffled.flatten(1, 2), self.multi_modal_projector))
+        # last_hidden_state: the (P, h*w, D) features the pixel shuffle read (DEM-fused tiles, plain
+        # thumbnails and single patches), where the plain host gives the tower's
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=projected, **tower.outputs())
 
     def forward(self, *args: Any, image_sizes: Optional[torch.Tensor] = None, **kwargs: Any):
         """The host's forward; the images' features are computed here, with ``image_sizes``, and
         handed to it as ``mm_encoder_outputs`` (the host's own way to take pre-computed features)."""
-        call = _HOST_FORWARD.bind(self, *args, **kwargs).arguments
-        call.pop("self")
-        extra = call.pop("kwargs", {})
+        call, extra = bind_host_call(InternVLModel.forward, self, args, kwargs)
         pixel_values = call.get("pixel_values")
         if pixel_values is not None and call.get("mm_encoder_outputs") is None:
             call["mm_encoder_outputs"] = {"image": self.get_image_features(
@@ -318,9 +322,6 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
             )}
             call["pixel_values"] = None
         return super().forward(**call, **extra)
-
-
-_HOST_FORWARD = inspect.signature(InternVLModel.forward)
 
 
 def _feature_layer(layer: Any) -> int:
@@ -394,7 +395,6 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}  # (R*C, 3, s, s), thumbnail left out
     glob = [layout.split_global(layout.merge_local(tiles[i][None], *grids[i]), *grids[i])[0] for i in tiled]
     feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
-    feats = feats.to(encoder.dem.ln_fuse.weight.dtype)
     # where each tiled image's global crops sit in feats: after the P patches, in `tiled` order
     glob_starts = dict(zip(tiled, accumulate((len(tiles[i]) for i in tiled), initial=len(pixel_values))))
     h, w = encoder.feat_size
@@ -405,9 +405,10 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     fused: dict[int, torch.Tensor] = {}
     for (rows, cols), members in by_grid.items():
         n = rows * cols
-        local = torch.stack([feats[starts[i]:starts[i] + n] for i in members])  # (B, R*C, h*w, D)
-        global_ = torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members])
-        full = encoder.dem(local, global_, (rows, cols))  # (B, R*h*C*w, D), row-major over the canvas map
+        # the DEM runs in its own precision; the host's patches keep the tower's
+        local = _host.to_dtype_of(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), encoder.dem)
+        global_ = _host.to_dtype_of(torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members]), encoder.dem)
+        full = encoder.dem(local, global_, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D), row-major canvas map
         windows = layout.map_to_windows(full.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
         fused.update(zip(members, windows))
 

@@ -34,13 +34,13 @@ from dualview import DualViewEncoder
 
 from . import _host
 from ._common import DualViewOptions, reload
-from ._hf import check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import LlavaFamilyHost, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava"
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
-class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
+class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
     """``LlavaModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
     dualview_adapter = ADAPTER
@@ -67,9 +67,10 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaModel):
         encoder = self.dualview_encoder(
             tower, crop_size=self.config.vision_config.image_size, patch_size=self.config.vision_config.patch_size
         )
+        check_resolution(encoder, pixel_values)
         feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
-        projected = self.multi_modal_projector(feats.to(_dtype_of(self.multi_modal_projector)))
+        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
         grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch
         outputs = {k: _per_image(v, grid, encoder.dcm.thumbnail, len(feats)) for k, v in tower.outputs().items()}
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **outputs)
@@ -113,6 +114,26 @@ def encoder_of(model: nn.Module) -> DualViewEncoder:
     return inner.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size)
 
 
+def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> None:
+    """A ValueError unless ``pixel_values`` (B, 3, H, W) are at the adapted model's resolution: the
+    ``R*s x C*s`` canvas of a fixed grid, what :func:`prepare_processor` makes. A plain
+    ``LlavaProcessor``'s ``s x s`` image would otherwise be upscaled and cut into views of nothing
+    new. (``grid="auto"`` chooses the grid from the input's size: any size is its resolution.)"""
+    grid, s = encoder.dcm.grid, encoder.dcm.crop_size
+    if grid == "auto" or not isinstance(pixel_values, torch.Tensor):
+        return
+    want = (grid[0] * s, grid[1] * s)
+    got = tuple(int(v) for v in pixel_values.shape[-2:])
+    if got != want:
+        raise ValueError(
+            f"pixel_values must be {want[0]}x{want[1]} (the adapted model's resolution: a {grid[0]}x{grid[1]} grid "
+            f"of {s}-pixel crops), got {got[0]}x{got[1]}"
+            + (" (a plain LlavaProcessor's image)" if got == (s, s) else "")
+            + ": make the inputs with the prepared processor, dualview.adapters.hf_llava.prepare_processor(processor, "
+            "model)"
+        )
+
+
 def _feat(vision: Any) -> tuple[int, int]:
     side = vision.image_size // vision.patch_size
     return side, side
@@ -129,10 +150,6 @@ def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: in
             index.append(2 * images * tiles + i)
     order = torch.tensor(index)
     return tuple(s if s is None else s.index_select(0, order.to(s.device)) for s in states)
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 def _hint(model: nn.Module) -> str:

@@ -55,14 +55,14 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_next"
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
 
-class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
+class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel):
     """``LlavaNextModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
     dualview_adapter = ADAPTER
@@ -90,9 +90,9 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaNextModel):
         encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
                                         patch_size=config.vision_config.patch_size)
         per_image = anyres_dual_view(encoder, pixel_values, image_sizes)
-        projector_dtype = next(self.multi_modal_projector.parameters()).dtype  # a DEM in another precision
-        projected = self.multi_modal_projector(torch.cat(per_image).to(projector_dtype)).split(
-            [t.shape[0] for t in per_image])
+        # a DEM kept in another precision than the model hands the projector the model's
+        projected = self.multi_modal_projector(_host.to_dtype_of(torch.cat(per_image), self.multi_modal_projector))
+        projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
         )

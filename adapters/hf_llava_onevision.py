@@ -67,7 +67,7 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_onevision"
 merge_config_defaults, can_return_tuple = host_decorators()
@@ -76,7 +76,7 @@ merge_config_defaults, can_return_tuple = host_decorators()
 ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
-class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaOnevisionModel):
+class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaFamilyHost, LlavaOnevisionModel):
     """``LlavaOnevisionModel`` whose ``get_image_features`` is dual view (see the module docstring);
     ``get_video_features`` is the host's."""
 
@@ -111,11 +111,16 @@ class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaOnevisionModel):
                                         patch_size=config.vision_config.patch_size)
         tiled = tiled_images(len(image_sizes), batch_num_images)
         per_image = onevision_dual_view(encoder, pixel_values, image_sizes, tiled)
-        projected = self.multi_modal_projector(torch.cat(per_image)).split([t.shape[0] for t in per_image])
+        # a DEM kept in another precision than the model hands the projector the model's
+        feats = torch.cat(per_image)  # (patches, h*w, D)
+        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
+        projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, image_newline=self.image_newline, vision_aspect_ratio=aspect
         )
-        return BaseModelOutputWithPooling(pooler_output=packed, **tower.outputs())
+        # last_hidden_state: the features the projector read (base images, DEM-fused tiles, plain
+        # untiled images, in the host's patch order), where the plain host gives the tower's
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=packed, **tower.outputs())
 
 
 # ---- OneVision's token arithmetic ------------------------------------------------------------------
@@ -189,8 +194,7 @@ def onevision_dual_view(
             f"(vision_config.image_size={crop}), got shape {tuple(pixel_values.shape)}"
         )
     dem = encoder.dem
-    ref = next(dem.parameters())
-    pixel_values = pixel_values.to(device=ref.device, dtype=ref.dtype)
+    pixel_values = pixel_values.to(device=next(dem.parameters()).device)
     counts = [1 + g[0] * g[1] if g else 1 for g in grids]
     patches = anyres_patches(pixel_values, counts)
     global_crops = [layout.split_global(layout.merge_local(p[None, 1:], *g), *g)[0]
@@ -198,7 +202,7 @@ def onevision_dual_view(
     feats = encoder.run_tower(torch.cat(patches + global_crops))
     if feats.shape[-1] != dem.dim:
         raise ValueError(f"the tower returns D={feats.shape[-1]} channels, but the DEM has dim={dem.dim}")
-    feats = feats.to(ref.dtype)
+    # the host's patches keep the tower's precision; only the DEM's inputs take the DEM's
     host_feats, global_feats = feats.split([sum(counts), feats.shape[0] - sum(counts)])
     per_image = list(host_feats.split(counts))
     global_iter = iter(global_feats.split([g[0] * g[1] for g in grids if g]))
@@ -210,8 +214,9 @@ def onevision_dual_view(
             by_grid[g].append(i)
     h, w = encoder.feat_size
     for (rows, cols), idx in by_grid.items():
-        local = torch.stack([per_image[i][1:] for i in idx])  # (B, R*C, h*w, D)
-        fused = dem(local, torch.stack([globals_of[i] for i in idx]), (rows, cols))  # (B, R*h*C*w, D)
+        local = _host.to_dtype_of(torch.stack([per_image[i][1:] for i in idx]), dem)  # (B, R*C, h*w, D)
+        glob = _host.to_dtype_of(torch.stack([globals_of[i] for i in idx]), dem)
+        fused = dem(local, glob, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D)
         windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
         for i, tiles in zip(idx, windows):
             per_image[i] = torch.cat((per_image[i][:1], tiles))

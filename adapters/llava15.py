@@ -56,7 +56,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from dualview import DualViewEncoder
+from dualview import DEM, DualViewEncoder
 from dualview import grid as G
 from dualview.checkpoints import read_tensors
 
@@ -79,6 +79,8 @@ MODEL_CLASSES = {
     "llava_mistral": ("llava.model.language_model.llava_mistral", "LlavaMistralForCausalLM"),
     "llava_mpt": ("llava.model.language_model.llava_mpt", "LlavaMptForCausalLM"),
 }
+# model_type -> the class of its inner model (``get_model()``, which holds ``spatial_embed``)
+INNER_CLASSES = {"llava_llama": "LlavaLlamaModel", "llava_mistral": "LlavaMistralModel", "llava_mpt": "LlavaMptModel"}
 
 
 ADAPTER = "llava15"
@@ -112,11 +114,14 @@ class DualViewLlava(_host.DualViewHost):
 
     dualview_adapter = ADAPTER
 
+    def dualview_expects(self) -> tuple[int, G.Size]:
+        return _expects(self.get_model())
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
         feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
         projector = self.get_model().mm_projector
-        return projector(feats.to(next(projector.parameters()).dtype))  # a DEM kept in another precision
+        return projector(_host.to_dtype_of(feats, projector))  # a DEM kept in another precision
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
@@ -164,6 +169,31 @@ class DualViewLlavaMpt(DualViewLlava):
         )
 
 
+def _expects(inner: nn.Module) -> tuple[int, G.Size]:
+    """``(dim, (h, w))`` the llava vision tower hands the DEM (``mm_hidden_size``, its token grid)."""
+    tower = inner.get_vision_tower()
+    side = tower.config.image_size // tower.config.patch_size
+    return int(getattr(inner.config, "mm_hidden_size", tower.hidden_size)), (side, side)
+
+
+class DualViewLlavaInner:
+    """llava's inner model (``get_model()``, where ``spatial_embed`` lives) with the check of an
+    assigned DEM that :class:`~dualview.adapters._host.DualViewHost` gives the hosts it swaps: a DEM
+    the host cannot use is refused before it replaces the registered one."""
+
+    dualview_plain: type
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == _host.DEM_ATTR and isinstance(value, nn.Module):
+            dem = _host.unwrap_dem(value)
+            if not isinstance(dem, DEM):
+                raise TypeError(f"{_host.DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
+            recorded = recorded_options(self.config) or {}
+            _host.check_dem_fits(dem, adapter=ADAPTER, expects=_expects(self), full_map=False,
+                                 thumbnail_fusion=recorded.get("thumbnail_fusion"))
+        super().__setattr__(name, value)
+
+
 def _define_subclasses() -> dict[str, type]:
     """``DualView<LlavaClass>`` for every llava class this llava-torch can import, defined in this
     module's namespace (so pickle finds them by name). model_type -> subclass."""
@@ -178,9 +208,17 @@ def _define_subclasses() -> dict[str, type]:
         sub = type(sub_name, (mixin, plain), {"__module__": __name__, "__qualname__": sub_name, "dualview_plain": plain})
         setattr(sys.modules[__name__], sub_name, sub)
         out[model_type] = sub
+        inner = getattr(importlib.import_module(module), INNER_CLASSES[model_type], None)
+        if inner is not None:
+            inner_name = "DualView" + inner.__name__
+            inner_sub = type(inner_name, (DualViewLlavaInner, inner),
+                             {"__module__": __name__, "__qualname__": inner_name, "dualview_plain": inner})
+            setattr(sys.modules[__name__], inner_name, inner_sub)
+            INNER_SUBCLASSES[inner] = inner_sub
     return out
 
 
+INNER_SUBCLASSES: dict[type, type] = {}
 SUBCLASSES = _define_subclasses()
 
 
@@ -239,13 +277,18 @@ def apply(model: nn.Module, **options: Any) -> nn.Module:
     side = tower.config.image_size // tower.config.patch_size
     dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._initialize_weights)
     _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner)
+    if type(inner) in INNER_SUBCLASSES:  # an assigned DEM is checked there
+        _host.swap_class(inner, INNER_SUBCLASSES[type(inner)])
     return _host.checked(model, encoder_of, unapply)
 
 
 def unapply(model: nn.Module) -> nn.Module:
     """The plain llava model back (its class, no DEM, no ``config.dualview``); returns it."""
     _host.adapted(model, ADAPTER)
-    _host.unapply(model, config=model.config, dem_parent=model.get_model(), adapter=ADAPTER)
+    inner = model.get_model()
+    _host.unapply(model, config=model.config, dem_parent=inner, adapter=ADAPTER)
+    if isinstance(inner, DualViewLlavaInner):
+        _host.swap_class(inner, type(inner).dualview_plain)
     return model
 
 

@@ -227,7 +227,7 @@ class DEM(nn.Module):
         grid: G.Grid,
         feat_size: Optional[G.Size] = None,
     ) -> torch.Tensor:
-        rows, cols = G.check_grid(grid)
+        rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
         crops = rows * cols
         batch, n = local_feats.shape[0], crops * h * w
@@ -323,7 +323,7 @@ class DEM(nn.Module):
     def fused_tokens(self, grid: G.Grid, feat_size: G.Size) -> int:
         """Tokens per image that go through the fusion: all ``R*C*h*w``, or only the ones the
         resampling samples (see ``_sample_strides``)."""
-        rows, cols = G.check_grid(grid)
+        rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = G.check_size(tuple(feat_size), "feat_size")
         if self._sample_strides((rows * h, cols * w)) is None:
             return rows * cols * h * w
@@ -344,7 +344,7 @@ class DEM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The local map ``ML`` and the global map ``MG``, both (B, R*h, C*w, D); position
         ``(y, x)`` of either holds the features of the same canvas region."""
-        rows, cols = G.check_grid(grid)
+        rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
         return (
             layout.windows_to_map(local_feats, rows, cols, h, w),

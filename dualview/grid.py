@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 Grid = tuple[int, int]
 """``(rows, cols)`` of sub-images."""
@@ -48,17 +48,19 @@ def check_size(value: object, name: str) -> Size:
     return int(value[0]), int(value[1])
 
 
-def check_grid(grid: object, name: str = "grid") -> Grid:
-    """``grid`` as ``(rows, cols)`` with ``1 <= rows, cols <= MAX_GRID_SIDE``, or a ValueError."""
+def check_grid(grid: object, name: str = "grid", *, max_side: Optional[int] = MAX_GRID_SIDE) -> Grid:
+    """``grid`` as ``(rows, cols)`` with ``1 <= rows, cols <= max_side``, or a ValueError.
+
+    ``max_side``: the sanity limit on a grid someone chooses (DCM, the command line); None for a
+    grid that an image was already cut into (a host's processor, the DEM's input): any positive size."""
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)
-        or not all(1 <= v <= MAX_GRID_SIDE for v in grid)
+        or not all(1 <= v <= (max_side or v) for v in grid)
     ):
-        raise ValueError(
-            f"{name} must be (rows, cols) with ints in 1..{MAX_GRID_SIDE} or 'auto', got {grid!r}"
-        )
+        allowed = f"ints in 1..{max_side}" if max_side is not None else "positive ints"
+        raise ValueError(f"{name} must be (rows, cols) with {allowed} or 'auto', got {grid!r}")
     return int(grid[0]), int(grid[1])
 
 

@@ -44,17 +44,24 @@ class HostCase:
     projector: Callable[[nn.Module], nn.Module] = lambda model: model.model.multi_modal_projector
     image_features: Optional[Callable[..., Any]] = None
     """``(model, inputs, **kwargs) -> get_image_features output``; None: the host has no such method."""
+    pooler_from_last: Optional[Callable[..., Any]] = None
+    """``(model, last_hidden_state, inputs) -> pooler_output``: the host's own steps after the
+    features (projector, pixel shuffle, packing), to check that ``last_hidden_state`` holds what
+    they read; None: checked for shape and dependence on the DEM only."""
     mismatch_error: str = "Image features and image tokens do not match"
     """Regex of the host's own error when image tokens and features disagree."""
     generate_returns_prompt: bool = True
     offload_map: Optional[dict] = None
     """A ``device_map`` putting the vision tower on "disk"."""
+    projector_key: str = "model.multi_modal_projector"
+    """The projector's (connector's) name in the model, for ``device_map``."""
     image_token_id: Optional[int] = None
     input_ids_key: str = "input_ids"
     generate: Callable[..., torch.Tensor] = lambda model, inputs, **kwargs: model.generate(**inputs, **kwargs)
     """How the host's ``generate`` takes the inputs."""
     not_applicable: dict = field(default_factory=dict)
-    """Check name ("mismatch", "image_features", "offload", "left_padding") -> why the host has no such contract."""
+    """Check name ("mismatch", "image_features", "offload", "projector_offload", "left_padding",
+    "assignment_check") -> why the host has no such contract."""
     plain_inputs: Optional[Callable[[Sequence[Size]], dict]] = None
     """Inputs for the never-adapted model, where its processor makes other ones (default: ``inputs``)."""
 
@@ -132,6 +139,36 @@ class HostBattery:
         _, twin = self.adapted()
         self.dem(case, twin).load_state_dict(replacement.state_dict())
         torch.testing.assert_close(logits(twin, inputs), after, rtol=0, atol=0)
+
+    def test_a_dem_the_host_cannot_use_is_refused_at_assignment(self, tmp_path):
+        """A DEM of the wrong ``dim``, or an ``out_size`` the host cannot take (None under the
+        thumbnail mean; another grid than the tower's; any for full-map hosts), is refused when
+        assigned to ``spatial_embed`` (naming it, expected and actual), the registered DEM kept: the
+        model runs, saves and reloads."""
+        case, model = self.adapted()
+        self.skip_unless(case, "assignment_check")
+        dem = self.dem(case, model)
+        settings = dict(directions=dem.directions, fusion=dem.fusion, resample=dem.resample or "bilinear",
+                        eps=dem.ln_fuse.eps)
+        heads = dem.attention.num_heads
+        bad = [(DEM(dem.dim + heads, heads, out_size=dem.out_size, **settings), rf"dim={dem.dim}.*got dim={dem.dim + heads}")]
+        fusion = model.config.dualview["thumbnail_fusion"]
+        if dem.out_size is None:  # the full map replaces the host's tiles
+            bad.append((DEM(dem.dim, heads, out_size=(2, 2), **settings), r"out_size=None.*got out_size=\(2, 2\)"))
+        elif fusion == "mean":
+            h, w = dem.out_size
+            bad.append((DEM(dem.dim, heads, out_size=None, **settings), rf"out_size=\({h}, {w}\).*got out_size=None"))
+            bad.append((DEM(dem.dim, heads, out_size=(h + 1, w), **settings),
+                        rf"out_size=\({h}, {w}\).*got out_size=\({h + 1}, {w}\)"))
+        for candidate, message in bad:
+            with pytest.raises(ValueError, match=rf"spatial_embed.*{message}"):
+                case.dem_parent(model).spatial_embed = candidate
+            assert self.dem(case, model) is dem
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        model.save_pretrained(tmp_path)
+        torch.testing.assert_close(logits(case.adapter.from_pretrained(tmp_path).eval(), inputs), expected,
+                                   rtol=0, atol=0)
 
     def test_apply_twice_is_refused_and_unapply_gives_the_plain_model_back(self):
         case = self.case()
@@ -255,6 +292,36 @@ class HostBattery:
         out = logits(model, inputs)
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
+    # The DEM may be kept in another precision than the model (a float32 DEM in a bfloat16 / float16
+    # model, e.g. trained in mixed precision, or the reverse), made so by ``.to`` or assigned.
+    DTYPE_MATRIX = [
+        (torch.bfloat16, torch.float32, "to"), (torch.float16, torch.float32, "to"),
+        (torch.float32, torch.bfloat16, "to"), (torch.float32, torch.float16, "to"),
+        (torch.bfloat16, torch.float16, "to"), (torch.bfloat16, torch.float32, "assign"),
+    ]
+
+    @pytest.mark.parametrize("model_dtype, dem_dtype, how", DTYPE_MATRIX)
+    def test_a_dem_in_another_precision_than_the_model(self, model_dtype, dem_dtype, how):
+        """The model runs in its dtype whatever the DEM's, and gives the float32 model's answer
+        within the lower precision's error (the DEM runs in its own dtype, the projector in its)."""
+        case, model = self.adapted()
+        inputs = case.inputs(case.sizes[:1])
+        reference = logits(model, inputs)
+        dem = self.dem(case, model)
+        model.to(model_dtype)
+        if how == "assign":
+            case.dem_parent(model).spatial_embed = copy.deepcopy(dem).to(dem_dtype)
+        else:
+            dem.to(dem_dtype)
+        assert next(self.dem(case, model).parameters()).dtype == dem_dtype
+        assert next(case.projector(model).parameters()).dtype == model_dtype
+        cast = {k: (v.to(model_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in inputs.items()}
+        out = logits(model, cast)
+        assert out.dtype == model_dtype
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(out.float(), reference, atol=0.1 * scale, rtol=0)
+
     # -- the host's own errors and switches ---------------------------------------------------------------
 
     def test_image_tokens_and_features_that_disagree_raise_the_hosts_error(self):
@@ -297,6 +364,27 @@ class HostBattery:
         assert crops == out.hidden_states[0].shape[0] if out.hidden_states else crops > 1
         torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(crops, heads, tokens))
 
+    def test_get_image_features_last_hidden_state(self):
+        """``last_hidden_state``: the dual-view features the host's projector reads (DEM-fused
+        tiles; D = the DEM's channels), as the host gives the features before its projector."""
+        case, model = self.adapted()
+        out = self._features(case, model)
+        last = out.last_hidden_state
+        assert isinstance(last, torch.Tensor) and last.ndim == 3, type(last)
+        assert last.shape[-1] == self.dem(case, model).dim and torch.isfinite(last.float()).all()
+        if case.pooler_from_last is not None:
+            with torch.no_grad():
+                want = case.pooler_from_last(model, last, case.inputs(case.sizes[:1]))
+            got = out.pooler_output
+            got = list(got) if isinstance(got, (list, tuple)) else [got]
+            want = list(want) if isinstance(want, (list, tuple)) else [want]
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            self.dem(case, model).ln_fuse.bias.add_(1.0)
+        assert not torch.allclose(self._features(case, model).last_hidden_state, last)  # the DEM's output
+
     def test_get_image_features_output_return_dict_false(self):
         """``config.return_dict=False`` (or ``return_dict=False`` in the call) gives a tuple."""
         case, model = self.adapted()
@@ -330,6 +418,38 @@ class HostBattery:
         linear = next(m for m in dem.modules() if isinstance(m, nn.Linear))
         assert abs(float(linear.weight.detach().std()) - std) < 0.25 * std and not linear.bias.abs().any()
 
+    @pytest.mark.parametrize("where", ["cpu", "disk"])
+    def test_offloaded_projector_with_device_map(self, tmp_path, where):
+        """The DEM is placed with the projector: with the projector offloaded by ``device_map`` (its
+        weights on "meta" behind accelerate's hooks) the DEM holds the saved weights on the device
+        the projector runs on, and the loaded model gives the logits of the model in memory; so
+        does ``apply`` on a plain model loaded with its projector offloaded."""
+        case, model = self.adapted()
+        self.skip_unless(case, "projector_offload")
+        pytest.importorskip("accelerate")
+        with torch.no_grad():  # a trained DEM: not what a fresh initialisation gives
+            for p in self.dem(case, model).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        inputs = case.inputs(case.sizes[:1])
+        model.save_pretrained(tmp_path / "saved")
+        device_map = projector_offload_map(case.build(), case.projector_key, where)
+        loaded = case.adapter.from_pretrained(tmp_path / "saved", device_map=device_map,
+                                              offload_folder=str(tmp_path / "offload")).eval()
+        dem = self.dem(case, loaded)
+        assert all(p.device.type != "meta" for p in dem.parameters())
+        for (name, saved), got in zip(self.dem(case, model).state_dict().items(), dem.state_dict().values()):
+            assert torch.equal(got.cpu(), saved), name
+        torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+        # apply on a plain model loaded with its projector offloaded: a real (initialised) DEM
+        plain = case.build()
+        plain.save_pretrained(tmp_path / "plain")
+        offloaded = type(plain).from_pretrained(tmp_path / "plain", device_map=device_map,
+                                                offload_folder=str(tmp_path / "offload_plain")).eval()
+        case.adapter.apply(offloaded, **case.options)
+        dem = self.dem(case, offloaded)
+        assert all(p.device.type != "meta" and torch.isfinite(p).all() for p in dem.parameters())
+        assert torch.isfinite(logits(offloaded, inputs)).all()
+
     def test_offloaded_vision_tower_with_device_map(self, tmp_path):
         """``from_pretrained(..., device_map=...)`` with the tower on "disk" (accelerate hooks, meta
         parameters) loads and gives the logits of the model in memory."""
@@ -360,3 +480,19 @@ def assert_token_counts_follow_the_host(
     tokens = list(counted.num_image_tokens)
     assert tokens == list(whole) or tokens == list(placeholders), (tokens, list(whole), list(placeholders))
     return counted
+
+
+def projector_offload_map(model: nn.Module, projector_key: str, where: str) -> dict:
+    """A ``device_map`` of ``model``: every module on "cpu" down to the projector's parent, the
+    projector (``projector_key``) on ``where``."""
+    parent, _, _ = projector_key.rpartition(".")
+    mapping = {}
+    for name, _ in model.named_children():
+        if parent == name or parent.startswith(name + "."):
+            holder = model.get_submodule(parent)
+            for child in [n for n, _ in holder.named_children()] + [n for n, _ in holder.named_parameters(recurse=False)]:
+                mapping[f"{parent}.{child}"] = "cpu"
+        else:
+            mapping[name] = "cpu"
+    mapping[projector_key] = where
+    return mapping

@@ -256,6 +256,21 @@ def test_features_match_the_reference(models, processor, size):
     torch.testing.assert_close(features(adapted, inputs).pooler_output[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it(models, host):
+    """do_resize=False keeps a 2x35-tile image as it is: the adapted model takes the host's grid (no
+    limit of its own), as a grid entry of the input too, and fuses the tiles as for any grid."""
+    plain, adapted = models
+    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False))
+    size = (2 * S - 5, 35 * S - 7)
+    assert adapter.processor_grid(size, tile=S, longest_edge=None) == (2, 35)
+    inputs = batch(processor, [[size]])
+    assert inputs["image_grid"][0, 0].tolist() == [2, 35]
+    frames = inputs["pixel_values"][0, : 2 * 35 + 1]
+    masks = inputs["pixel_attention_mask"][0, : 2 * 35 + 1]
+    want = reference_image_features(adapted.model, frames, masks, (2, 35))
+    torch.testing.assert_close(features(adapted, inputs).pooler_output[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_global_crops_are_strided_samples_of_the_image(models, host):
     """An image of exactly 2x3 tiles with do_resize=False is not resampled: its tiles ARE the image,
     so the global crops the tower sees must be the normalised image's strided samples."""
@@ -304,6 +319,30 @@ def test_tower_batch_size_chunks_the_call_with_the_same_result(host, processor):
     assert got.hidden_states[-1].shape[0] == 2 * rows * cols + 1  # every crop of the one (chunked) call
     for got_layer, want_layer in zip(got.hidden_states, want.hidden_states):
         torch.testing.assert_close(got_layer, want_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_tower_batch_size_none_is_the_encoders_automatic_chunking(host, processor, monkeypatch):
+    """``tower_batch_size=None`` means automatic chunks, as everywhere (the encoder's rule: the fewest
+    equal calls of at most AUTO_CHUNK_TOKENS tokens), not one call; None, "all" and small ints give
+    the same features."""
+    import dualview.encoder as encoder_module
+
+    inputs = batch(processor, [[(90, 50)]])
+    rows, cols = adapter.processor_grid((90, 50), tile=S, longest_edge=LONGEST)
+    crops, tokens = 2 * rows * cols + 1, (S // PATCH) ** 2
+    monkeypatch.setattr(encoder_module, "AUTO_CHUNK_TOKENS", 4 * tokens)  # at most 4 crops per call
+    outputs, calls = {}, {}
+    for size in (None, "all", 1, 3):
+        _, model = plain_and_adapted(host, tower_batch_size=size)
+        seen = []
+        model.model.vision_model.embeddings.register_forward_hook(
+            lambda module, args, kwargs, out, seen=seen: seen.append(out.shape[0]), with_kwargs=True)
+        outputs[size] = features(model, inputs).pooler_output[0]
+        calls[size] = seen
+    assert calls[None] == encoder_module.even_chunks(crops, tokens, 4 * tokens) and len(calls[None]) > 1
+    assert calls["all"] == [crops] and calls[1] == [1] * crops and sum(calls[3]) == crops
+    for size in ("all", 1, 3):
+        torch.testing.assert_close(outputs[size], outputs[None], rtol=1e-5, atol=1e-5)
 
 
 def test_pixel_masks_are_used_as_the_host_uses_them(models, host):
@@ -389,6 +428,41 @@ def test_generate_with_the_prepared_processors_inputs(models, processor):
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
 
 
+def _cache_of(out):
+    """The KV cache of a forward's output (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        value = out.get(name) if hasattr(out, "get") else None
+        if value is not None:
+            return value
+    raise AssertionError(f"no cache in the output ({list(out.keys())})")
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["outer", "inner"])
+def test_a_kv_cache_is_used_under_every_name_the_host_takes(models, processor, inner):
+    """The prompt run once with ``use_cache``, its last token run alone with the cache (under each
+    name the installed host's forward takes: ``past_key_values`` and, where it exists, ``cache``)
+    gives the last position of the whole prompt's run, as in the plain host."""
+    import inspect
+
+    plain, adapted = models
+    inputs = batch(processor, [[(90, 50)]])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    head = dict(inputs, input_ids=ids[:, :-1], attention_mask=mask[:, :-1])
+    names = ["past_key_values"] + (["cache"] if "cache" in inspect.signature(type(plain).forward).parameters else [])
+    for model_ in (plain, adapted):
+        model = model_.model if inner else model_
+        with torch.no_grad():
+            whole = model(**inputs)
+            whole = whole.last_hidden_state if inner else whole.logits
+            for name in names:
+                first = model(**head, use_cache=True)
+                out = model(input_ids=ids[:, -1:], attention_mask=mask, **{name: _cache_of(first)}, use_cache=True)
+                last = out.last_hidden_state if inner else out.logits
+                where = f"{type(model).__name__}, {name}"
+                torch.testing.assert_close(last[:, -1], whole[:, -1], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, where=where: f"{where}: {m}")
+
+
 def test_training_step_reaches_the_dem_only(host, processor):
     plain, adapted = plain_and_adapted(host)
     adapted.train()
@@ -446,6 +520,21 @@ def test_a_bare_inner_model_is_adapted_alike(host, models, processor):
     assert type(adapter.unapply(bare)) is type(plain.model)
 
 
+def test_apply_to_the_inner_model_of_a_for_conditional_generation_is_refused_naming_what_to_pass(host):
+    """``apply(model.model)`` would adapt a forward that works while the outer model's ``generate``
+    refuses ``image_grid``: refused, naming the outer class and ``apply(model)``; the model is left plain."""
+    model = tiny_model(host)
+    inner_cls = type(model.model)
+    with pytest.raises(ValueError, match=rf"inner model of a {type(model).__name__}.*apply\(model\)"):
+        adapter.apply(model.model, num_heads=2)
+    assert type(model.model) is inner_cls and not hasattr(model.model, "spatial_embed")
+    assert recorded_options(model.config) is None
+    adapter.apply(model, num_heads=2)  # the whole model: generate takes image_grid
+    processor = adapter.prepare_processor(tiny_processor(host))
+    with torch.no_grad():
+        model.generate(**batch(processor, [[(90, 50)]]), max_new_tokens=1, do_sample=False)
+
+
 def test_apply_errors(host):
     plain, adapted = plain_and_adapted(host)
     with pytest.raises(ValueError, match="already applied"):
@@ -500,7 +589,9 @@ def _case(host):
         sizes=((40, 70), (90, 30)),  # 3x4 and 4x2 tiles: the global crops differ from the tiles
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,
+        projector_key="model.connector",
         image_features=image_features,
+        pooler_from_last=lambda model, last, inputs: [model.model.connector(last).flatten(0, 1)],
         image_token_id=IMAGE_TOKEN_ID,
         offload_map={"model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu",
                      "lm_head": "cpu"},

@@ -271,6 +271,21 @@ def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_host
         torch.testing.assert_close(dual[where][:-1], reference, atol=1e-5, rtol=1e-4)
 
 
+def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it():
+    """max_patches=40 and a 100x3400 image: the host cuts it into 1x34 tiles (plus the thumbnail); the
+    adapted model takes that grid (no limit of its own) and fuses the tiles as for any grid."""
+    plain, adapted = plain_and_adapted()
+    processor = prepared(max_patches=40)
+    inputs = M.batch(processor, [(100, 3400)])
+    assert adapter.tile_grid((100, 3400), tile_size=(S, S), min_patches=1, max_patches=40) == (1, 34)
+    assert inputs["image_sizes"].tolist() == [[S, 34 * S]]
+    dual = image_features(adapted, inputs)
+    reference = reference_tile_features(adapted, inputs["pixel_values"][:-1], (1, 34))
+    torch.testing.assert_close(dual[:-1], reference, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert adapted(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
 def test_tower_batch_size_chunks_the_one_tower_batch_and_changes_nothing_else():
     plain = M.tiny_model()
     whole = adapter.apply(copy.deepcopy(plain), num_heads=2)
@@ -479,6 +494,8 @@ class TestHostBattery(HostBattery):
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
+            pooler_from_last=lambda model, last, inputs: model.model.multi_modal_projector(model.model.pixel_shuffle(
+                last.unflatten(1, (H, H)), scale_factor=model.config.downsample_ratio).flatten(1, 2)),
             not_applicable={"offload": "the plain InternVL cannot be loaded with its vision tower on 'disk' "
                                        "(test_the_plain_host_cannot_be_offloaded_to_disk)"},
         )
@@ -510,9 +527,12 @@ class TestHostBattery(HostBattery):
             torch.testing.assert_close(batched[i:i + 1], logits(model, one), atol=1e-5, rtol=1e-4)
 
     def test_get_image_features_output_return_dict_false(self):
-        """The host's pooler_output is one (patches, image_seq_length, text_dim) tensor, not a list."""
+        """The host's pooler_output is one (patches, image_seq_length, text_dim) tensor, not a list; the
+        tuple starts with last_hidden_state and ends with pooler_output, as the host's (which holds the
+        tower's hidden states between them, as BaseModelOutputWithPooling orders its fields)."""
         case, model = self.adapted()
         as_dict = self._features(case, model)
         model.config.return_dict = False
         for as_tuple in (self._features(case, model), self._features(case, model, return_dict=False)):
-            assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.pooler_output)
+            assert isinstance(as_tuple, tuple)
+            assert torch.equal(as_tuple[0], as_dict.last_hidden_state) and torch.equal(as_tuple[-1], as_dict.pooler_output)

@@ -166,6 +166,38 @@ def test_processor_pads_to_square_with_the_mean_colour():
     assert pixels[:, 12:16].abs().max() > 0.5
 
 
+@pytest.mark.parametrize("grid", [(3, 3), (2, 3)])
+def test_input_not_at_the_adapted_resolution_is_refused_naming_prepare_processor(grid):
+    """A plain processor's 28x28 image would be upscaled and cut into R x C views of nothing: refused,
+    as is any other size than the R*s x C*s canvas; the prepared processor's input runs."""
+    model = hf_llava.apply(make_model(), grid=grid)
+    height, width = grid[0] * 28, grid[1] * 28
+    plain = make_processor()(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
+    assert plain["pixel_values"].shape[-2:] == (28, 28)
+    expected = rf"pixel_values must be {height}x{width} .*got 28x28.*prepare_processor\(processor, model\)"
+    with pytest.raises(ValueError, match=expected):
+        model.model.get_image_features(pixel_values=plain["pixel_values"])
+    with pytest.raises(ValueError, match=expected):
+        model(pixel_values=plain["pixel_values"], input_ids=plain["input_ids"])
+    with pytest.raises(ValueError, match=rf"must be {height}x{width} .*got {height + 1}x{width}"):
+        model.model.get_image_features(pixel_values=torch.randn(1, 3, height + 1, width))
+    prepared = hf_llava.prepare_processor(make_processor(), model)
+    inputs = prepared(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_the_training_doc_prepares_the_processor():
+    """docs/training.md's Trainer snippet builds its inputs with the prepared processor."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    snippet = doc[doc.index("## HF Trainer"):]
+    snippet = snippet[snippet.index("```python"):snippet.index("```", snippet.index("```python") + 3)]
+    assert "hf_llava.prepare_processor(" in snippet
+    assert snippet.index("hf_llava.apply(") < snippet.index("hf_llava.prepare_processor(") < snippet.index("Trainer(")
+
+
 def test_errors():
     with pytest.raises(ValueError, match="strategy='full' drops 0 token.*set config.vision_feature_select_strategy = 'default'"):
         hf_llava.apply(make_model(vision_feature_select_strategy="full"))
@@ -187,8 +219,11 @@ def test_errors():
 from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
+BATTERY_OPTIONS = dict(grid=(2, 3), num_heads=4)
+
+
 def _inputs(sizes):
-    processor = hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model()))
+    processor = hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model(), **BATTERY_OPTIONS))
     processor.tokenizer.padding_side = "left"
     return dict(processor(images=[tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
                           text=[tiny.PROMPT] * len(sizes), return_tensors="pt", padding=True))
@@ -203,9 +238,10 @@ class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
         return HostCase(
-            adapter=hf_llava, build=make_model, inputs=_inputs, options=dict(grid=(2, 3), num_heads=4),
+            adapter=hf_llava, build=make_model, inputs=_inputs, options=BATTERY_OPTIONS,
             image_token_id=tiny.IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(inputs["pixel_values"], **kw),
+            pooler_from_last=lambda model, last, inputs: list(model.model.multi_modal_projector(last)),
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
                          "model.language_model": "cpu", "lm_head": "cpu"}, plain_inputs=_plain_inputs,
         )

@@ -350,6 +350,15 @@ def _battery_model():
     return model
 
 
+def _pooler_from_last(model, last, inputs):
+    """The host's projector and packing over the per-image patches of ``last_hidden_state``."""
+    counts = [1 + r * c for r, c in (adapter.budget(model, tuple(s.tolist())).grid for s in inputs["image_sizes"])]
+    projected = model.model.multi_modal_projector(last).split(counts)
+    return model.model.pack_image_features(
+        list(projected), inputs["image_sizes"], model.config.vision_feature_select_strategy,
+        image_newline=model.model.image_newline)[0]
+
+
 class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
@@ -358,6 +367,7 @@ class TestHostBattery(HostBattery):
             sizes=((30, 90), (57, 41)), image_token_id=IMAGE_TOKEN_ID,
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], **kw),
+            pooler_from_last=_pooler_from_last,
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
                          "model.language_model": "cpu", "lm_head": "cpu"},
         )

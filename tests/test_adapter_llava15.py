@@ -423,5 +423,6 @@ class TestHostBattery(HostBattery):
                 "mismatch": "llava's prepare_inputs_labels_for_multimodal has no image-token / feature check",
                 "image_features": "llava has no get_image_features (encode_images returns projected features)",
                 "offload": "llava loads its vision tower itself from mm_vision_tower, outside from_pretrained's device_map",
+                "projector_offload": "llava's from_pretrained loads the vision tower itself, outside the device_map",
             },
         )
