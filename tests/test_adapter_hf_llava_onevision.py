@@ -175,7 +175,9 @@ def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
     assert plain_calls.sizes == [sum(1 + r * c for r, c in grids)]
     assert dual_calls.sizes == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
     for i, size in enumerate(sizes):
-        torch.testing.assert_close(dual[i][: H * W], host[i][: H * W], atol=0, rtol=0)  # the base image, plain
+        # the base image, plain: the same tower in a batch of another size (CPU matmul kernels may block
+        # a batch differently, ~1e-8 here on some machines), so float32 rounding, not bit equality
+        torch.testing.assert_close(dual[i][: H * W], host[i][: H * W], atol=1e-6, rtol=1e-5)
         assert (dual[i][H * W :] - host[i][H * W :]).abs().max() > 1e-3  # the tiles are not plain OneVision's
         reference = reference_tile_tokens(adapted, inputs["pixel_values"][i], size, [layers] if n_layers == 1 else layers)
         torch.testing.assert_close(dual[i][H * W :], reference, atol=1e-5, rtol=1e-4)
