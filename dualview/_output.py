@@ -51,6 +51,18 @@ def target_path(output: Path, *, name: str = "output") -> Path:
     return target
 
 
+def check_writable(output: Path, *, name: str = "output") -> Path:
+    """Before any work: an :class:`OutputError` when ``output`` cannot be written (a folder,
+    a device, a path under a file, a folder without write permission); returns the target path."""
+    target = target_path(output, name=name)
+    ancestor = next((p for p in target.absolute().parents if p.exists()), None)
+    if ancestor is None or not ancestor.is_dir():
+        raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} is not writable")
+    return target
+
+
 def write_atomically(output: PathLike, write: Callable[[Path], None], *, name: str = "output") -> Path:
     """Call ``write(temporary_path)`` and move the result over ``output`` atomically; returns the
     path written. Parent folders are created. An OSError of the write becomes one

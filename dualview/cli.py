@@ -26,7 +26,7 @@ from pathlib import Path
 from . import __version__
 from . import grid as G
 from ._checks import MissingDependency, require
-from ._output import check_not_input
+from ._output import check_not_input, check_writable
 
 EXIT_ERROR = 1
 VIZ = ("matplotlib", "PIL")
@@ -113,6 +113,7 @@ def cmd_show(args) -> None:
     grid = G.parse_grid(args.grid)
     if grid != "auto":  # before the image is read: nothing is allocated for a canvas too large
         check_canvas(grid, args.crop_size, grid_text=args.grid)
+    check_writable(output, name="-o")
     if args.image:
         check_not_input(output, [Path(args.image)], name="-o")
     image = load_image(Path(args.image)) if args.image else demo_image()

@@ -9,7 +9,7 @@ from typing import Union
 import torch
 
 from ._checks import require
-from ._output import check_not_input, target_path, write_atomically
+from ._output import check_not_input, check_writable, write_atomically
 from .checkpoints import (
     DEM_DIM_KEY, DEM_MARK, PROJECTOR_MARK, WEIGHT_DTYPES, Origin, check_dem_state, checkpoint_files, dem_dim,
     find_prefix, read_tensors, strip_prefix,
@@ -58,7 +58,7 @@ def convert_inf_llava(source: Union[str, Path], output: Union[str, Path], *, out
             f"{output_name} {str(output)!r} is a folder: give the file to write, e.g. {str(output / 'dem.safetensors')!r}"
         )
     check_output_name(output, output_name)
-    target_path(output, name=output_name)  # a device or a FIFO is refused too
+    check_writable(output, name=output_name)  # a device, a FIFO, a path under a file: refused too
     if not source.exists():
         raise FileNotFoundError(f"checkpoint {str(source)!r} does not exist")
     check_not_input(output, checkpoint_files(source), name=output_name)
