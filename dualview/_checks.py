@@ -36,9 +36,15 @@ class MissingDependency(ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 
+PIP_NAMES = {"PIL": "pillow"}
+"""Distribution names that differ from the module's."""
+
+
 def require(*modules: str, extra: str, feature: str) -> None:
     """Import ``modules`` now, before any work, or raise one :class:`MissingDependency` line that
-    says which extra to install (``pip install 'dualview[viz]'``)."""
+    names the extra that brings it (``dualview[viz]``) and how to install it: dualview is installed
+    from a checkout (no package index serves it), so ``pip install '.[viz]'`` there, or the module's
+    own distribution."""
     import importlib
 
     for module in modules:
@@ -47,5 +53,5 @@ def require(*modules: str, extra: str, feature: str) -> None:
         except ImportError:
             raise MissingDependency(
                 f"{feature} needs {module}, which is not installed: install dualview[{extra}] "
-                f"(pip install 'dualview[{extra}]')"
+                f"(pip install '.[{extra}]' in the dualview checkout), or pip install {PIP_NAMES.get(module, module)}"
             ) from None

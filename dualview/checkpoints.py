@@ -19,6 +19,8 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ._checks import require
+
 DEM_MARK = "spatial_embed."
 """Released INF-LLaVA checkpoints keep the DEM under ``model.spatial_embed.``."""
 PROJECTOR_MARK = "mm_projector."
@@ -44,8 +46,25 @@ _PROJECTOR_FILE = "mm_projector.bin"
 _SHARD_NAME = re.compile(r"^(?P<stem>model|pytorch_model)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
 
 
+def _require_safetensors() -> None:
+    require("safetensors", extra="hf", feature="reading a .safetensors checkpoint")
+
+
+def _load_refusal(error: Exception) -> str:
+    """What went wrong in ``torch.load(weights_only=True)``, in one phrase, without torch's advice
+    to retry with ``weights_only=False`` (which would run whatever the file holds: never do it)."""
+    text = str(error)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if unpickler:
+        return "the file's pickle was refused (" + " ".join(unpickler[1].split()) + ")"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not re.search(r"weights_only|trusted source|arbitrary code", line)]
+    return lines[0] if lines else type(error).__name__
+
+
 def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        _require_safetensors()
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -61,10 +80,10 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tenso
                 warnings.simplefilter("ignore")
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # pickle refusals and truncation both end here
-            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ValueError(
                 f"checkpoint {str(path)!r} could not be read with torch.load(weights_only=True), which accepts "
-                f"tensors and plain containers only: {reason}"
+                f"tensors and plain containers only: {_load_refusal(e)}. It is a corrupted file or holds other "
+                "pickled objects, which dualview never loads: save the tensors again (safetensors, or a dict of tensors)"
             ) from None
         if not isinstance(state, Mapping):
             raise ValueError(f"checkpoint {str(path)!r} must hold a dict of tensors, got {type(state).__name__}")
@@ -153,6 +172,16 @@ def weight_files(folder: PathLike) -> list[Path]:
     )
 
 
+def checkpoint_files(path: PathLike) -> list[Path]:
+    """Every file :func:`read_tensors` reads for ``path``: the file itself, or a folder's weight
+    files (:func:`weight_files`) and its shard index."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    indexes = [path / index for index, _, _ in _FOLDER_LAYOUTS if (path / index).is_file()]
+    return indexes + weight_files(path)
+
+
 def read_tensors(path: PathLike, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
     """Tensors whose key passes ``keep`` from a weight file or a (sharded) checkpoint folder."""
     path = Path(path)
@@ -194,6 +223,7 @@ def _file_holding(path: Path, key: str) -> Path:
         return files[0]
     for file in files:  # shards without an index: read the safetensors headers only
         if file.suffix == ".safetensors":
+            _require_safetensors()
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as f:

@@ -1,7 +1,7 @@
 """The ``dualview`` command (also ``python -m dualview``): see the crops, compare budgets, convert
 INF-LLaVA checkpoints, run the CPU benchmark.
 
-    dualview show [IMAGE] [--grid auto|RxC] [--crop-size 336] [--max-tiles N] -o crops.png
+    dualview show [IMAGE] [--grid auto|RxC] [--crop-size 336] [--max-tiles N] -o crops.png|.jpg|...|DIR
     dualview budget --size HxW [--grid ...] [--json]
     dualview convert-inf-llava SOURCE -o dem.safetensors
     dualview bench [--device ...] [--grids 2x2,3x3] [--out DIR] ...   (the options of python -m dualview.bench)
@@ -9,14 +9,16 @@ INF-LLaVA checkpoints, run the CPU benchmark.
 
     dualview --version
 
-Errors are one line on stderr and exit code 1 (2 for a malformed command line), never a traceback;
-a missing optional dependency is reported before any work is done.
+Errors are one line on stderr and exit code 1 (2 for a malformed command line: argparse's usage
+error, in the user's own words), never a traceback; a missing optional dependency is reported
+before any work is done. No command writes over one of its inputs; files are written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +26,7 @@ from pathlib import Path
 from . import __version__
 from . import grid as G
 from ._checks import MissingDependency, require
+from ._output import check_not_input, check_writable
 
 EXIT_ERROR = 1
 VIZ = ("matplotlib", "PIL")
@@ -35,10 +38,31 @@ class CommandError(Exception):
 
 
 def parse_size(text: str) -> G.Size:
+    """``HxW`` with positive ints, else a ValueError in the user's words."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"--size must be HxW with positive ints, like 1000x1800, got {text!r}")
+        raise ValueError(f"must be HxW with positive ints, like 1000x1800, got {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+def size_arg(text: str) -> G.Size:
+    """An argparse type for ``--size``: a malformed size is a usage error (exit 2)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def grid_arg(text: str) -> str:
+    """An argparse type for ``--grid``: ``auto`` or ``RxC`` with sides in 1..32, kept as the user
+    wrote it (for messages and titles), else a usage error in the user's words."""
+    try:
+        G.parse_grid(text.lower())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or RxC with R and C in 1..{G.MAX_GRID_SIDE}, like 3x3, got {text!r}"
+        ) from None
+    return text.lower()
 
 
 def positive_int(text: str) -> int:
@@ -52,23 +76,57 @@ def positive_int(text: str) -> int:
     return value
 
 
+def show_output_arg(text: str) -> str:
+    """An argparse type for ``show -o``: a suffix ``show`` can write (or none, or a folder)."""
+    from .show import FORMATS, output_format
+
+    path = Path(text)
+    if path.suffix and not text.endswith(("/", os.sep)) and not path.is_dir():
+        try:
+            output_format(path)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    elif not text:
+        raise argparse.ArgumentTypeError(f"must be a file ({', '.join(FORMATS)}) or a folder, got ''")
+    return text
+
+
+def safetensors_output_arg(text: str) -> str:
+    """An argparse type for ``convert-inf-llava -o``: a ``.safetensors`` file name (or a folder,
+    refused with a suggestion when the command runs)."""
+    from .convert import check_output_name
+
+    if not Path(text).is_dir():
+        try:
+            check_output_name(text, "")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def cmd_show(args) -> None:
     require(*VIZ, extra="viz", feature="dualview show")
     from .sample import demo_image
-    from .show import load_image, render
+    from .show import check_canvas, describe, load_image, render, resolve_output
 
+    output, fmt = resolve_output(args.output)
+    grid = G.parse_grid(args.grid)
+    if grid != "auto":  # before the image is read: nothing is allocated for a canvas too large
+        check_canvas(grid, args.crop_size, grid_text=args.grid)
+    check_writable(output, name="-o")
+    if args.image:
+        check_not_input(output, [Path(args.image)], name="-o")
     image = load_image(Path(args.image)) if args.image else demo_image()
     name = args.image or "embedded demo image"
-    grid = G.parse_grid(args.grid)
-    width, height = render(image, Path(args.output), crop_size=args.crop_size, grid=grid, max_tiles=args.max_tiles,
-                           title=f"dual view of {name}: crop {args.crop_size}, grid {args.grid}")
-    print(f"wrote {args.output} ({width}x{height} PNG)")
+    render(image, output, crop_size=args.crop_size, grid=grid, max_tiles=args.max_tiles,
+           title=f"dual view of {name}: crop {args.crop_size}, grid {args.grid}", fmt=fmt, name="-o")
+    print(f"wrote {output} ({describe(fmt)})")
 
 
 def cmd_budget(args) -> None:
     from .budget import compare, table
 
-    size = parse_size(args.size)
+    size = args.size
     budgets = compare(size, crop_size=args.crop_size, patch_size=args.patch_size, grid=G.parse_grid(args.grid),
                       max_tiles=args.max_tiles)
     if args.json:
@@ -79,9 +137,10 @@ def cmd_budget(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    require("safetensors", extra="hf", feature="dualview convert-inf-llava")
     from .convert import convert_inf_llava
 
-    summary = convert_inf_llava(Path(args.source), Path(args.output))
+    summary = convert_inf_llava(Path(args.source), Path(args.output), output_name="-o")
     print(f"wrote {args.output}: DEM dim {summary['dim']} ({summary['dem_tensors']} tensors)"
           + (f", projector ({summary['projector_tensors']} tensors)" if summary["projector_tensors"] else ""))
 
@@ -90,6 +149,8 @@ def cmd_bench(args) -> None:
     from .bench import run
 
     require(*VIZ, extra="viz", feature="dualview bench (its plot, bench.png)")
+    require("transformers", extra="hf", feature="dualview bench (its CLIP tower and Llama layer)")
+    run.check_args(args)
     run.execute(args)
 
 
@@ -99,18 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def grid_options(p):
-        p.add_argument("--grid", default="auto", help="'auto' (LLaVA-NeXT's AnyRes choice) or RxC, e.g. 3x3")
+        p.add_argument("--grid", default="auto", type=grid_arg,
+                       help="'auto' (LLaVA-NeXT's AnyRes choice) or RxC, e.g. 3x3")
         p.add_argument("--crop-size", type=positive_int, default=336, help="vision tower input size s (default 336)")
         p.add_argument("--max-tiles", type=positive_int, default=9, help="largest R*C for --grid auto (default 9)")
 
     show = sub.add_parser("show", help="draw the image, its grid, the local and the global crops, and the budgets")
     show.add_argument("image", nargs="?", help="any image PIL reads (default: the embedded demo image)")
     grid_options(show)
-    show.add_argument("-o", "--output", default="crops.png", help="PNG to write (default crops.png)")
+    show.add_argument("-o", "--output", default="crops.png", type=show_output_arg,
+                      help="file to write, its format from its suffix (.png, .jpg, .webp, .tif, .pdf, .svg; none: .png "
+                           "is added), or a folder to write crops.png in (default crops.png)")
     show.set_defaults(run=cmd_show)
 
     budget = sub.add_parser("budget", help="tower passes and LLM tokens per image, scheme by scheme")
-    budget.add_argument("--size", required=True, help="image size HxW, e.g. 1000x1800")
+    budget.add_argument("--size", required=True, type=size_arg, help="image size HxW, e.g. 1000x1800")
     grid_options(budget)
     budget.add_argument("--patch-size", type=positive_int, default=14, help="vision tower patch size (default 14)")
     budget.add_argument("--json", action="store_true", help="print JSON")
@@ -118,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert-inf-llava", help="extract the DEM (and projector) of an INF-LLaVA checkpoint")
     convert.add_argument("source", help="checkpoint folder (sharded .safetensors / .bin) or one file (mm_projector.bin)")
-    convert.add_argument("-o", "--output", required=True, help="safetensors file to write (not a folder)")
+    convert.add_argument("-o", "--output", required=True, type=safetensors_output_arg,
+                         help="the .safetensors file to write (never one of the files read; written atomically)")
     convert.set_defaults(run=cmd_convert)
 
     from .bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`

@@ -8,9 +8,11 @@ from typing import Union
 
 import torch
 
+from ._checks import require
+from ._output import check_not_input, check_writable, write_atomically
 from .checkpoints import (
-    DEM_DIM_KEY, DEM_MARK, PROJECTOR_MARK, WEIGHT_DTYPES, Origin, check_dem_state, dem_dim, find_prefix, read_tensors,
-    strip_prefix,
+    DEM_DIM_KEY, DEM_MARK, PROJECTOR_MARK, WEIGHT_DTYPES, Origin, check_dem_state, checkpoint_files, dem_dim,
+    find_prefix, read_tensors, strip_prefix,
 )
 from .enhance import DEM
 
@@ -19,14 +21,47 @@ FORMAT = "dualview-inf-llava/1"
 RELEASED = {"num_heads": 8, "out_size": (24, 24), "directions": "both", "fusion": "linear_concat", "resample": "bilinear"}
 
 
-def convert_inf_llava(source: Union[str, Path], output: Union[str, Path]) -> dict:
+OUTPUT_SUFFIX = ".safetensors"
+"""The converted file is safetensors, and its name says so: ``-o dem.bin`` is refused."""
+
+
+def check_output_name(output: Union[str, Path], name: str = "output") -> Path:
+    """``output`` must name a ``.safetensors`` file, else one ValueError naming it (as ``name``;
+    an empty ``name`` leaves it out, for argparse, which names the option itself)."""
+    output = Path(output)
+    if output.suffix != OUTPUT_SUFFIX:
+        got = f"suffix {output.suffix!r}" if output.suffix else "no suffix"
+        raise ValueError(
+            f"{name + ' ' if name else ''}must be a {OUTPUT_SUFFIX} file (the converted checkpoint is safetensors "
+            f"whatever its name; a .bin name would misdescribe it), got {str(output)!r} ({got}): "
+            f"e.g. {str(output.with_suffix(OUTPUT_SUFFIX))!r}"
+        )
+    return output
+
+
+def convert_inf_llava(source: Union[str, Path], output: Union[str, Path], *, output_name: str = "output") -> dict:
     """Read ``source`` (a checkpoint folder, sharded or not, or one weight file such as the
-    pretraining stage's ``mm_projector.bin``) safely and write ``output``. Returns a summary."""
-    from safetensors.torch import save_file
+    pretraining stage's ``mm_projector.bin``) safely and write ``output`` (a ``.safetensors`` file).
+    Returns a summary.
+
+    ``output`` is never one of the files read (the same path, a symlink or a hard link to one is
+    refused before anything is read) and is written atomically (a temporary file in its folder,
+    then ``os.replace``), with the ordinary file mode (``0o666`` minus the umask). ``output_name``
+    is how the caller names the output in error messages (the command: ``-o``)."""
+    require("safetensors", extra="hf", feature="converting an INF-LLaVA checkpoint")
+    from safetensors.torch import save
 
     source, output = Path(source), Path(output)
-    if output.is_dir():  # checked first: nothing is read before a command line mistake is reported
-        raise ValueError(f"output {str(output)!r} is a folder: give the file to write, e.g. {str(output / 'dem.safetensors')!r}")
+    # checked first: nothing is read before a command line mistake is reported
+    if output.is_dir():
+        raise ValueError(
+            f"{output_name} {str(output)!r} is a folder: give the file to write, e.g. {str(output / 'dem.safetensors')!r}"
+        )
+    check_output_name(output, output_name)
+    check_writable(output, name=output_name)  # a device, a FIFO, a path under a file: refused too
+    if not source.exists():
+        raise FileNotFoundError(f"checkpoint {str(source)!r} does not exist")
+    check_not_input(output, checkpoint_files(source), name=output_name)
     tensors = read_tensors(source, keep=lambda k: DEM_MARK in k or PROJECTOR_MARK in k)
     dem_prefix = find_prefix(tensors, DEM_MARK)
     if dem_prefix is None:
@@ -48,8 +83,8 @@ def convert_inf_llava(source: Union[str, Path], output: Union[str, Path]) -> dic
     out.update({f"{PROJECTOR_MARK}{k}": v.contiguous() for k, v in projector.items()})
     metadata = {"format": FORMAT, "dim": str(dem.dim), "source": str(source)}
     metadata.update({k: "x".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in RELEASED.items()})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(output), metadata=metadata)
+    data = save(out, metadata=metadata)  # bytes: the file is written below, atomically, with the usual mode
+    write_atomically(output, lambda tmp: tmp.write_bytes(data), name=output_name)
     return {"dim": dem.dim, "dem_tensors": len(dem_state), "projector_tensors": len(projector)}
 
 
@@ -74,6 +109,7 @@ def _size(text: str) -> tuple[int, int]:
 def load_converted(path: Union[str, Path]) -> tuple[DEM, dict[str, torch.Tensor]]:
     """A file written by :func:`convert_inf_llava` -> (the DEM configured from its metadata, the
     projector's state dict with bare keys)."""
+    require("safetensors", extra="hf", feature="reading a converted checkpoint")
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

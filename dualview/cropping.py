@@ -195,6 +195,8 @@ class DCM(nn.Module):
                 f"images must have {self.channels} channels (dim 1 of (B, c, H, W)), got shape {tuple(images.shape)}"
             )
         image_size = (images.shape[-2], images.shape[-1])
+        if min(image_size) == 0:
+            raise ValueError(f"images must have at least one pixel, got (H, W)={image_size} (shape {tuple(images.shape)})")
         if not self.allow_small and max(image_size) < self.crop_size:
             raise ValueError(
                 f"images must be at least crop_size={self.crop_size} pixels on one side, got (H, W)={image_size}: "

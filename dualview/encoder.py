@@ -86,8 +86,40 @@ class DualViewEncoder(nn.Module):
         self.thumbnail_fusion = thumbnail_fusion
         self.tower_batch_size = tower_batch_size
         self.patch_size = patch_size if patch_size is not None else getattr(tower, "patch_size", None)
+        self._check_fit()
         self.compile_options = None if compile is False else {"dynamic": False, **({} if compile is True else compile)}
         self._compiled: dict[str, Callable] = {}  # built on first use; never pickled (see __getstate__)
+
+    def _check_fit(self) -> None:
+        """Refuse, before any tower runs, a DEM that cannot take what the tower gives: another
+        width ``D`` than the tower's (when the tower says it, see :func:`tower_dim`), an
+        ``out_size`` that the thumbnail's ``(h, w)`` tokens cannot be averaged with
+        (``thumbnail_fusion="mean"``), or ``resample=None`` with an ``out_size`` that is not the
+        fused map of every grid the DCM may choose (when the patch size is known)."""
+        dim = tower_dim(self.tower)
+        if dim is not None and dim != self.dem.dim:
+            raise ValueError(
+                f"dem must have the tower's width: the tower gives D={dim} channels per token, the DEM has dim={self.dem.dim}"
+            )
+        patch = self.patch_size
+        if patch is None or not isinstance(patch, int) or patch <= 0 or self.dcm.crop_size % patch:
+            return  # the token grid is not known before the tower runs
+        feat = G.crop_tokens(self.dcm.crop_size, patch)
+        out_size = self.dem.out_size
+        if self.thumbnail_fusion == "mean" and out_size != feat:
+            raise ValueError(
+                f"thumbnail_fusion='mean' averages the thumbnail's (h, w)={feat} tokens (crop {self.dcm.crop_size}, "
+                f"patch {patch}) with DEM's: it needs DEM(out_size={feat}), got out_size={out_size}; "
+                "or use thumbnail_fusion='concat' or 'none'"
+            )
+        if self.dem.resample is None and out_size is not None:
+            maps = sorted({(rows * feat[0], cols * feat[1]) for rows, cols in self.dcm.candidates})
+            if maps != [out_size]:
+                raise ValueError(
+                    f"DEM(resample=None) keeps the fused map, of size {maps[0] if len(maps) == 1 else maps} for the "
+                    f"DCM's grid{'' if len(maps) == 1 else 's'}, which differs from out_size={out_size}: "
+                    "choose resample='bilinear' or 'avgpool', or out_size=None"
+                )
 
     @classmethod
     def inf_llava(cls, tower: Tower, dem: DEM) -> "DualViewEncoder":
@@ -231,6 +263,30 @@ machine any size above ~1k tokens costs nothing; on an H200 (bf16, ViT-L/14-336,
 at 3x3, 2026-12-04) calls of <= 32768 tokens (3 x 51 crops) ran 3.9% slower than one call and
 <= 16384 (6 x 26) 3.1% slower, while <= 65536 (2 x 76) ran at 0.985 of one call with 60% of its
 extra memory: the budget is the smallest that costs no time there."""
+
+
+def tower_dim(tower: object) -> Optional[int]:
+    """The width ``D`` of the tower's tokens when it can be known without running the tower, else
+    None: an ``out_dim`` attribute (:class:`dualview.testing.PatchTower` has one; any tower may
+    say it so), or, for ``dualview.adapters.towers``' ``HFVisionTower`` and ``TimmTower``, the
+    model's width (``config.hidden_size``, timm's ``embed_dim``) times the number of layers they
+    concatenate."""
+    dim = getattr(tower, "out_dim", None)
+    if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+        return dim
+    model = getattr(tower, "model", None)
+    layers = getattr(tower, "layers", None)
+    if model is None or not (layers is None or (isinstance(layers, list) and layers)):
+        return None
+    count = 1 if layers is None else len(layers)
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) if config is not None else getattr(model, "embed_dim", None)
+    patch = getattr(config, "patch_size", None) if config is not None else None
+    if config is not None and patch != getattr(tower, "patch_size", None):
+        return None  # not the vision config the tower reads (a composite model's): unknown
+    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+        return width * count
+    return None
 
 
 def even_chunks(crops: int, tokens_per_crop: int, max_tokens: int) -> list[int]:

@@ -90,6 +90,19 @@ def _is_compiling() -> bool:  # torch.compiler.is_compiling arrived in torch 2.3
     return getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
 
 
+def _autocast_accepts(x: torch.Tensor, local_dtype: torch.dtype) -> bool:
+    """Whether features of ``x.dtype`` may meet weights of another dtype: under ``torch.autocast``
+    for ``x``'s device, features in the autocast dtype are accepted (local and global alike), as
+    torch modules accept them: the matmuls then run in the autocast dtype."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4, or a device autocast does not know
+        return False
+    return bool(enabled) and x.dtype == dtype and local_dtype == dtype
+
+
 def _cls_hint(tokens: int) -> Optional[str]:
     """For ``tokens = n*n + 1``: the extra token is almost surely a ViT's CLS token."""
     side = math.isqrt(tokens - 1)
@@ -364,14 +377,23 @@ class DEM(nn.Module):
             raise ValueError(f"local_feats must have D={self.dim} channels (last dim), got shape {tuple(local_feats.shape)}")
         param = self.ln_fuse.weight
         for name, x in (("local_feats", local_feats), ("global_feats", global_feats)):
-            if x.dtype != param.dtype or x.device != param.device:
+            if x.device != param.device or (x.dtype != param.dtype and not _autocast_accepts(x, local_feats.dtype)):
                 raise TypeError(
                     f"{name} must have the DEM's dtype and device ({param.dtype}, {param.device}), "
                     f"got ({x.dtype}, {x.device}): move one of them with .to()"
+                    + ("" if x.device != param.device else "; under torch.autocast, the autocast dtype is accepted too")
                 )
+        if local_feats.dtype != global_feats.dtype:
+            raise TypeError(
+                f"local_feats and global_feats must have one dtype, got {local_feats.dtype} and {global_feats.dtype}"
+            )
         if crops != num_crops:
             raise ValueError(
                 f"local_feats dim 1 must be R*C={num_crops} sub-images for the given grid, got shape {tuple(local_feats.shape)}"
+            )
+        if tokens == 0:
+            raise ValueError(
+                f"local_feats must hold at least one token per sub-image (dim 2, h*w), got shape {tuple(local_feats.shape)}"
             )
         if feat_size is None:
             side = math.isqrt(tokens)

@@ -66,10 +66,17 @@ def _three_numbers(value: object) -> bool:
 def to_unit_range(image: Any) -> torch.Tensor:
     """``image`` as float32 ``(3, H, W)`` in [0, 1] (``(..., 3, H, W)`` for a batched tensor).
 
-    ``image``: a PIL image (any mode, converted to RGB), a uint8 array ``(H, W, 3)`` (numpy, as
-    PIL and OpenCV lay them out), a uint8 tensor ``(..., 3, H, W)`` (as torchvision reads them),
-    or a float tensor ``(..., 3, H, W)`` already in [0, 1]."""
+    ``image``: a PIL image (any mode, converted to RGB; 16-bit greyscale, modes ``I;16*`` and
+    ``I`` as PIL opens 16-bit PNG / TIFF files, is scaled from [0, 65535], not clipped at 255), a
+    uint8 array ``(H, W, 3)`` (numpy, as PIL and OpenCV lay them out), a uint8 tensor
+    ``(..., 3, H, W)`` (as torchvision reads them), or a float tensor ``(..., 3, H, W)`` already in
+    [0, 1]. An image without pixels (zero width or height) is a ValueError."""
     if hasattr(image, "convert") and hasattr(image, "size") and hasattr(image, "mode"):  # PIL, without importing it
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ValueError(f"image must have at least one pixel, got a PIL image of (H, W)=({height}, {width})")
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            return _sixteen_bit(image)
         rgb = image.convert("RGB")
         data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float().div_(255)
@@ -94,6 +101,24 @@ def to_unit_range(image: Any) -> torch.Tensor:
             "pass it to the encoder as it is"
         )
     return image.float()
+
+
+SIXTEEN_BIT_MAX = 65535
+
+
+def _sixteen_bit(image: Any) -> torch.Tensor:
+    """A 16-bit greyscale PIL image (``I;16``, ``I;16B``, ...; or ``I``, 32-bit ints, which is how
+    PIL opens 16-bit PNGs and TIFFs) -> (3, H, W) float32 in [0, 1], value / 65535.
+    PIL's own ``convert("RGB")`` clips these at 255: a 16-bit image would come out nearly white."""
+    ints = image if image.mode == "I" else image.convert("I")  # native-endian int32, exact for 16-bit values
+    data = torch.frombuffer(bytearray(ints.tobytes()), dtype=torch.int32).view(ints.height, ints.width)
+    low, high = int(data.min()), int(data.max())
+    if low < 0 or high > SIXTEEN_BIT_MAX:
+        raise ValueError(
+            f"a PIL image of mode {image.mode!r} must hold 16-bit values in [0, {SIXTEEN_BIT_MAX}], got [{low}, {high}]: "
+            "scale it to 8 or 16 bits first"
+        )
+    return (data.float() / SIXTEEN_BIT_MAX).expand(3, -1, -1).contiguous()
 
 
 def to_pixels(image: Any, tower: Tower = "clip", *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

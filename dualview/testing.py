@@ -22,6 +22,7 @@ class PatchTower(torch.nn.Module):
     def __init__(self, dim: int = 16, patch_size: int = 14, channels: int = 3):
         super().__init__()
         self.patch_size = patch_size
+        self.out_dim = dim
         self.proj = torch.nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.calls = 0
         self.crops = 0

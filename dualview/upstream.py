@@ -30,6 +30,11 @@ ALREADY_PATCHED_MARK = "def init_dual_view"
 NEXT_MARK = "def get_2dPool"  # LLaVA-NeXT's llava_arch.py has it (video pooling), LLaVA-1.5's has not
 
 
+INSTALL_FROM = "/path/to/dualview"
+"""What the fork's environment installs: dualview from its checkout (or a wheel built from it,
+``pip wheel --no-deps /path/to/dualview``); no package index serves it."""
+
+
 class UpstreamError(ValueError):
     """A fork checkout that the patch cannot be applied to; the message is one line (the command
     prints it, without a traceback, and exits 1)."""
@@ -97,7 +102,8 @@ class Outcome:
             return "\n".join(lines)
         lines += [
             "next:",
-            "  pip install dualview   # in the fork's environment: the patched files import it",
+            f"  pip install {INSTALL_FROM}   # in the fork's environment (a dualview checkout or a built wheel; "
+            "no package index serves dualview): the patched files import it",
             f"  git -C {self.root} diff   # review; git -C {self.root} checkout -- llava undoes it",
             *(f"  {flags}" for flags in self.fork.train_flags),
             "  (dualview's docs/upstream.md explains each hunk, the flags and the checkpoint keys)",

@@ -231,3 +231,50 @@ def test_check_dem_state_refuses_a_transposed_weight_of_the_same_size():
     state[key] = state[key].t().contiguous()  # same numel, another shape
     with pytest.raises(ValueError, match=key):
         check_dem_state(state, dem)
+
+
+# ---- issue 22: refusals never advise weights_only=False; the files a conversion reads -------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"garbage" * 10,  # not a pickle, not a zip
+        pickle.dumps({"attention.linears.0.weight": object()}),  # a pickled object
+        pickle.dumps({"x": 1})[:5],  # truncated
+    ],
+)
+def test_a_refused_torch_file_never_suggests_weights_only_false(tmp_path, content):
+    (tmp_path / "model.bin").write_bytes(content)
+    for load in (lambda p: DEM.from_inf_llava(p), lambda p: read_tensors(p)):
+        with pytest.raises(ValueError) as error:
+            load(tmp_path / "model.bin")
+        text = one_line(error)
+        assert text.startswith(f"checkpoint {str(tmp_path / 'model.bin')!r} could not be read with torch.load(weights_only=True)")
+        assert "which dualview never loads" in text
+        for advice in ("weights_only=False", "`False`", "False", "trusted source", "Re-running", "arbitrary code"):
+            assert advice not in text, text
+
+
+def test_checkpoint_files_are_the_files_read(tmp_path):
+    from dualview.checkpoints import checkpoint_files
+
+    sharded(tmp_path / "ckpt", prefixed(dem_state()))
+    (tmp_path / "ckpt" / "training_args.bin").write_bytes(b"never read")
+    assert [p.name for p in checkpoint_files(tmp_path / "ckpt")] == [
+        "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+    ]
+    assert checkpoint_files(tmp_path / "ckpt" / "x.bin") == [tmp_path / "ckpt" / "x.bin"]
+
+
+def test_convert_refuses_to_write_over_a_file_it_reads_before_reading(tmp_path):
+    state = prefixed(dem_state())
+    save_file({**state, "model.embed_tokens.weight": torch.ones(3, 2)}, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(OSError, match=r"output '.*model.safetensors' is an input file: writing it would destroy the input"):
+        convert_inf_llava(tmp_path / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(OSError, match=r"output '.*model.safetensors' is an input file"):
+        convert_inf_llava(tmp_path, tmp_path / "model.safetensors")  # the folder's own weight file
+    with pytest.raises(OSError, match=r"is an input file \(it resolves to '.*model.safetensors'\)"):
+        convert_inf_llava(tmp_path, tmp_path / "sub" / ".." / "model.safetensors")
+    assert (tmp_path / "model.safetensors").read_bytes() == before

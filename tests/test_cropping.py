@@ -228,3 +228,13 @@ def test_half_precision_images_are_resized_in_float32(antialias, dtype):
     resize = dict(mode="bicubic", align_corners=False, antialias=antialias)
     assert torch.equal(crops.local_canvas(), F.interpolate(image.float(), (36, 36), **resize).to(dtype))
     assert torch.equal(crops.thumbnail, F.interpolate(image.float(), (12, 12), **resize).to(dtype))
+
+
+@pytest.mark.parametrize("size", [(0, 400), (400, 0), (0, 0)])
+@pytest.mark.parametrize("grid", [(2, 2), "auto"])
+def test_an_image_without_pixels_is_one_clear_error(size, grid):
+    for dcm in (DCM(10, grid), DCM(10, grid, allow_small=True)):
+        with pytest.raises(ValueError, match=rf"images must have at least one pixel, got \(H, W\)=\({size[0]}, {size[1]}\)"):
+            dcm(torch.rand(1, 3, *size))
+        with pytest.raises(ValueError, match="at least one pixel"):
+            dcm([torch.rand(3, 20, 20), torch.rand(3, *size)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -25,8 +26,21 @@ def test_demo_prints_grid_crops_passes_and_tokens(capsys):
 def test_demo_fixed_grid_and_bad_grid(capsys):
     demo.main(["--grid", "1x2", "--crop-size", "112"])
     assert "grid             1x2 (1x2)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="grid must be 'auto' or RxC"):
-        demo.main(["--grid", "3by3"])
+    for bad in ("3by3", "0x3", "3x"):  # a malformed command line: argparse's usage error, exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--grid", bad])
+        assert exit_info.value.code == 2
+        assert f"argument --grid: must be 'auto' or RxC with R and C in 1..32, like 3x3, got {bad!r}" in capsys.readouterr().err
+
+
+def test_demo_without_transformers_is_one_line_naming_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if dualview[hf] were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main([])
+    message = str(exit_info.value.code)
+    assert message.startswith("python -m dualview.demo: error:") and "\n" not in message
+    assert "needs transformers" in message and "dualview[hf]" in message
+    assert not capsys.readouterr().out  # nothing was computed
 
 
 def test_demo_image_is_deterministic_and_in_range():

@@ -144,9 +144,10 @@ def test_constructor_errors():
 
 
 def test_forward_errors():
-    encoder, _ = make_encoder(out_size=(3, 3))
+    # a tower whose patch size is unknown: the thumbnail's tokens are only seen when it has run
+    late = DualViewEncoder(PatchTower(dim=16).forward, DCM(28), DEM(16, num_heads=2, out_size=(3, 3)))
     with pytest.raises(ValueError, match="thumbnail_fusion='mean' needs thumbnail tokens"):
-        encoder(torch.rand(1, 3, 56, 56))
+        late(torch.rand(1, 3, 56, 56))
     flat = DualViewEncoder(lambda x: x.flatten(1), DCM(28), DEM(16, num_heads=2))
     with pytest.raises(ValueError, match=r"tower must return \(N=19, h\*w, D\) patch tokens, got \(19, 2352\)"):
         flat(torch.rand(1, 3, 56, 56))
@@ -178,3 +179,70 @@ def test_inf_llava_preset_squashes_a_non_square_image_as_released(size):
         fused = dem(tower(local)[None], tower(strided)[None], (3, 3))
     torch.testing.assert_close(got, (thumb + fused) / 2, atol=1e-5, rtol=1e-5)
     assert encoder.budget(size).tokens == 576 and encoder.budget(size).tower_passes == 19
+
+
+class CountingTower(PatchTower):
+    """A PatchTower that fails the test if it is ever called."""
+
+    def forward(self, pixels):
+        raise AssertionError("the tower ran: the encoder was not refused at construction")
+
+
+@pytest.mark.parametrize(
+    "tower, dcm, dem, options, match",
+    [
+        # the tower gives D=16 (its out_dim), the DEM takes 32
+        (CountingTower(dim=16), DCM(28, (2, 2)), DEM(32, num_heads=2, out_size=(2, 2)), {},
+         r"dem must have the tower's width: the tower gives D=16 channels per token, the DEM has dim=32"),
+        # thumbnail_fusion='mean' averages (2, 2) thumbnail tokens with a (3, 3) DEM output
+        (CountingTower(dim=16), DCM(28, (2, 2)), DEM(16, num_heads=2, out_size=(3, 3)), {},
+         r"thumbnail_fusion='mean' averages the thumbnail's \(h, w\)=\(2, 2\) tokens \(crop 28, patch 14\) "
+         r"with DEM's: it needs DEM\(out_size=\(2, 2\)\), got out_size=\(3, 3\)"),
+        # the same, the patch size given to the encoder
+        (lambda x: x, DCM(56, (2, 2)), DEM(16, num_heads=2, out_size=(2, 2)), {"patch_size": 14},
+         r"needs DEM\(out_size=\(4, 4\)\), got out_size=\(2, 2\)"),
+        # resample=None keeps the (4, 4) map of a 2x2 grid of 2x2 tokens: out_size (2, 2) cannot be
+        (CountingTower(dim=16), DCM(28, (2, 2)), DEM(16, num_heads=2, out_size=(2, 2), resample=None),
+         {"thumbnail_fusion": "none"}, r"DEM\(resample=None\) keeps the fused map, of size \(4, 4\) for the DCM's grid"),
+        # ... nor with an automatic grid, whose maps differ by grid
+        (CountingTower(dim=16), DCM(28, "auto", max_tiles=2), DEM(16, num_heads=2, out_size=(2, 4), resample=None),
+         {"thumbnail_fusion": "none"}, r"of size \[\(2, 2\), \(2, 4\), \(4, 2\)\] for the DCM's grids"),
+    ],
+)
+def test_a_dem_that_cannot_fit_the_tower_is_refused_at_construction(tower, dcm, dem, options, match):
+    with pytest.raises(ValueError, match=match):
+        DualViewEncoder(tower, dcm, dem, **options)
+
+
+def test_fitting_dems_are_accepted_and_run():
+    tower = PatchTower(dim=16)
+    full = DualViewEncoder(tower, DCM(28, (2, 3)), DEM(16, num_heads=2, out_size=(4, 6), resample=None),
+                           thumbnail_fusion="concat")
+    assert full(torch.rand(1, 3, 56, 84)).shape == (1, 4 + 24, 16)
+    # a tower that does not say its width or patch size is taken on trust, checked when it runs
+    DualViewEncoder(lambda x: x, DCM(28), DEM(32, num_heads=2, out_size=(5, 5)))
+
+
+def test_tower_dim_reads_the_dualview_towers_without_running_them():
+    from types import SimpleNamespace
+
+    from dualview.encoder import tower_dim
+
+    assert tower_dim(PatchTower(dim=24)) == 24
+    assert tower_dim(lambda x: x) is None
+    hf_like = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(hidden_size=32, patch_size=14)),
+                              layers=[-2, -1], patch_size=14)
+    assert tower_dim(hf_like) == 64  # two layers concatenated on channels
+    composite = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(hidden_size=32)), layers=[-2], patch_size=14)
+    assert tower_dim(composite) is None  # a config without the tower's patch size: not the vision config
+    timm_like = SimpleNamespace(model=SimpleNamespace(embed_dim=48), layers=None, patch_size=16)
+    assert tower_dim(timm_like) == 48
+    transformers = pytest.importorskip("transformers")
+    from dualview.adapters.towers import vision_tower
+    from dualview.testing import clip_config
+
+    clip = transformers.CLIPVisionModel(clip_config(image_size=28, hidden=32)).eval()
+    assert tower_dim(vision_tower(clip, layer=-2)) == 32
+    assert tower_dim(vision_tower(clip, layer=[-2, -1])) == 64
+    with pytest.raises(ValueError, match="the tower gives D=32 channels per token, the DEM has dim=16"):
+        DualViewEncoder(vision_tower(clip, layer=-2), DCM(28, (1, 2)), DEM(16, num_heads=2, out_size=(2, 2)))

@@ -456,3 +456,50 @@ def test_a_sharded_folder_is_read_through_its_index(tmp_path):
     with torch.no_grad():
         out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
     assert (out - fx["output"]).abs().max().item() <= 1e-4
+
+
+def test_zero_token_feature_maps_are_one_clear_error():
+    dem = DEM(16, num_heads=2, out_size=(2, 2))
+    empty = torch.zeros(1, 4, 0, 16)
+    with pytest.raises(ValueError, match=r"local_feats must hold at least one token per sub-image \(dim 2, h\*w\), "
+                                         r"got shape \(1, 4, 0, 16\)"):
+        dem(empty, empty, (2, 2))
+    with pytest.raises(ValueError, match="at least one token"):
+        dem.maps(empty, empty, (2, 2))
+
+
+@pytest.mark.parametrize("fusion", ["linear_concat", "add", "conv3x3"])
+@pytest.mark.parametrize("out_size", [(6, 6), (4, 4), None])
+def test_dem_follows_cpu_autocast_like_torch_modules(fusion, out_size):
+    torch.manual_seed(0)
+    dem = DEM(32, num_heads=4, out_size=out_size, fusion=fusion).eval()  # float32 weights
+    local, glob = torch.randn(2, 9, 4, 32), torch.randn(2, 9, 4, 32)
+    with torch.no_grad():
+        reference = dem(local, glob, (3, 3))
+    seen = []
+    hook = dem.attention.linears[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        half = dem(local.bfloat16(), glob.bfloat16(), (3, 3))  # bfloat16 features, float32 weights
+        full = dem(local, glob, (3, 3))  # float32 features: the matmuls run in bfloat16 all the same
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # the projections ran in the autocast dtype
+    assert half.dtype == torch.bfloat16 and half.shape == reference.shape
+    # within the bfloat16 tolerance documented for DEM (0.06), and not the float32 result itself
+    assert (half.float() - reference).abs().max().item() <= 0.06
+    assert (full.float() - reference).abs().max().item() <= 0.06
+    assert not torch.equal(full, reference)
+
+
+def test_outside_autocast_a_dtype_mismatch_is_still_refused():
+    dem = DEM(16, num_heads=2, out_size=(2, 2))
+    feats = torch.randn(1, 4, 4, 16)
+    with pytest.raises(TypeError, match=r"local_feats must have the DEM's dtype and device \(torch.float32, cpu\), "
+                                        r"got \(torch.bfloat16, cpu\)"):
+        dem(feats.bfloat16(), feats.bfloat16(), (2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"local_feats must have the DEM's dtype .* got \(torch.float16, cpu\)"):
+            dem(feats.half(), feats.half(), (2, 2))  # not the autocast dtype
+        with pytest.raises(TypeError, match="local_feats and global_feats must have one dtype"):
+            dem(feats.bfloat16(), feats, (2, 2))
+        with pytest.raises(TypeError, match=r"global_feats must have the DEM's dtype"):
+            dem(feats, feats.bfloat16(), (2, 2))

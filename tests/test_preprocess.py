@@ -85,3 +85,35 @@ def test_normalising_before_dcm_equals_normalising_each_crop_and_pads_with_the_m
 def test_bad_inputs_name_what_was_expected(image, tower, error, message):
     with pytest.raises(error, match=message):
         to_pixels(image, tower)
+
+
+def test_16_bit_greyscale_is_scaled_from_its_full_range_not_clipped(tmp_path):
+    ramp = (np.arange(256, dtype=np.float64) / 255 * 65535).round().astype(np.uint16)
+    gradient = np.tile(ramp, (8, 1))  # 8 x 256, black to white
+    path = tmp_path / "g16.png"
+    Image.fromarray(gradient).save(path)
+    expected = torch.from_numpy(gradient / 65535.0).float()
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I")  # what PIL makes of a 16-bit PNG
+        unit = to_unit_range(img)
+    assert unit.shape == (3, 8, 256) and unit.dtype == torch.float32
+    for c in range(3):
+        torch.testing.assert_close(unit[c], expected, atol=1e-6, rtol=0)
+    mean, std = NORMALISATION["clip"]
+    torch.testing.assert_close(to_pixels(Image.open(path), "clip")[1], (expected - mean[1]) / std[1], atol=1e-5, rtol=0)
+    # PIL's mode "I" (32-bit ints holding 16-bit values) and the big-endian "I;16B" too
+    as_int = Image.fromarray(gradient.astype(np.int32))
+    assert as_int.mode == "I"
+    torch.testing.assert_close(to_unit_range(as_int)[0], expected, atol=1e-6, rtol=0)
+    big_endian = Image.frombytes("I;16B", (256, 8), gradient.astype(">u2").tobytes())
+    torch.testing.assert_close(to_unit_range(big_endian)[2], expected, atol=1e-6, rtol=0)
+
+
+def test_32_bit_values_beyond_16_bits_are_refused_not_clipped():
+    with pytest.raises(ValueError, match=r"mode 'I' must hold 16-bit values in \[0, 65535\], got \[-1, 70000\]"):
+        to_unit_range(Image.fromarray(np.array([[-1, 70000]], dtype=np.int32)))
+
+
+def test_a_pil_image_without_pixels_is_refused():
+    with pytest.raises(ValueError, match=r"image must have at least one pixel, got a PIL image of \(H, W\)=\(0, 5\)"):
+        to_unit_range(Image.new("RGB", (5, 0)))

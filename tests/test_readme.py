@@ -8,6 +8,7 @@ being an adapted model): it is only compiled.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import re
 import symtable
@@ -55,7 +56,7 @@ def test_undefined_names_are_found():
 
 
 @pytest.mark.parametrize("line, code, marker", BLOCKS, ids=[f"line{line}" for line, _, _ in BLOCKS])
-def test_readme_block(line, code, marker, tmp_path, monkeypatch):
+def test_readme_block(line, code, marker, tmp_path, monkeypatch, capsys):
     compile(code, f"README.md:{line}", "exec")
     if marker == FRAGMENT:
         return
@@ -64,4 +65,76 @@ def test_readme_block(line, code, marker, tmp_path, monkeypatch):
         pytest.skip(f"README.md:{line} downloads weights ({NEEDS_DOWNLOAD})")
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    printed = capsys.readouterr().out.splitlines()
+    for shown in shown_output(code):  # what the README says a print shows is what it prints
+        assert shown in printed, f"README.md:{line} shows {shown!r}, but the block printed {printed}"
+        printed = printed[printed.index(shown) + 1:]
+
+
+SHOWN = "# prints: "
+
+
+def shown_output(code: str) -> list[str]:
+    """The lines a block says it prints: each ``# prints: TEXT`` comment line, in order."""
+    return [line.strip()[len(SHOWN):] for line in code.splitlines() if line.strip().startswith(SHOWN)]
+
+
+def test_the_quickstart_shows_what_it_prints():
+    runnable = [code for _, code, marker in BLOCKS if marker not in (NEEDS_DOWNLOAD, FRAGMENT)]
+    assert any("Budget(scheme='dual_view'" in shown for code in runnable for shown in shown_output(code))
+
+
+ROOT = README.parent
+DOCS = [ROOT / "docs" / "training.md", ROOT / "docs" / "upstream.md", ROOT / "benchmarks" / "README.md"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_docs_python_blocks_compile_and_define_every_name(doc):
+    blocks = python_blocks(doc.read_text())
+    for line, code, _ in blocks:
+        compile(code, f"{doc.name}:{line}", "exec")
+        assert not undefined_names(code), f"{doc.name}:{line} uses undefined names {sorted(undefined_names(code))}"
+
+
+def adapter_rows(text: str) -> list[tuple[str, str]]:
+    """(module, image-tokens cell) of each row of the README's adapter table."""
+    rows = []
+    for row in text.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`dualview\.adapters\.\w+`", cells[1]):
+            rows.append((cells[1].strip("`").rsplit(".", 1)[1], cells[3]))
+    return rows
+
+
+def test_the_adapter_table_names_functions_the_adapters_have():
+    rows = adapter_rows(README.read_text())
+    assert {module for module, _ in rows} >= {"llava15", "hf_llava", "hf_llava_next", "towers"}
+    for module, cell in rows:
+        source = ROOT / "adapters" / f"{module}.py"
+        defined = {
+            node.name for node in ast.parse(source.read_text()).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+        }
+        for name in re.findall(r"\(`(\w+)`\)", cell):  # "576 (`num_image_tokens`)": the function that says it
+            assert name in defined, f"README's {module} row names `{name}`, which adapters/{module}.py does not define"
+
+
+def test_the_benchmark_readme_names_every_package_gpu_sh_needs():
+    checked = re.search(r'for n in \((?P<names>[^)]*)\)', (ROOT / "benchmarks" / "gpu.sh").read_text())["names"]
+    packages = re.findall(r'"(\w+)"', checked)
+    sentence = re.search(r"`gpu.sh` needs only (?P<list>[^(]*)\(", (ROOT / "benchmarks" / "README.md").read_text())["list"]
+    assert "safetensors" in packages
+    assert sorted(re.findall(r"\w+", sentence.replace(" and ", " "))) == sorted(packages)
+
+
+NOT_SERVED = re.compile(r"pip install ['\"]?dualview\b")
+"""No package index serves dualview: it is installed from a checkout (a path) or a built wheel."""
+
+
+def test_no_doc_or_message_says_pip_install_dualview_from_an_index():
+    files = [README, *DOCS, *sorted((ROOT / "dualview").rglob("*.py")), *sorted((ROOT / "dualview").rglob("*.patch"))]
+    for path in files:
+        for number, text in enumerate(path.read_text().splitlines(), start=1):
+            assert not NOT_SERVED.search(text), f"{path.relative_to(ROOT)}:{number}: {text.strip()}"

@@ -566,7 +566,8 @@ def test_command_applies_the_patch_to_a_clean_checkout(tmp_path, key, capsys):
     assert f"patched {FORKS[key].repository} checkout {root} cleanly" in out
     for path in files:
         assert path in out
-    assert "pip install dualview" in out and "--dual_view" in out
+    assert "pip install /path/to/dualview" in out and "--dual_view" in out
+    assert "pip install dualview " not in out  # no package index serves it
     assert not git(root, "diff", "--cached", "--name-only")  # unstaged: git diff shows it all
     expected = patched_copy(tmp_path / "expected", key)
     for path in files:

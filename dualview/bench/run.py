@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -395,23 +396,87 @@ DESCRIPTION = "Dual view against plain AnyRes tiling: cost, tokens, memory, and 
 
 def _grids(text: str) -> list[G.Grid]:
     """``--grids``: comma-separated RxC (no "auto": the benchmark times fixed grids)."""
-    try:
-        grids = [G.parse_grid(part.strip()) for part in text.split(",")]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if "auto" in grids:
-        raise argparse.ArgumentTypeError(f"must be comma-separated RxC grids like 2x2,3x3 (not 'auto'), got {text!r}")
+    grids = []
+    for part in text.split(","):
+        try:
+            grids.append(G.parse_grid(part.strip().lower()))
+        except ValueError:
+            grids.append(None)
+        if grids[-1] in (None, "auto"):
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated RxC grids with R and C in 1..{G.MAX_GRID_SIDE}, like 2x2,3x3 (not 'auto'), "
+                f"got {part.strip()!r} in {text!r}"
+            )
     return grids
 
 
-def _count(minimum: int):
+def _device(text: str) -> torch.device:
+    """``--device``: a torch device string (cpu, cuda, cuda:1, ...), else a usage error."""
+    try:
+        return torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a torch device like cpu, cuda or cuda:1, got {text!r}") from None
+
+
+MAX_CROP = 2016
+"""Largest ``--crop``: 144x144 = 20736 tokens per crop at patch 14 (CLIP-336 has 576)."""
+MAX_PIXELS = 2**28
+"""Largest number of crop pixels one scheme sends through the tower (``batch * (1 + 2*R*C) * crop^2``,
+about 3 GB in float32): checked before anything is allocated."""
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked; the message is one line."""
+
+
+def device_unavailable(device: torch.device) -> Optional[str]:
+    """Why ``device`` cannot run here (no such backend, no device, an index past the count), or None."""
+    if device.type == "cpu":
+        return None
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None:
+        return f"the benchmark runs on cpu or an accelerator torch supports (cuda, ...), not {device.type}"
+    if not available():
+        return f"torch sees no {device.type} device here (torch.{device.type}.is_available() is False): use --device cpu"
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        return f"torch sees {count} {device.type} device(s) here, numbered from 0"
+    return None
+
+
+def check_args(args) -> None:
+    """What can be known wrong before any work: the device, the size, the output folder. One
+    :class:`BenchError` line naming the option."""
+    reason = device_unavailable(torch.device(args.device))
+    if reason:
+        raise BenchError(f"--device {args.device}: {reason}")
+    for rows, cols in args.grids:
+        pixels = args.batch * (1 + 2 * rows * cols) * args.crop**2
+        if pixels > MAX_PIXELS:
+            raise BenchError(
+                f"--batch {args.batch} x {1 + 2 * rows * cols} crops of grid {rows}x{cols} at --crop {args.crop} is "
+                f"{pixels:,} crop pixels per call, more than the benchmark's {MAX_PIXELS:,}: lower --batch, --crop or --grids"
+            )
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {str(out)!r} exists and is not a folder: give a folder for bench.json, bench.md, bench.png")
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise BenchError(f"--out {str(out)!r} is not writable")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and (parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise BenchError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is not a writable folder")
+
+
+def _count(minimum: int, maximum: Optional[int] = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            within = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"must be an int {within}, got {text!r}")
         return value
 
     return parse
@@ -426,12 +491,14 @@ def _tower_batch_size(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``python -m dualview.bench`` and ``dualview bench``."""
     gpu = torch.cuda.is_available()
-    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--device", type=_device, default=torch.device("cuda" if gpu else "cpu"),
+                   help="cpu, cuda, cuda:1, ... (default: cuda when torch sees a GPU)")
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--tower", default="vit-l" if gpu else "small", choices=sorted(TOWERS))
     p.add_argument("--llm", default="llama-7b" if gpu else "small", choices=sorted(LLMS))
     p.add_argument("--batch", type=_count(1), default=8 if gpu else 1)
-    p.add_argument("--crop", type=_count(14), default=336, help="crop size s (a multiple of the patch size 14)")
+    p.add_argument("--crop", type=_count(14, MAX_CROP), default=336,
+                   help=f"crop size s (a multiple of the patch size 14, at most {MAX_CROP})")
     p.add_argument("--grids", type=_grids, default=_grids("2x2,3x3"), help="comma-separated RxC (default 2x2,3x3)")
     p.add_argument("--warmup", type=_count(0), default=3 if gpu else 2)
     p.add_argument("--repeats", type=_count(1), default=10 if gpu else 5)
@@ -470,8 +537,10 @@ def main(argv=None) -> dict:
     from dualview._checks import MissingDependency, require
 
     args = parse_args(argv)
-    try:  # before any work: the plot needs matplotlib
+    try:  # before any work: the plot needs matplotlib, the models transformers; the device, the size, --out
         require("matplotlib", extra="viz", feature="python -m dualview.bench (its plot, bench.png)")
-    except MissingDependency as e:
+        require("transformers", extra="hf", feature="python -m dualview.bench (its CLIP tower and Llama layer)")
+        check_args(args)
+    except (MissingDependency, BenchError) as e:
         sys.exit(f"python -m dualview.bench: error: {e}")
     return execute(args)

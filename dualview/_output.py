@@ -1,0 +1,88 @@
+"""Writing an output file safely: never over an input, atomically, with the ordinary file mode.
+
+The file is written to a temporary file in the output's own folder, then moved over the output with
+``os.replace`` (atomic on POSIX and Windows): a failed or interrupted write leaves the old file (or
+none), never a half-written one. The temporary file is created with mode ``0o666`` minus the umask
+(``0o644`` under the usual umask 022), as ``open()`` would create the output, not ``0o600`` as
+``tempfile`` does. An output that resolves to one of the inputs (the same path, a symlink or a hard
+link to it) is refused before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Callable, Iterable, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class OutputError(OSError):
+    """An output that cannot or must not be written; the message is one line naming it."""
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are the same file: one path resolved, a symlink, or a hard link."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: compare where they would resolve
+        return a.resolve() == b.resolve()
+
+
+def check_not_input(output: Path, inputs: Iterable[Path], *, name: str = "output") -> None:
+    """An :class:`OutputError` when ``output`` is (or links to) one of ``inputs``."""
+    for source in inputs:
+        if same_file(output, source):
+            how = "" if output.absolute() == Path(source).absolute() else f" (it resolves to {str(source)!r})"
+            raise OutputError(
+                f"{name} {str(output)!r} is an input file{how}: writing it would destroy the input; "
+                "choose another output file"
+            )
+
+
+def target_path(output: Path, *, name: str = "output") -> Path:
+    """Where ``output`` is written: the file a symlink points to (as ``open()`` writes through a
+    link), which must be a regular file if it exists (a device, a FIFO or a folder is refused)."""
+    target = output.resolve() if output.is_symlink() else output
+    if target.exists() and not target.is_file():
+        kind = "a folder" if target.is_dir() else "not a regular file"
+        raise OutputError(f"{name} {str(output)!r} is {kind}: give the path of a file to write")
+    return target
+
+
+def check_writable(output: Path, *, name: str = "output") -> Path:
+    """Before any work: an :class:`OutputError` when ``output`` cannot be written (a folder,
+    a device, a path under a file, a folder without write permission); returns the target path."""
+    target = target_path(output, name=name)
+    ancestor = next((p for p in target.absolute().parents if p.exists()), None)
+    if ancestor is None or not ancestor.is_dir():
+        raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} is not writable")
+    return target
+
+
+def write_atomically(output: PathLike, write: Callable[[Path], None], *, name: str = "output") -> Path:
+    """Call ``write(temporary_path)`` and move the result over ``output`` atomically; returns the
+    path written. Parent folders are created. An OSError of the write becomes one
+    :class:`OutputError` naming ``output`` (``name`` says how the user gave it, e.g. ``-o``)."""
+    output = Path(output)
+    target = target_path(output, name=name)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never someone else's file; 0o666 & ~umask: the mode open() gives a new file
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    except OutputError:
+        raise
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise OutputError(f"{name} {str(output)!r} could not be written: {reason}") from None
+    return target
