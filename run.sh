@@ -24,15 +24,18 @@ esac
 # from PyPI (a CUDA build on Linux x86_64). Override with DUALVIEW_TORCH="torch==X torchvision==Y".
 TORCH_SPEC="${DUALVIEW_TORCH:-torch<=2.14.1 torchvision<=0.29.1}"
 
-# install VENV CONSTRAINTS... : create VENV (once per change of this script, pyproject.toml or the
-# constraints) and install the project with its hf, timm and dev extras. CONSTRAINTS are pip -c
-# files; none means the newest releases pip resolves.
+# install VENV CONSTRAINTS... : create VENV (once per change of this script, pyproject.toml, the
+# constraints or the torch spec) and install the project with its hf, timm and dev extras.
+# CONSTRAINTS are pip -c files; none means the newest releases pip resolves, and then every call
+# resolves again (--upgrade, eager): a venv made last week must not stand in for today's releases.
 install() {
   local venv="$1"
   shift
-  local stamp="$venv/.dualview-installed" want
-  want="$(cat pyproject.toml run.sh "$@" | sha256sum | cut -c1-16)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  local stamp="$venv/.dualview-installed" want upgrade=()
+  want="$( { cat pyproject.toml run.sh "$@"; echo "$TORCH_SPEC"; } | sha256sum | cut -c1-16)"
+  if [ $# -eq 0 ]; then
+    upgrade=(--upgrade --upgrade-strategy eager)
+  elif [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
   echo "[run.sh] installing into $venv ${*:+(constraints: $*)} ..." >&2
@@ -42,8 +45,8 @@ install() {
   # shellcheck disable=SC2086
   # llava-torch (the original LLaVA code, module `llava`) pins torch 2.0-era releases: installed
   # without its dependencies, beside the modern stack (dualview.adapters.llava15 needs nothing more).
-  if ! { "$venv/bin/pip" install "${cons[@]}" $TORCH_SPEC \
-         && "$venv/bin/pip" install "${cons[@]}" -e ".[hf,timm,dev]" \
+  if ! { "$venv/bin/pip" install "${upgrade[@]}" "${cons[@]}" $TORCH_SPEC \
+         && "$venv/bin/pip" install "${upgrade[@]}" "${cons[@]}" -e ".[hf,timm,dev]" \
          && "$venv/bin/pip" install "${cons[@]}" --no-deps "llava-torch==1.2.2.post1"; } > "$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "[run.sh] install failed; full log: $log" >&2
@@ -68,7 +71,8 @@ case "$cmd" in
       # the lower bounds of pyproject.toml's ranges (torch, transformers, ...): compat/low.txt
       low) TORCH_SPEC="torch torchvision"; install .venv-compat-low compat/low.txt ;;
       # whatever pip resolves today, no constraints: the first to see a new release break us
-      new) install .venv-compat-new ;;
+      # (torch uncapped too: only this machine's own pip configuration caps it)
+      new) TORCH_SPEC="torch torchvision"; install .venv-compat-new ;;
       *) echo "usage: bash run.sh test-compat low|new [pytest args...]" >&2; exit 2 ;;
     esac
     venv=".venv-compat-$end"
@@ -77,6 +81,7 @@ case "$cmd" in
   lock)
     # the newest releases in a scratch venv; the suite must pass there before constraints.txt changes
     rm -rf .venv-lock
+    TORCH_SPEC="torch torchvision"
     install .venv-lock
     .venv-lock/bin/python -m pytest -q -p no:cacheprovider "$@"
     { sed -n '1,3p' constraints.txt; cat .venv-lock/freeze.txt; } > constraints.txt.new
