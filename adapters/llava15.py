@@ -62,7 +62,8 @@ from dualview.checkpoints import read_tensors
 
 from . import _host
 from ._common import (
-    DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, recorded_options,
+    DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, load_gate_weights,
+    recorded_options,
 )
 from .towers import HFVisionTower
 
@@ -191,6 +192,8 @@ class DualViewLlavaInner:
             recorded = recorded_options(self.config) or {}
             _host.check_dem_fits(dem, adapter=ADAPTER, expects=_expects(self), full_map=False,
                                  thumbnail_fusion=recorded.get("thumbnail_fusion"))
+        if name == _host.GATE_ATTR and isinstance(value, nn.Module):
+            _host.check_gate_fits(_host.unwrap_dem(value), dim=_host.unwrap_dem(self.spatial_embed).dim, adapter=ADAPTER)
         super().__setattr__(name, value)
 
 
@@ -378,6 +381,8 @@ def from_pretrained(
     apply(model, **settings)
     encoder = encoder_of(model)
     load_dem_weights(encoder.dem, path, _prefix(model, encoder.dem))
+    if encoder.gate is not None:
+        load_gate_weights(encoder.gate, path, _prefix(model, encoder.gate))
     _load_saved_tower(model, path, _prefix(model, model.get_model()) + "vision_tower.")
     return model
 

@@ -150,11 +150,16 @@ class DualViewEncoder(nn.Module):
 
         -> one (B_i, tokens, D) tensor per element of ``crops``.
         """
-        parts = []
+        parts, roles = [], []
         for c in crops:
             parts += [c.local_view, c.global_view] + ([] if c.thumbnail is None else [c.thumbnail])
+            roles += ["local", "global"] + ([] if c.thumbnail is None else ["thumbnail"])
         counts = [p.shape[0] * p.shape[1] if p.ndim == 5 else p.shape[0] for p in parts]
-        feats = self.run_tower(_gather(parts, counts))
+        if self.gate is None:
+            feats = self.run_tower(_gather(parts, counts))
+        else:  # identity: the host's crops get a tower call of their own, batched as the plain model batches them
+            host = "thumbnail" if self.dem.out_size is not None else "local"
+            feats = self._run_tower_host_apart(parts, counts, [role == host for role in roles])
         if feats.shape[-1] != self.dem.dim:
             raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
         # The tower may run in another precision (e.g. a bf16 CLIP beside a float32 DEM): the DEM's wins.
@@ -180,6 +185,19 @@ class DualViewEncoder(nn.Module):
                     tokens = self.gate(layout.windows_to_map(plain, *grid, h, w).flatten(1, 2), tokens)
                 out[i] = self._fuse_thumbnail(tokens, thumb[i])
         return out
+
+    def _run_tower_host_apart(self, parts: list[torch.Tensor], counts: list[int], is_host: list[bool]) -> torch.Tensor:
+        """The tower features of ``parts`` (in their order), the "host" parts (thumbnails under
+        ``"mean"``, local tiles under the full map) from a call of their own: a tower need not give a
+        crop bit-equal features in batches of different sizes, and identity means the plain model's."""
+        split = {}
+        for flag in (False, True):  # the host's crops last: the order of one call over all parts is kept
+            chosen = [i for i, f in enumerate(is_host) if f == flag]
+            if not chosen:
+                continue
+            feats = self.run_tower(_gather([parts[i] for i in chosen], [counts[i] for i in chosen]))
+            split.update(zip(chosen, feats.split([counts[i] for i in chosen])))
+        return torch.cat([split[i] for i in range(len(parts))])
 
     def tower_chunks(self, crops: int) -> list[int]:
         """The crop count of each tower call for ``crops`` crops (see ``tower_batch_size``)."""
