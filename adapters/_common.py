@@ -158,6 +158,7 @@ def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "mod
     options = recorded_options(model.config)
     if options is None:
         raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no '{CONFIG_KEY}' entry")
+    delattr(model.config, CONFIG_KEY)  # recorded again by apply (a plain host carrying it is warned about)
     apply(model, **options)
     dem = model.get_submodule(dem_prefix.rstrip("."))
     load_dem_weights(dem, path, dem_prefix)

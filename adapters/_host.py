@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import warnings
 from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
@@ -46,6 +47,8 @@ class DualViewHost:
     dualview_live: ClassVar[dict] = {}
     """Option name -> host config attribute it always follows, read at every call (e.g. AnyRes's
     ``pinpoints`` from ``config.image_grid_pinpoints``); such options are recorded as None."""
+    dualview_projector: ClassVar[str] = "multi_modal_projector"
+    """Name of the host's projector (connector) on the module holding ``spatial_embed``."""
     dualview_full_map: ClassVar[bool] = False
     """The host packs the DEM's full ``R*h x C*w`` map back into its tiles: ``out_size`` must be None."""
 
@@ -360,6 +363,8 @@ def attach(
     :func:`new_gate`), and record ``options`` in ``config``."""
     plain = subclass.dualview_plain
     check_not_applied(host)
+    if recorded_options(config) is not None:
+        warn_dropped_dual_view(type(host).__name__)
     if type(host) is not plain:
         fits = adapter_for(type(host))
         hint = f": use dualview.adapters.{fits}" if fits else ""
@@ -374,6 +379,19 @@ def attach(
     if gate is not None:
         parent.add_module(GATE_ATTR, gate)
     record_options(config, options)
+
+
+def warn_dropped_dual_view(cls_name: str) -> None:
+    """A loud warning: a plain host that carries ``config.dualview`` was loaded from a dual-view
+    checkpoint by the plain class (``...ForConditionalGeneration.from_pretrained``,
+    ``AutoModelForImageTextToText``), which drops the DEM's and the gate's weights as unexpected keys."""
+    warnings.warn(
+        f"this {cls_name} carries config.{CONFIG_KEY}: it was loaded from a dual-view checkpoint by the plain class, "
+        f"which DROPPED the trained DEM ({DEM_ATTR}.*) and gate ({GATE_ATTR}.*); the dual view applied now starts "
+        "from a new, untrained DEM. Load such a checkpoint with dualview.from_pretrained(path) (or the adapter's "
+        "from_pretrained) to keep them",
+        UserWarning, stacklevel=4,
+    )
 
 
 def _inherit_conversion_mapping(cls: type, plain: type) -> None:

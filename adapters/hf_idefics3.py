@@ -446,6 +446,7 @@ class DualViewIdefics3Model(_host.DualViewHost, _DualViewFrames, Idefics3Model):
     dualview_adapter = ADAPTER
     dualview_plain = Idefics3Model
     dualview_full_map = True
+    dualview_projector = "connector"
 
 
 class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
@@ -454,6 +455,7 @@ class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
     dualview_adapter = ADAPTER
     dualview_plain = SmolVLMModel
     dualview_full_map = True
+    dualview_projector = "connector"
 
 
 class _GridInput:
@@ -483,6 +485,8 @@ _OUTER = {
     Idefics3ForConditionalGeneration: DualViewIdefics3ForConditionalGeneration,
     SmolVLMForConditionalGeneration: DualViewSmolVLMForConditionalGeneration,
 }
+HOSTS = (*_OUTER, *_INNER)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 
 # The tiling is the processor's and the global image stays as it is: the DEM's full map replaces
 # the tiles' features. Options about DCM's own tiling mean nothing here.

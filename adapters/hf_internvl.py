@@ -85,6 +85,8 @@ from ._common import DualViewOptions, reload, with_fixed
 from ._hf import bind_host_call, check_strategy, host_decorators, vision_tower_for
 
 ADAPTER = "hf_internvl"
+HOSTS = (InternVLForConditionalGeneration,)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 # The processor picks the grid (min/max_patches), the canvas is squashed, the full DEM map

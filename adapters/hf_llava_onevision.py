@@ -68,6 +68,8 @@ from ._common import DualViewOptions, reload, with_fixed
 from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_onevision"
+HOSTS = (LlavaOnevisionForConditionalGeneration,)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 from torch import nn
 
+import dualview
 from dualview import DEM
+from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, dual_view_host
 from dualview.gate import DualViewGate
 
 Size = tuple[int, int]
@@ -70,6 +72,13 @@ class HostCase:
     does under ``init="identity"`` at initialisation: LLaVA-1.5 hosts see the dual-view thumbnail; None:
     the hosts that reuse their tile features, whose plain inputs (``plain_inputs`` or ``inputs``) are the
     same images."""
+
+
+def dual_view_host_or_none(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return dual_view_host(model)
+    except ValueError:
+        return None
 
 
 def logits(model: nn.Module, inputs: dict, **kwargs: Any) -> torch.Tensor:
@@ -272,6 +281,37 @@ class HostBattery:
         model.save_pretrained(tmp_path)
         torch.testing.assert_close(logits(case.adapter.from_pretrained(tmp_path).eval(), inputs), expected,
                                    rtol=0, atol=0)
+
+    @pytest.mark.parametrize("init", ["released", "identity"])
+    def test_adapter_only_checkpoint_onto_a_fresh_plain_host_is_bit_exact(self, tmp_path, init):
+        """``dualview.apply`` picks this adapter from the model's class; ``dualview.save_adapter`` writes the
+        DEM (+ gate) and the options only; ``dualview.load`` onto a fresh PLAIN host gives the trained
+        adapted model's logits bit for bit; ``dualview.unapply`` gives the plain model back."""
+        case = self.case()
+        model = dualview.apply(case.build(), **{**case.options, "init": init})
+        assert type(dual_view_host(model)).dualview_adapter == case.adapter.ADAPTER
+        with torch.no_grad():  # trained weights, not what a fresh apply makes
+            for p in self.dem(case, model).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            if init == "identity":
+                self.gate(case, model).g.uniform_(-1, 1)
+        inputs = case.inputs(case.sizes)
+        expected = logits(model, inputs)
+        dualview.save_adapter(model, tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / ADAPTER_WEIGHTS), framework="pt") as f:
+            keys = set(f.keys())
+        own = {"spatial_embed." + k for k in self.dem(case, model).state_dict()}
+        if init == "identity":
+            own.add("spatial_gate.g")
+        assert keys == own
+        loaded = dualview.load(case.build(), tmp_path)
+        assert loaded.config.dualview == model.config.dualview
+        torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+        plain = dualview.unapply(loaded)
+        assert "dualview" not in plain.config.to_dict() and not isinstance(dual_view_host_or_none(plain), nn.Module)
 
     def test_apply_twice_is_refused_and_unapply_gives_the_plain_model_back(self):
         case = self.case()
