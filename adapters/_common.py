@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from dualview import DEM
+from dualview.gate import GATE_INITS, DualViewGate
 from dualview.checkpoints import Origin, check_dem_state, read_tensors, strip_prefix
 
 CONFIG_KEY = "dualview"
@@ -37,6 +38,7 @@ class DualViewOptions:
     tower_batch_size: Union[int, str, None] = None  # None: automatic chunks, "all": one call
     ffn_hidden: Optional[int] = None  # DEM fusion FFN width (None: max(dim // 16, 1))
     eps: float = 1e-5  # DEM LayerNorm epsilon
+    init: str = "released"  # "identity": a gate (spatial_gate, g = 0) keeps the host's features at initialisation
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> "DualViewOptions":
@@ -49,6 +51,8 @@ class DualViewOptions:
             opts.grid = tuple(opts.grid)
         if isinstance(opts.out_size, list):
             opts.out_size = tuple(opts.out_size)
+        if opts.init not in GATE_INITS:
+            raise ValueError(f"init must be one of {GATE_INITS}, got {opts.init!r}")
         size = opts.tower_batch_size
         if size is not None and size != "all" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"tower_batch_size must be a positive int, 'all' or None (automatic), got {size!r}")
@@ -103,12 +107,24 @@ def load_dem_weights(dem: DEM, folder: Union[str, Path], prefix: str) -> None:
     dem.load_state_dict(state)
 
 
+def load_gate_weights(gate: DualViewGate, folder: Union[str, Path], prefix: str) -> None:
+    """Load the ``<prefix>*`` tensors (``g``) of a saved checkpoint folder into ``gate``, strictly (the
+    checks of :func:`load_dem_weights`)."""
+    state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix)), prefix)
+    if not state:
+        raise ValueError(
+            f"checkpoint {str(folder)!r} holds no '{prefix}*' gate weights, but its options say init='identity'"
+        )
+    check_dem_state(state, gate, origin=Origin(Path(folder), prefix), model="the gate of the recorded options")
+    gate.load_state_dict(state)
+
+
 def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path)`` of the plain host class, told that the DEM keys it does not
     know (``*spatial_embed.*``) are expected: they are loaded afterwards by :func:`load_dem_weights`.
 
     The ignore pattern is set on the class only for the duration of the call."""
-    pattern = r"(^|\.)spatial_embed\."
+    pattern = r"(^|\.)spatial_(embed|gate)\."
     had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
     old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
     cls._keys_to_ignore_on_load_unexpected = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []) + [pattern]
@@ -142,7 +158,11 @@ def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "mod
     options = recorded_options(model.config)
     if options is None:
         raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no '{CONFIG_KEY}' entry")
+    delattr(model.config, CONFIG_KEY)  # recorded again by apply (a plain host carrying it is warned about)
     apply(model, **options)
     dem = model.get_submodule(dem_prefix.rstrip("."))
     load_dem_weights(dem, path, dem_prefix)
+    if options.get("init", "released") == "identity":
+        gate_prefix = dem_prefix[: -len("spatial_embed.")] + "spatial_gate."
+        load_gate_weights(model.get_submodule(gate_prefix.rstrip(".")), path, gate_prefix)
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import warnings
 from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
@@ -21,11 +22,15 @@ from torch import nn
 from dualview import DCM, DEM, DualViewEncoder
 from dualview import encoder as encoder_module
 from dualview import grid as G
+from dualview.gate import DualViewGate
 
 from ._common import CONFIG_KEY, DualViewOptions, record_options, recorded_options
 
 DEM_ATTR = "spatial_embed"
 """Name of the DEM submodule (INF-LLaVA's), on the module whose class is swapped or its inner model."""
+GATE_ATTR = "spatial_gate"
+"""Name of the :class:`~dualview.gate.DualViewGate` submodule under ``init="identity"``, beside the DEM
+(none under ``init="released"``: released checkpoints keep their keys)."""
 
 
 class DualViewHost:
@@ -42,6 +47,8 @@ class DualViewHost:
     dualview_live: ClassVar[dict] = {}
     """Option name -> host config attribute it always follows, read at every call (e.g. AnyRes's
     ``pinpoints`` from ``config.image_grid_pinpoints``); such options are recorded as None."""
+    dualview_projector: ClassVar[str] = "multi_modal_projector"
+    """Name of the host's projector (connector) on the module holding ``spatial_embed``."""
     dualview_full_map: ClassVar[bool] = False
     """The host packs the DEM's full ``R*h x C*w`` map back into its tiles: ``out_size`` must be None."""
 
@@ -61,6 +68,8 @@ class DualViewHost:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == DEM_ATTR and isinstance(value, nn.Module):
             self._dualview_check(unwrap_dem(value))  # a wrong DEM is refused before it replaces the right one
+        if name == GATE_ATTR and isinstance(value, nn.Module):
+            check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=self.dualview_adapter)
         super().__setattr__(name, value)
         if name == DEM_ATTR and DEM_ATTR in self._modules:
             self.dualview_dem  # noqa: B018 - record the new DEM's settings in config.dualview
@@ -91,6 +100,26 @@ class DualViewHost:
         record_dem_settings(self.config, dem)
         return dem
 
+    @property
+    def dualview_gate(self) -> Optional[DualViewGate]:
+        """The :class:`~dualview.gate.DualViewGate` registered beside the DEM (``spatial_gate``), looked
+        up now through the same wrappers; None under ``init="released"``. A missing or surplus gate
+        for the recorded ``init`` is a ValueError."""
+        init = self.dualview_options.init
+        gate = gate_of(self)
+        if init == "released":
+            if gate is not None:
+                raise ValueError(
+                    f"{GATE_ATTR} is registered but config.{CONFIG_KEY}['init'] is 'released' (no gate): delete "
+                    f"{GATE_ATTR} or record init='identity'"
+                )
+            return None
+        if gate is None:
+            raise ValueError(f"config.{CONFIG_KEY}['init'] is 'identity' but the model has no {GATE_ATTR} submodule")
+        gate = unwrap_dem(gate)
+        check_gate_fits(gate, dim=self.dualview_dem.dim, adapter=self.dualview_adapter)
+        return gate
+
     def _dualview_check(self, dem: nn.Module) -> None:
         if not isinstance(dem, DEM):
             raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
@@ -103,7 +132,28 @@ class DualViewHost:
 
     def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
-        return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size)
+        return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size,
+                            gate=self.dualview_gate)
+
+
+def check_gate_fits(gate: nn.Module, *, dim: int, adapter: str) -> None:
+    """The one check of a gate assigned to (or found at) ``spatial_gate``: a learnable
+    ``DualViewGate(dim, init="identity")`` of the DEM's ``dim``; a TypeError / ValueError naming it."""
+    where = f"dualview.adapters.{adapter}: the gate at {GATE_ATTR}"
+    if not isinstance(gate, DualViewGate):
+        raise TypeError(f"{where} must be a dualview.gate.DualViewGate, got {type(gate).__name__}")
+    if gate.init != "identity":
+        raise ValueError(f"{where} must have init='identity' (a learnable g), got init={gate.init!r}")
+    if gate.dim != dim:
+        raise ValueError(f"{where} must have dim={dim} (the DEM's), got dim={gate.dim}")
+
+
+def new_gate(options: DualViewOptions, dem: DEM) -> Optional[DualViewGate]:
+    """The gate ``options.init`` asks for, on the DEM's device and in its dtype (``g = 0``), or None."""
+    if options.init == "released":
+        return None
+    ref = next(dem.parameters())
+    return DualViewGate(dem.dim, init="identity", device=ref.device, dtype=ref.dtype)
 
 
 def check_dem_fits(
@@ -179,14 +229,25 @@ def owners(module: nn.Module) -> list[nn.Module]:
     return found
 
 
-def dem_of(host: nn.Module) -> nn.Module:
-    """``host.spatial_embed``, or where the host keeps its language model's wrapper, its inner model's."""
+def dem_parent_of(host: nn.Module) -> nn.Module:
+    """The module holding ``spatial_embed`` (and ``spatial_gate``): ``host``, or where the host keeps
+    its language model's wrapper, its inner model."""
     if DEM_ATTR in host._modules:
-        return host._modules[DEM_ATTR]
+        return host
     inner = host.get_model() if hasattr(host, "get_model") else None
     if inner is not None and DEM_ATTR in inner._modules:
-        return inner._modules[DEM_ATTR]
+        return inner
     raise AttributeError(f"{type(host).__name__} has no {DEM_ATTR} submodule")
+
+
+def dem_of(host: nn.Module) -> nn.Module:
+    """``host.spatial_embed``, or where the host keeps its language model's wrapper, its inner model's."""
+    return dem_parent_of(host)._modules[DEM_ATTR]
+
+
+def gate_of(host: nn.Module) -> Optional[nn.Module]:
+    """``spatial_gate`` beside the DEM, or None."""
+    return dem_parent_of(host)._modules.get(GATE_ATTR)
 
 
 def unwrap_dem(module: nn.Module) -> nn.Module:
@@ -249,15 +310,17 @@ def tower_chunks(tower_batch_size: Union[int, str, None], crops: int, tokens_per
 
 
 def encoder_from(
-    options: DualViewOptions, tower: nn.Module, dem: DEM, *, crop_size: int, patch_size: int
+    options: DualViewOptions, tower: nn.Module, dem: DEM, *, crop_size: int, patch_size: int,
+    gate: Optional[DualViewGate] = None,
 ) -> DualViewEncoder:
-    """A DualViewEncoder over ``tower`` with a DCM built from ``options`` and the given ``dem``."""
+    """A DualViewEncoder over ``tower`` with a DCM built from ``options``, the given ``dem`` and, under
+    ``init="identity"``, ``gate``."""
     # no thumbnail when nothing uses it: thumbnail_fusion="none" would otherwise pay a tower pass per image
     dcm = DCM(crop_size, options.grid, fit=options.fit, max_tiles=options.max_tiles, pinpoints=options.pinpoints,
               thumbnail=options.thumbnail_fusion != "none")
     return DualViewEncoder(
         tower, dcm, dem, thumbnail_fusion=options.thumbnail_fusion, tower_batch_size=options.tower_batch_size,
-        patch_size=patch_size,
+        patch_size=patch_size, init=options.init, gate=gate,
     )
 
 
@@ -296,9 +359,12 @@ def attach(
     dem_parent: Optional[nn.Module] = None,
 ) -> None:
     """Swap ``host``'s class for ``subclass``, register ``dem`` as ``spatial_embed`` on ``dem_parent``
-    (default: ``host``) and record ``options`` in ``config``."""
+    (default: ``host``), beside it the gate ``options.init`` asks for (``spatial_gate``, see
+    :func:`new_gate`), and record ``options`` in ``config``."""
     plain = subclass.dualview_plain
     check_not_applied(host)
+    if recorded_options(config) is not None:
+        warn_dropped_dual_view(type(host).__name__)
     if type(host) is not plain:
         fits = adapter_for(type(host))
         hint = f": use dualview.adapters.{fits}" if fits else ""
@@ -307,8 +373,25 @@ def attach(
             f"{type(host).__name__}{hint}"
         )
     swap_class(host, subclass)
-    (dem_parent if dem_parent is not None else host).add_module(DEM_ATTR, dem)
+    parent = dem_parent if dem_parent is not None else host
+    parent.add_module(DEM_ATTR, dem)
+    gate = new_gate(options, dem)
+    if gate is not None:
+        parent.add_module(GATE_ATTR, gate)
     record_options(config, options)
+
+
+def warn_dropped_dual_view(cls_name: str) -> None:
+    """A loud warning: a plain host that carries ``config.dualview`` was loaded from a dual-view
+    checkpoint by the plain class (``...ForConditionalGeneration.from_pretrained``,
+    ``AutoModelForImageTextToText``), which drops the DEM's and the gate's weights as unexpected keys."""
+    warnings.warn(
+        f"this {cls_name} carries config.{CONFIG_KEY}: it was loaded from a dual-view checkpoint by the plain class, "
+        f"which DROPPED the trained DEM ({DEM_ATTR}.*) and gate ({GATE_ATTR}.*); the dual view applied now starts "
+        "from a new, untrained DEM. Load such a checkpoint with dualview.from_pretrained(path) (or the adapter's "
+        "from_pretrained) to keep them",
+        UserWarning, stacklevel=4,
+    )
 
 
 def _inherit_conversion_mapping(cls: type, plain: type) -> None:
@@ -369,8 +452,9 @@ def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = N
         adapted(host, adapter)
     swap_class(host, type(host).dualview_plain)
     parent = dem_parent if dem_parent is not None else host
-    if DEM_ATTR in parent._modules:
-        delattr(parent, DEM_ATTR)
+    for attr in (DEM_ATTR, GATE_ATTR):
+        if attr in parent._modules:
+            delattr(parent, attr)
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 

@@ -327,6 +327,7 @@ def _dual_view_features(
     pixel_attention_mask: Optional[torch.Tensor],
     grids: list[list[G.Grid]],
     *,
+    gate: Optional[nn.Module] = None,
     tower_batch_size: Union[int, str, None] = None,
     **kwargs: Any,
 ) -> BaseModelOutputWithPooling:
@@ -336,7 +337,9 @@ def _dual_view_features(
     ``pooler_output``: per sample (its real frames * image_seq_len, text_dim), as the host;
     ``last_hidden_state``: (real frames, h*w, D) with the DEM-fused tiles (what the connector reads);
     ``hidden_states`` / ``attentions`` (when asked): the tower's, for every crop of the one call
-    (real frames, then the global crops grid by grid)."""
+    (real frames, then the global crops grid by grid). ``gate`` (``init="identity"``): blends the
+    tiles' own features with the DEM's; the frames then run in tower calls of their own (the plain
+    host's batch), so that the gate at 0 gives the plain host's features bit for bit."""
     batch, num = pixel_values.shape[:2]
     pixels = pixel_values.to(dtype=model.dtype).flatten(0, 1)  # the host's cast, fp16 compatibility
     real = (pixels == 0.0).sum(dim=(-1, -2, -3)) != pixels.shape[1:].numel()  # the host's padding rule
@@ -360,9 +363,12 @@ def _dual_view_features(
     patch = model.config.vision_config.patch_size
     pixels = torch.cat([frames, *crops])
     tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+    chunks = _host.tower_chunks(tower_batch_size, pixels.shape[0], tokens)
+    if gate is not None:  # init="identity": the frames in calls of their own, the plain host's batch
+        chunks = [n for n in (_host.tower_chunks(tower_batch_size, frames.shape[0], tokens)
+                              + _host.tower_chunks(tower_batch_size, pixels.shape[0] - frames.shape[0], tokens)) if n]
     tower_out = _run_tower(
-        model.vision_model, pixels, _patch_mask(torch.cat([masks, *crop_masks]), patch),
-        _host.tower_chunks(tower_batch_size, pixels.shape[0], tokens), **kwargs,
+        model.vision_model, pixels, _patch_mask(torch.cat([masks, *crop_masks]), patch), chunks, **kwargs,
     )
     hidden = tower_out.last_hidden_state  # (F + global crops, h*w, D)
     h, w = frames.shape[-2] // patch, frames.shape[-1] // patch
@@ -375,6 +381,8 @@ def _dual_view_features(
         offset += index.numel()
         fused = dem(local.to(dem_param), glob.to(dem_param), grid, (h, w))  # (n, R*h*C*w, D)
         windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # back to tiles
+        if gate is not None:  # init="identity": the host's own tile features at g = 0
+            windows = gate(local, windows.to(hidden))
         fused_frames = fused_frames.index_copy(0, index.flatten(), windows.flatten(0, 1).to(hidden))
 
     features = model.connector(fused_frames)  # pixel shuffle + projection, per frame, as the host
@@ -415,7 +423,7 @@ class _DualViewFrames:
         if not any(rows for sample in grids for rows, _ in sample):
             return super().get_image_features(pixel_values, pixel_attention_mask, **kwargs)
         return _dual_view_features(
-            self, self.dualview_dem, pixel_values, pixel_attention_mask, grids,
+            self, self.dualview_dem, pixel_values, pixel_attention_mask, grids, gate=self.dualview_gate,
             tower_batch_size=self.dualview_options.tower_batch_size, **kwargs,
         )
 
@@ -438,6 +446,7 @@ class DualViewIdefics3Model(_host.DualViewHost, _DualViewFrames, Idefics3Model):
     dualview_adapter = ADAPTER
     dualview_plain = Idefics3Model
     dualview_full_map = True
+    dualview_projector = "connector"
 
 
 class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
@@ -446,6 +455,7 @@ class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
     dualview_adapter = ADAPTER
     dualview_plain = SmolVLMModel
     dualview_full_map = True
+    dualview_projector = "connector"
 
 
 class _GridInput:
@@ -475,6 +485,8 @@ _OUTER = {
     Idefics3ForConditionalGeneration: DualViewIdefics3ForConditionalGeneration,
     SmolVLMForConditionalGeneration: DualViewSmolVLMForConditionalGeneration,
 }
+HOSTS = (*_OUTER, *_INNER)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 
 # The tiling is the processor's and the global image stays as it is: the DEM's full map replaces
 # the tiles' features. Options about DCM's own tiling mean nothing here.

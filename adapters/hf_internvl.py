@@ -85,6 +85,8 @@ from ._common import DualViewOptions, reload, with_fixed
 from ._hf import bind_host_call, check_strategy, host_decorators, vision_tower_for
 
 ADAPTER = "hf_internvl"
+HOSTS = (InternVLForConditionalGeneration,)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 # The processor picks the grid (min/max_patches), the canvas is squashed, the full DEM map
@@ -394,7 +396,10 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
     tiled = [i for i, n in enumerate(counts) if n > 1]
     tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}  # (R*C, 3, s, s), thumbnail left out
     glob = [layout.split_global(layout.merge_local(tiles[i][None], *grids[i]), *grids[i])[0] for i in tiled]
-    feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
+    if encoder.gate is None:
+        feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
+    else:  # init="identity": the host's patches in a call of their own, the plain host's batch
+        feats = torch.cat([encoder.run_tower(pixel_values)] + ([encoder.run_tower(torch.cat(glob))] if glob else []))
     # where each tiled image's global crops sit in feats: after the P patches, in `tiled` order
     glob_starts = dict(zip(tiled, accumulate((len(tiles[i]) for i in tiled), initial=len(pixel_values))))
     h, w = encoder.feat_size
@@ -410,6 +415,8 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
         global_ = _host.to_dtype_of(torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members]), encoder.dem)
         full = encoder.dem(local, global_, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D), row-major canvas map
         windows = layout.map_to_windows(full.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
+        if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
+            windows = encoder.gate(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), windows)
         fused.update(zip(members, windows))
 
     # the host's order: per visual its fused tiles then its thumbnail, or its one plain patch

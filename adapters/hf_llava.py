@@ -37,6 +37,8 @@ from ._common import DualViewOptions, reload
 from ._hf import LlavaFamilyHost, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava"
+HOSTS = (LlavaForConditionalGeneration,)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 

@@ -55,9 +55,11 @@ from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_next"
+HOSTS = (LlavaNextForConditionalGeneration,)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
@@ -169,7 +171,11 @@ def anyres_dual_view(
     """AnyRes patches -> per image (1 + R*C, h*w, D) features in AnyRes's layout: the base image's,
     then the DEM-fused map cut back into the R*C tile windows, so the host's packing applies.
 
-    One tower call over every base image, tile and global crop of the batch; one DEM call per grid."""
+    One tower call over every base image, tile and global crop of the batch; one DEM call per grid.
+    Under ``init="identity"`` the host's patches run as the plain host runs them, in a call of their
+    own (:func:`dualview.adapters._hf.anyres_in_host_order`), so that the gate at 0 gives its features."""
+    if encoder.gate is not None:
+        return anyres_in_host_order(encoder, pixel_values, image_sizes, [True] * len(image_sizes))
     sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
     grids = [encoder.dcm.grid_for(size) for size in sizes]
     crop = encoder.dcm.crop_size

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -63,13 +62,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dualview import DualViewEncoder
 from dualview import grid as G
-from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_onevision"
+HOSTS = (LlavaOnevisionForConditionalGeneration,)
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
@@ -182,45 +182,9 @@ def onevision_dual_view(
     map cut back into the R*C tile windows; an untiled one (1, h*w, D), plain.
 
     One tower call (``encoder.run_tower``, chunked only with ``tower_batch_size``) over the host's
-    patches in its own order, then every tiled image's global crops; one DEM call per grid."""
-    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
-    if len(tiled) != len(sizes):
-        raise ValueError(f"tiled must hold one flag per image ({len(sizes)}), got {len(tiled)}")
-    grids = [encoder.dcm.grid_for(size) if tile else None for size, tile in zip(sizes, tiled)]
-    crop = encoder.dcm.crop_size
-    if pixel_values.dim() not in (4, 5) or tuple(pixel_values.shape[-3:]) != (3, crop, crop):
-        raise ValueError(
-            f"pixel_values must be (images, patches, 3, {crop}, {crop}) or stacked (patches, 3, {crop}, {crop}) "
-            f"(vision_config.image_size={crop}), got shape {tuple(pixel_values.shape)}"
-        )
-    dem = encoder.dem
-    pixel_values = pixel_values.to(device=next(dem.parameters()).device)
-    counts = [1 + g[0] * g[1] if g else 1 for g in grids]
-    patches = anyres_patches(pixel_values, counts)
-    global_crops = [layout.split_global(layout.merge_local(p[None, 1:], *g), *g)[0]
-                    for p, g in zip(patches, grids) if g]
-    feats = encoder.run_tower(torch.cat(patches + global_crops))
-    if feats.shape[-1] != dem.dim:
-        raise ValueError(f"the tower returns D={feats.shape[-1]} channels, but the DEM has dim={dem.dim}")
-    # the host's patches keep the tower's precision; only the DEM's inputs take the DEM's
-    host_feats, global_feats = feats.split([sum(counts), feats.shape[0] - sum(counts)])
-    per_image = list(host_feats.split(counts))
-    global_iter = iter(global_feats.split([g[0] * g[1] for g in grids if g]))
-    globals_of = {i: next(global_iter) for i, g in enumerate(grids) if g}
-    # Images that share a grid form one DEM batch.
-    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-    for i, g in enumerate(grids):
-        if g:
-            by_grid[g].append(i)
-    h, w = encoder.feat_size
-    for (rows, cols), idx in by_grid.items():
-        local = _host.to_dtype_of(torch.stack([per_image[i][1:] for i in idx]), dem)  # (B, R*C, h*w, D)
-        glob = _host.to_dtype_of(torch.stack([globals_of[i] for i in idx]), dem)
-        fused = dem(local, glob, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D)
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
-        for i, tiles in zip(idx, windows):
-            per_image[i] = torch.cat((per_image[i][:1], tiles))
-    return per_image
+    patches in its own order, then every tiled image's global crops; one DEM call per grid. See
+    :func:`dualview.adapters._hf.anyres_in_host_order`."""
+    return anyres_in_host_order(encoder, pixel_values, image_sizes, tiled)
 
 
 # ---- apply / unapply / budget / from_pretrained ----------------------------------------------------

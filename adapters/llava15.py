@@ -62,7 +62,8 @@ from dualview.checkpoints import read_tensors
 
 from . import _host
 from ._common import (
-    DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, recorded_options,
+    CONFIG_KEY, DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, load_gate_weights,
+    recorded_options,
 )
 from .towers import HFVisionTower
 
@@ -113,6 +114,7 @@ class DualViewLlava(_host.DualViewHost):
     """What the dual-view subclasses of llava's ``Llava*ForCausalLM`` add (see the module docstring)."""
 
     dualview_adapter = ADAPTER
+    dualview_projector = "mm_projector"
 
     def dualview_expects(self) -> tuple[int, G.Size]:
         return _expects(self.get_model())
@@ -191,6 +193,8 @@ class DualViewLlavaInner:
             recorded = recorded_options(self.config) or {}
             _host.check_dem_fits(dem, adapter=ADAPTER, expects=_expects(self), full_map=False,
                                  thumbnail_fusion=recorded.get("thumbnail_fusion"))
+        if name == _host.GATE_ATTR and isinstance(value, nn.Module):
+            _host.check_gate_fits(_host.unwrap_dem(value), dim=_host.unwrap_dem(self.spatial_embed).dim, adapter=ADAPTER)
         super().__setattr__(name, value)
 
 
@@ -220,6 +224,8 @@ def _define_subclasses() -> dict[str, type]:
 
 INNER_SUBCLASSES: dict[type, type] = {}
 SUBCLASSES = _define_subclasses()
+HOSTS = tuple(sub.dualview_plain for sub in SUBCLASSES.values())
+"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 
 
 def _check_llava_config(config: Any) -> None:
@@ -375,9 +381,13 @@ def from_pretrained(
         raise ValueError(f"checkpoint {str(path)!r} does not match {cls.__name__}: {problems}")
     settings = dict(recorded_options(model.config) or {})
     settings.update(options or {})
+    if hasattr(model.config, CONFIG_KEY):  # recorded again by apply (a plain host carrying it is warned about)
+        delattr(model.config, CONFIG_KEY)
     apply(model, **settings)
     encoder = encoder_of(model)
     load_dem_weights(encoder.dem, path, _prefix(model, encoder.dem))
+    if encoder.gate is not None:
+        load_gate_weights(encoder.gate, path, _prefix(model, encoder.gate))
     _load_saved_tower(model, path, _prefix(model, model.get_model()) + "vision_tower.")
     return model
 

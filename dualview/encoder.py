@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from . import grid as G
+from . import layout
 from ._checks import check_choice
 from .cropping import DCM, DualCrops
 from .enhance import DEM
+from .gate import GATE_INITS, DualViewGate
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 """Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
@@ -44,6 +46,18 @@ class DualViewEncoder(nn.Module):
             each (batch, grid) compiles once (recompiles count against dynamo's
             ``recompile_limit``; a fixed int ``tower_batch_size`` keeps the chunk sizes to two).
             DCM and the glue stay eager: they depend on the image size and cost ~1% of the tower.
+        init: ``"released"`` (default): the DEM's tokens are used as released (``"mean"``:
+            ``(thumb + dem) / 2``). ``"identity"``: a :class:`~dualview.gate.DualViewGate` ``gate``
+            (``g = 0``, learnable) blends the "host" tokens with the DEM's, ``host + g * (dem - host)``,
+            so that at initialisation the encoder returns what the plain model would: with
+            ``thumbnail_fusion="mean"`` the host tokens are the thumbnail's (the output is then the
+            plain tower's thumbnail tokens); with the full map (``DEM(out_size=None)``) they are the
+            plain local tiles' tokens laid out as the map, row-major over the canvas (with
+            ``"concat"`` the thumbnail stays in front). Other settings have no plain counterpart of
+            the DEM's shape: a ValueError.
+        gate: the :class:`~dualview.gate.DualViewGate` to use under ``init="identity"`` (default: a
+            new one with ``g = 0`` on the DEM's device and dtype); adapters pass the one registered
+            in their host. Registered as the submodule ``gate``; None under ``"released"``.
 
     Shapes:
         forward((B, c, H, W)) -> (B, tokens, D);
@@ -61,6 +75,8 @@ class DualViewEncoder(nn.Module):
         tower_batch_size: Union[int, str, None] = None,
         patch_size: Optional[int] = None,
         compile: Union[bool, dict] = False,
+        init: str = "released",
+        gate: Optional[DualViewGate] = None,
     ) -> None:
         super().__init__()
         if not callable(tower):
@@ -78,12 +94,15 @@ class DualViewEncoder(nn.Module):
                 "DEM(out_size=(h, w)), got out_size=None; use 'concat' or 'none' for the full map"
             )
         _check_tower_batch_size(tower_batch_size)
+        gate = _check_gate(init, gate, dem, thumbnail_fusion)
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
         self.tower = tower
         self.dcm = dcm
         self.dem = dem
         self.thumbnail_fusion = thumbnail_fusion
+        self.init = init
+        self.gate = gate
         self.tower_batch_size = tower_batch_size
         self.patch_size = patch_size if patch_size is not None else getattr(tower, "patch_size", None)
         self._check_fit()
@@ -163,11 +182,16 @@ class DualViewEncoder(nn.Module):
 
         -> one (B_i, tokens, D) tensor per element of ``crops``.
         """
-        parts = []
+        parts, roles = [], []
         for c in crops:
             parts += [c.local_view, c.global_view] + ([] if c.thumbnail is None else [c.thumbnail])
+            roles += ["local", "global"] + ([] if c.thumbnail is None else ["thumbnail"])
         counts = [p.shape[0] * p.shape[1] if p.ndim == 5 else p.shape[0] for p in parts]
-        feats = self.run_tower(_gather(parts, counts))
+        if self.gate is None:
+            feats = self.run_tower(_gather(parts, counts))
+        else:  # identity: the host's crops get a tower call of their own, batched as the plain model batches them
+            host = "thumbnail" if self.dem.out_size is not None else "local"
+            feats = self._run_tower_host_apart(parts, counts, [role == host for role in roles])
         if feats.shape[-1] != self.dem.dim:
             raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
         # The tower may run in another precision (e.g. a bf16 CLIP beside a float32 DEM): the DEM's wins.
@@ -187,8 +211,25 @@ class DualViewEncoder(nn.Module):
         for grid, idx in by_grid.items():
             fused = self._step("dem")(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), grid)
             for i, tokens in zip(idx, fused.split([local[i].shape[0] for i in idx])):
+                if self.gate is not None and self.dem.out_size is None:  # full map: host = the plain tiles' map
+                    plain = local[i]  # (B, R*C, h*w, D) -> (B, R*h*C*w, D), the DEM's full-map order
+                    h, w = _square(plain.shape[2])
+                    tokens = self.gate(layout.windows_to_map(plain, *grid, h, w).flatten(1, 2), tokens)
                 out[i] = self._fuse_thumbnail(tokens, thumb[i])
         return out
+
+    def _run_tower_host_apart(self, parts: list[torch.Tensor], counts: list[int], is_host: list[bool]) -> torch.Tensor:
+        """The tower features of ``parts`` (in their order), the "host" parts (thumbnails under
+        ``"mean"``, local tiles under the full map) from a call of their own: a tower need not give a
+        crop bit-equal features in batches of different sizes, and identity means the plain model's."""
+        split = {}
+        for flag in (False, True):  # the host's crops last: the order of one call over all parts is kept
+            chosen = [i for i, f in enumerate(is_host) if f == flag]
+            if not chosen:
+                continue
+            feats = self.run_tower(_gather([parts[i] for i in chosen], [counts[i] for i in chosen]))
+            split.update(zip(chosen, feats.split([counts[i] for i in chosen])))
+        return torch.cat([split[i] for i in range(len(parts))])
 
     def tower_chunks(self, crops: int) -> list[int]:
         """The crop count of each tower call for ``crops`` crops (see ``tower_batch_size``)."""
@@ -252,6 +293,8 @@ class DualViewEncoder(nn.Module):
                 f"thumbnail_fusion='mean' needs thumbnail tokens {tuple(thumb.shape)} and DEM tokens "
                 f"{tuple(dem_tokens.shape)} of one shape: set DEM out_size to the tower's (h, w)"
             )
+        if self.gate is not None:  # identity init: host = the thumbnail's tokens
+            return self.gate(thumb, dem_tokens)
         return (thumb + dem_tokens) / 2
 
 
@@ -304,6 +347,36 @@ def _check_tower_batch_size(value: object) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"tower_batch_size must be a positive int, None (automatic) or 'all', got {value!r}")
+
+
+def _check_gate(init: str, gate: Optional[DualViewGate], dem: DEM, thumbnail_fusion: str) -> Optional[DualViewGate]:
+    """The gate ``init`` asks for: None under "released"; under "identity" ``gate`` (checked) or a new one."""
+    check_choice(init, "init", GATE_INITS)
+    if init == "released":
+        if gate is not None:
+            raise ValueError("gate is used only with init='identity'; init='released' fuses as released (no gate)")
+        return None
+    if thumbnail_fusion != "mean" and dem.out_size is not None:
+        raise ValueError(
+            f"init='identity' needs a plain counterpart of the DEM's tokens: thumbnail_fusion='mean' (the thumbnail) "
+            f"or DEM(out_size=None) (the local tiles' map); got thumbnail_fusion={thumbnail_fusion!r} with "
+            f"out_size={dem.out_size}"
+        )
+    if gate is None:
+        ref = dem.ln_fuse.weight
+        return DualViewGate(dem.dim, init="identity", device=ref.device, dtype=ref.dtype)
+    if not isinstance(gate, DualViewGate):
+        raise TypeError(f"gate must be a dualview.gate.DualViewGate, got {type(gate).__name__}")
+    if gate.dim != dem.dim:
+        raise ValueError(f"gate must have dim={dem.dim} (the DEM's), got dim={gate.dim}")
+    return gate
+
+
+def _square(tokens: int) -> G.Size:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"init='identity' with the full map needs square crops of h*w tokens, got {tokens} tokens")
+    return side, side
 
 
 def _check_tower_output(feats: object, crops: int) -> None:

@@ -19,7 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+import dualview
 from dualview import DEM
+from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, dual_view_host
+from dualview.gate import DualViewGate
 
 Size = tuple[int, int]
 
@@ -64,6 +67,18 @@ class HostCase:
     "assignment_check") -> why the host has no such contract."""
     plain_inputs: Optional[Callable[[Sequence[Size]], dict]] = None
     """Inputs for the never-adapted model, where its processor makes other ones (default: ``inputs``)."""
+    identity_inputs: Optional[Callable[[nn.Module, dict], dict]] = None
+    """``(adapted model, its inputs) -> inputs`` on which the plain model computes what the adapted one
+    does under ``init="identity"`` at initialisation: LLaVA-1.5 hosts see the dual-view thumbnail; None:
+    the hosts that reuse their tile features, whose plain inputs (``plain_inputs`` or ``inputs``) are the
+    same images."""
+
+
+def dual_view_host_or_none(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return dual_view_host(model)
+    except ValueError:
+        return None
 
 
 def logits(model: nn.Module, inputs: dict, **kwargs: Any) -> torch.Tensor:
@@ -111,6 +126,103 @@ class HostBattery:
 
     def dem(self, case: HostCase, model: nn.Module) -> DEM:
         return case.dem_parent(model).spatial_embed
+
+    def gate(self, case: HostCase, model: nn.Module) -> DualViewGate:
+        return case.dem_parent(model).spatial_gate
+
+    def identity(self) -> tuple[HostCase, nn.Module]:
+        case = self.case()
+        return case, case.adapter.apply(case.build(), **{**case.options, "init": "identity"})
+
+    @staticmethod
+    def plain_twin_inputs(case: HostCase, model: nn.Module, sizes: Sequence[Size]) -> tuple[dict, dict]:
+        """(inputs of the adapted model, inputs giving the plain model the same images)."""
+        inputs = case.inputs(sizes)
+        if case.identity_inputs is not None:
+            return inputs, case.identity_inputs(model, inputs)
+        return inputs, (case.plain_inputs or case.inputs)(sizes)
+
+    @staticmethod
+    def labels(case: HostCase, inputs: dict) -> torch.Tensor:
+        ids = inputs[case.input_ids_key]
+        if case.image_token_id is None:
+            return ids.clamp(min=0)
+        return ids.clamp(min=0).masked_fill(ids == case.image_token_id, -100)
+
+    # -- init="identity": the plain host at initialisation, a learned correction after ------------------
+
+    def test_identity_init_gives_the_plain_models_logits_bit_for_bit(self):
+        """Under ``init="identity"`` the adapted model's logits are the plain model's on the same images
+        (float32, bit for bit); the gate is the only new state besides the DEM; the released
+        initialisation (default) is not the plain model (this test can tell them apart)."""
+        case, model = self.identity()
+        plain = case.build()
+        inputs, plain_inputs = self.plain_twin_inputs(case, model, case.sizes)
+        expected = logits(plain, plain_inputs)
+        assert model.config.dualview["init"] == "identity"
+        gate = self.gate(case, model)
+        assert isinstance(gate, DualViewGate) and gate.dim == self.dem(case, model).dim and not gate.g.any()
+        new = set(model.state_dict()) - set(plain.state_dict())
+        assert {k for k in new if ".spatial_gate." in "." + k} and all(
+            ".spatial_embed." in "." + k or ".spatial_gate." in "." + k for k in new)
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        released = case.adapter.apply(case.build(), **case.options)
+        assert not torch.allclose(logits(released, inputs), expected)
+        # a moved gate moves the output
+        with torch.no_grad():
+            gate.g.fill_(0.5)
+        assert not torch.allclose(logits(model, inputs), expected)
+
+    def test_identity_training_moves_the_gate_first_then_the_dem(self):
+        """Step 0: the loss's gradient reaches the gate (``d out / d g = dem - host``) and not yet the
+        DEM (``g = 0``); after one optimizer step the DEM's parameters get non-zero gradients and the
+        output has left the plain model's."""
+        case, model = self.identity()
+        inputs, plain_inputs = self.plain_twin_inputs(case, model, case.sizes)
+        plain = logits(case.build(), plain_inputs)
+        model.train()
+        dem, gate = self.dem(case, model), self.gate(case, model)
+        model.requires_grad_(False)
+        dem.requires_grad_(True)
+        gate.requires_grad_(True)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        labels = self.labels(case, inputs)
+        model(**inputs, labels=labels).loss.backward()
+        assert gate.g.grad is not None and gate.g.grad.abs().sum() > 0
+        assert all(p.grad is None or not p.grad.any() for p in dem.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        assert gate.g.any()
+        model(**inputs, labels=labels).loss.backward()
+        grads = [p.grad for p in dem.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+        model.eval()
+        assert not torch.allclose(logits(model, inputs), plain)
+
+    def test_identity_round_trips_through_save_pretrained_and_checks_the_assigned_gate(self, tmp_path):
+        """A trained gate and DEM come back bit-exactly with ``from_pretrained`` (``init`` restored from
+        config.json); a gate of the wrong width or kind is refused at assignment; unapply removes it."""
+        case, model = self.identity()
+        with torch.no_grad():
+            self.gate(case, model).g.uniform_(-1, 1)
+            for p in self.dem(case, model).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        model.save_pretrained(tmp_path)
+        loaded = case.adapter.from_pretrained(tmp_path).eval()
+        assert loaded.config.dualview["init"] == "identity"
+        assert torch.equal(self.gate(case, loaded).g, self.gate(case, model).g)
+        torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+        dim = self.dem(case, model).dim
+        for bad, message in ((DualViewGate(dim + 2), rf"dim={dim}.*got dim={dim + 2}"),
+                             (DualViewGate(dim, init="released"), "init='identity'"),
+                             (nn.Linear(dim, dim), "DualViewGate")):
+            with pytest.raises((TypeError, ValueError), match=rf"spatial_gate.*{message}"):
+                case.dem_parent(model).spatial_gate = bad
+        case.adapter.unapply(model)
+        assert not any("spatial_gate" in k for k in model.state_dict())
 
     # -- the DEM that is registered is the DEM that runs ---------------------------------------------
 
@@ -169,6 +281,37 @@ class HostBattery:
         model.save_pretrained(tmp_path)
         torch.testing.assert_close(logits(case.adapter.from_pretrained(tmp_path).eval(), inputs), expected,
                                    rtol=0, atol=0)
+
+    @pytest.mark.parametrize("init", ["released", "identity"])
+    def test_adapter_only_checkpoint_onto_a_fresh_plain_host_is_bit_exact(self, tmp_path, init):
+        """``dualview.apply`` picks this adapter from the model's class; ``dualview.save_adapter`` writes the
+        DEM (+ gate) and the options only; ``dualview.load`` onto a fresh PLAIN host gives the trained
+        adapted model's logits bit for bit; ``dualview.unapply`` gives the plain model back."""
+        case = self.case()
+        model = dualview.apply(case.build(), **{**case.options, "init": init})
+        assert type(dual_view_host(model)).dualview_adapter == case.adapter.ADAPTER
+        with torch.no_grad():  # trained weights, not what a fresh apply makes
+            for p in self.dem(case, model).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            if init == "identity":
+                self.gate(case, model).g.uniform_(-1, 1)
+        inputs = case.inputs(case.sizes)
+        expected = logits(model, inputs)
+        dualview.save_adapter(model, tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / ADAPTER_WEIGHTS), framework="pt") as f:
+            keys = set(f.keys())
+        own = {"spatial_embed." + k for k in self.dem(case, model).state_dict()}
+        if init == "identity":
+            own.add("spatial_gate.g")
+        assert keys == own
+        loaded = dualview.load(case.build(), tmp_path)
+        assert loaded.config.dualview == model.config.dualview
+        torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+        plain = dualview.unapply(loaded)
+        assert "dualview" not in plain.config.to_dict() and not isinstance(dual_view_host_or_none(plain), nn.Module)
 
     def test_apply_twice_is_refused_and_unapply_gives_the_plain_model_back(self):
         case = self.case()

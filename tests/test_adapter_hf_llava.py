@@ -244,4 +244,7 @@ class TestHostBattery(HostBattery):
             pooler_from_last=lambda model, last, inputs: list(model.model.multi_modal_projector(last)),
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
                          "model.language_model": "cpu", "lm_head": "cpu"}, plain_inputs=_plain_inputs,
+            # init="identity" gives the plain model's answer on the dual-view thumbnail of the same image
+            identity_inputs=lambda model, inputs: dict(
+                inputs, pixel_values=hf_llava.encoder_of(model).dcm(inputs["pixel_values"]).thumbnail),
         )

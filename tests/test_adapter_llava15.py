@@ -419,6 +419,9 @@ class TestHostBattery(HostBattery):
             generate_returns_prompt=False,
             plain_inputs=lambda sizes: {"input_ids": prompt_ids().repeat(len(sizes), 1),
                                         "images": torch.randn(len(sizes), 3, 28, 28)},
+            # init="identity" gives the plain model's answer on the dual-view thumbnail of the same image
+            identity_inputs=lambda model, inputs: dict(
+                inputs, images=llava15.encoder_of(model).dcm(inputs["images"]).thumbnail),
             not_applicable={
                 "mismatch": "llava's prepare_inputs_labels_for_multimodal has no image-token / feature check",
                 "image_features": "llava has no get_image_features (encode_images returns projected features)",

@@ -1,0 +1,314 @@
+"""Dual view's lifecycle as PEFT users expect it: one entry point for every host, adapter-only
+checkpoints, trainable-parameter reports and freeze presets.
+
+    import dualview
+    model = dualview.apply(model, init="identity")      # the adapter is chosen from the model's class
+    dualview.freeze(model, "warm_start")                 # DEM + gate trainable, everything else frozen
+    dualview.trainable_parameters(model)                 # prints and returns the counts
+    ... train ...
+    dualview.save_adapter(model, "dv")                   # DEM + gate weights and the options, a few MB
+    plain = LlavaNextForConditionalGeneration.from_pretrained(...)
+    model = dualview.load(plain, "dv")                   # the right adapter, those options, those weights
+
+The adapter table is built from the adapters themselves: every module of ``dualview.adapters``
+(those whose host library imports) names the host classes its ``apply`` takes in ``HOSTS``. Nothing
+here imports a host library before it is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from torch import nn
+
+ADAPTER_WEIGHTS = "dualview_adapter.safetensors"
+"""File name of the DEM (+ gate) weights written by :func:`save_adapter`."""
+ADAPTER_CONFIG = "dualview_adapter.json"
+"""File name of the options, adapter name and dualview version written by :func:`save_adapter`."""
+FORMAT = 1
+PRESETS = ("stage1", "warm_start", "warm_start_lora")
+""":func:`freeze` presets: the paper's stage-1 alignment (DEM + gate + projector), a warm start of a
+trained host (DEM + gate), and the warm start with a LoRA on the language model."""
+DEM_PREFIX, GATE_PREFIX = "spatial_embed.", "spatial_gate."
+LORA_TARGETS = r"^(?!.*(vision|spatial_)).*\.(q_proj|k_proj|v_proj|o_proj)$"
+"""Default LoRA targets of ``"warm_start_lora"``: the language model's attention projections (every
+``q/k/v/o_proj`` outside the vision tower and the DEM)."""
+
+_NOT_ADAPTERS = ("towers",)
+
+
+# ---- the adapter table ----------------------------------------------------------------------------
+
+
+def adapters() -> dict[str, Any]:
+    """Adapter name -> module, for every adapter whose host library imports here."""
+    from dualview import adapters as package
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        name = info.name
+        if name.startswith("_") or name in _NOT_ADAPTERS:
+            continue
+        try:
+            module = importlib.import_module(f"{package.__name__}.{name}")
+        except ImportError:  # its host library is not installed: no model of its hosts can exist
+            continue
+        if hasattr(module, "HOSTS"):
+            found[name] = module
+    return found
+
+
+def host_table() -> dict[type, str]:
+    """Host class -> adapter name, from each adapter's ``HOSTS``."""
+    return {cls: name for name, module in adapters().items() for cls in module.HOSTS}
+
+
+def adapter_for(model: nn.Module) -> tuple[str, Any]:
+    """(name, module) of the adapter whose hosts include ``model``'s class (or the nearest base class);
+    a TypeError listing the supported host classes otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a vision-language host model), got {type(model).__name__}")
+    table = host_table()
+    for cls in type(model).__mro__:
+        if cls in table:
+            name = table[cls]
+            return name, adapters()[name]
+    supported = ", ".join(sorted(f"{cls.__name__} ({name})" for cls, name in table.items()))
+    raise TypeError(
+        f"dualview has no adapter for {type(model).__name__}: supported host classes are {supported} "
+        "(adapters whose host library is not installed are not listed)"
+    )
+
+
+def dual_view_host(model: nn.Module) -> nn.Module:
+    """The module of ``model`` (itself or a submodule) that carries dual view, or a ValueError."""
+    from dualview.adapters._host import DualViewHost
+
+    for module in model.modules():
+        if isinstance(module, DualViewHost):
+            return module
+    raise ValueError(f"this {type(model).__name__} has no dual view: call dualview.apply(model) first")
+
+
+# ---- apply / unapply -------------------------------------------------------------------------------
+
+
+def apply(model: nn.Module, **options: Any) -> nn.Module:
+    """Install dual view with the adapter of ``model``'s class, in place; returns it. ``options``: the
+    adapter's (:class:`~dualview.adapters._common.DualViewOptions`, e.g. ``init="identity"``)."""
+    _, module = adapter_for(model)
+    return module.apply(model, **options)
+
+
+def unapply(model: nn.Module) -> nn.Module:
+    """The plain model back (the adapter that installed dual view removes it); returns it."""
+    host = dual_view_host(model)
+    return importlib.import_module(f"dualview.adapters.{type(host).dualview_adapter}").unapply(model)
+
+
+def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """Load a WHOLE model saved with ``save_pretrained`` from an adapted one: the adapter is chosen
+    from its config.json (``architectures``), which must hold the ``dualview`` options; ``kwargs``
+    go to the adapter's ``from_pretrained`` (dtype, device_map, ...)."""
+    config = _read_json(Path(path) / "config.json", what="config.json of a saved model")
+    if "dualview" not in config:
+        raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config.json has no 'dualview' entry")
+    archs = config.get("architectures") or []
+    by_name = {cls.__name__: name for cls, name in host_table().items()}
+    for arch in archs:
+        name = by_name.get(arch) or by_name.get(arch.removeprefix("DualView"))
+        if name is not None:
+            return adapters()[name].from_pretrained(path, **kwargs)
+    raise ValueError(
+        f"{str(path)!r}: config.json names architectures {archs}, none of which a dualview adapter hosts "
+        f"({sorted(by_name)})"
+    )
+
+
+# ---- adapter-only checkpoints --------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
+    """Write only dual view's own state: ``dualview_adapter.safetensors`` (the DEM under
+    ``spatial_embed.*``, the gate under ``spatial_gate.*`` with ``init="identity"``) and
+    ``dualview_adapter.json`` (adapter name, dualview version, host class, options). Returns the folder.
+    :func:`load` puts it on a plain host."""
+    from safetensors.torch import save_file
+
+    from dualview import __version__
+    from dualview.adapters._common import recorded_options
+
+    host = dual_view_host(model)
+    dem, gate = host.dualview_dem, host.dualview_gate  # records the DEM's settings in config.dualview
+    state = {DEM_PREFIX + k: v for k, v in dem.state_dict().items()}
+    if gate is not None:
+        state.update({GATE_PREFIX + k: v for k, v in gate.state_dict().items()})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    plain = getattr(type(model), "dualview_plain", type(model))
+    meta = {
+        "format": FORMAT, "adapter": type(host).dualview_adapter, "dualview_version": __version__,
+        "host": plain.__name__, "weights": ADAPTER_WEIGHTS, "options": recorded_options(host.config),
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """Apply the adapter saved by :func:`save_adapter` in ``folder`` to the PLAIN ``model``, with the
+    saved options, and load its weights strictly: missing or unexpected keys, shapes that differ,
+    non-floating-point tensors and a weight file outside the folder are refused (one ValueError
+    naming the file); on any error the model is left plain. Returns the model."""
+    from dualview.checkpoints import Origin, _inside_folder, check_dem_state, read_tensors
+
+    folder = Path(folder)
+    meta_path = folder / ADAPTER_CONFIG
+    meta = _read_json(meta_path, what="dual-view adapter config (written by dualview.save_adapter)")
+    for key, kind in (("adapter", str), ("options", dict), ("weights", str)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{str(meta_path)!r}: '{key}' must be a {kind.__name__}, got {meta.get(key)!r}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(meta_path)!r}: format {meta.get('format')!r} is not one this dualview reads ({FORMAT})")
+    name, module = adapter_for(model)
+    if meta["adapter"] != name:
+        raise ValueError(
+            f"{str(meta_path)!r} holds a dualview.adapters.{meta['adapter']} adapter (saved from a {meta.get('host')}), "
+            f"but the model is a {type(model).__name__}, which dualview.adapters.{name} adapts"
+        )
+    if not _inside_folder(meta["weights"]) or Path(meta["weights"]).suffix != ".safetensors":
+        raise ValueError(
+            f"{str(meta_path)!r}: 'weights' must name a .safetensors file inside {str(folder)!r}, got {meta['weights']!r}"
+        )
+    weights = folder / meta["weights"]
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(meta_path)!r} names the weight file {str(weights)!r}, which does not exist")
+    state = read_tensors(weights)
+    module.apply(model, **meta["options"])
+    try:
+        host = dual_view_host(model)
+        dem, gate = host.dualview_dem, host.dualview_gate
+        parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
+        unexpected = sorted(k for k in state if not any(k.startswith(p) for p, m in parts.items() if m is not None))
+        if unexpected:
+            raise ValueError(
+                f"checkpoint {str(weights)!r} does not match the adapter of the saved options: unexpected keys {unexpected}"
+            )
+        for prefix, target in parts.items():
+            if target is None:
+                continue
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            check_dem_state(sub, target, origin=Origin(weights, prefix),
+                            model=f"the {prefix.rstrip('.')} of the saved options")
+            target.load_state_dict(sub)
+    except Exception:
+        module.unapply(model)
+        raise
+    return model
+
+
+# ---- training helpers -------------------------------------------------------------------------------
+
+
+def dual_view_modules(model: nn.Module) -> list[nn.Module]:
+    """The DEM and (with ``init="identity"``) the gate of ``model``, as registered (PEFT wrappers kept)."""
+    from dualview.adapters import _host
+
+    parent = _host.dem_parent_of(dual_view_host(model))
+    return [parent._modules[a] for a in (_host.DEM_ATTR, _host.GATE_ATTR) if a in parent._modules]
+
+
+def projector_of(model: nn.Module) -> nn.Module:
+    """The host's projector (connector), beside the DEM."""
+    from dualview.adapters import _host
+
+    host = dual_view_host(model)
+    return getattr(_host.dem_parent_of(host), type(host).dualview_projector)
+
+
+def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = print) -> dict[str, Any]:
+    """Counts of ``model``'s parameters, PEFT's ``print_trainable_parameters`` style, printed with
+    ``print_fn`` (None: not printed): ``trainable``, ``total``, ``percent`` and ``dual_view`` (the DEM's
+    and the gate's, trainable or not). Shared parameters count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    try:
+        own = {id(p): p.numel() for m in dual_view_modules(model) for p in m.parameters()}
+    except ValueError:  # a plain model
+        own = {}
+    counts = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1),
+              "dual_view": sum(own.values())}
+    if print_fn is not None:
+        print_fn(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {counts['percent']:.4f} "
+            f"|| dual view (DEM + gate): {counts['dual_view']:,}"
+        )
+    return counts
+
+
+def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
+    """Set what trains, for the paper's stages:
+
+    - ``"stage1"``: the DEM, the gate and the projector; everything else frozen.
+    - ``"warm_start"``: the DEM and the gate only (a trained host kept exactly; with
+      ``init="identity"`` training starts from the plain model's outputs).
+    - ``"warm_start_lora"``: the DEM and the gate, plus a PEFT LoRA on the language model: returns
+      ``peft.get_peft_model(model, config)`` with the DEM and gate as ``modules_to_save`` (trained
+      and saved with the LoRA by PEFT's ``save_pretrained``). ``lora``: a ``peft.LoraConfig``
+      (default: r=8, alpha=16, dropout 0 on :data:`LORA_TARGETS`); its ``modules_to_save`` gets the
+      DEM and gate added.
+
+    Returns the model to train (the PEFT model for ``"warm_start_lora"``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    own = dual_view_modules(model)
+    model.requires_grad_(False)
+    for module in own:
+        module.requires_grad_(True)
+    if preset == "stage1":
+        projector_of(model).requires_grad_(True)
+    if preset != "warm_start_lora":
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("freeze(model, 'warm_start_lora') needs peft: pip install peft") from None
+    from dualview.adapters import _host
+
+    parent = _host.dem_parent_of(dual_view_host(model))
+    names = [n for n in (_host.DEM_ATTR, _host.GATE_ATTR) if n in parent._modules]
+    if lora is None:
+        lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    elif not isinstance(lora, peft.LoraConfig):
+        raise TypeError(f"lora must be a peft.LoraConfig, got {type(lora).__name__}")
+    lora.modules_to_save = sorted(set(lora.modules_to_save or []) | set(names))
+    return peft.get_peft_model(model, lora)
+
+
+def _read_json(path: Path, *, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} could not be read as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+__all__ = [
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PRESETS", "adapter_for", "adapters", "apply", "dual_view_host", "freeze",
+    "from_pretrained", "load", "save_adapter", "trainable_parameters", "unapply",
+]

@@ -1,0 +1,84 @@
+"""DualViewGate and DualViewEncoder(init="identity"): the host's features at initialisation, against
+independent references (the thumbnail through the tower alone; the tiles' map by hand)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualview import DCM, DEM, DualViewEncoder
+from dualview.gate import DualViewGate
+from dualview.testing import PatchTower
+
+
+def test_gate_is_host_plus_g_times_the_difference_and_identity_at_zero():
+    torch.manual_seed(0)
+    host, dual = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    gate = DualViewGate(8)
+    assert isinstance(gate.g, torch.nn.Parameter) and not gate.g.any()
+    assert torch.equal(gate(host, dual), host)
+    with torch.no_grad():
+        gate.g.copy_(torch.linspace(-1, 1, 8))
+    torch.testing.assert_close(gate(host, dual), host + torch.linspace(-1, 1, 8) * (dual - host))
+    assert gate(host.bfloat16(), dual.bfloat16()).dtype == torch.bfloat16
+
+
+def test_released_gate_is_the_released_mean_bit_for_bit_and_adds_no_state():
+    host, dual = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    gate = DualViewGate(6, init="released")
+    assert torch.equal(gate(host, dual), (host + dual) / 2)
+    assert gate.state_dict() == {} and not list(gate.parameters())
+
+
+def test_gate_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"init must be one of \('released', 'identity'\), got 'zeros'"):
+        DualViewGate(4, init="zeros")
+    with pytest.raises(ValueError, match="dim"):
+        DualViewGate(0)
+    with pytest.raises(ValueError, match=r"one shape \(\.\.\., 4\), got host \(2, 4\) and dual \(2, 3\)"):
+        DualViewGate(4)(torch.zeros(2, 4), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="two tensors"):
+        DualViewGate(4)(torch.zeros(2, 4), None)
+
+
+def _encoder(out_size, fusion, init="identity"):
+    torch.manual_seed(0)
+    tower = PatchTower(dim=16, patch_size=4)
+    dem = DEM(16, 2, out_size=out_size, resample="bilinear" if out_size else None)
+    return DualViewEncoder(tower, DCM(16, (2, 3), thumbnail=True), dem, thumbnail_fusion=fusion, init=init), tower
+
+
+def test_identity_encoder_with_the_mean_gives_the_thumbnails_tokens():
+    encoder, tower = _encoder((4, 4), "mean")
+    images = torch.randn(2, 3, 37, 50)
+    thumb = encoder.dcm(images).thumbnail
+    with torch.no_grad():
+        assert torch.equal(encoder(images), tower(thumb))
+    released, _ = _encoder((4, 4), "mean", init="released")
+    with torch.no_grad():
+        assert not torch.allclose(released(images), tower(thumb))
+
+
+def test_identity_encoder_with_the_full_map_gives_the_tiles_map_and_trains_the_gate():
+    encoder, tower = _encoder(None, "concat")
+    images = torch.randn(1, 3, 32, 48)
+    crops = encoder.dcm(images)
+    tiles = tower(crops.local_view.flatten(0, 1))  # (R*C, 16, D): tile r*C + c, tokens row-major
+    rows = [torch.cat([tiles[r * 3 + c].view(4, 4, -1)[y] for c in range(3)]) for r in range(2) for y in range(4)]
+    expected = torch.cat((tower(crops.thumbnail)[0], torch.cat(rows)))
+    out = encoder(images)
+    assert torch.equal(out[0], expected)
+    out.square().sum().backward()
+    assert encoder.gate.g.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in encoder.dem.parameters())
+
+
+def test_identity_needs_a_plain_counterpart():
+    with pytest.raises(ValueError, match="init='identity' needs a plain counterpart"):
+        _encoder((4, 4), "concat")
+    with pytest.raises(ValueError, match="gate is used only with init='identity'"):
+        DualViewEncoder(PatchTower(16, 4), DCM(16, (2, 2)), DEM(16, 2, out_size=(4, 4)), thumbnail_fusion="none",
+                        gate=DualViewGate(16))
+    with pytest.raises(ValueError, match=r"gate must have dim=16 \(the DEM's\), got dim=8"):
+        DualViewEncoder(PatchTower(16, 4), DCM(16, (2, 2), thumbnail=True), DEM(16, 2, out_size=(4, 4)),
+                        init="identity", gate=DualViewGate(8))
