@@ -1,4 +1,4 @@
-"""Evaluate dual-view models with lmms-eval (``pip install "dualview[eval]"``).
+"""Evaluate dual-view models with lmms-eval (``pip install "/path/to/dualview[eval]"`` from a checkout).
 
 lmms-eval (>= 0.7.3) reads the manifests of every ``lmms_eval.models`` entry point; dualview's
 (:func:`manifests`) adds the models

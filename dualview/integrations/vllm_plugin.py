@@ -1,4 +1,4 @@
-"""Serve dual-view models with vLLM: a plug-in (``pip install "dualview[vllm]"``).
+"""Serve dual-view models with vLLM: a plug-in (``pip install "/path/to/dualview[vllm]"`` from a checkout).
 
 vLLM loads every ``vllm.general_plugins`` entry point at start-up; dualview's calls :func:`register`,
 which registers the architecture ``DualViewLlavaNextForConditionalGeneration`` (a subclass of vLLM's
