@@ -191,3 +191,48 @@ def test_the_newest_releases_lane_resolves_again_on_a_later_run(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- 5. the lmms-eval loader's patch of llava_hf.model_map ------------------------------------------
+
+
+def _fake_llava_hf(monkeypatch):
+    import types
+
+    names = ["lmms_eval", "lmms_eval.models", "lmms_eval.models.simple", "lmms_eval.models.simple.llava_hf"]
+    modules = [types.ModuleType(n) for n in names]
+    for parent, child, name in zip(modules, modules[1:], names[1:]):
+        setattr(parent, name.rsplit(".", 1)[1], child)
+    for name, module in zip(names, modules):
+        monkeypatch.setitem(sys.modules, name, module)
+    modules[-1].model_map = {"llava": "plain LlavaForConditionalGeneration"}
+    return modules[-1]
+
+
+def test_the_model_map_patch_is_undone_when_two_loads_overlap(monkeypatch):
+    """``dual_view_loading`` saves the map it finds and puts that back: two loads that overlap (two
+    threads, or two evaluators built in one process) restore in the wrong order and leave llava_hf's
+    module-level map patched for good, so every later plain ``--model llava_hf`` goes through
+    DualViewLoader (a plain checkpoint is then refused: 'was not saved from a dual-view model')."""
+    from dualview.integrations import lmms_eval_models
+
+    llava_hf = _fake_llava_hf(monkeypatch)
+    original = dict(llava_hf.model_map)
+    first = lmms_eval_models.dual_view_loading("dualview_llava_next")
+    second = lmms_eval_models.dual_view_loading("dualview_llava_onevision")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first load ends while the second still runs
+    second.__exit__(None, None, None)
+    assert llava_hf.model_map == original, f"llava_hf.model_map left patched: {llava_hf.model_map}"
+
+
+# ---- 6. bad input without one clear error ------------------------------------------------------------
+
+
+def test_a_list_of_images_as_pixel_values_gets_a_clear_error_naming_pixel_values():
+    """hf_llava.check_resolution returns early for anything but a tensor, and the encoder then fails
+    with "AttributeError: 'list' object has no attribute 'to'": no argument, expected or actual named."""
+    model, _ = adapted()
+    with pytest.raises((TypeError, ValueError), match="pixel_values"):
+        model.model.get_image_features(pixel_values=[torch.randn(3, 84, 84)])
