@@ -62,7 +62,7 @@ from dualview.checkpoints import read_tensors
 
 from . import _host
 from ._common import (
-    DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, recorded_options,
+    DualViewOptions, check_device_map, from_pretrained_without_dem, host_folder, load_dem_weights, recorded_options,
 )
 from .towers import HFVisionTower
 
@@ -362,12 +362,13 @@ def from_pretrained(
 
     path = Path(path)
     check_device_map(kwargs.get("device_map"))
+    folder, files = host_folder(path, kwargs)  # the DEM and the tower are read from the host's own files
     for model_type in MODEL_CLASSES:  # importing a class registers its config with AutoConfig
         try:
             _model_class(model_type)
         except ImportError:  # pragma: no cover - a variant transformers cannot import
             pass
-    cls = _model_class(AutoConfig.from_pretrained(path).model_type)
+    cls = _model_class(AutoConfig.from_pretrained(folder).model_type)
     with _tower_keys_expected(cls):
         model, info = from_pretrained_without_dem(cls, path, output_loading_info=True, **kwargs)
     problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -377,8 +378,8 @@ def from_pretrained(
     settings.update(options or {})
     apply(model, **settings)
     encoder = encoder_of(model)
-    load_dem_weights(encoder.dem, path, _prefix(model, encoder.dem))
-    _load_saved_tower(model, path, _prefix(model, model.get_model()) + "vision_tower.")
+    load_dem_weights(encoder.dem, folder, _prefix(model, encoder.dem), **files)
+    _load_saved_tower(model, folder, _prefix(model, model.get_model()) + "vision_tower.", files)
     return model
 
 
@@ -399,10 +400,10 @@ def _tower_keys_expected(cls: type) -> Iterator[None]:
             del cls._keys_to_ignore_on_load_unexpected
 
 
-def _load_saved_tower(model: nn.Module, path: Path, prefix: str) -> None:
+def _load_saved_tower(model: nn.Module, path: Path, prefix: str, files: Mapping[str, Any]) -> None:
     """Vision-tower weights stored in the checkpoint (llava saves them) replace the ones read from
     ``mm_vision_tower``: all of them, or none when the checkpoint has none."""
-    saved = read_tensors(path, keep=lambda k: k.startswith(prefix))
+    saved = read_tensors(path, keep=lambda k: k.startswith(prefix), **files)
     if not saved:
         return
     tower = model.get_vision_tower()

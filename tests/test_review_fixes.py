@@ -1,0 +1,46 @@
+"""Further cases of the review fixes (tests/test_review_findings.py holds the reviewer's own)."""
+
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+
+from dualview.adapters import hf_llava  # noqa: E402
+
+from .test_review_findings import _dem_equal, _two_adapted_models  # noqa: E402
+
+
+def test_from_pretrained_with_use_safetensors_false_restores_the_dem_of_the_bin_file(tmp_path):
+    """A folder with both model.safetensors and pytorch_model.bin: ``use_safetensors=False`` loads the
+    host from the .bin, and the DEM must come from the .bin too."""
+    a, b = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    torch.save({k: v.clone() for k, v in b.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    loaded = hf_llava.from_pretrained(tmp_path, use_safetensors=False)
+    assert _dem_equal(loaded.model.spatial_embed, b.model.spatial_embed)
+    assert _dem_equal(hf_llava.from_pretrained(tmp_path).model.spatial_embed, a.model.spatial_embed)
+
+
+def test_from_pretrained_refuses_a_hub_id_before_loading_anything(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("the host's from_pretrained ran (it would download the whole model)")
+
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", no_download)
+    with pytest.raises(ValueError, match="path must be a local folder.*'llava-hf/llava-1.5-7b-hf'"):
+        hf_llava.from_pretrained("llava-hf/llava-1.5-7b-hf")
+
+
+def test_from_pretrained_refuses_a_state_dict_the_dem_would_not_come_from(tmp_path):
+    a, _ = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"\['state_dict'\]"):
+        hf_llava.from_pretrained(tmp_path, state_dict=a.state_dict())
+
+
+def test_a_missing_variant_names_the_variant(tmp_path):
+    a, _ = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    with pytest.raises((OSError, ValueError), match="ema"):
+        hf_llava.from_pretrained(tmp_path, variant="ema")
