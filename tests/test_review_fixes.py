@@ -44,3 +44,40 @@ def test_a_missing_variant_names_the_variant(tmp_path):
     a.save_pretrained(tmp_path)
     with pytest.raises((OSError, ValueError), match="ema"):
         hf_llava.from_pretrained(tmp_path, variant="ema")
+
+
+def test_vllm_save_pretrained_refuses_push_to_hub_before_writing(tmp_path):
+    from dualview.integrations import vllm_plugin
+
+    from .integrations import tiny_llava_next
+
+    with pytest.raises(ValueError, match="push_to_hub"):
+        vllm_plugin.save_pretrained(tiny_llava_next.model(seed=0), tmp_path / "out", push_to_hub=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mark_for_vllm_keeps_the_config_readable_and_leaves_no_temporary_file(tmp_path):
+    import json
+    import stat
+
+    from dualview.integrations import vllm_plugin
+
+    from .integrations import tiny_llava_next
+
+    tiny_llava_next.model(seed=0).save_pretrained(tmp_path)
+    mode = stat.S_IMODE((tmp_path / "config.json").stat().st_mode)
+    vllm_plugin.mark_for_vllm(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [vllm_plugin.LLAVA_NEXT]
+    assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == mode
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".config.")]
+
+
+def test_mark_for_vllm_refuses_unknown_dual_view_options(tmp_path):
+    import json
+
+    from dualview.integrations import vllm_plugin
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlavaNextForConditionalGeneration"],
+                                                      "dualview": {"gird": [3, 3]}}))
+    with pytest.raises(ValueError, match="'dualview' entry is not valid dual-view options.*gird"):
+        vllm_plugin.mark_for_vllm(tmp_path)

@@ -32,7 +32,9 @@ LLaVA-OneVision, InternVL and Idefics3 are not served yet (see docs/serving.md).
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -54,29 +56,80 @@ def register() -> None:
             ModelRegistry.register_model(arch, f"{__name__}:{arch}")
 
 
+def _check_options(entry: Any, where: str) -> None:
+    """``config.dualview`` of ``where`` must be the dict of dual-view options an adapter records:
+    ``None`` (switched off by hand) or another value is refused, not served as dual view."""
+    from dualview.adapters._common import DualViewOptions
+
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"{where} was not saved from a dual-view model: its config's '{CONFIG_KEY}' entry must be the dict of "
+            f"dual-view options recorded by dualview.adapters.hf_llava_next, got {json.dumps(entry) if entry is None else type(entry).__name__}"
+        )
+    try:
+        DualViewOptions.from_kwargs(**entry)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its config's '{CONFIG_KEY}' entry is not valid dual-view options: {e}") from None
+
+
 def mark_for_vllm(folder: Union[str, Path]) -> Path:
     """Point ``folder/config.json`` (saved from a dual-view model) at the plug-in's architecture,
     so that ``vllm serve folder`` runs dual view. transformers' loaders ignore the field (the
-    adapter's ``from_pretrained`` still loads the folder). Returns the config path."""
+    adapter's ``from_pretrained`` still loads the folder). The config is replaced atomically (a
+    temporary file, then ``os.replace``). Returns the config path."""
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     if CONFIG_KEY not in config:
         raise ValueError(f"{str(folder)!r} was not saved from a dual-view model: its config.json has no "
                          f"'{CONFIG_KEY}' entry (apply dualview.adapters.hf_llava_next before saving)")
-    hosts = {host: arch for arch, host in ARCHITECTURES.items()}
+    _check_options(config[CONFIG_KEY], repr(str(folder)))
     archs = config.get("architectures") or []
     if archs and all(a in ARCHITECTURES for a in archs):
         return path
-    if len(archs) != 1 or archs[0] not in hosts:
-        raise ValueError(f"{str(folder)!r}: architectures {archs} has no dual-view vLLM architecture; served: "
-                         f"{sorted(hosts)} (as {sorted(ARCHITECTURES)})")
-    config["architectures"] = [hosts[archs[0]]]
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config["architectures"] = [_served_as(archs, repr(str(folder)))]
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".config.", suffix=".json", delete=False) as tmp:
+        tmp.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        os.chmod(tmp.name, path.stat().st_mode & 0o777)  # the temporary file's 0600 would hide the config
+        os.replace(tmp.name, path)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
     return path
 
 
+def _served_as(archs: list, where: str) -> str:
+    """The plug-in's architecture serving a checkpoint whose config names ``archs``."""
+    hosts = {host: arch for arch, host in ARCHITECTURES.items()}
+    if len(archs) != 1 or archs[0] not in hosts:
+        raise ValueError(f"{where}: architectures {archs} has no dual-view vLLM architecture; served: "
+                         f"{sorted(hosts)} (as {sorted(ARCHITECTURES)})")
+    return hosts[archs[0]]
+
+
 def save_pretrained(model: Any, folder: Union[str, Path], **kwargs: Any) -> Path:
-    """``model.save_pretrained(folder, **kwargs)`` of an adapted model, then :func:`mark_for_vllm`."""
+    """``model.save_pretrained(folder, **kwargs)`` of an adapted model, then :func:`mark_for_vllm`.
+
+    The model is checked first (a dual-view model of a host the plug-in serves): a refused model
+    writes nothing. ``push_to_hub`` is refused (it would upload the folder before it is marked):
+    upload the saved folder afterwards, e.g. with ``huggingface_hub.upload_folder``."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "push_to_hub=True is not supported: it uploads the folder before its config.json names the plug-in's "
+            "architecture; save, then upload the folder (huggingface_hub.upload_folder(folder_path=folder, ...))"
+        )
+    where = f"model ({type(model).__name__})"
+    from dualview.adapters._host import DualViewHost
+
+    inner = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    if not isinstance(inner, DualViewHost) or config is None or CONFIG_KEY not in vars(config):
+        raise ValueError(
+            f"{where} is not a dual-view model: apply dualview.adapters.hf_llava_next to a LlavaNextForConditionalGeneration "
+            f"before saving it for vLLM (its inner model is a {type(inner).__name__})"
+        )
+    _check_options(getattr(config, CONFIG_KEY), where)
+    _served_as([type(model).__name__], where)
     model.save_pretrained(folder, **kwargs)
     mark_for_vllm(folder)
     return Path(folder)
