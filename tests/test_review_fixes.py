@@ -81,3 +81,33 @@ def test_mark_for_vllm_refuses_unknown_dual_view_options(tmp_path):
                                                       "dualview": {"gird": [3, 3]}}))
     with pytest.raises(ValueError, match="'dualview' entry is not valid dual-view options.*gird"):
         vllm_plugin.mark_for_vllm(tmp_path)
+
+
+def test_overlapping_loads_in_two_threads_each_load_their_own_model_id(monkeypatch, tmp_path):
+    import threading
+
+    from dualview.integrations import lmms_eval_models
+
+    from .test_review_findings import _fake_llava_hf
+
+    llava_hf = _fake_llava_hf(monkeypatch)
+    original = dict(llava_hf.model_map)
+    inside, release, errors = threading.Event(), threading.Event(), {}
+
+    def other_load():
+        with lmms_eval_models.dual_view_loading("dualview_llava_onevision"):
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_load)
+    thread.start()
+    assert inside.wait(30)
+    with lmms_eval_models.dual_view_loading("dualview_llava_next"):
+        release.set()
+        thread.join(30)
+        try:  # the map's loader, in this thread: the next model id, whatever the other thread opened
+            llava_hf.model_map["llava_onevision"].from_pretrained(tmp_path)
+        except ValueError as e:
+            errors["here"] = str(e)
+    assert "--model dualview_llava_next evaluates llava_next models" in errors["here"]
+    assert llava_hf.model_map == original
