@@ -111,3 +111,15 @@ def test_overlapping_loads_in_two_threads_each_load_their_own_model_id(monkeypat
             errors["here"] = str(e)
     assert "--model dualview_llava_next evaluates llava_next models" in errors["here"]
     assert llava_hf.model_map == original
+
+
+def test_a_tower_weight_under_both_layouts_is_refused_not_overwritten():
+    from dualview.integrations import vllm_plugin
+
+    one = torch.zeros(1)
+    plain = [("vision_tower.vision_model.embeddings.patch_embedding.weight", one),
+             ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", one), ("model.spatial_embed.ln_fuse.weight", one)]
+    assert [n for n, _ in vllm_plugin.one_name_per_tower_weight(iter(plain))] == [n for n, _ in plain]
+    both = plain + [("model.vision_tower.embeddings.patch_embedding.weight", one)]
+    with pytest.raises(ValueError, match="vision_tower.vision_model.embeddings.patch_embedding.weight' twice"):
+        list(vllm_plugin.one_name_per_tower_weight(iter(both)))

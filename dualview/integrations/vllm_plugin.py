@@ -22,7 +22,8 @@ so the number of image tokens is plain LLaVA-NeXT's and vLLM's own multi-modal p
 valid. The DEM is the submodule ``spatial_embed``, built from ``config.dualview`` and loaded from the
 checkpoint's ``model.spatial_embed.*`` keys (strictly: vLLM refuses a checkpoint without them).
 Checkpoints written by transformers 5 name the vision tower ``vision_tower.embeddings.*`` where
-vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts both.
+vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts either (a checkpoint holding a
+tower weight under both names is refused, not loaded twice).
 
 This module imports without vLLM; the model class is built on first access (vLLM's registry
 imports it by name: ``dualview.integrations.vllm_plugin:DualViewLlavaNextForConditionalGeneration``).
@@ -135,6 +136,29 @@ def save_pretrained(model: Any, folder: Union[str, Path], **kwargs: Any) -> Path
     return Path(folder)
 
 
+_TOWER_NAME = re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?")
+"""A vision-tower weight in either layout: llava-hf's ``vision_tower.vision_model.*`` or transformers 5's
+``model.vision_tower.*`` (no ``vision_model.`` level); both load into vLLM's ``vision_tower.vision_model.*``."""
+
+
+def one_name_per_tower_weight(weights: Any) -> Any:
+    """``weights`` ((name, tensor) pairs, as vLLM's loader takes them) passed on one by one; a vision-tower
+    weight present under both layouts' names (they load into the same parameter, the later would silently
+    win) is a ValueError naming both."""
+    seen: dict = {}
+    for name, tensor in weights:
+        match = _TOWER_NAME.match(name)
+        if match:
+            target = "vision_tower.vision_model." + name[match.end():]
+            if target in seen:
+                raise ValueError(
+                    f"checkpoint holds the vision-tower weight {target!r} twice, as {seen[target]!r} and {name!r} "
+                    f"(llava-hf's and transformers 5's layouts): keep one layout in the checkpoint"
+                )
+            seen[target] = name
+        yield name, tensor
+
+
 def __getattr__(name: str) -> Any:
     """The vLLM model classes, built (and cached) on first access: they subclass vLLM's."""
     if name == LLAVA_NEXT:
@@ -164,6 +188,9 @@ def _llava_next_class() -> type:
             orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."},
             orig_to_new_prefix={"model.spatial_embed.": "spatial_embed.", **plain_mapper.orig_to_new_prefix},
         )
+
+        def load_weights(self, weights: Any) -> Any:
+            return super().load_weights(one_name_per_tower_weight(weights))
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
