@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from dualview import DEM
+from dualview.checkpoints import Origin, check_dem_state, read_tensors, strip_prefix, weight_files
 from dualview.gate import GATE_INITS, DualViewGate
-from dualview.checkpoints import Origin, check_dem_state, read_tensors, strip_prefix
 
 CONFIG_KEY = "dualview"
 """Attribute of the host model's config (and key of its config.json) holding the options."""
@@ -93,30 +93,64 @@ def recorded_options(config: Any) -> Optional[dict]:
     return getattr(config, CONFIG_KEY, None)
 
 
-def load_dem_weights(dem: DEM, folder: Union[str, Path], prefix: str) -> None:
+def load_dem_weights(
+    dem: DEM, folder: Union[str, Path], prefix: str, *, variant: Optional[str] = None, use_safetensors: Optional[bool] = None,
+) -> None:
     """Load ``<prefix>*`` tensors of a saved checkpoint folder into ``dem``, strictly.
 
     ``from_pretrained`` of the plain host class drops the DEM keys it does not know; this puts
-    them back, bit-exactly. The keys, floating-point dtypes and shapes are checked first (a
+    them back, bit-exactly, from the same weight files (``variant``, ``use_safetensors`` as given to
+    ``from_pretrained``). The keys, floating-point dtypes and shapes are checked first (a
     checkpoint of ints, bools or float8 is refused, not cast); a float checkpoint in another
     precision than the model is loaded into the model's precision, as ``from_pretrained`` does."""
-    state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix)), prefix)
+    files = dict(variant=variant, use_safetensors=use_safetensors)
+    state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix), **files), prefix)
     if not state:
         raise ValueError(f"checkpoint {str(folder)!r} holds no '{prefix}*' DEM weights")
-    check_dem_state(state, dem, origin=Origin(Path(folder), prefix), model="the DEM of the recorded options")
+    read = weight_files(folder, **files) if Path(folder).is_dir() else [Path(folder)]
+    origin = Origin(read[0] if len(read) == 1 else Path(folder), prefix)
+    check_dem_state(state, dem, origin=origin, model="the DEM of the recorded options")
     dem.load_state_dict(state)
 
 
-def load_gate_weights(gate: DualViewGate, folder: Union[str, Path], prefix: str) -> None:
+def load_gate_weights(gate: DualViewGate, folder: Union[str, Path], prefix: str, **files: Any) -> None:
     """Load the ``<prefix>*`` tensors (``g``) of a saved checkpoint folder into ``gate``, strictly (the
     checks of :func:`load_dem_weights`)."""
-    state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix)), prefix)
+    state = strip_prefix(read_tensors(folder, keep=lambda k: k.startswith(prefix), **files), prefix)
     if not state:
         raise ValueError(
             f"checkpoint {str(folder)!r} holds no '{prefix}*' gate weights, but its options say init='identity'"
         )
     check_dem_state(state, gate, origin=Origin(Path(folder), prefix), model="the gate of the recorded options")
     gate.load_state_dict(state)
+
+
+_NOT_FROM_FOLDER = ("state_dict", "gguf_file", "from_tf", "from_flax")
+"""``from_pretrained`` arguments that load the host from elsewhere than the folder's weight files,
+where the DEM is read: refused (the DEM would come from another checkpoint than the host)."""
+
+
+def host_folder(path: Union[str, Path], kwargs: dict) -> tuple[Path, dict]:
+    """The local folder whose weight files ``from_pretrained(path, **kwargs)`` of the host reads
+    (``path/subfolder``), and the arguments that choose its files (``variant``, ``use_safetensors``),
+    so that the DEM is read from the same files as the host. dualview downloads nothing: a Hub id
+    is refused before anything is downloaded."""
+    passed = sorted(k for k in _NOT_FROM_FOLDER if kwargs.get(k) not in (None, False, ""))
+    if passed:
+        raise ValueError(
+            f"from_pretrained argument(s) {passed} are not supported: the DEM is read from the weight files of "
+            f"the folder {str(path)!r} (and its subfolder / variant), the host must come from the same files; got "
+            + ", ".join(f"{k}={type(kwargs[k]).__name__}" for k in passed)
+        )
+    subfolder = kwargs.get("subfolder") or ""
+    folder = Path(path) / subfolder
+    if not folder.is_dir():
+        raise ValueError(
+            f"path must be a local folder saved from a dual-view model (dualview downloads nothing: fetch a Hub "
+            f"model first, e.g. huggingface_hub.snapshot_download), got {str(path)!r}"
+            + (f" with subfolder={subfolder!r}" if subfolder else "") + f": {str(folder)!r} is not a folder"
+        )
+    return folder, {"variant": kwargs.get("variant"), "use_safetensors": kwargs.get("use_safetensors")}
 
 
 def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any) -> nn.Module:
@@ -154,6 +188,7 @@ def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "mod
     view re-applied (``apply(model, **options)``) with the options in its config.json, the DEM
     weights (``<dem_prefix>*``) restored strictly into the registered ``spatial_embed``."""
     check_device_map(kwargs.get("device_map"))
+    folder, files = host_folder(path, kwargs)
     model = from_pretrained_without_dem(cls, path, **kwargs)
     options = recorded_options(model.config)
     if options is None:
@@ -161,8 +196,8 @@ def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "mod
     delattr(model.config, CONFIG_KEY)  # recorded again by apply (a plain host carrying it is warned about)
     apply(model, **options)
     dem = model.get_submodule(dem_prefix.rstrip("."))
-    load_dem_weights(dem, path, dem_prefix)
+    load_dem_weights(dem, folder, dem_prefix, **files)
     if options.get("init", "released") == "identity":
         gate_prefix = dem_prefix[: -len("spatial_embed.")] + "spatial_gate."
-        load_gate_weights(model.get_submodule(gate_prefix.rstrip(".")), path, gate_prefix)
+        load_gate_weights(model.get_submodule(gate_prefix.rstrip(".")), folder, gate_prefix, **files)
     return model

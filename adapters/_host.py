@@ -68,6 +68,11 @@ class DualViewHost:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == DEM_ATTR and isinstance(value, nn.Module):
             self._dualview_check(unwrap_dem(value))  # a wrong DEM is refused before it replaces the right one
+        elif name == DEM_ATTR and DEM_ATTR in self._modules:  # None or another value would replace the DEM
+            raise TypeError(
+                f"{DEM_ATTR} must be a dualview.DEM, got {type(value).__name__}: the registered DEM is kept; to remove "
+                f"dual view call dualview.adapters.{self.dualview_adapter}.unapply(model)"
+            )
         if name == GATE_ATTR and isinstance(value, nn.Module):
             check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=self.dualview_adapter)
         super().__setattr__(name, value)

@@ -82,7 +82,7 @@ from dualview import grid as G
 from dualview import layout
 
 from . import _host
-from ._common import DualViewOptions, reload
+from ._common import DualViewOptions, host_folder, reload
 from ._hf import bind_host_call, forward_naming, host_decorators
 
 ADAPTER = "hf_idefics3"
@@ -593,7 +593,8 @@ def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     ``from_pretrained`` (dtype, device_map, ...)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    folder, _ = host_folder(path, kwargs)  # a local folder (and its subfolder), checked before reading its config
+    config = AutoConfig.from_pretrained(folder)
     hosts = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Model), "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMModel)}
     if config.model_type not in hosts:
         raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")

@@ -117,12 +117,18 @@ def encoder_of(model: nn.Module) -> DualViewEncoder:
 
 
 def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> None:
-    """A ValueError unless ``pixel_values`` (B, 3, H, W) are at the adapted model's resolution: the
-    ``R*s x C*s`` canvas of a fixed grid, what :func:`prepare_processor` makes. A plain
+    """A TypeError unless ``pixel_values`` is one tensor, a ValueError unless its (B, 3, H, W) are at
+    the adapted model's resolution: the ``R*s x C*s`` canvas of a fixed grid, what :func:`prepare_processor` makes. A plain
     ``LlavaProcessor``'s ``s x s`` image would otherwise be upscaled and cut into views of nothing
     new. (``grid="auto"`` chooses the grid from the input's size: any size is its resolution.)"""
     grid, s = encoder.dcm.grid, encoder.dcm.crop_size
-    if grid == "auto" or not isinstance(pixel_values, torch.Tensor):
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be one (B, 3, H, W) tensor (the images stacked, as the prepared processor returns "
+            f"with return_tensors='pt'), got {type(pixel_values).__name__}"
+            + (f" of {len(pixel_values)} items" if isinstance(pixel_values, (list, tuple)) else "")
+        )
+    if grid == "auto":
         return
     want = (grid[0] * s, grid[1] * s)
     got = tuple(int(v) for v in pixel_values.shape[-2:])

@@ -62,8 +62,8 @@ from dualview.checkpoints import read_tensors
 
 from . import _host
 from ._common import (
-    CONFIG_KEY, DualViewOptions, check_device_map, from_pretrained_without_dem, load_dem_weights, load_gate_weights,
-    recorded_options,
+    CONFIG_KEY, DualViewOptions, check_device_map, from_pretrained_without_dem, host_folder, load_dem_weights,
+    load_gate_weights, recorded_options,
 )
 from .towers import HFVisionTower
 
@@ -368,12 +368,13 @@ def from_pretrained(
 
     path = Path(path)
     check_device_map(kwargs.get("device_map"))
+    folder, files = host_folder(path, kwargs)  # the DEM and the tower are read from the host's own files
     for model_type in MODEL_CLASSES:  # importing a class registers its config with AutoConfig
         try:
             _model_class(model_type)
         except ImportError:  # pragma: no cover - a variant transformers cannot import
             pass
-    cls = _model_class(AutoConfig.from_pretrained(path).model_type)
+    cls = _model_class(AutoConfig.from_pretrained(folder).model_type)
     with _tower_keys_expected(cls):
         model, info = from_pretrained_without_dem(cls, path, output_loading_info=True, **kwargs)
     problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -385,10 +386,10 @@ def from_pretrained(
         delattr(model.config, CONFIG_KEY)
     apply(model, **settings)
     encoder = encoder_of(model)
-    load_dem_weights(encoder.dem, path, _prefix(model, encoder.dem))
+    load_dem_weights(encoder.dem, folder, _prefix(model, encoder.dem), **files)
     if encoder.gate is not None:
-        load_gate_weights(encoder.gate, path, _prefix(model, encoder.gate))
-    _load_saved_tower(model, path, _prefix(model, model.get_model()) + "vision_tower.")
+        load_gate_weights(encoder.gate, folder, _prefix(model, encoder.gate), **files)
+    _load_saved_tower(model, folder, _prefix(model, model.get_model()) + "vision_tower.", files)
     return model
 
 
@@ -409,10 +410,10 @@ def _tower_keys_expected(cls: type) -> Iterator[None]:
             del cls._keys_to_ignore_on_load_unexpected
 
 
-def _load_saved_tower(model: nn.Module, path: Path, prefix: str) -> None:
+def _load_saved_tower(model: nn.Module, path: Path, prefix: str, files: Mapping[str, Any]) -> None:
     """Vision-tower weights stored in the checkpoint (llava saves them) replace the ones read from
     ``mm_vision_tower``: all of them, or none when the checkpoint has none."""
-    saved = read_tensors(path, keep=lambda k: k.startswith(prefix))
+    saved = read_tensors(path, keep=lambda k: k.startswith(prefix), **files)
     if not saved:
         return
     tower = model.get_vision_tower()

@@ -43,7 +43,7 @@ _FOLDER_LAYOUTS = (
     ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model"),
 )
 _PROJECTOR_FILE = "mm_projector.bin"
-_SHARD_NAME = re.compile(r"^(?P<stem>model|pytorch_model)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
+_SHARD_NAME = r"^(?P<stem>{stem})-(?P<i>\d{{5}})-of-(?P<n>\d{{5}})\.(?P<ext>{ext})$"
 
 
 def _require_safetensors() -> None:
@@ -133,7 +133,8 @@ def read_index(index: Path) -> dict[str, str]:
 
 def _unindexed_shards(folder: Path, stem: str, ext: str) -> list[Path]:
     """A complete ``<stem>-0000i-of-0000n.<ext>`` set without an index (all n present), else []."""
-    found = [m for p in folder.iterdir() if (m := _SHARD_NAME.match(p.name)) and m["stem"] == stem and m["ext"] == ext]
+    name = re.compile(_SHARD_NAME.format(stem=re.escape(stem), ext=re.escape(ext)))
+    found = [m for p in folder.iterdir() if (m := name.match(p.name))]
     if not found:
         return []
     counts = {int(m["n"]) for m in found}
@@ -146,28 +147,51 @@ def _unindexed_shards(folder: Path, stem: str, ext: str) -> list[Path]:
     return sorted(folder / m.string for m in found)
 
 
-def weight_files(folder: PathLike) -> list[Path]:
+def with_variant(name: str, variant: Optional[str]) -> str:
+    """``name`` as transformers names a ``variant`` of it: ``model.safetensors`` -> ``model.ema.safetensors``,
+    ``model.safetensors.index.json`` -> ``model.safetensors.index.ema.json``."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def weight_files(folder: PathLike, *, variant: Optional[str] = None, use_safetensors: Optional[bool] = None) -> list[Path]:
     """The weight files of a checkpoint folder, found as transformers finds them: the shard index
     (``model.safetensors.index.json``), ``model.safetensors``, a complete set of
     ``model-0000i-of-0000n.safetensors`` shards; then the same for ``pytorch_model*.bin``; then
-    ``mm_projector.bin``. Other files (``training_args.bin``, optimizer states) are never read."""
+    ``mm_projector.bin``. Other files (``training_args.bin``, optimizer states) are never read.
+
+    ``variant`` and ``use_safetensors`` as ``from_pretrained`` takes them: ``variant="ema"`` reads
+    ``model.ema.safetensors`` (its index, its ``model.ema-0000i-of-0000n`` shards) and never the plain
+    files; ``use_safetensors=False`` reads ``pytorch_model*.bin`` only, ``True`` safetensors only."""
     folder = Path(folder)
-    for index_name, single_name, stem in _FOLDER_LAYOUTS:
+    if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant or "\\" in variant):
+        raise ValueError(f"variant must be a non-empty name without path separators, or None, got {variant!r}")
+    layouts = [
+        (index, single, stem) for index, single, stem in _FOLDER_LAYOUTS
+        if use_safetensors is None or use_safetensors == single.endswith(".safetensors")
+    ]
+    for index_name, single_name, stem in layouts:
         ext = single_name.rsplit(".", 1)[1]
-        index = folder / index_name
+        index = folder / with_variant(index_name, variant)
         if index.is_file():
             return [folder / name for name in sorted(set(read_index(index).values()))]
-        if (folder / single_name).is_file():
-            return [folder / single_name]
-        shards = _unindexed_shards(folder, stem, ext)
+        if (folder / with_variant(single_name, variant)).is_file():
+            return [folder / with_variant(single_name, variant)]
+        shards = _unindexed_shards(folder, stem if variant is None else f"{stem}.{variant}", ext)
         if shards:
             return shards
-    if (folder / _PROJECTOR_FILE).is_file():
+    if variant is None and use_safetensors is not True and (folder / _PROJECTOR_FILE).is_file():
         return [folder / _PROJECTOR_FILE]
     held = sorted(p.name for p in folder.iterdir())
+    if variant is None and use_safetensors is None:
+        wanted = f"model.safetensors, its index or shards, pytorch_model.bin, its index or shards, {_PROJECTOR_FILE}"
+    else:
+        names = [with_variant(single, variant) for _, single, _ in layouts]
+        wanted = f"{' or '.join(names)}, its index or shards, for variant={variant!r}, use_safetensors={use_safetensors!r}"
     raise ValueError(
-        f"checkpoint folder {str(folder)!r} holds none of the standard weight files (model.safetensors, its "
-        f"index or shards, pytorch_model.bin, its index or shards, {_PROJECTOR_FILE}); it holds "
+        f"checkpoint folder {str(folder)!r} holds none of the standard weight files ({wanted}); it holds "
         f"{held[:8]}{' ...' if len(held) > 8 else ''}: pass the weight file itself"
     )
 
@@ -182,12 +206,16 @@ def checkpoint_files(path: PathLike) -> list[Path]:
     return indexes + weight_files(path)
 
 
-def read_tensors(path: PathLike, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
-    """Tensors whose key passes ``keep`` from a weight file or a (sharded) checkpoint folder."""
+def read_tensors(
+    path: PathLike, keep: Callable[[str], bool] = lambda key: True, *,
+    variant: Optional[str] = None, use_safetensors: Optional[bool] = None,
+) -> dict[str, torch.Tensor]:
+    """Tensors whose key passes ``keep`` from a weight file or a (sharded) checkpoint folder
+    (``variant`` / ``use_safetensors``: which of a folder's files, see :func:`weight_files`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    files = weight_files(path) if path.is_dir() else [path]
+    files = weight_files(path, variant=variant, use_safetensors=use_safetensors) if path.is_dir() else [path]
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(_read_file(file, keep))

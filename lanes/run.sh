@@ -3,7 +3,9 @@
 #   bash lanes/run.sh vllm [pytest args]    # tests/integrations/test_vllm_lane.py in .venv-vllm
 #   bash lanes/run.sh eval [pytest args]    # tests/integrations/test_lmms_eval_lane.py in .venv-eval
 #   bash lanes/run.sh all                   # both, one after the other; non-zero if either failed
-# A lane that cannot be installed on this machine (lanes/setup.sh exit 3) is skipped with its reason.
+# A lane whose local-only pin is not served here (lanes/setup.sh exit 3) is skipped (exit 0) with the line
+#   [lanes] <name>: SKIPPED: <reason>
+# on stderr; any other install failure fails the lane.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 lane="${1:?usage: bash lanes/run.sh vllm|eval|all [pytest args]}"
@@ -15,7 +17,7 @@ run_lane() {
   local start=$SECONDS status=0
   bash lanes/setup.sh "$name" || status=$?
   if [ "$status" = 3 ]; then
-    echo "[lanes] $name: SKIPPED (cannot be installed on this machine, see above)" >&2
+    echo "[lanes] $name: SKIPPED: $(cat ".venv-$name/.skipped" 2>/dev/null || echo "cannot be installed on this machine, see above")" >&2
     return 0
   elif [ "$status" != 0 ]; then
     return "$status"

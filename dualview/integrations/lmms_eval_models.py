@@ -29,8 +29,10 @@ them by name).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
-from typing import Any, Iterator
+import threading
+from typing import Any, Iterator, Optional
 
 # lmms-eval model id -> (transformers model_type it serves, dualview adapter, simple class, chat class)
 MODELS = {
@@ -56,18 +58,25 @@ def manifests() -> list:
 class DualViewLoader:
     """Stands in for a transformers class in ``llava_hf``'s ``model_map`` while a dual-view model
     loads: ``from_pretrained`` is the adapter's (options re-applied, DEM restored), or an error for
-    a host the model id does not serve."""
+    a host the model id does not serve. ``model_id`` None: the model id of the innermost
+    :func:`dual_view_loading` open in this thread (what the patched map holds)."""
 
-    def __init__(self, model_id: str, model_type: str) -> None:
+    def __init__(self, model_id: Optional[str], model_type: str) -> None:
         self.model_id = model_id
         self.model_type = model_type
 
     def from_pretrained(self, path: Any, *, device_map: Any = None, torch_dtype: Any = None, **kwargs: Any) -> Any:
-        served, adapter, _, _ = MODELS[self.model_id]
+        model_id = self.model_id
+        if model_id is None:
+            loading = _loading.get()
+            if not loading:
+                raise RuntimeError(f"DualViewLoader({self.model_type!r}) is used outside dual_view_loading(model_id)")
+            model_id = loading[-1][0]
+        served, adapter, _, _ = MODELS[model_id]
         if self.model_type != served:
             fits = [m for m, (t, *_) in MODELS.items() if t == self.model_type]
             hint = f": use --model {fits[0]}" if fits else ""
-            raise ValueError(f"--model {self.model_id} evaluates {served} models, {str(path)!r} is a {self.model_type}{hint}")
+            raise ValueError(f"--model {model_id} evaluates {served} models, {str(path)!r} is a {self.model_type}{hint}")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. attn_implementation=None
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype  # transformers 5's name
@@ -76,19 +85,40 @@ class DualViewLoader:
         return importlib.import_module(f"dualview.adapters.{adapter}").from_pretrained(path, **kwargs)
 
 
+# The loads open now: the map is patched by the first and restored by the last to end (in any order,
+# from any thread); each thread (context) sees the model id of its own innermost load.
+_loading: contextvars.ContextVar[tuple] = contextvars.ContextVar("dualview_lmms_eval_loading", default=())
+_patch_lock = threading.Lock()
+_patch: dict = {"open": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def dual_view_loading(model_id: str) -> Iterator[None]:
-    """While it is open, ``llava_hf`` loads every model type through :class:`DualViewLoader`."""
+    """While it is open, ``llava_hf`` loads every model type through :class:`DualViewLoader` (for
+    this ``model_id`` in this thread). Loads may overlap (threads, several evaluators): the map is
+    patched once and restored when the last open load ends."""
     from lmms_eval.models.simple import llava_hf
 
-    saved = dict(llava_hf.model_map)
-    types = set(saved) | {t for t, *_ in MODELS.values()}
-    llava_hf.model_map.update({t: DualViewLoader(model_id, t) for t in types})
+    if model_id not in MODELS:
+        raise ValueError(f"model_id must be one of {sorted(MODELS)}, got {model_id!r}")
+    entry = (model_id, object())
+    with _patch_lock:
+        if _patch["open"] == 0:
+            _patch["saved"] = dict(llava_hf.model_map)
+            types = set(_patch["saved"]) | {t for t, *_ in MODELS.values()}
+            llava_hf.model_map.update({t: DualViewLoader(None, t) for t in types})
+        _patch["open"] += 1
+    _loading.set(_loading.get() + (entry,))
     try:
         yield
     finally:
-        llava_hf.model_map.clear()
-        llava_hf.model_map.update(saved)
+        _loading.set(tuple(e for e in _loading.get() if e is not entry))
+        with _patch_lock:
+            _patch["open"] -= 1
+            if _patch["open"] == 0:
+                llava_hf.model_map.clear()
+                llava_hf.model_map.update(_patch["saved"])
+                _patch["saved"] = None
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,8 @@ so the number of image tokens is plain LLaVA-NeXT's and vLLM's own multi-modal p
 valid. The DEM is the submodule ``spatial_embed``, built from ``config.dualview`` and loaded from the
 checkpoint's ``model.spatial_embed.*`` keys (strictly: vLLM refuses a checkpoint without them).
 Checkpoints written by transformers 5 name the vision tower ``vision_tower.embeddings.*`` where
-vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts both.
+vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts either (a checkpoint holding a
+tower weight under both names is refused, not loaded twice).
 
 This module imports without vLLM; the model class is built on first access (vLLM's registry
 imports it by name: ``dualview.integrations.vllm_plugin:DualViewLlavaNextForConditionalGeneration``).
@@ -32,7 +33,9 @@ LLaVA-OneVision, InternVL and Idefics3 are not served yet (see docs/serving.md).
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -54,32 +57,106 @@ def register() -> None:
             ModelRegistry.register_model(arch, f"{__name__}:{arch}")
 
 
+def _check_options(entry: Any, where: str) -> None:
+    """``config.dualview`` of ``where`` must be the dict of dual-view options an adapter records:
+    ``None`` (switched off by hand) or another value is refused, not served as dual view."""
+    from dualview.adapters._common import DualViewOptions
+
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"{where} was not saved from a dual-view model: its config's '{CONFIG_KEY}' entry must be the dict of "
+            f"dual-view options recorded by dualview.adapters.hf_llava_next, got {json.dumps(entry) if entry is None else type(entry).__name__}"
+        )
+    try:
+        DualViewOptions.from_kwargs(**entry)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its config's '{CONFIG_KEY}' entry is not valid dual-view options: {e}") from None
+
+
 def mark_for_vllm(folder: Union[str, Path]) -> Path:
     """Point ``folder/config.json`` (saved from a dual-view model) at the plug-in's architecture,
     so that ``vllm serve folder`` runs dual view. transformers' loaders ignore the field (the
-    adapter's ``from_pretrained`` still loads the folder). Returns the config path."""
+    adapter's ``from_pretrained`` still loads the folder). The config is replaced atomically (a
+    temporary file, then ``os.replace``). Returns the config path."""
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     if CONFIG_KEY not in config:
         raise ValueError(f"{str(folder)!r} was not saved from a dual-view model: its config.json has no "
                          f"'{CONFIG_KEY}' entry (apply dualview.adapters.hf_llava_next before saving)")
-    hosts = {host: arch for arch, host in ARCHITECTURES.items()}
+    _check_options(config[CONFIG_KEY], repr(str(folder)))
     archs = config.get("architectures") or []
     if archs and all(a in ARCHITECTURES for a in archs):
         return path
-    if len(archs) != 1 or archs[0] not in hosts:
-        raise ValueError(f"{str(folder)!r}: architectures {archs} has no dual-view vLLM architecture; served: "
-                         f"{sorted(hosts)} (as {sorted(ARCHITECTURES)})")
-    config["architectures"] = [hosts[archs[0]]]
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config["architectures"] = [_served_as(archs, repr(str(folder)))]
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".config.", suffix=".json", delete=False) as tmp:
+        tmp.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        os.chmod(tmp.name, path.stat().st_mode & 0o777)  # the temporary file's 0600 would hide the config
+        os.replace(tmp.name, path)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
     return path
 
 
+def _served_as(archs: list, where: str) -> str:
+    """The plug-in's architecture serving a checkpoint whose config names ``archs``."""
+    hosts = {host: arch for arch, host in ARCHITECTURES.items()}
+    if len(archs) != 1 or archs[0] not in hosts:
+        raise ValueError(f"{where}: architectures {archs} has no dual-view vLLM architecture; served: "
+                         f"{sorted(hosts)} (as {sorted(ARCHITECTURES)})")
+    return hosts[archs[0]]
+
+
 def save_pretrained(model: Any, folder: Union[str, Path], **kwargs: Any) -> Path:
-    """``model.save_pretrained(folder, **kwargs)`` of an adapted model, then :func:`mark_for_vllm`."""
+    """``model.save_pretrained(folder, **kwargs)`` of an adapted model, then :func:`mark_for_vllm`.
+
+    The model is checked first (a dual-view model of a host the plug-in serves): a refused model
+    writes nothing. ``push_to_hub`` is refused (it would upload the folder before it is marked):
+    upload the saved folder afterwards, e.g. with ``huggingface_hub.upload_folder``."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "push_to_hub=True is not supported: it uploads the folder before its config.json names the plug-in's "
+            "architecture; save, then upload the folder (huggingface_hub.upload_folder(folder_path=folder, ...))"
+        )
+    where = f"model ({type(model).__name__})"
+    from dualview.adapters._host import DualViewHost
+
+    inner = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    if not isinstance(inner, DualViewHost) or config is None or CONFIG_KEY not in vars(config):
+        raise ValueError(
+            f"{where} is not a dual-view model: apply dualview.adapters.hf_llava_next to a LlavaNextForConditionalGeneration "
+            f"before saving it for vLLM (its inner model is a {type(inner).__name__})"
+        )
+    _check_options(getattr(config, CONFIG_KEY), where)
+    _served_as([type(model).__name__], where)
     model.save_pretrained(folder, **kwargs)
     mark_for_vllm(folder)
     return Path(folder)
+
+
+_TOWER_NAME = re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?")
+"""A vision-tower weight in either layout: llava-hf's ``vision_tower.vision_model.*`` or transformers 5's
+``model.vision_tower.*`` (no ``vision_model.`` level); both load into vLLM's ``vision_tower.vision_model.*``."""
+
+
+def one_name_per_tower_weight(weights: Any) -> Any:
+    """``weights`` ((name, tensor) pairs, as vLLM's loader takes them) passed on one by one; a vision-tower
+    weight present under both layouts' names (they load into the same parameter, the later would silently
+    win) is a ValueError naming both."""
+    seen: dict = {}
+    for name, tensor in weights:
+        match = _TOWER_NAME.match(name)
+        if match:
+            target = "vision_tower.vision_model." + name[match.end():]
+            if target in seen:
+                raise ValueError(
+                    f"checkpoint holds the vision-tower weight {target!r} twice, as {seen[target]!r} and {name!r} "
+                    f"(llava-hf's and transformers 5's layouts): keep one layout in the checkpoint"
+                )
+            seen[target] = name
+        yield name, tensor
 
 
 def __getattr__(name: str) -> Any:
@@ -111,6 +188,9 @@ def _llava_next_class() -> type:
             orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."},
             orig_to_new_prefix={"model.spatial_embed.": "spatial_embed.", **plain_mapper.orig_to_new_prefix},
         )
+
+        def load_weights(self, weights: Any) -> Any:
+            return super().load_weights(one_name_per_tower_weight(weights))
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
