@@ -60,7 +60,8 @@ def test_identity_answers_as_the_trained_host_at_step_0_and_released_does_not():
     feats = _batch(64, 7)[0]
     with torch.no_grad():
         expected = host(feats)
-        identity, released = (build_dual(SMALL, host, init, seed=0).eval() for init in ("identity", "released"))
+        identity, released, gated = (build_dual(SMALL, host, init, seed=0).eval()
+                                     for init in ("identity", "released", "released_gated"))
         assert torch.equal(identity.tokens(feats), host.tokens(feats))  # bit for bit, not just close
         assert torch.equal(identity(feats), expected)
         assert not torch.allclose(released(feats), expected, atol=1e-3)
@@ -69,6 +70,10 @@ def test_identity_answers_as_the_trained_host_at_step_0_and_released_does_not():
         # released is INF-LLaVA's mean of the thumbnail and the DEM; both arms of a seed get the same DEM
         assert torch.equal(released.tokens(feats), (feats.thumbnail + released.dem(feats.local, feats.glob, SMALL.grid)) / 2)
         assert all(torch.equal(a, b) for a, b in zip(identity.dem.state_dict().values(), released.dem.state_dict().values()))
+        # the control starts as released (up to rounding) with identity's learnable gate, at g = 1
+        assert torch.allclose(gated.tokens(feats), released.tokens(feats), atol=1e-6)
+        assert torch.equal(gated(feats).argmax(-1), released(feats).argmax(-1))
+        assert torch.equal(gated.gate.g, torch.ones(SMALL.dim)) and gated.gate.g.requires_grad
     # the host handed in is copied, not changed, and the copy inside is frozen
     assert not any(p.requires_grad for p in identity.host.parameters()) and all(p.requires_grad for p in host.parameters())
 
@@ -92,6 +97,8 @@ def test_the_gate_gets_gradients_and_only_the_dem_and_gate_train():
     assert all(torch.equal(before[k], v) for k, v in model.host.state_dict().items())  # the host stayed frozen
     released = build_dual(SMALL, host, "released", seed=0)
     assert list(released.gate.parameters()) == [] and len(released.trainable_parameters()) == len(list(released.dem.parameters()))
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_dual(SMALL, host, "zero", seed=0)
 
 
 # ---------------------------------------------------------------- the command: resumable, a report from the runs
@@ -121,14 +128,14 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, c
     done = _runs(tmp_path / "out")
     assert sorted(done) == ["host/seed0.json", "host/seed0.pt", "released/seed0.json"]
     capsys.readouterr()
-    second = warm_start.main(_quick(tmp_path, "out", "--max-runs", "2"))  # identity of seed 0, host of seed 1
+    second = warm_start.main(_quick(tmp_path, "out", "--max-runs", "3"))  # the rest of seed 0, host of seed 1
     err = capsys.readouterr().err
     assert "host seed 0:" not in err and "released seed 0:" not in err and "identity seed 0:" in err
-    assert second["runs_missing"] == 2 and "Partial: 2 of 6 runs missing" in (tmp_path / "out" / "REPORT.md").read_text()
+    assert second["runs_missing"] == 3 and "Partial: 3 of 8 runs missing" in (tmp_path / "out" / "REPORT.md").read_text()
     assert all(_runs(tmp_path / "out")[name] == data for name, data in done.items())  # finished files untouched
     (tmp_path / "out" / "runs" / "host" / "seed1.pt").unlink()  # the host's weights lost: trained again, checked
     third = warm_start.main(_quick(tmp_path, "out"))
-    assert third["runs_missing"] == 0 and [s["runs"] for s in third["sessions"]] == [2, 2, 2]
+    assert third["runs_missing"] == 0 and [s["runs"] for s in third["sessions"]] == [2, 3, 3]
     whole = warm_start.main(_quick(tmp_path, "whole"))
     assert _answers(tmp_path / "out") == _answers(tmp_path / "whole")
     assert whole["analysis"] == third["analysis"] | {"train_s_mean": whole["analysis"]["train_s_mean"]}
@@ -157,23 +164,26 @@ def _run(arm: str, seed: int, bits: list[list[int]] | list[int], steps=(0, 10)) 
         return dict(arm=arm, seed=seed, correct=enc(map(str, bits)), accuracy=sum(bits) / len(bits), train_s=1.0,
                     trainable_params=100)
     cps = [dict(step=s, correct=enc(map(str, b)), accuracy=sum(b) / len(b), agree_with_host=1.0 if s == 0 and arm == "identity" else 0.5,
-                gate=dict(mean=0.0, min=0.0, max=0.0, mean_abs=0.0) if arm == "identity" else None) for s, b in zip(steps, bits)]
+                gate=None if arm == "released" else dict(mean=0.0, min=0.0, max=0.0, mean_abs=0.0)) for s, b in zip(steps, bits)]
     return dict(arm=arm, seed=seed, checkpoints=cps, accuracy=cps[-1]["accuracy"], train_s=1.0,
-                trainable_params=10 + (arm == "identity"))
+                trainable_params=10 + (arm != "released"))
 
 
 def test_the_analysis_reads_its_numbers_off_the_runs():
     host = [1] * 80 + [0] * 20
-    runs = {"host": {}, "released": {}, "identity": {}}
+    runs = {"host": {}, "released": {}, "released_gated": {}, "identity": {}}
     for seed in range(8):
         runs["host"][seed] = _run("host", seed, host)
         runs["released"][seed] = _run("released", seed, [[0] * 100, host])  # loses everything, then recovers
+        runs["released_gated"][seed] = _run("released_gated", seed, [[0] * 100, [1] * 90 + [0] * 10])
         runs["identity"][seed] = _run("identity", seed, [host, [1] * 100])  # keeps the host, then gains 20 points
     a = warm_start.analyse(runs, resamples=500)
     step0, step10 = a["rows"]
     assert step0["released_minus_host"]["estimate"] == pytest.approx(-0.8) and step0["identity_minus_host"] == dict(estimate=0.0, low=0.0, high=0.0)
     assert step10["released_minus_host"] == dict(estimate=0.0, low=0.0, high=0.0)
     assert step10["identity_minus_host"]["estimate"] == pytest.approx(0.2) and step10["identity_minus_host"]["low"] > 0.1
+    assert step10["identity_minus_released_gated"]["estimate"] == pytest.approx(0.1)
+    assert step10["released_gated_minus_released"]["estimate"] == pytest.approx(0.1)
     f = a["findings"]
     assert f["identity_same_predictions_at_step0"] == 8 and f["released_below_host_at_step0"]
     assert f["released_first_not_below_host"] == 10 and f["released_first_above_host"] is None

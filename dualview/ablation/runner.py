@@ -4,6 +4,7 @@
     python -m dualview.ablation --quick --out DIR                          # a smoke run (seconds)
     python -m dualview.ablation --config ... --out DIR --report-only       # tables from finished runs
     torchrun --nproc_per_node=2 -m dualview.ablation --config ...          # data-parallel (gloo / nccl)
+    python -m dualview.ablation.warm_start --config ... --out DIR          # dual view added to a trained host
 
 One tower is pretrained on the crop pretext (cached by config hash) and frozen; every arm
 (variant x resampling x task mark) then trains its projector, DEM and head for every seed, on the
@@ -228,6 +229,8 @@ def config_from_args(cls, p: argparse.ArgumentParser, args: argparse.Namespace):
 
 def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     p = common_parser("python -m dualview.ablation", "dual-view ablations with a frozen pretrained tower, paired by seed")
+    p.epilog = ("See also: python -m dualview.ablation.warm_start (dual view added to a trained AnyRes host, "
+                "released vs identity initialisation).")
     p.add_argument("--arms", help="comma-separated VARIANT[/RESAMPLE][@MARK], e.g. dem_both,dem_both/bilinear,anyres@arrow")
     args = p.parse_args(argv)
     cfg = config_from_args(ExperimentConfig, p, args)

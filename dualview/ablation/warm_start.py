@@ -11,26 +11,30 @@ Per seed, on the toolkit's task and frozen pretrained tower:
    sweep trains its ``anyres`` arm (same seed, same data stream: the same model as the sweep's run),
    then scored on the held-out set.
 2. Dual view is added to that trained host, with a DEM (both directions, linear-concat, avgpool;
-   ``dem_both``'s) initialised afresh (the same DEM weights for both arms of a seed):
+   ``dem_both``'s) initialised afresh (the same DEM weights for every arm of a seed):
 
    - **released**: the host's tokens are replaced by INF-LLaVA's released fusion,
      ``DualViewGate(init="released")(thumbnail, DEM) = (thumbnail + DEM) / 2``;
    - **identity**: ``(thumbnail + DualViewGate(init="identity")(tiles, DEM)) / 2`` where ``tiles`` is
      the host's own resampled tile map: the gate sits between the plain tiles' tokens and the DEM's
      (where ``DualViewEncoder(init="identity")`` puts it for an AnyRes host), ``g = 0`` per channel,
-     so at step 0 the model computes the host's tokens bit for bit.
+     so at step 0 the model computes the host's tokens bit for bit;
+   - **released_gated** (a control): identity's model with its gate's ``g`` set to 1: it starts as
+     released (``tiles + 1 * (DEM - tiles)``: the released tokens up to rounding) but, like identity,
+     can learn to move back towards the tiles. Identity - released_gated is the effect of the
+     initialisation alone (same model, same training); released_gated - released that of the
+     learnable gate alone (same start).
 
-3. Only the DEM (and the identity gate's ``g``) is fine-tuned, for the same budget (``steps`` batches
-   of fresh samples, the same stream for both arms; the host's projector and head stay frozen, so
+3. Only the DEM (and the learnable gate's ``g``) is fine-tuned, for the same budget (``steps`` batches
+   of fresh samples, the same stream for every arm; the host's projector and head stay frozen, so
    the host itself is the reference at every step), and scored on the held-out set at the
    ``checkpoints`` (fractions of the budget; 0 = before the first update).
 
 Each finished (arm, seed) goes to ``OUT/runs/<arm>/seed<k>.json`` at once (the host's weights too,
 ``runs/host/seed<k>.pt``), atomically; a rerun skips it. ``REPORT.md`` and ``warm_start.json``
 hold bootstrap intervals (``stats.py``, over seeds and held-out samples) of every arm's accuracy at
-every checkpoint and of the paired differences identity - host, released - host, identity -
-released; ``REPORT.md`` is a function of ``runs/``, ``sessions.jsonl`` and the config alone, so
-``--report-only`` rebuilds it byte for byte.
+every checkpoint and of the paired differences (``DIFFERENCES``); ``REPORT.md`` is a function of
+``runs/``, ``sessions.jsonl`` and the config alone, so ``--report-only`` rebuilds it byte for byte.
 """
 
 from __future__ import annotations
@@ -64,10 +68,13 @@ from .variants import VARIANTS, Arm, VariantModel, make_dem
 
 HOST = Arm("anyres")  # the plain AnyRes host
 DUAL = Arm("dem_both")  # whose DEM is added: both directions, linear-concat fusion, avgpool
-INITS = ("released", "identity")
+INITS = ("released", "released_gated", "identity")
 ARMS = ("host",) + INITS
+DIFFERENCES = (("released", "host"), ("identity", "host"), ("identity", "released"), ("identity", "released_gated"),
+               ("released_gated", "released"))
+GATE_START = {"released_gated": 1.0, "identity": 0.0}  # the learnable gate's g at step 0
 FINETUNE_STREAM = 500  # the fine-tuning stream of seed k has data seed 1000 k + 500: not the host's samples
-DEM_SEED = 100_000  # the DEM of seed k is built under torch.manual_seed(DEM_SEED + k), for both arms
+DEM_SEED = 100_000  # the DEM of seed k is built under torch.manual_seed(DEM_SEED + k), for every arm
 
 
 @dataclass
@@ -99,7 +106,8 @@ class DualViewModel(nn.Module):
 
     ``init="released"``: tokens ``(thumbnail + DEM) / 2`` (the host's tile tokens are dropped);
     ``init="identity"``: tokens ``(thumbnail + gate(tiles, DEM)) / 2`` with ``gate = tiles + g (DEM -
-    tiles)``, ``g = 0`` at first, so the tokens, logits and predictions are the host's at step 0.
+    tiles)``, ``g = 0`` at first, so the tokens, logits and predictions are the host's at step 0;
+    ``init="released_gated"``: the same with ``g = 1`` at first (released, up to rounding).
     """
 
     def __init__(self, host: VariantModel, dem: nn.Module, init: str):
@@ -107,13 +115,18 @@ class DualViewModel(nn.Module):
         if host.variant.combine == "dem" or host.variant.views == "thumbnail" or not host.variant.thumbnail:
             raise ValueError(f"the host must combine its views without a DEM and average them with the thumbnail, "
                              f"got variant {host.variant.name!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
         self.host, self.dem, self.init = host, dem, init
-        self.gate = DualViewGate(dem.dim, init=init)
+        self.gate = DualViewGate(dem.dim, init="released" if init == "released" else "identity")
+        if init in GATE_START:
+            with torch.no_grad():
+                self.gate.g.fill_(GATE_START[init])
         for p in host.parameters():
             p.requires_grad_(False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The DEM's weights and, for ``identity``, the gate's ``g``: what the fine-tuning trains."""
+        """The DEM's weights and the learnable gate's ``g`` (not released's): what the fine-tuning trains."""
         return list(self.dem.parameters()) + list(self.gate.parameters())
 
     def tokens(self, feats: ViewFeatures) -> torch.Tensor:
@@ -169,7 +182,7 @@ def finetune(cfg: WarmStartConfig, host: VariantModel, init: str, seed: int, str
         correct = pred == labels
         checkpoints.append(dict(step=done, accuracy=float(correct.double().mean()), correct=report.encode_correct(correct),
                                 agree_with_host=float((pred == host_predictions).double().mean()),
-                                gate=_gate_stats(model.gate) if init == "identity" else None))
+                                gate=_gate_stats(model.gate) if init in GATE_START else None))
         eval_s += time.perf_counter() - start
 
     start, made_before = time.perf_counter(), stream.made_s
@@ -286,8 +299,7 @@ def _ci(fn, *mats, resamples: int, level: float) -> Interval:
 
 
 def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 0.95) -> dict | None:
-    """``runs[arm][seed]`` (arms ``host``, ``released``, ``identity``) -> intervals at every checkpoint,
-    over the seeds all three arms finished, and the findings read off them. None if no seed is complete."""
+    """``runs[arm][seed]`` (the ``ARMS``) -> intervals at every checkpoint, over the seeds every arm finished, and the findings read off them. None if no seed is complete."""
     seeds = sorted(set.intersection(*(set(runs.get(a, {})) for a in ARMS)))
     if not seeds:
         return None
@@ -296,17 +308,15 @@ def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 
         for s in seeds:
             if [c["step"] for c in runs[arm][s]["checkpoints"]] != steps:
                 raise ValueError(f"{arm} seed {s} was scored at other checkpoints than {steps}")
-    host = _matrix(runs["host"], seeds)
     rows = []
     for i, step in enumerate(steps):
-        released, identity = _matrix(runs["released"], seeds, i), _matrix(runs["identity"], seeds, i)
-        row = dict(step=step, host=_ci(bootstrap_mean, host, resamples=resamples, level=level),
-                   released=_ci(bootstrap_mean, released, resamples=resamples, level=level),
-                   identity=_ci(bootstrap_mean, identity, resamples=resamples, level=level),
-                   released_minus_host=_ci(paired_difference, released, host, resamples=resamples, level=level),
-                   identity_minus_host=_ci(paired_difference, identity, host, resamples=resamples, level=level),
-                   identity_minus_released=_ci(paired_difference, identity, released, resamples=resamples, level=level))
-        rows.append({k: v.as_dict() if isinstance(v, Interval) else v for k, v in row.items()})
+        mats = {arm: _matrix(runs[arm], seeds, None if arm == "host" else i) for arm in ARMS}
+        row = dict(step=step)
+        for arm in ARMS:
+            row[arm] = _ci(bootstrap_mean, mats[arm], resamples=resamples, level=level).as_dict()
+        for a, b in DIFFERENCES:
+            row[f"{a}_minus_{b}"] = _ci(paired_difference, mats[a], mats[b], resamples=resamples, level=level).as_dict()
+        rows.append(row)
     per_seed = []
     for s in seeds:
         per_seed.append(dict(
@@ -315,7 +325,8 @@ def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 
             identity_agree_with_host=[c["agree_with_host"] for c in runs["identity"][s]["checkpoints"]],
             released_agree_with_host=[c["agree_with_host"] for c in runs["released"][s]["checkpoints"]],
             gate_mean=[c["gate"]["mean"] for c in runs["identity"][s]["checkpoints"]],
-            gate_mean_abs=[c["gate"]["mean_abs"] for c in runs["identity"][s]["checkpoints"]]))
+            gate_mean_abs=[c["gate"]["mean_abs"] for c in runs["identity"][s]["checkpoints"]],
+            released_gated_gate_mean=[c["gate"]["mean"] for c in runs["released_gated"][s]["checkpoints"]]))
     return dict(seeds=seeds, steps=steps, rows=rows, per_seed=per_seed, findings=findings(rows, per_seed),
                 level=level, resamples=resamples,
                 train_s_mean={arm: sum(runs[arm][s]["train_s"] for s in seeds) / len(seeds) for arm in ARMS},
@@ -352,6 +363,10 @@ def findings(rows: list[dict], per_seed: list[dict]) -> dict:
         identity_minus_released_final=last["identity_minus_released"],
         identity_minus_released_below=[r["step"] for r in rows if _below(r["identity_minus_released"])],
         identity_minus_released_above=[r["step"] for r in rows if _above(r["identity_minus_released"])],
+        identity_minus_released_gated_final=last["identity_minus_released_gated"],
+        identity_minus_released_gated_above=[r["step"] for r in rows if _above(r["identity_minus_released_gated"])],
+        identity_minus_released_gated_below=[r["step"] for r in rows if _below(r["identity_minus_released_gated"])],
+        released_gated_minus_released_final=last["released_gated_minus_released"],
     )
 
 
@@ -363,27 +378,34 @@ def _iv(d: dict, signed: bool = False) -> str:
     return report._interval(d, signed)
 
 
+def _step(step: int, total: int) -> str:
+    return f"{step} ({100 * step / max(total, 1):.1f}%)".replace(".0%", "%")
+
+
 def tables(analysis: dict, steps_total: int) -> str:
     """The results (markdown): intervals at every checkpoint, per-seed curves, the findings. Numbers only
     from ``analysis``."""
     a, level = analysis, round(100 * analysis["level"])
     lines = [f"Accuracy on the held-out samples at each checkpoint of the fine-tuning (step 0: before the first "
              f"update), {level}% paired bootstrap intervals over {len(a['seeds'])} seeds and the held-out samples "
-             f"({a['resamples']} resamples), in percent / percentage points. The host does not change (it is "
-             "frozen); its row is repeated.", "",
-             "| step | host | released | identity | released - host | identity - host | identity - released |",
-             "|---|---|---|---|---|---|---|"]
+             f"({a['resamples']} resamples), in percent. The host does not change (it is frozen); its column is "
+             "repeated.", "",
+             "| step | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
     for r in a["rows"]:
-        lines.append(f"| {r['step']} ({100 * r['step'] / max(steps_total, 1):.0f}%) | {_iv(r['host'])} | {_iv(r['released'])} | "
-                     f"{_iv(r['identity'])} | {_iv(r['released_minus_host'], True)} | "
-                     f"{_iv(r['identity_minus_host'], True)} | {_iv(r['identity_minus_released'], True)} |")
+        lines.append(f"| {_step(r['step'], steps_total)} | " + " | ".join(_iv(r[arm]) for arm in ARMS) + " |")
+    lines += ["", "Paired differences (percentage points): identity - released_gated is the initialisation alone "
+              "(same model, same training), released_gated - released the learnable gate alone (same start).", "",
+              "| step | " + " | ".join(f"{x} - {y}" for x, y in DIFFERENCES) + " |", "|---" * (len(DIFFERENCES) + 1) + "|"]
+    for r in a["rows"]:
+        lines.append(f"| {_step(r['step'], steps_total)} | "
+                     + " | ".join(_iv(r[f"{x}_minus_{y}"], True) for x, y in DIFFERENCES) + " |")
     steps = ", ".join(str(s) for s in a["steps"])
     lines += ["", f"Per seed (accuracy %, at steps {steps}; identity's mean gate `g` at the same steps):", "",
-              "| seed | host | released | identity | identity = host predictions at step 0 | identity mean g |",
-              "|---|---|---|---|---|---|"]
+              "| seed | host | released | released_gated | identity | identity = host predictions at step 0 | identity mean g |",
+              "|---|---|---|---|---|---|---|"]
     for p in a["per_seed"]:
-        lines.append(f"| {p['seed']} | {_pct(p['host'])} | {', '.join(_pct(x) for x in p['released'])} | "
-                     f"{', '.join(_pct(x) for x in p['identity'])} | "
+        lines.append(f"| {p['seed']} | {_pct(p['host'])} | "
+                     + " | ".join(", ".join(_pct(x) for x in p[arm]) for arm in INITS) + " | "
                      f"{'yes' if p['identity_agree_with_host'][0] == 1.0 else 'no'} "
                      f"({_pct(p['identity_agree_with_host'][0])}% agree) | "
                      f"{', '.join(f'{g:+.3f}' for g in p['gate_mean'])} |")
@@ -426,6 +448,12 @@ def finding_lines(a: dict) -> list[str]:
     out.append(f"Identity - released at step {last['step']}: {_iv(f['identity_minus_released_final'], True)}; resolved "
                f"above 0 at steps [{', '.join(map(str, f['identity_minus_released_above']))}], below 0 at steps "
                f"[{', '.join(map(str, f['identity_minus_released_below']))}].")
+    out.append(f"Identity - released_gated (the initialisation alone) at step {last['step']}: "
+               f"{_iv(f['identity_minus_released_gated_final'], True)}; resolved above 0 at steps "
+               f"[{', '.join(map(str, f['identity_minus_released_gated_above']))}], below 0 at steps "
+               f"[{', '.join(map(str, f['identity_minus_released_gated_below']))}].")
+    out.append(f"Released_gated - released (the learnable gate alone) at step {last['step']}: "
+               f"{_iv(f['released_gated_minus_released_final'], True)}.")
     return out
 
 
@@ -453,15 +481,15 @@ def markdown(result: dict) -> str:
         "",
         f"Host: `{HOST.name}` (projector + {cfg['head']} head, {a['trainable_params']['host']:,} parameters), "
         f"{cfg['steps']} steps of batch {cfg['batch']}, AdamW + one-cycle at lr {cfg['lr']}. Then a fresh `{DUAL.name}` "
-        f"DEM is added and only it is trained ({a['trainable_params']['released']:,} parameters; identity adds the "
-        f"gate's {a['trainable_params']['identity'] - a['trainable_params']['released']}), again {cfg['steps']} steps "
-        f"of batch {cfg['batch']} (fresh samples) at lr {cfg['lr']}, the same stream and DEM initialisation for both "
-        f"arms. Training time per run (mean): host {a['train_s_mean']['host']:.1f} s, released "
-        f"{a['train_s_mean']['released']:.1f} s, identity {a['train_s_mean']['identity']:.1f} s.",
+        f"DEM is added and only it is trained ({a['trainable_params']['released']:,} parameters; the learnable gate adds "
+        f"{a['trainable_params']['identity'] - a['trainable_params']['released']}), again {cfg['steps']} steps "
+        f"of batch {cfg['batch']} (fresh samples) at lr {cfg['lr']}, the same stream and DEM initialisation for every "
+        "arm. Training time per run (mean): " + ", ".join(f"{arm} {a['train_s_mean'][arm]:.1f} s" for arm in ARMS) + ".",
         "",
         "- **released**: tokens `(thumbnail + DEM) / 2` (INF-LLaVA's fusion replaces the host's tile tokens);",
         "- **identity**: tokens `(thumbnail + tiles + g * (DEM - tiles)) / 2`, `g` per channel, learnable, 0 at first "
-        "(the host's tokens at step 0).",
+        "(the host's tokens at step 0);",
+        "- **released_gated** (control): identity's model with `g = 1` at first (released's tokens, up to rounding).",
         "",
         "",
     ]
@@ -469,7 +497,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    """Accuracy along the fine-tuning (host, released, identity) and the paired differences, with intervals."""
+    """Accuracy along the fine-tuning (every arm) and the paired differences, with intervals."""
     try:
         import matplotlib
     except ImportError:
@@ -482,8 +510,8 @@ def plot(result: dict, path: Path) -> bool:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, keys, ylabel, ref in (
-        (axes[0], ("host", "released", "identity"), "held-out accuracy, % (dashed: chance)", 100 / NUM_CLASSES),
-        (axes[1], ("released_minus_host", "identity_minus_host", "identity_minus_released"), "percentage points", 0.0),
+        (axes[0], ARMS, "held-out accuracy, % (dashed: chance)", 100 / NUM_CLASSES),
+        (axes[1], tuple(f"{x}_minus_{y}" for x, y in DIFFERENCES), "percentage points", 0.0),
     ):
         for key in keys:
             est = [100 * r[key]["estimate"] for r in rows]
