@@ -16,7 +16,7 @@ from dualview.ablation.features import ViewFeatures
 from dualview.ablation.runner import build_model, fit
 from dualview.ablation.warm_start import HOST, WarmStartConfig, build_dual
 
-COMMITTED = Path(__file__).parent.parent / "examples" / "ablation" / "results-warm-start"
+EXAMPLES = Path(__file__).parent.parent / "examples" / "ablation"
 SMALL = WarmStartConfig(crop_size=18, patch_size=6, grid=(2, 3), dim=16)  # 3x3 tokens per crop, 6 tiles
 
 
@@ -196,12 +196,14 @@ def test_the_analysis_reads_its_numbers_off_the_runs():
     assert f["identity_seed_drops"] == [dict(seed=3, step=10, drop=0.8)]
 
 
-@pytest.mark.skipif(not (COMMITTED / "runs").exists(), reason="no committed warm-start run")
-def test_the_committed_report_is_what_its_runs_give(tmp_path):
+@pytest.mark.parametrize("folder, config", [("results-warm-start", "warm_start.json")])
+def test_the_committed_report_is_what_its_runs_give(tmp_path, folder, config):
     """REPORT.md and warm_start.json are rebuilt byte for byte from runs/ and sessions.jsonl."""
+    committed = EXAMPLES / folder
+    if not (committed / "runs").exists():
+        pytest.skip(f"no committed run in {committed}")
     out = tmp_path / "copy"
-    shutil.copytree(COMMITTED, out, ignore=shutil.ignore_patterns("*.pt", "*.png"))
-    config = Path(__file__).parent.parent / "examples" / "ablation" / "configs" / "warm_start.json"
-    warm_start.main(["--config", str(config), "--out", str(out), "--report-only", "--no-plot"])
-    assert (out / "REPORT.md").read_text() == (COMMITTED / "REPORT.md").read_text()
-    assert json.loads((out / "warm_start.json").read_text()) == json.loads((COMMITTED / "warm_start.json").read_text())
+    shutil.copytree(committed, out, ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    warm_start.main(["--config", str(EXAMPLES / "configs" / config), "--out", str(out), "--report-only", "--no-plot"])
+    assert (out / "REPORT.md").read_text() == (committed / "REPORT.md").read_text()
+    assert json.loads((out / "warm_start.json").read_text()) == json.loads((committed / "warm_start.json").read_text())
