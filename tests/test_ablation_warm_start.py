@@ -60,8 +60,8 @@ def test_identity_answers_as_the_trained_host_at_step_0_and_released_does_not():
     feats = _batch(64, 7)[0]
     with torch.no_grad():
         expected = host(feats)
-        identity, released, gated = (build_dual(SMALL, host, init, seed=0).eval()
-                                     for init in ("identity", "released", "released_gated"))
+        identity, released, gated, rescale = (build_dual(SMALL, host, init, seed=0).eval()
+                                              for init in ("identity", "released", "released_gated", "rescale_only"))
         assert torch.equal(identity.tokens(feats), host.tokens(feats))  # bit for bit, not just close
         assert torch.equal(identity(feats), expected)
         assert not torch.allclose(released(feats), expected, atol=1e-3)
@@ -74,6 +74,8 @@ def test_identity_answers_as_the_trained_host_at_step_0_and_released_does_not():
         assert torch.allclose(gated.tokens(feats), released.tokens(feats), atol=1e-6)
         assert torch.equal(gated(feats).argmax(-1), released(feats).argmax(-1))
         assert torch.equal(gated.gate.g, torch.ones(SMALL.dim)) and gated.gate.g.requires_grad
+        # the rescaling control is the host at step 0 too, and trains g alone
+        assert torch.equal(rescale(feats), expected) and rescale.trainable_parameters() == [rescale.gate.g]
     # the host handed in is copied, not changed, and the copy inside is frozen
     assert not any(p.requires_grad for p in identity.host.parameters()) and all(p.requires_grad for p in host.parameters())
 
@@ -128,14 +130,14 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, c
     done = _runs(tmp_path / "out")
     assert sorted(done) == ["host/seed0.json", "host/seed0.pt", "released/seed0.json"]
     capsys.readouterr()
-    second = warm_start.main(_quick(tmp_path, "out", "--max-runs", "3"))  # the rest of seed 0, host of seed 1
+    second = warm_start.main(_quick(tmp_path, "out", "--max-runs", "4"))  # the rest of seed 0, host of seed 1
     err = capsys.readouterr().err
     assert "host seed 0:" not in err and "released seed 0:" not in err and "identity seed 0:" in err
-    assert second["runs_missing"] == 3 and "Partial: 3 of 8 runs missing" in (tmp_path / "out" / "REPORT.md").read_text()
+    assert second["runs_missing"] == 4 and "Partial: 4 of 10 runs missing" in (tmp_path / "out" / "REPORT.md").read_text()
     assert all(_runs(tmp_path / "out")[name] == data for name, data in done.items())  # finished files untouched
     (tmp_path / "out" / "runs" / "host" / "seed1.pt").unlink()  # the host's weights lost: trained again, checked
     third = warm_start.main(_quick(tmp_path, "out"))
-    assert third["runs_missing"] == 0 and [s["runs"] for s in third["sessions"]] == [2, 3, 3]
+    assert third["runs_missing"] == 0 and [s["runs"] for s in third["sessions"]] == [2, 4, 4]
     whole = warm_start.main(_quick(tmp_path, "whole"))
     assert _answers(tmp_path / "out") == _answers(tmp_path / "whole")
     assert whole["analysis"] == third["analysis"] | {"train_s_mean": whole["analysis"]["train_s_mean"]}
@@ -171,11 +173,12 @@ def _run(arm: str, seed: int, bits: list[list[int]] | list[int], steps=(0, 10)) 
 
 def test_the_analysis_reads_its_numbers_off_the_runs():
     host = [1] * 80 + [0] * 20
-    runs = {"host": {}, "released": {}, "released_gated": {}, "identity": {}}
+    runs = {"host": {}, "released": {}, "released_gated": {}, "identity": {}, "rescale_only": {}}
     for seed in range(8):
         runs["host"][seed] = _run("host", seed, host)
         runs["released"][seed] = _run("released", seed, [[0] * 100, host])  # loses everything, then recovers
         runs["released_gated"][seed] = _run("released_gated", seed, [[0] * 100, [1] * 90 + [0] * 10])
+        runs["rescale_only"][seed] = _run("rescale_only", seed, [host, [1] * 85 + [0] * 15])
         runs["identity"][seed] = _run("identity", seed, [host, [1] * 100])  # keeps the host, then gains 20 points
     a = warm_start.analyse(runs, resamples=500)
     step0, step10 = a["rows"]
@@ -184,6 +187,7 @@ def test_the_analysis_reads_its_numbers_off_the_runs():
     assert step10["identity_minus_host"]["estimate"] == pytest.approx(0.2) and step10["identity_minus_host"]["low"] > 0.1
     assert step10["identity_minus_released_gated"]["estimate"] == pytest.approx(0.1)
     assert step10["released_gated_minus_released"]["estimate"] == pytest.approx(0.1)
+    assert step10["identity_minus_rescale_only"]["estimate"] == pytest.approx(0.15)
     f = a["findings"]
     assert f["identity_same_predictions_at_step0"] == 8 and f["released_below_host_at_step0"]
     assert f["released_first_not_below_host"] == 10 and f["released_first_above_host"] is None
@@ -196,7 +200,8 @@ def test_the_analysis_reads_its_numbers_off_the_runs():
     assert f["identity_seed_drops"] == [dict(seed=3, step=10, drop=0.8)]
 
 
-@pytest.mark.parametrize("folder, config", [("results-warm-start", "warm_start.json")])
+@pytest.mark.parametrize("folder, config", [("results-warm-start", "warm_start.json"),
+                                            ("results-warm-start-budget400", "warm_start_budget400.json")])
 def test_the_committed_report_is_what_its_runs_give(tmp_path, folder, config):
     """REPORT.md and warm_start.json are rebuilt byte for byte from runs/ and sessions.jsonl."""
     committed = EXAMPLES / folder

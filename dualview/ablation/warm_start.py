@@ -23,9 +23,13 @@ Per seed, on the toolkit's task and frozen pretrained tower:
      released (``tiles + 1 * (DEM - tiles)``: the released tokens up to rounding) but, like identity,
      can learn to move back towards the tiles. Identity - released_gated is the effect of the
      initialisation alone (same model, same training); released_gated - released that of the
-     learnable gate alone (same start).
+     learnable gate alone (same start);
+   - **rescale_only** (a control): identity's gate with no dual view at all,
+     ``(thumbnail + tiles + g * (0 - tiles)) / 2``, only ``g`` trained: what a per-channel rescaling
+     of the host's tile tokens gains by itself. Identity - rescale_only is what the DEM's tokens add
+     beyond it.
 
-3. Only the DEM (and the learnable gate's ``g``) is fine-tuned, for the same budget (``steps`` batches
+3. Only the DEM (and the learnable gate's ``g``; rescale_only: ``g`` alone) is fine-tuned, for the same budget (``steps`` batches
    of fresh samples, the same stream for every arm; the host's projector and head stay frozen, so
    the host itself is the reference at every step), and scored on the held-out set at the
    ``checkpoints`` (fractions of the budget; 0 = before the first update).
@@ -68,11 +72,11 @@ from .variants import VARIANTS, Arm, VariantModel, make_dem
 
 HOST = Arm("anyres")  # the plain AnyRes host
 DUAL = Arm("dem_both")  # whose DEM is added: both directions, linear-concat fusion, avgpool
-INITS = ("released", "released_gated", "identity")
+INITS = ("released", "released_gated", "identity", "rescale_only")
 ARMS = ("host",) + INITS
 DIFFERENCES = (("released", "host"), ("identity", "host"), ("identity", "released"), ("identity", "released_gated"),
-               ("released_gated", "released"))
-GATE_START = {"released_gated": 1.0, "identity": 0.0}  # the learnable gate's g at step 0
+               ("released_gated", "released"), ("rescale_only", "host"), ("identity", "rescale_only"))
+GATE_START = {"released_gated": 1.0, "identity": 0.0, "rescale_only": 0.0}  # the learnable gate's g at step 0
 FINETUNE_STREAM = 500  # the fine-tuning stream of seed k has data seed 1000 k + 500: not the host's samples
 DEM_SEED = 100_000  # the DEM of seed k is built under torch.manual_seed(DEM_SEED + k), for every arm
 
@@ -107,7 +111,9 @@ class DualViewModel(nn.Module):
     ``init="released"``: tokens ``(thumbnail + DEM) / 2`` (the host's tile tokens are dropped);
     ``init="identity"``: tokens ``(thumbnail + gate(tiles, DEM)) / 2`` with ``gate = tiles + g (DEM -
     tiles)``, ``g = 0`` at first, so the tokens, logits and predictions are the host's at step 0;
-    ``init="released_gated"``: the same with ``g = 1`` at first (released, up to rounding).
+    ``init="released_gated"``: the same with ``g = 1`` at first (released, up to rounding);
+    ``init="rescale_only"``: identity's gate towards zero instead of the DEM, ``(thumbnail + tiles +
+    g * (0 - tiles)) / 2``, only ``g`` trained (the DEM is built, for the seed's random stream, but unused).
     """
 
     def __init__(self, host: VariantModel, dem: nn.Module, init: str):
@@ -126,10 +132,14 @@ class DualViewModel(nn.Module):
             p.requires_grad_(False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The DEM's weights and the learnable gate's ``g`` (not released's): what the fine-tuning trains."""
-        return list(self.dem.parameters()) + list(self.gate.parameters())
+        """The DEM's weights (not rescale_only's) and the learnable gate's ``g`` (not released's): what the
+        fine-tuning trains."""
+        return (list(self.dem.parameters()) if self.init != "rescale_only" else []) + list(self.gate.parameters())
 
     def tokens(self, feats: ViewFeatures) -> torch.Tensor:
+        if self.init == "rescale_only":
+            tiles = self.host.combined(feats)
+            return (feats.thumbnail + self.gate(tiles, torch.zeros_like(tiles))) / 2
         dem = self.dem(feats.local, feats.glob, self.host.grid)
         if self.init == "released":
             return self.gate(feats.thumbnail, dem)  # (thumbnail + DEM) / 2, as released
@@ -326,7 +336,8 @@ def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 
             released_agree_with_host=[c["agree_with_host"] for c in runs["released"][s]["checkpoints"]],
             gate_mean=[c["gate"]["mean"] for c in runs["identity"][s]["checkpoints"]],
             gate_mean_abs=[c["gate"]["mean_abs"] for c in runs["identity"][s]["checkpoints"]],
-            released_gated_gate_mean=[c["gate"]["mean"] for c in runs["released_gated"][s]["checkpoints"]]))
+            released_gated_gate_mean=[c["gate"]["mean"] for c in runs["released_gated"][s]["checkpoints"]],
+            rescale_only_gate_mean=[c["gate"]["mean"] for c in runs["rescale_only"][s]["checkpoints"]]))
     return dict(seeds=seeds, steps=steps, rows=rows, per_seed=per_seed, findings=findings(rows, per_seed),
                 level=level, resamples=resamples,
                 train_s_mean={arm: sum(runs[arm][s]["train_s"] for s in seeds) / len(seeds) for arm in ARMS},
@@ -367,6 +378,9 @@ def findings(rows: list[dict], per_seed: list[dict]) -> dict:
         identity_minus_released_gated_above=[r["step"] for r in rows if _above(r["identity_minus_released_gated"])],
         identity_minus_released_gated_below=[r["step"] for r in rows if _below(r["identity_minus_released_gated"])],
         released_gated_minus_released_final=last["released_gated_minus_released"],
+        rescale_only_minus_host_final=last["rescale_only_minus_host"],
+        identity_minus_rescale_only_final=last["identity_minus_rescale_only"],
+        identity_minus_rescale_only_above=[r["step"] for r in rows if _above(r["identity_minus_rescale_only"])],
     )
 
 
@@ -394,15 +408,16 @@ def tables(analysis: dict, steps_total: int) -> str:
     for r in a["rows"]:
         lines.append(f"| {_step(r['step'], steps_total)} | " + " | ".join(_iv(r[arm]) for arm in ARMS) + " |")
     lines += ["", "Paired differences (percentage points): identity - released_gated is the initialisation alone "
-              "(same model, same training), released_gated - released the learnable gate alone (same start).", "",
+              "(same model, same training), released_gated - released the learnable gate alone (same start), "
+              "identity - rescale_only what the DEM's tokens add to the gate's rescaling of the tiles.", "",
               "| step | " + " | ".join(f"{x} - {y}" for x, y in DIFFERENCES) + " |", "|---" * (len(DIFFERENCES) + 1) + "|"]
     for r in a["rows"]:
         lines.append(f"| {_step(r['step'], steps_total)} | "
                      + " | ".join(_iv(r[f"{x}_minus_{y}"], True) for x, y in DIFFERENCES) + " |")
     steps = ", ".join(str(s) for s in a["steps"])
     lines += ["", f"Per seed (accuracy %, at steps {steps}; identity's mean gate `g` at the same steps):", "",
-              "| seed | host | released | released_gated | identity | identity = host predictions at step 0 | identity mean g |",
-              "|---|---|---|---|---|---|---|"]
+              "| seed | host | " + " | ".join(INITS) + " | identity = host predictions at step 0 | identity mean g |",
+              "|---" * (len(INITS) + 4) + "|"]
     for p in a["per_seed"]:
         lines.append(f"| {p['seed']} | {_pct(p['host'])} | "
                      + " | ".join(", ".join(_pct(x) for x in p[arm]) for arm in INITS) + " | "
@@ -454,6 +469,10 @@ def finding_lines(a: dict) -> list[str]:
                f"[{', '.join(map(str, f['identity_minus_released_gated_below']))}].")
     out.append(f"Released_gated - released (the learnable gate alone) at step {last['step']}: "
                f"{_iv(f['released_gated_minus_released_final'], True)}.")
+    out.append(f"Rescale_only - host (the gate without any dual view) at step {last['step']}: "
+               f"{_iv(f['rescale_only_minus_host_final'], True)}; identity - rescale_only (what the DEM's tokens add): "
+               f"{_iv(f['identity_minus_rescale_only_final'], True)}, resolved above 0 at steps "
+               f"[{', '.join(map(str, f['identity_minus_rescale_only_above']))}].")
     return out
 
 
@@ -489,7 +508,9 @@ def markdown(result: dict) -> str:
         "- **released**: tokens `(thumbnail + DEM) / 2` (INF-LLaVA's fusion replaces the host's tile tokens);",
         "- **identity**: tokens `(thumbnail + tiles + g * (DEM - tiles)) / 2`, `g` per channel, learnable, 0 at first "
         "(the host's tokens at step 0);",
-        "- **released_gated** (control): identity's model with `g = 1` at first (released's tokens, up to rounding).",
+        "- **released_gated** (control): identity's model with `g = 1` at first (released's tokens, up to rounding);",
+        "- **rescale_only** (control): tokens `(thumbnail + tiles + g * (0 - tiles)) / 2`, `g` alone trained: "
+        "identity's gate without any dual view.",
         "",
         "",
     ]
