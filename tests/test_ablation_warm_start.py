@@ -130,14 +130,14 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, c
     done = _runs(tmp_path / "out")
     assert sorted(done) == ["host/seed0.json", "host/seed0.pt", "released/seed0.json"]
     capsys.readouterr()
-    second = warm_start.main(_quick(tmp_path, "out", "--max-runs", "4"))  # the rest of seed 0, host of seed 1
+    second = warm_start.main(_quick(tmp_path, "out", "--max-runs", "5"))  # the rest of seed 0, host of seed 1
     err = capsys.readouterr().err
     assert "host seed 0:" not in err and "released seed 0:" not in err and "identity seed 0:" in err
-    assert second["runs_missing"] == 4 and "Partial: 4 of 10 runs missing" in (tmp_path / "out" / "REPORT.md").read_text()
+    assert second["runs_missing"] == 5 and "Partial: 5 of 12 runs missing" in (tmp_path / "out" / "REPORT.md").read_text()
     assert all(_runs(tmp_path / "out")[name] == data for name, data in done.items())  # finished files untouched
     (tmp_path / "out" / "runs" / "host" / "seed1.pt").unlink()  # the host's weights lost: trained again, checked
     third = warm_start.main(_quick(tmp_path, "out"))
-    assert third["runs_missing"] == 0 and [s["runs"] for s in third["sessions"]] == [2, 4, 4]
+    assert third["runs_missing"] == 0 and [s["runs"] for s in third["sessions"]] == [2, 5, 5]
     whole = warm_start.main(_quick(tmp_path, "whole"))
     assert _answers(tmp_path / "out") == _answers(tmp_path / "whole")
     assert whole["analysis"] == third["analysis"] | {"train_s_mean": whole["analysis"]["train_s_mean"]}
@@ -154,6 +154,8 @@ def test_step_0_of_identity_is_the_host_in_the_full_pipeline(tmp_path):
         step0 = identity["checkpoints"][0]
         assert step0["step"] == 0 and step0["correct"] == host["correct"] and step0["agree_with_host"] == 1.0
         assert step0["gate"] == dict(mean=0.0, min=0.0, max=0.0, mean_abs=0.0)
+        continued = json.loads((runs / "host_continued" / f"seed{seed}.json").read_text())["checkpoints"][0]
+        assert continued["correct"] == host["correct"] and continued["gate"] is None
     first = result["analysis"]["rows"][0]
     assert first["identity_minus_host"] == dict(estimate=0.0, low=0.0, high=0.0)
     assert result["analysis"]["findings"]["identity_same_predictions_at_step0"] == 2
@@ -166,19 +168,21 @@ def _run(arm: str, seed: int, bits: list[list[int]] | list[int], steps=(0, 10)) 
         return dict(arm=arm, seed=seed, correct=enc(map(str, bits)), accuracy=sum(bits) / len(bits), train_s=1.0,
                     trainable_params=100)
     cps = [dict(step=s, correct=enc(map(str, b)), accuracy=sum(b) / len(b), agree_with_host=1.0 if s == 0 and arm == "identity" else 0.5,
-                gate=None if arm == "released" else dict(mean=0.0, min=0.0, max=0.0, mean_abs=0.0)) for s, b in zip(steps, bits)]
+                gate=None if arm in ("released", "host_continued") else dict(mean=0.0, min=0.0, max=0.0, mean_abs=0.0))
+           for s, b in zip(steps, bits)]
     return dict(arm=arm, seed=seed, checkpoints=cps, accuracy=cps[-1]["accuracy"], train_s=1.0,
                 trainable_params=10 + (arm != "released"))
 
 
 def test_the_analysis_reads_its_numbers_off_the_runs():
     host = [1] * 80 + [0] * 20
-    runs = {"host": {}, "released": {}, "released_gated": {}, "identity": {}, "rescale_only": {}}
+    runs = {"host": {}, "released": {}, "released_gated": {}, "identity": {}, "rescale_only": {}, "host_continued": {}}
     for seed in range(8):
         runs["host"][seed] = _run("host", seed, host)
         runs["released"][seed] = _run("released", seed, [[0] * 100, host])  # loses everything, then recovers
         runs["released_gated"][seed] = _run("released_gated", seed, [[0] * 100, [1] * 90 + [0] * 10])
         runs["rescale_only"][seed] = _run("rescale_only", seed, [host, [1] * 85 + [0] * 15])
+        runs["host_continued"][seed] = _run("host_continued", seed, [host, [1] * 95 + [0] * 5])
         runs["identity"][seed] = _run("identity", seed, [host, [1] * 100])  # keeps the host, then gains 20 points
     a = warm_start.analyse(runs, resamples=500)
     step0, step10 = a["rows"]
@@ -188,6 +192,7 @@ def test_the_analysis_reads_its_numbers_off_the_runs():
     assert step10["identity_minus_released_gated"]["estimate"] == pytest.approx(0.1)
     assert step10["released_gated_minus_released"]["estimate"] == pytest.approx(0.1)
     assert step10["identity_minus_rescale_only"]["estimate"] == pytest.approx(0.15)
+    assert step10["identity_minus_host_continued"]["estimate"] == pytest.approx(0.05)
     f = a["findings"]
     assert f["identity_same_predictions_at_step0"] == 8 and f["released_below_host_at_step0"]
     assert f["released_first_not_below_host"] == 10 and f["released_first_above_host"] is None

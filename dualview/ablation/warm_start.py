@@ -27,7 +27,9 @@ Per seed, on the toolkit's task and frozen pretrained tower:
    - **rescale_only** (a control): identity's gate with no dual view at all,
      ``(thumbnail + tiles + g * (0 - tiles)) / 2``, only ``g`` trained: what a per-channel rescaling
      of the host's tile tokens gains by itself. Identity - rescale_only is what the DEM's tokens add
-     beyond it.
+     beyond it;
+   - **host_continued** (a control, no dual view): the host's own projector and head trained for the
+     same budget again: what the same extra training buys without dual view.
 
 3. Only the DEM (and the learnable gate's ``g``; rescale_only: ``g`` alone) is fine-tuned, for the same budget (``steps`` batches
    of fresh samples, the same stream for every arm; the host's projector and head stay frozen, so
@@ -72,10 +74,13 @@ from .variants import VARIANTS, Arm, VariantModel, make_dem
 
 HOST = Arm("anyres")  # the plain AnyRes host
 DUAL = Arm("dem_both")  # whose DEM is added: both directions, linear-concat fusion, avgpool
-INITS = ("released", "released_gated", "identity", "rescale_only")
-ARMS = ("host",) + INITS
+INITS = ("released", "released_gated", "identity", "rescale_only")  # dual view added (rescale_only: its gate alone)
+CONTINUED = "host_continued"
+PHASE2 = INITS + (CONTINUED,)  # the arms trained from the trained host
+ARMS = ("host",) + PHASE2
 DIFFERENCES = (("released", "host"), ("identity", "host"), ("identity", "released"), ("identity", "released_gated"),
-               ("released_gated", "released"), ("rescale_only", "host"), ("identity", "rescale_only"))
+               ("released_gated", "released"), ("rescale_only", "host"), ("identity", "rescale_only"),
+               ("host_continued", "host"), ("identity", "host_continued"))
 GATE_START = {"released_gated": 1.0, "identity": 0.0, "rescale_only": 0.0}  # the learnable gate's g at step 0
 FINETUNE_STREAM = 500  # the fine-tuning stream of seed k has data seed 1000 k + 500: not the host's samples
 DEM_SEED = 100_000  # the DEM of seed k is built under torch.manual_seed(DEM_SEED + k), for every arm
@@ -177,8 +182,14 @@ def build_dual(cfg: WarmStartConfig, host: VariantModel, init: str, seed: int) -
 
 def finetune(cfg: WarmStartConfig, host: VariantModel, init: str, seed: int, stream: FeatureStream, evaluation: list,
              host_predictions: torch.Tensor) -> dict:
-    """Add dual view to ``host`` with ``init``; train the DEM (+ gate) on ``stream``; score at the checkpoints."""
-    model = build_dual(cfg, host, init, seed)
+    """Add dual view to ``host`` with ``init``; train the DEM (+ gate) on ``stream``; score at the checkpoints.
+    ``init="host_continued"``: train a copy of the host itself (projector and head) instead."""
+    if init == CONTINUED:
+        model = copy.deepcopy(host).requires_grad_(True)
+        params = list(model.parameters())
+    else:
+        model = build_dual(cfg, host, init, seed)
+        params = model.trainable_parameters()
     labels = _labels(evaluation)
     at = set(cfg.checkpoint_steps())
     checkpoints, eval_s = [], 0.0
@@ -196,13 +207,13 @@ def finetune(cfg: WarmStartConfig, host: VariantModel, init: str, seed: int, str
         eval_s += time.perf_counter() - start
 
     start, made_before = time.perf_counter(), stream.made_s
-    losses = fit(model, model.trainable_parameters(), stream, steps=cfg.steps, lr=cfg.lr, on_step=on_step)
+    losses = fit(model, params, stream, steps=cfg.steps, lr=cfg.lr, on_step=on_step)
     data_s = stream.made_s - made_before
     every = max(cfg.steps // 20, 1)
     return dict(arm=init, seed=seed, init=init, checkpoints=checkpoints, accuracy=checkpoints[-1]["accuracy"],
                 final_loss=losses[-1] if losses else None, loss_curve=losses[::every],
                 train_s=time.perf_counter() - start - data_s - eval_s, eval_s=eval_s, data_s=data_s,
-                trainable_params=sum(p.numel() for p in model.trainable_parameters()))
+                trainable_params=sum(p.numel() for p in params))
 
 
 def _weights_path(store: RunStore, seed: int) -> Path:
@@ -236,7 +247,7 @@ def run_seed(cfg: WarmStartConfig, seed: int, tower, evaluation: list, store: Ru
     """The host (trained, or loaded from its weights), then each unfinished init, for ``seed``."""
     task = cfg.task(HOST.mark)
     host_run = store.load("host", seed)
-    pending = [i for i in INITS if store.load(i, seed) is None]
+    pending = [i for i in PHASE2 if store.load(i, seed) is None]
     if host_run is not None and not pending:
         return
     host = build_model(cfg, HOST, seed)
@@ -314,7 +325,7 @@ def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 
     if not seeds:
         return None
     steps = [c["step"] for c in runs["identity"][seeds[0]]["checkpoints"]]
-    for arm in INITS:
+    for arm in PHASE2:
         for s in seeds:
             if [c["step"] for c in runs[arm][s]["checkpoints"]] != steps:
                 raise ValueError(f"{arm} seed {s} was scored at other checkpoints than {steps}")
@@ -331,7 +342,7 @@ def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 
     for s in seeds:
         per_seed.append(dict(
             seed=s, host=runs["host"][s]["accuracy"],
-            **{arm: [c["accuracy"] for c in runs[arm][s]["checkpoints"]] for arm in INITS},
+            **{arm: [c["accuracy"] for c in runs[arm][s]["checkpoints"]] for arm in PHASE2},
             identity_agree_with_host=[c["agree_with_host"] for c in runs["identity"][s]["checkpoints"]],
             released_agree_with_host=[c["agree_with_host"] for c in runs["released"][s]["checkpoints"]],
             gate_mean=[c["gate"]["mean"] for c in runs["identity"][s]["checkpoints"]],
@@ -381,6 +392,10 @@ def findings(rows: list[dict], per_seed: list[dict]) -> dict:
         rescale_only_minus_host_final=last["rescale_only_minus_host"],
         identity_minus_rescale_only_final=last["identity_minus_rescale_only"],
         identity_minus_rescale_only_above=[r["step"] for r in rows if _above(r["identity_minus_rescale_only"])],
+        host_continued_minus_host_final=last["host_continued_minus_host"],
+        identity_minus_host_continued_final=last["identity_minus_host_continued"],
+        identity_minus_host_continued_above=[r["step"] for r in rows if _above(r["identity_minus_host_continued"])],
+        identity_minus_host_continued_below=[r["step"] for r in rows if _below(r["identity_minus_host_continued"])],
     )
 
 
@@ -409,18 +424,19 @@ def tables(analysis: dict, steps_total: int) -> str:
         lines.append(f"| {_step(r['step'], steps_total)} | " + " | ".join(_iv(r[arm]) for arm in ARMS) + " |")
     lines += ["", "Paired differences (percentage points): identity - released_gated is the initialisation alone "
               "(same model, same training), released_gated - released the learnable gate alone (same start), "
-              "identity - rescale_only what the DEM's tokens add to the gate's rescaling of the tiles.", "",
+              "identity - rescale_only what the DEM's tokens add to the gate's rescaling of the tiles, identity - "
+              "host_continued dual view against the same extra training of the host itself.", "",
               "| step | " + " | ".join(f"{x} - {y}" for x, y in DIFFERENCES) + " |", "|---" * (len(DIFFERENCES) + 1) + "|"]
     for r in a["rows"]:
         lines.append(f"| {_step(r['step'], steps_total)} | "
                      + " | ".join(_iv(r[f"{x}_minus_{y}"], True) for x, y in DIFFERENCES) + " |")
     steps = ", ".join(str(s) for s in a["steps"])
     lines += ["", f"Per seed (accuracy %, at steps {steps}; identity's mean gate `g` at the same steps):", "",
-              "| seed | host | " + " | ".join(INITS) + " | identity = host predictions at step 0 | identity mean g |",
-              "|---" * (len(INITS) + 4) + "|"]
+              "| seed | host | " + " | ".join(PHASE2) + " | identity = host predictions at step 0 | identity mean g |",
+              "|---" * (len(PHASE2) + 4) + "|"]
     for p in a["per_seed"]:
         lines.append(f"| {p['seed']} | {_pct(p['host'])} | "
-                     + " | ".join(", ".join(_pct(x) for x in p[arm]) for arm in INITS) + " | "
+                     + " | ".join(", ".join(_pct(x) for x in p[arm]) for arm in PHASE2) + " | "
                      f"{'yes' if p['identity_agree_with_host'][0] == 1.0 else 'no'} "
                      f"({_pct(p['identity_agree_with_host'][0])}% agree) | "
                      f"{', '.join(f'{g:+.3f}' for g in p['gate_mean'])} |")
@@ -473,6 +489,11 @@ def finding_lines(a: dict) -> list[str]:
                f"{_iv(f['rescale_only_minus_host_final'], True)}; identity - rescale_only (what the DEM's tokens add): "
                f"{_iv(f['identity_minus_rescale_only_final'], True)}, resolved above 0 at steps "
                f"[{', '.join(map(str, f['identity_minus_rescale_only_above']))}].")
+    out.append(f"Host_continued - host (the same extra training without dual view) at step {last['step']}: "
+               f"{_iv(f['host_continued_minus_host_final'], True)}; identity - host_continued: "
+               f"{_iv(f['identity_minus_host_continued_final'], True)}, resolved above 0 at steps "
+               f"[{', '.join(map(str, f['identity_minus_host_continued_above']))}], below 0 at steps "
+               f"[{', '.join(map(str, f['identity_minus_host_continued_below']))}].")
     return out
 
 
@@ -510,7 +531,9 @@ def markdown(result: dict) -> str:
         "(the host's tokens at step 0);",
         "- **released_gated** (control): identity's model with `g = 1` at first (released's tokens, up to rounding);",
         "- **rescale_only** (control): tokens `(thumbnail + tiles + g * (0 - tiles)) / 2`, `g` alone trained: "
-        "identity's gate without any dual view.",
+        "identity's gate without any dual view;",
+        "- **host_continued** (control): no dual view; the host's projector and head trained again for the same "
+        "budget on the same stream.",
         "",
         "",
     ]
