@@ -14,6 +14,7 @@ import torch
 from dualview.ablation import warm_start
 from dualview.ablation.features import ViewFeatures
 from dualview.ablation.runner import build_model, fit
+from dualview.ablation.stats import bootstrap_mean, paired_difference, resample_weights
 from dualview.ablation.warm_start import HOST, WarmStartConfig, build_dual
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "ablation"
@@ -203,6 +204,18 @@ def test_the_analysis_reads_its_numbers_off_the_runs():
     runs["identity"][3] = _run("identity", 3, [host, [0] * 100])  # one seed collapses: the report says so
     f = warm_start.analyse(runs, resamples=500)["findings"]
     assert f["identity_seed_drops"] == [dict(seed=3, step=10, drop=0.8)]
+
+
+def test_intervals_from_weights_drawn_beforehand_are_those_from_the_generator():
+    scores = (torch.rand(5, 40, generator=torch.Generator().manual_seed(1)) < 0.7).double()
+    other = (torch.rand(5, 40, generator=torch.Generator().manual_seed(2)) < 0.6).double()
+    weights = resample_weights(300, 5, 40, torch.Generator().manual_seed(0))
+    assert bootstrap_mean(scores, resamples=300, weights=weights) == bootstrap_mean(
+        scores, resamples=300, generator=torch.Generator().manual_seed(0))
+    assert paired_difference(scores, other, resamples=300, weights=weights) == paired_difference(
+        scores, other, resamples=300, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"weights must have shapes \(300, 5\) and \(300, 20\), got \(300, 5\) and \(300, 40\)"):
+        bootstrap_mean(scores[:, :20], resamples=300, weights=weights)
 
 
 @pytest.mark.parametrize("folder, config", [("results-warm-start", "warm_start.json"),

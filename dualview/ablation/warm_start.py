@@ -66,7 +66,7 @@ from . import report
 from .features import FeatureStream, ViewFeatures, held_out
 from .progress import Progress
 from .runner import ExperimentConfig, World, build_model, common_parser, config_from_args, fit, train_one
-from .stats import Interval, bootstrap_mean, paired_difference
+from .stats import Interval, bootstrap_mean, paired_difference, resample_weights
 from .store import RunStore, atomic_target, write_atomic
 from .task import NUM_CLASSES
 from .tower import pretrained_tower
@@ -315,8 +315,8 @@ def _matrix(runs: dict[int, dict], seeds: list[int], index: int | None = None) -
                         for s in seeds])
 
 
-def _ci(fn, *mats, resamples: int, level: float) -> Interval:
-    return fn(*mats, resamples=resamples, level=level, generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
+def _ci(fn, *mats, resamples: int, level: float, weights) -> Interval:
+    return fn(*mats, resamples=resamples, level=level, weights=weights)
 
 
 def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 0.95) -> dict | None:
@@ -330,13 +330,17 @@ def analyse(runs: dict[str, dict[int, dict]], *, resamples: int, level: float = 
             if [c["step"] for c in runs[arm][s]["checkpoints"]] != steps:
                 raise ValueError(f"{arm} seed {s} was scored at other checkpoints than {steps}")
     rows = []
+    # one draw for every interval, as report.analyse has (a fresh generator of the same seed for each)
+    samples = len(runs["host"][seeds[0]]["correct"])
+    weights = resample_weights(resamples, len(seeds), samples, torch.Generator().manual_seed(BOOTSTRAP_SEED))
     for i, step in enumerate(steps):
         mats = {arm: _matrix(runs[arm], seeds, None if arm == "host" else i) for arm in ARMS}
         row = dict(step=step)
         for arm in ARMS:
-            row[arm] = _ci(bootstrap_mean, mats[arm], resamples=resamples, level=level).as_dict()
+            row[arm] = _ci(bootstrap_mean, mats[arm], resamples=resamples, level=level, weights=weights).as_dict()
         for a, b in DIFFERENCES:
-            row[f"{a}_minus_{b}"] = _ci(paired_difference, mats[a], mats[b], resamples=resamples, level=level).as_dict()
+            row[f"{a}_minus_{b}"] = _ci(paired_difference, mats[a], mats[b], resamples=resamples, level=level,
+                                        weights=weights).as_dict()
         rows.append(row)
     per_seed = []
     for s in seeds:
