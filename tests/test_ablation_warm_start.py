@@ -218,6 +218,7 @@ def test_intervals_from_weights_drawn_beforehand_are_those_from_the_generator():
         bootstrap_mean(scores[:, :20], resamples=300, weights=weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder, config", [("results-warm-start", "warm_start.json"),
                                             ("results-warm-start-budget400", "warm_start_budget400.json")])
 def test_the_committed_report_is_what_its_runs_give(tmp_path, folder, config):
