@@ -4,6 +4,7 @@
     python -m dualview.ablation --quick --out DIR                          # a smoke run (seconds)
     python -m dualview.ablation --config ... --out DIR --report-only       # tables from finished runs
     torchrun --nproc_per_node=2 -m dualview.ablation --config ...          # data-parallel (gloo / nccl)
+    python -m dualview.ablation.warm_start --config ... --out DIR          # dual view added to a trained host
 
 One tower is pretrained on the crop pretext (cached by config hash) and frozen; every arm
 (variant x resampling x task mark) then trains its projector, DEM and head for every seed, on the
@@ -122,19 +123,31 @@ def start_world() -> World:
     return World()
 
 
-def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream, evaluation: list, world: World) -> dict:
-    """Train one arm's projector / DEM / head on ``stream``; score it on ``evaluation``."""
-    torch.manual_seed(seed)  # the same projector and head for every arm of this seed, on every rank
-    model = VariantModel(VARIANTS[arm.variant], resample=arm.resample, grid=tuple(cfg.grid),
-                         tokens_side=cfg.crop_size // cfg.patch_size, dim=cfg.dim, head=cfg.head,
-                         head_layers=cfg.head_layers, classes=NUM_CLASSES)
+def build_model(cfg: ExperimentConfig, arm: Arm, seed: int) -> VariantModel:
+    """``arm``'s trainable model for ``seed``: the projector and head built first under
+    ``torch.manual_seed(seed)`` (the same for every arm of the seed, on every rank), the DEM after."""
+    torch.manual_seed(seed)
+    return VariantModel(VARIANTS[arm.variant], resample=arm.resample, grid=tuple(cfg.grid),
+                        tokens_side=cfg.crop_size // cfg.patch_size, dim=cfg.dim, head=cfg.head,
+                        head_layers=cfg.head_layers, classes=NUM_CLASSES)
+
+
+def fit(model: torch.nn.Module, params, stream: FeatureStream, *, steps: int, lr: float, world: World | None = None,
+        on_step=None) -> list[float]:
+    """AdamW + one-cycle at ``lr`` on ``params`` for ``steps`` batches of ``stream`` (steps 0..steps-1).
+
+    ``on_step(k)``, if given, is called after the ``k``-th update, and with 0 before the first (to
+    score the model along training; the model is in train mode when it returns). Returns the losses.
+    """
+    world = world if world is not None else World()
     trainable = torch.nn.parallel.DistributedDataParallel(model) if world.ddp else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
-    start, made_before = time.perf_counter(), stream.made_s
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
     losses = []
-    for step in range(cfg.steps):
+    if on_step is not None:
+        on_step(0)
+    for step in range(steps):
         feats, labels = stream[step]
         loss = torch.nn.functional.cross_entropy(trainable(feats), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -142,11 +155,33 @@ def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream,
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    data_s = stream.made_s - made_before  # this arm's share of making the stream (the first arm of a seed pays)
-    train_s = time.perf_counter() - start - data_s
+        if on_step is not None:
+            on_step(step + 1)
+    return losses
+
+
+def score(model: torch.nn.Module, evaluation: list) -> torch.Tensor:
+    """(samples,) bool: which held-out samples ``model`` answers correctly (eval mode, no gradients;
+    the model is left in the mode it was in)."""
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         correct = torch.cat([model(feats).argmax(-1) == labels for feats, labels in evaluation])
+    model.train(was_training)
+    return correct
+
+
+def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream, evaluation: list, world: World,
+              *, model: VariantModel | None = None) -> dict:
+    """Train one arm's projector / DEM / head on ``stream``; score it on ``evaluation``. ``model``:
+    the freshly built model to train (``build_model``'s, the default), for a caller that keeps it."""
+    model = model if model is not None else build_model(cfg, arm, seed)
+    start, made_before = time.perf_counter(), stream.made_s
+    losses = fit(model, model.parameters(), stream, steps=cfg.steps, lr=cfg.lr, world=world)
+    data_s = stream.made_s - made_before  # this arm's share of making the stream (the first arm of a seed pays)
+    train_s = time.perf_counter() - start - data_s
+    model.eval()
+    correct = score(model, evaluation)
     every = max(cfg.steps // 20, 1)
     return dict(arm=arm.name, variant=arm.variant, resample=arm.resample, mark=arm.mark, seed=seed,
                 accuracy=float(correct.double().mean()), correct=report.encode_correct(correct),
@@ -155,9 +190,10 @@ def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream,
                 trainable_params=sum(p.numel() for p in model.parameters()))
 
 
-def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m dualview.ablation", description="dual-view ablations with a frozen pretrained tower, paired by seed")
-    p.add_argument("--config", type=Path, help="JSON file with ExperimentConfig fields")
+def common_parser(prog: str, description: str, *, outputs: str = "ablation.png") -> argparse.ArgumentParser:
+    """The options every experiment of the toolkit takes (config, output, cache, resuming, sizes, seeds)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", type=Path, help="JSON file with the config's fields")
     p.add_argument("--out", type=Path, default=Path("ablation-out"), help="results; finished runs in OUT/runs/")
     p.add_argument("--quick", action="store_true", help="tiny sizes and two seeds: a smoke run in seconds")
     p.add_argument("--tower-cache", type=Path, help="where pretrained towers are cached "
@@ -167,14 +203,17 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, which follows OMP_NUM_THREADS)")
     p.add_argument("--note", default="", help="free text about the machine, stored with the results")
     p.add_argument("--no-tqdm", action="store_true", help="plain progress lines even if tqdm is installed")
-    p.add_argument("--no-plot", action="store_true", help="skip ablation.png")
+    p.add_argument("--no-plot", action="store_true", help=f"skip {outputs}")
     for name in ("steps", "batch", "eval_samples", "dim", "pretext_steps", "bootstrap_resamples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
     p.add_argument("--head", choices=("mean", "transformer"))
     p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
-    p.add_argument("--arms", help="comma-separated VARIANT[/RESAMPLE][@MARK], e.g. dem_both,dem_both/bilinear,anyres@arrow")
-    args = p.parse_args(argv)
-    cfg = ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig()
+    return p
+
+
+def config_from_args(cls, p: argparse.ArgumentParser, args: argparse.Namespace):
+    """``cls`` (an ExperimentConfig) from ``--config``, then ``--quick``, then the options given."""
+    cfg = cls.from_json(args.config) if args.config else cls()
     if args.quick:
         for name, value in QUICK.items():
             setattr(cfg, name, value)
@@ -183,14 +222,24 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
             setattr(cfg, name, getattr(args, name))
     if args.seeds:
         cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.max_runs is not None and args.max_runs < 0:
+        p.error(f"--max-runs must be >= 0, got {args.max_runs}")
+    return cfg
+
+
+def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
+    p = common_parser("python -m dualview.ablation", "dual-view ablations with a frozen pretrained tower, paired by seed")
+    p.epilog = ("See also: python -m dualview.ablation.warm_start (dual view added to a trained AnyRes host, "
+                "released vs identity initialisation).")
+    p.add_argument("--arms", help="comma-separated VARIANT[/RESAMPLE][@MARK], e.g. dem_both,dem_both/bilinear,anyres@arrow")
+    args = p.parse_args(argv)
+    cfg = config_from_args(ExperimentConfig, p, args)
     if args.arms:
         cfg.arms = tuple(args.arms.split(","))
     try:
         cfg.parsed_arms()
     except ValueError as err:
         p.error(str(err))
-    if args.max_runs is not None and args.max_runs < 0:
-        p.error(f"--max-runs must be >= 0, got {args.max_runs}")
     return cfg, args
 
 

@@ -31,13 +31,23 @@ class Interval:
         return dict(estimate=self.estimate, low=self.low, high=self.high)
 
 
+def resample_weights(resamples: int, seeds: int, samples: int,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of ``bootstrap_mean``: (seed weights (resamples, seeds), sample weights (resamples, samples)),
+    in the order it draws them, so that passing them as ``weights`` gives the same interval as passing
+    the generator they came from (many intervals of one shape then share one draw: common random numbers)."""
+    return _counts(resamples, seeds, generator), _counts(resamples, samples, generator)
+
+
 def bootstrap_mean(scores: torch.Tensor, *, resamples: int, level: float = 0.95,
-                   generator: torch.Generator | None = None) -> Interval:
+                   generator: torch.Generator | None = None,
+                   weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> Interval:
     """Percentile bootstrap interval of the mean of a (seeds, samples) score matrix.
 
     Each resample draws seed weights ``u ~ Multinomial(S, 1/S)`` and sample weights
     ``v ~ Multinomial(N, 1/N)``; its mean is ``u @ scores @ v / (S * N)``. A single seed (S = 1)
-    resamples samples only; a single column (N = 1) resamples seeds only.
+    resamples samples only; a single column (N = 1) resamples seeds only. ``weights``: draws made
+    beforehand by ``resample_weights`` (then ``generator`` is not used).
     """
     if scores.ndim != 2 or scores.numel() == 0:
         raise ValueError(f"scores must be a non-empty (seeds, samples) matrix, got shape {tuple(scores.shape)}")
@@ -47,8 +57,12 @@ def bootstrap_mean(scores: torch.Tensor, *, resamples: int, level: float = 0.95,
         raise ValueError(f"level must be in (0, 1), got {level}")
     scores = scores.double()
     seeds, samples = scores.shape
-    seed_weights = _counts(resamples, seeds, generator)
-    sample_weights = _counts(resamples, samples, generator)
+    if weights is None:
+        weights = resample_weights(resamples, seeds, samples, generator)
+    seed_weights, sample_weights = weights
+    if seed_weights.shape != (resamples, seeds) or sample_weights.shape != (resamples, samples):
+        raise ValueError(f"weights must have shapes {(resamples, seeds)} and {(resamples, samples)}, got "
+                         f"{tuple(seed_weights.shape)} and {tuple(sample_weights.shape)}")
     means = ((seed_weights @ scores) * sample_weights).sum(1) / (seeds * samples)
     alpha = (1 - level) / 2
     low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=means.dtype)).tolist()
@@ -65,8 +79,9 @@ def _counts(resamples: int, n: int, generator: torch.Generator | None) -> torch.
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, *, resamples: int, level: float = 0.95,
-                      generator: torch.Generator | None = None) -> Interval:
+                      generator: torch.Generator | None = None,
+                      weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> Interval:
     """Interval of mean(a) - mean(b) for two (seeds, samples) matrices paired element by element."""
     if a.shape != b.shape:
         raise ValueError(f"paired scores must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return bootstrap_mean(a.double() - b.double(), resamples=resamples, level=level, generator=generator)
+    return bootstrap_mean(a.double() - b.double(), resamples=resamples, level=level, generator=generator, weights=weights)

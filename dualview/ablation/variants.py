@@ -132,6 +132,12 @@ class Arm:
         return Arm(variant, BASE_RESAMPLE, self.mark)
 
 
+def make_dem(variant: Variant, *, dim: int, tokens_side: int, resample: str) -> DEM:
+    """The DEM of a ``combine="dem"`` variant, as every arm builds it (4 heads, output ``h x w``)."""
+    return DEM(dim, num_heads=4, out_size=(tokens_side, tokens_side), directions=variant.directions,
+               fusion=variant.fusion, resample=resample, ffn_hidden=max(dim // 16, 4))
+
+
 class VariantModel(nn.Module):
     """The trainable part of one variant: frozen-tower tokens -> combine -> (h*w) tokens -> projector -> head.
 
@@ -148,16 +154,20 @@ class VariantModel(nn.Module):
         self.h = self.w = tokens_side
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.head = Head(self.h * self.w, dim, head_layers, classes, kind=head)
-        self.dem = None
-        if variant.combine == "dem":
-            self.dem = DEM(dim, num_heads=4, out_size=(self.h, self.w), directions=variant.directions,
-                           fusion=variant.fusion, resample=resample, ffn_hidden=max(dim // 16, 4))
+        self.dem = make_dem(variant, dim=dim, tokens_side=tokens_side, resample=resample) if variant.combine == "dem" else None
 
     def tokens(self, feats: ViewFeatures) -> torch.Tensor:
         """The tower's tokens of all views -> (B, h*w, D): the image tokens the projector sees."""
+        if self.variant.views == "thumbnail":
+            return feats.thumbnail
+        out = self.combined(feats)
+        return (feats.thumbnail + out) / 2 if self.variant.thumbnail else out
+
+    def combined(self, feats: ViewFeatures) -> torch.Tensor:
+        """(B, h*w, D): the variant's views combined and brought to ``h x w``, before the thumbnail mean."""
         v, (rows, cols) = self.variant, self.grid
         if v.views == "thumbnail":
-            return feats.thumbnail
+            raise ValueError(f"variant {v.name!r} has no views to combine: its tokens are the thumbnail's")
         local = feats.local if v.views in ("local", "both") else None
         glob = feats.glob if v.views in ("global", "both") else None
         if v.combine == "dem":
@@ -174,7 +184,7 @@ class VariantModel(nn.Module):
             else:
                 out = F.adaptive_avg_pool2d(fmap, (self.h, self.w))
             out = rearrange(out, "b d y x -> b (y x) d")
-        return (feats.thumbnail + out) / 2 if v.thumbnail else out
+        return out
 
     def forward(self, feats: ViewFeatures) -> torch.Tensor:
         return self.head(self.projector(self.tokens(feats)))
