@@ -573,7 +573,9 @@ def test_fast_path_equals_the_readable_path_forward_and_backward(grid, feat, out
     crops, tokens = grid[0] * grid[1], feat[0] * feat[1]
     local = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
     glob = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
+    # float32 (measured): 2.4e-7 on the outputs, 5.7e-6 on the gradients (parameter gradients sum many terms)
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    out_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
     results = []
     for dem in (fast, readable):
         out = dem(local, glob, grid, feat)
@@ -581,7 +583,7 @@ def test_fast_path_equals_the_readable_path_forward_and_backward(grid, feat, out
         params = [p for _, p in sorted(dem.named_parameters())]
         results.append((out, torch.autograd.grad((out * weight).sum(), [local, glob, *params], allow_unused=True)))
     (out_fast, grads_fast), (out_readable, grads_readable) = results
-    torch.testing.assert_close(out_fast, out_readable, **tol)
+    torch.testing.assert_close(out_fast, out_readable, **out_tol)
     for name, a, b in zip(["local", "global"] + sorted(n for n, _ in fast.named_parameters()), grads_fast, grads_readable):
         assert (a is None) == (b is None), name  # the same parameters take part
         if a is not None:
