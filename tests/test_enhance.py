@@ -96,6 +96,54 @@ def test_batched_dem_equals_loop_reference_for_any_grid(grid, hw, batch, out, se
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# (grid, feat_size, out_size, resample): R != h and h != w, non-square grids, and every resampling:
+# bilinear sampled (odd integer factors), bilinear of the whole map (even and non-integer factors),
+# avgpool, the full map, resample=None at the map's size
+FAST_CASES = [
+    ((2, 3), (3, 2), (2, 2), "bilinear"),  # factors 3 and 3: sampled fusion
+    ((3, 1), (5, 3), (3, 1), "bilinear"),  # factors 5 and 3: sampled fusion
+    ((2, 3), (3, 2), (3, 3), "bilinear"),  # factors 2 and 2: the whole map
+    ((3, 1), (2, 4), (4, 3), "bilinear"),  # no integer factor
+    ((2, 3), (3, 2), (4, 5), "avgpool"),
+    ((3, 1), (2, 3), None, "bilinear"),  # the full map
+    ((2, 3), (3, 2), (6, 6), None),  # resample=None at the map's size
+    ((1, 1), (2, 3), None, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("fusion", ["linear_concat", "add", "conv3x3"])
+@pytest.mark.parametrize("directions", ["both", "local_to_global", "global_to_local"])
+@pytest.mark.parametrize("grid, feat, out_size, resample", FAST_CASES)
+def test_fast_path_equals_the_readable_path_forward_and_backward(grid, feat, out_size, resample, directions, fusion, dtype):
+    """``fast=True`` (index plans, one attention call, sampled fusion) computes what ``forward``'s
+    readable steps compute: the output, the input gradients and every parameter's gradient."""
+    torch.manual_seed(0)
+    kwargs = dict(out_size=out_size, directions=directions, fusion=fusion, resample=resample, dtype=dtype)
+    fast = DEM(16, num_heads=2, **kwargs)
+    readable = DEM(16, num_heads=2, fast=False, **kwargs)
+    readable.load_state_dict(fast.state_dict())
+    assert fast.fast and not readable.fast and "fast=False" in repr(readable)
+    crops, tokens = grid[0] * grid[1], feat[0] * feat[1]
+    local = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
+    glob = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
+    # float32 (measured): 2.4e-7 on the outputs, 5.7e-6 on the gradients (parameter gradients sum many terms)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    out_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
+    results = []
+    for dem in (fast, readable):
+        out = dem(local, glob, grid, feat)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)
+        params = [p for _, p in sorted(dem.named_parameters())]
+        results.append((out, torch.autograd.grad((out * weight).sum(), [local, glob, *params], allow_unused=True)))
+    (out_fast, grads_fast), (out_readable, grads_readable) = results
+    torch.testing.assert_close(out_fast, out_readable, **out_tol)
+    for name, a, b in zip(["local", "global"] + sorted(n for n, _ in fast.named_parameters()), grads_fast, grads_readable):
+        assert (a is None) == (b is None), name  # the same parameters take part
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @given(grid=st.tuples(st.integers(1, 6), st.integers(1, 6)), s=st.integers(1, 6))
 def test_local_and_global_maps_put_the_same_canvas_region_at_the_same_position(grid, s):
     """Features that encode their own canvas coordinates (a 1-pixel-patch tower) give two maps
@@ -540,54 +588,6 @@ def test_outside_autocast_a_dtype_mismatch_is_still_refused():
             dem(feats.bfloat16(), feats, (2, 2))
         with pytest.raises(TypeError, match=r"global_feats must have the DEM's dtype"):
             dem(feats, feats.bfloat16(), (2, 2))
-
-
-# (grid, feat_size, out_size, resample): R != h and h != w, non-square grids, and every resampling:
-# bilinear sampled (odd integer factors), bilinear of the whole map (even and non-integer factors),
-# avgpool, the full map, resample=None at the map's size
-FAST_CASES = [
-    ((2, 3), (3, 2), (2, 2), "bilinear"),  # factors 3 and 3: sampled fusion
-    ((3, 1), (5, 3), (3, 1), "bilinear"),  # factors 5 and 3: sampled fusion
-    ((2, 3), (3, 2), (3, 3), "bilinear"),  # factors 2 and 2: the whole map
-    ((3, 1), (2, 4), (4, 3), "bilinear"),  # no integer factor
-    ((2, 3), (3, 2), (4, 5), "avgpool"),
-    ((3, 1), (2, 3), None, "bilinear"),  # the full map
-    ((2, 3), (3, 2), (6, 6), None),  # resample=None at the map's size
-    ((1, 1), (2, 3), None, None),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("fusion", ["linear_concat", "add", "conv3x3"])
-@pytest.mark.parametrize("directions", ["both", "local_to_global", "global_to_local"])
-@pytest.mark.parametrize("grid, feat, out_size, resample", FAST_CASES)
-def test_fast_path_equals_the_readable_path_forward_and_backward(grid, feat, out_size, resample, directions, fusion, dtype):
-    """``fast=True`` (index plans, one attention call, sampled fusion) computes what ``forward``'s
-    readable steps compute: the output, the input gradients and every parameter's gradient."""
-    torch.manual_seed(0)
-    kwargs = dict(out_size=out_size, directions=directions, fusion=fusion, resample=resample, dtype=dtype)
-    fast = DEM(16, num_heads=2, **kwargs)
-    readable = DEM(16, num_heads=2, fast=False, **kwargs)
-    readable.load_state_dict(fast.state_dict())
-    assert fast.fast and not readable.fast and "fast=False" in repr(readable)
-    crops, tokens = grid[0] * grid[1], feat[0] * feat[1]
-    local = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
-    glob = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
-    # float32 (measured): 2.4e-7 on the outputs, 5.7e-6 on the gradients (parameter gradients sum many terms)
-    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
-    out_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
-    results = []
-    for dem in (fast, readable):
-        out = dem(local, glob, grid, feat)
-        weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)
-        params = [p for _, p in sorted(dem.named_parameters())]
-        results.append((out, torch.autograd.grad((out * weight).sum(), [local, glob, *params], allow_unused=True)))
-    (out_fast, grads_fast), (out_readable, grads_readable) = results
-    torch.testing.assert_close(out_fast, out_readable, **out_tol)
-    for name, a, b in zip(["local", "global"] + sorted(n for n, _ in fast.named_parameters()), grads_fast, grads_readable):
-        assert (a is None) == (b is None), name  # the same parameters take part
-        if a is not None:
-            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("fused_attn", [True, False])
