@@ -80,11 +80,6 @@ _WINDOWS = "b (R h) (C w) d -> (b R C) (h w) d"  # window (r, c) = map[r*h:(r+1)
 _GROUPS = "b (h R) (w C) d -> (b R C) (h w) d"  # strided group (a, b) = map[a::R, b::C]
 
 
-def _inverse(pattern: str) -> str:
-    left, right = pattern.split("->")
-    return f"{right.strip()} -> {left.strip()}"
-
-
 class _IndexPlan(NamedTuple):
     """The fast path's index tensors for one input shape (see ``_build_index_plan``)."""
 
@@ -328,7 +323,7 @@ class DEM(nn.Module):
         cuts a map into R*C sequences of h*w tokens (``_WINDOWS`` or ``_GROUPS``); the result is
         put back in place."""
         out = self.attention(rearrange(q_map, parts, **sizes), rearrange(kv_map, parts, **sizes))
-        return rearrange(out, _inverse(parts), b=q_map.shape[0], **sizes)
+        return rearrange(out, layout._inverse(parts), b=q_map.shape[0], **sizes)  # each part back in place
 
     def _forward_fast(
         self, local_feats: torch.Tensor, global_feats: torch.Tensor, rows: int, cols: int, h: int, w: int
