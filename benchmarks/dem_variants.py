@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         record("eager", lambda: dem(local, glob, grid))
         whole = DEM(args.dim, num_heads=args.heads, out_size=(side, side)).to(device=device, dtype=dtype).eval()
         whole.load_state_dict(dem.state_dict())
-        whole._sampled_positions = lambda *a: None  # fuse the whole map, then resample (as released)
+        whole._sample_strides = lambda *a: None  # fuse the whole map, then resample (as released)
         record("eager, whole map fused then resampled", lambda: whole(local, glob, grid),
                measure.dem_flops(args.batch, grid, args.tokens, args.dim))
         if device.type == "cuda":

@@ -7,6 +7,7 @@ Weight names are those of the released INF-LLaVA ``SpatialEmbed`` (``attention.l
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Optional, Union
 
@@ -73,8 +74,14 @@ class CrossAttention(nn.Module):
         return self.ln(w_o(rearrange(out, "n h t d -> n t (h d)")) + q)
 
 
+# The readable path cuts a map into its parts with one pattern each; the sub-images go into the
+# batch, so that one attention call runs over all of them: (B, R*h, C*w, D) -> (B*R*C, h*w, D).
+_WINDOWS = "b (R h) (C w) d -> (b R C) (h w) d"  # window (r, c) = map[r*h:(r+1)*h, c*w:(c+1)*w]
+_GROUPS = "b (h R) (w C) d -> (b R C) (h w) d"  # strided group (a, b) = map[a::R, b::C]
+
+
 class _IndexPlan(NamedTuple):
-    """DEM's index tensors for one input shape (see ``DEM._build_plan``)."""
+    """The fast path's index tensors for one input shape (see ``_build_index_plan``)."""
 
     g2w: torch.Tensor  # window order <- group order
     w2g: torch.Tensor  # group order <- window order
@@ -83,11 +90,61 @@ class _IndexPlan(NamedTuple):
     g2w_kept: torch.Tensor  # g2w at `keep`
 
 
-_MAX_PLANS = 16  # shapes remembered per DEM; training with many shapes rebuilds past that
+_MAX_PLANS = 32  # plans remembered, all DEMs of the process together; more shapes rebuild past that
 
 
 def _is_compiling() -> bool:  # torch.compiler.is_compiling arrived in torch 2.3; the package allows 2.1
     return getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
+
+
+def _build_index_plan(
+    rows: int, cols: int, h: int, w: int, batch: int, device: torch.device,
+    both: bool, strides: Optional[tuple[int, int]],
+) -> _IndexPlan:
+    """The fast path's index tensors: the two token permutations, for ``both`` the query rows of
+    both directions, for sampling ``strides`` (``DEM._sample_strides``) the sampled positions."""
+    g2w, w2g = layout.token_permutations(rows, cols, h, w, device)
+    q_rows = None
+    if both:
+        # the queries of both directions as rows of kv = cat(local, global): the windows of MG
+        # (global tokens in window order) for the first B, the groups of ML (local tokens in
+        # group order) for the rest
+        n = rows * cols * h * w
+        first = torch.arange(batch, device=device).unsqueeze(1) * n
+        q_rows = torch.cat(((first + batch * n) + g2w, first + w2g)).flatten()
+    keep = None
+    if strides is not None:  # window-order positions of the sampled tokens, row-major over the output
+        ky, kx = strides
+        keep = layout.map_positions_in_window_order(rows, cols, h, w, device)[ky // 2::ky, kx // 2::kx].flatten()
+    return _IndexPlan(g2w, w2g, q_rows, keep, g2w if keep is None else g2w[keep])
+
+
+@functools.lru_cache(maxsize=_MAX_PLANS)
+def _cached_index_plan(
+    rows: int, cols: int, h: int, w: int, batch: int, device: torch.device,
+    both: bool, strides: Optional[tuple[int, int]],
+) -> _IndexPlan:
+    """``_build_index_plan``, remembered: a pure function of its arguments, the device among them
+    (index tensors do not depend on the features' dtype). The tensors are shared by every call
+    with the same arguments: only read them (``index_select``), never write into them."""
+    # normal tensors even under inference_mode: the plan outlives this call and may be used by a
+    # later call that autograd records (inference tensors cannot be saved for backward)
+    with torch.inference_mode(False):
+        return _build_index_plan(rows, cols, h, w, batch, device, both, strides)
+
+
+def _index_plan(
+    rows: int, cols: int, h: int, w: int, batch: int, like: torch.Tensor,
+    both: bool, strides: Optional[tuple[int, int]],
+) -> _IndexPlan:
+    """The plan for features ``like``: cached for plain tensors of concrete shape (in eager mode
+    rebuilding it costs a dozen tiny kernel launches per call, which dominates at batch 1); built
+    in place, every call, under torch.compile, fake or symbolic tracing (make_fx, export) and on
+    the meta device, where nothing may be kept."""
+    device = like.device
+    if _is_compiling() or type(like) is not torch.Tensor or not isinstance(batch, int) or device.type == "meta":
+        return _build_index_plan(rows, cols, h, w, batch, device, both, strides)
+    return _cached_index_plan(rows, cols, h, w, batch, device, both, strides)
 
 
 def _autocast_accepts(x: torch.Tensor, local_dtype: torch.dtype) -> bool:
@@ -136,14 +193,17 @@ class DEM(nn.Module):
       ``EL``.
 
     ``directions`` names the flow of information ``source_to_target``; a direction left out keeps
-    its raw map (``EL = ML`` or ``EG = MG``). Both directions run as ONE batched attention call.
+    its raw map (``EL = ML`` or ``EG = MG``).
     Fusion (released ``"linear_concat"``):
     ``LN(concat(FFN_crop(EL), FFN_stride(EG)) + EG + EL)``; ``"add"``: ``LN(EL + EG)``;
     ``"conv3x3"``: ``LN(Conv3x3(concat(EL, EG)) + EG + EL)``. Finally the fused map is resampled
     to ``out_size`` in float32 (``"bilinear"`` as released, align_corners=False; ``"avgpool"``:
     adaptive average pooling; ``None``: no resampling, ``out_size`` must then equal the map size).
-    Where bilinear resampling by an odd integer factor reads single tokens (the released 72 -> 24 at
-    3x3), a token-wise fusion runs on those tokens only: the same output, 1/9 of the fusion work.
+    ``forward`` computes these steps as written, each over all windows or groups at once. The fast
+    path (``fast=True``, the default) gives the same output faster: index plans cached per input
+    shape, both directions in ONE attention call, and, where bilinear resampling by an odd integer
+    factor reads single tokens (the released 72 -> 24 at 3x3), a token-wise fusion of those tokens
+    only (1/9 of the fusion work). tests/test_enhance.py checks the two paths agree on every option.
 
     Args:
         dim: ``D``, channels of the vision tower's tokens.
@@ -156,6 +216,8 @@ class DEM(nn.Module):
         ffn_hidden: hidden width of the fusion FFNs (released: ``dim // 16``).
         eps: LayerNorm epsilon.
         fused_attn: use ``scaled_dot_product_attention`` (else the explicit softmax formula).
+        fast: run the fast path (see above); False runs the paper's steps as written. Not a
+            weight: a checkpoint loads into either.
 
     Shapes:
         forward(local_feats (B, R*C, h*w, D), global_feats (B, R*C, h*w, D), grid=(R, C))
@@ -167,6 +229,8 @@ class DEM(nn.Module):
     outputs), float16 within 0.01 (0.0015 / 0.005). The resampling runs in float32 (float64 stays
     float64), as released. Zero, constant and large (|x| <= 1e4) inputs give finite outputs.
     """
+
+    fast: Final[bool]
 
     def __init__(
         self,
@@ -180,6 +244,7 @@ class DEM(nn.Module):
         ffn_hidden: Optional[int] = None,
         eps: float = 1e-5,
         fused_attn: bool = True,
+        fast: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -198,6 +263,7 @@ class DEM(nn.Module):
         self.directions = directions
         self.fusion = fusion
         self.resample = resample
+        self.fast = fast
         self.attention = CrossAttention(dim, num_heads, eps=eps, fused_attn=fused_attn, device=device, dtype=dtype)
         if fusion == "linear_concat":
             if dim % 2:
@@ -208,14 +274,6 @@ class DEM(nn.Module):
         elif fusion == "conv3x3":
             self.fuse_conv = nn.Conv2d(2 * dim, dim, kernel_size=3, padding=1, device=device, dtype=dtype)
         self.ln_fuse = nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
-        self._plans: dict = {}  # (R, C, h, w, B, device, settings) -> _IndexPlan; not state
-
-    def __getstate__(self) -> dict:
-        # the plans are a cache keyed by device: never pickled (a module loaded onto another
-        # device would otherwise find plans whose key and tensors disagree)
-        state = dict(self.__dict__)
-        state["_plans"] = {}
-        return state
 
     @property
     def num_heads(self) -> int:
@@ -224,7 +282,7 @@ class DEM(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, out_size={self.out_size}, "
-            f"directions={self.directions!r}, fusion={self.fusion!r}, resample={self.resample!r}"
+            f"directions={self.directions!r}, fusion={self.fusion!r}, resample={self.resample!r}, fast={self.fast}"
         )
 
     def output_tokens(self, grid: G.Grid, feat_size: G.Size) -> int:
@@ -240,13 +298,44 @@ class DEM(nn.Module):
         grid: G.Grid,
         feat_size: Optional[G.Size] = None,
     ) -> torch.Tensor:
+        """(B, R*C, h*w, D) twice -> (B, out_h*out_w, D): the paper's steps, each over all windows or
+        groups at once. ``fast`` (the default) computes the same with ``_forward_fast``."""
         rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
+        if self.fast:
+            return self._forward_fast(local_feats, global_feats, rows, cols, h, w)
+        # 1. the maps, (B, R*h, C*w, D): ML has the local tiles side by side, MG the global samples interleaved
+        ml, mg = self._maps(local_feats, global_feats, rows, cols, h, w)
+        el, eg = ml, mg  # a direction left out keeps its raw map
+        # 2. global <- local: each h x w window of MG queries the same window of ML -> EG
+        if self.directions != "global_to_local":
+            eg = self._attend_parts(mg, ml, _WINDOWS, R=rows, C=cols, h=h, w=w)
+        # 3. local <- global: each strided group map[a::R, b::C] of ML queries the same group of MG -> EL
+        if self.directions != "local_to_global":
+            el = self._attend_parts(ml, mg, _GROUPS, R=rows, C=cols, h=h, w=w)
+        # 4. fuse EL and EG, token by token (conv3x3: over 3x3 neighbourhoods of the map)
+        fused = self._fuse(el, eg)
+        # 5. resample the fused map to out_size, in float32 as released, and flatten it row-major
+        return self._resample(fused)
+
+    def _attend_parts(self, q_map: torch.Tensor, kv_map: torch.Tensor, parts: str, **sizes: int) -> torch.Tensor:
+        """The shared attention block between matching parts of two (B, R*h, C*w, D) maps: ``parts``
+        cuts a map into R*C sequences of h*w tokens (``_WINDOWS`` or ``_GROUPS``); the result is
+        put back in place."""
+        out = self.attention(rearrange(q_map, parts, **sizes), rearrange(kv_map, parts, **sizes))
+        return rearrange(out, layout._inverse(parts), b=q_map.shape[0], **sizes)  # each part back in place
+
+    def _forward_fast(
+        self, local_feats: torch.Tensor, global_feats: torch.Tensor, rows: int, cols: int, h: int, w: int
+    ) -> torch.Tensor:
+        """``forward``'s result, computed faster: cached index plans, both directions in ONE
+        attention call, and, where the resampling reads single tokens, the fusion at those tokens only."""
         crops = rows * cols
         batch, n = local_feats.shape[0], crops * h * w
         # Work in the local (window) token order: local_feats already is it, and a window of the
         # global map is a gather of global_feats; token-wise steps do not care about the order.
-        plan = self._plan(rows, cols, h, w, batch, local_feats)
+        strides = self._sample_strides((rows * h, cols * w))
+        plan = _index_plan(rows, cols, h, w, batch, local_feats, self.directions == "both", strides)
         local_tok, global_tok = local_feats.flatten(1, 2), global_feats.flatten(1, 2)  # (B, R*C*h*w, D)
         if self.directions == "both":  # one attention call for both directions
             kv = torch.cat((local_feats, global_feats))  # (2B, R*C, h*w, D): keys of MG windows, then of ML groups
@@ -276,39 +365,11 @@ class DEM(nn.Module):
             fused = to_map(self._fuse(el, eg))
         return self._resample(fused)
 
-    def _plan(self, rows: int, cols: int, h: int, w: int, batch: int, like: torch.Tensor) -> "_IndexPlan":
-        """The index tensors of one input shape, built once per shape and device: in eager mode
-        rebuilding them costs a dozen tiny kernel launches per call, which dominates at batch 1.
-        Only plain tensors of concrete shape are cached: under torch.compile, fake or symbolic
-        tracing (make_fx, export) and on the meta device the plan is built in place, every call."""
-        device = like.device
-        if _is_compiling() or type(like) is not torch.Tensor or not isinstance(batch, int) or device.type == "meta":
-            return self._build_plan(rows, cols, h, w, batch, device)
-        # the settings are in the key too, so that changing one after a call cannot serve a stale plan
-        out_size = None if self.out_size is None else tuple(self.out_size)
-        key = (rows, cols, h, w, batch, device, self.directions, out_size, self.resample, self.fusion)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            # normal tensors even under inference_mode: the plan outlives this call and may be
-            # used by a later call that autograd records (inference tensors cannot be saved)
-            with torch.inference_mode(False):
-                plan = self._plans[key] = self._build_plan(rows, cols, h, w, batch, device)
-        return plan
-
-    def _build_plan(self, rows: int, cols: int, h: int, w: int, batch: int, device: torch.device) -> "_IndexPlan":
-        g2w, w2g = layout.token_permutations(rows, cols, h, w, device)
-        q_rows = None
-        if self.directions == "both":
-            # the queries of both directions as rows of kv = cat(local, global): the windows of MG
-            # (global tokens in window order) for the first B, the groups of ML (local tokens in
-            # group order) for the rest
-            n = rows * cols * h * w
-            first = torch.arange(batch, device=device).unsqueeze(1) * n
-            q_rows = torch.cat(((first + batch * n) + g2w, first + w2g)).flatten()
-        keep = self._sampled_positions(rows, cols, h, w, device)
-        return _IndexPlan(g2w, w2g, q_rows, keep, g2w if keep is None else g2w[keep])
+    def _attend(self, q_tok: torch.Tensor, kv_feats: torch.Tensor) -> torch.Tensor:
+        """Fast path, one direction: q (B, R*C*h*w, D) in sub-image order over kv (B, R*C, h*w, D) -> (B, R*C*h*w, D)."""
+        batch, crops = kv_feats.shape[:2]
+        out = self.attention(q_tok.unflatten(1, (crops, -1)).flatten(0, 1), kv_feats.flatten(0, 1))
+        return out.unflatten(0, (batch, crops)).flatten(1, 2)
 
     def _sample_strides(self, map_size: G.Size) -> Optional[tuple[int, int]]:
         """``(ky, kx)`` where the resampling of a ``map_size`` map reads single tokens, else None.
@@ -324,29 +385,14 @@ class DEM(nn.Module):
             return None
         return map_h // out_h, map_w // out_w
 
-    def _sampled_positions(self, rows: int, cols: int, h: int, w: int, device) -> Optional[torch.Tensor]:
-        """Window-order positions of the tokens that the resampling reads, row-major over the
-        output map, where it reads single tokens (``_sample_strides``); else None."""
-        strides = self._sample_strides((rows * h, cols * w))
-        if strides is None:
-            return None
-        ky, kx = strides
-        return layout.map_positions_in_window_order(rows, cols, h, w, device)[ky // 2::ky, kx // 2::kx].flatten()
-
     def fused_tokens(self, grid: G.Grid, feat_size: G.Size) -> int:
-        """Tokens per image that go through the fusion: all ``R*C*h*w``, or only the ones the
-        resampling samples (see ``_sample_strides``)."""
+        """Tokens per image that go through the fusion: all ``R*C*h*w``, or, on the fast path, only
+        the ones the resampling samples (see ``_sample_strides``)."""
         rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = G.check_size(tuple(feat_size), "feat_size")
-        if self._sample_strides((rows * h, cols * w)) is None:
+        if not self.fast or self._sample_strides((rows * h, cols * w)) is None:
             return rows * cols * h * w
         return self.out_size[0] * self.out_size[1]
-
-    def _attend(self, q_tok: torch.Tensor, kv_feats: torch.Tensor) -> torch.Tensor:
-        """One direction: q (B, R*C*h*w, D) in sub-image order over kv (B, R*C, h*w, D) -> (B, R*C*h*w, D)."""
-        batch, crops = kv_feats.shape[:2]
-        out = self.attention(q_tok.unflatten(1, (crops, -1)).flatten(0, 1), kv_feats.flatten(0, 1))
-        return out.unflatten(0, (batch, crops)).flatten(1, 2)
 
     def maps(
         self,
@@ -359,10 +405,14 @@ class DEM(nn.Module):
         ``(y, x)`` of either holds the features of the same canvas region."""
         rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
-        return (
-            layout.windows_to_map(local_feats, rows, cols, h, w),
-            layout.groups_to_map(global_feats, rows, cols, h, w),
-        )
+        return self._maps(local_feats, global_feats, rows, cols, h, w)
+
+    @staticmethod
+    def _maps(
+        local_feats: torch.Tensor, global_feats: torch.Tensor, rows: int, cols: int, h: int, w: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # ML's windows are the local tiles, MG's strided groups the global samples
+        return layout.windows_to_map(local_feats, rows, cols, h, w), layout.groups_to_map(global_feats, rows, cols, h, w)
 
     def _check_inputs(
         self, local_feats: torch.Tensor, global_feats: torch.Tensor, num_crops: int, feat_size: Optional[G.Size]

@@ -10,11 +10,12 @@ from dualview import DCM, DEM, DualViewEncoder
 from .conftest import PatchTower
 
 
-@pytest.mark.parametrize("fusion", ["linear_concat", "conv3x3", "add"])
-def test_dem_compiles_without_graph_breaks(fusion):
+@pytest.mark.parametrize("fusion, fast", [("linear_concat", True), ("conv3x3", True), ("add", True),
+                                         ("linear_concat", False)])
+def test_dem_compiles_without_graph_breaks(fusion, fast):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    dem = DEM(32, num_heads=8, out_size=(5, 3), fusion=fusion).eval()
+    dem = DEM(32, num_heads=8, out_size=(5, 3), fusion=fusion, fast=fast).eval()
     local, glob = torch.randn(2, 6, 16, 32), torch.randn(2, 6, 16, 32)
     compiled = torch.compile(dem, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
@@ -31,10 +32,11 @@ def test_encoder_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(images), encoder(images))
 
 
-def test_dem_inductor_matches_eager():
+@pytest.mark.parametrize("out_size", [(4, 4), (8, 8)])  # bilinear by 2: the whole map; by 1: sampled fusion
+def test_dem_inductor_matches_eager(out_size):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    dem = DEM(32, num_heads=8, out_size=(4, 4)).eval()
+    dem = DEM(32, num_heads=8, out_size=out_size).eval()
     local, glob = torch.randn(1, 4, 16, 32), torch.randn(1, 4, 16, 32)
     compiled = torch.compile(dem, fullgraph=True)
     with torch.no_grad():

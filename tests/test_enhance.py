@@ -81,18 +81,67 @@ def reference_dem(dem: DEM, local: torch.Tensor, glob: torch.Tensor, rows: int, 
     batch=st.integers(1, 2),
     out=st.tuples(st.integers(1, 9), st.integers(1, 9)),
     seed=st.integers(0, 999),
+    fast=st.booleans(),
 )
-def test_batched_dem_equals_loop_reference_for_any_grid(grid, hw, batch, out, seed):
+def test_batched_dem_equals_loop_reference_for_any_grid(grid, hw, batch, out, seed, fast):
     torch.manual_seed(seed)
     rows, cols = grid
     h, w = hw
-    dem = DEM(32, num_heads=4, out_size=out).eval()
+    dem = DEM(32, num_heads=4, out_size=out, fast=fast).eval()
     local = torch.randn(batch, rows * cols, h * w, 32)
     glob = torch.randn(batch, rows * cols, h * w, 32)
     with torch.no_grad():
         got = dem(local, glob, grid, feat_size=hw)
         want = reference_dem(dem, local, glob, rows, cols, h, w)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# (grid, feat_size, out_size, resample): R != h and h != w, non-square grids, and every resampling:
+# bilinear sampled (odd integer factors), bilinear of the whole map (even and non-integer factors),
+# avgpool, the full map, resample=None at the map's size
+FAST_CASES = [
+    ((2, 3), (3, 2), (2, 2), "bilinear"),  # factors 3 and 3: sampled fusion
+    ((3, 1), (5, 3), (3, 1), "bilinear"),  # factors 5 and 3: sampled fusion
+    ((2, 3), (3, 2), (3, 3), "bilinear"),  # factors 2 and 2: the whole map
+    ((3, 1), (2, 4), (4, 3), "bilinear"),  # no integer factor
+    ((2, 3), (3, 2), (4, 5), "avgpool"),
+    ((3, 1), (2, 3), None, "bilinear"),  # the full map
+    ((2, 3), (3, 2), (6, 6), None),  # resample=None at the map's size
+    ((1, 1), (2, 3), None, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("fusion", ["linear_concat", "add", "conv3x3"])
+@pytest.mark.parametrize("directions", ["both", "local_to_global", "global_to_local"])
+@pytest.mark.parametrize("grid, feat, out_size, resample", FAST_CASES)
+def test_fast_path_equals_the_readable_path_forward_and_backward(grid, feat, out_size, resample, directions, fusion, dtype):
+    """``fast=True`` (index plans, one attention call, sampled fusion) computes what ``forward``'s
+    readable steps compute: the output, the input gradients and every parameter's gradient."""
+    torch.manual_seed(0)
+    kwargs = dict(out_size=out_size, directions=directions, fusion=fusion, resample=resample, dtype=dtype)
+    fast = DEM(16, num_heads=2, **kwargs)
+    readable = DEM(16, num_heads=2, fast=False, **kwargs)
+    readable.load_state_dict(fast.state_dict())
+    assert fast.fast and not readable.fast and "fast=False" in repr(readable)
+    crops, tokens = grid[0] * grid[1], feat[0] * feat[1]
+    local = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
+    glob = torch.randn(2, crops, tokens, 16, dtype=dtype, requires_grad=True)
+    # float32 (measured): 2.4e-7 on the outputs, 5.7e-6 on the gradients (parameter gradients sum many terms)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    out_tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
+    results = []
+    for dem in (fast, readable):
+        out = dem(local, glob, grid, feat)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)
+        params = [p for _, p in sorted(dem.named_parameters())]
+        results.append((out, torch.autograd.grad((out * weight).sum(), [local, glob, *params], allow_unused=True)))
+    (out_fast, grads_fast), (out_readable, grads_readable) = results
+    torch.testing.assert_close(out_fast, out_readable, **out_tol)
+    for name, a, b in zip(["local", "global"] + sorted(n for n, _ in fast.named_parameters()), grads_fast, grads_readable):
+        assert (a is None) == (b is None), name  # the same parameters take part
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @given(grid=st.tuples(st.integers(1, 6), st.integers(1, 6)), s=st.integers(1, 6))
@@ -302,11 +351,11 @@ def test_sampled_fusion_equals_fusing_the_whole_map_then_resampling(fusion, dire
     torch.manual_seed(0)
     dem = DEM(16, num_heads=2, out_size=out, fusion=fusion, directions=directions, dtype=torch.float64)
     rows, cols = grid
-    assert dem._sampled_positions(rows, cols, *hw, None) is not None
+    assert dem._sample_strides((rows * hw[0], cols * hw[1])) is not None
     assert dem.fused_tokens(grid, hw) == out[0] * out[1]
     whole = DEM(16, num_heads=2, out_size=out, fusion=fusion, directions=directions, dtype=torch.float64)
     whole.load_state_dict(dem.state_dict())
-    whole._sampled_positions = lambda *args: None  # the plain path: fuse the map, then F.interpolate
+    whole._sample_strides = lambda *args: None  # the fast path without sampling: fuse the map, then F.interpolate
     local = torch.randn(2, rows * cols, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
     glob = torch.randn(2, rows * cols, hw[0] * hw[1], 16, dtype=torch.float64, requires_grad=True)
     got, want = dem(local, glob, grid, hw), whole(local, glob, grid, hw)
@@ -327,25 +376,53 @@ def test_sampled_fusion_equals_fusing_the_whole_map_then_resampling(fusion, dire
 ])
 def test_whole_map_is_fused_where_the_resampling_reads_more_than_single_tokens(kwargs, grid, hw):
     dem = DEM(16, num_heads=2, **kwargs)
-    assert dem._sampled_positions(*grid, *hw, None) is None
+    assert dem._sample_strides((grid[0] * hw[0], grid[1] * hw[1])) is None
     assert dem.fused_tokens(grid, hw) == grid[0] * grid[1] * hw[0] * hw[1]
 
 
-def test_index_plans_are_built_once_per_shape_and_bounded():
+def test_index_plans_are_built_once_per_shape():
+    from dualview.enhance import _cached_index_plan
+
+    _cached_index_plan.cache_clear()
     dem = DEM(16, num_heads=2, out_size=(3, 3)).eval()
     local = torch.randn(2, 9, 9, 16)
     with torch.no_grad():
         first = dem(local, local, (3, 3))
-        plan = next(iter(dem._plans.values()))
+        assert _cached_index_plan.cache_info()[:2] == (0, 1)  # (hits, misses): one miss ...
         second = dem(local, local, (3, 3))
-        assert len(dem._plans) == 1 and next(iter(dem._plans.values())) is plan
+        assert _cached_index_plan.cache_info()[:2] == (1, 1)  # ... then a hit
         torch.testing.assert_close(first, second, rtol=0, atol=0)
         dem(local[:1], local[:1], (3, 3))  # another batch size: another plan
-        assert len(dem._plans) == 2
-        for b in range(3, 40):
-            dem(torch.randn(b, 9, 9, 16), torch.randn(b, 9, 9, 16), (3, 3))
-    assert 1 <= len(dem._plans) <= 16
-    assert "_plans" not in "".join(dem.state_dict())
+        assert _cached_index_plan.cache_info().currsize == 2
+        twin = DEM(16, num_heads=2, out_size=(3, 3)).eval()
+        twin(local, local, (3, 3))  # a plan is a function of the shape and settings: shared by DEMs
+        assert _cached_index_plan.cache_info().currsize == 2
+    assert not any("plan" in name for name in dem.state_dict()) and not any("plan" in k for k in vars(dem))
+
+
+def test_plan_tensors_are_never_written_and_are_the_devices_own():
+    """The cached index tensors are shared by every call of the same shape: no call may write into
+    them, and a plan built for one device is never served for another."""
+    from dualview.enhance import _cached_index_plan
+
+    _cached_index_plan.cache_clear()
+    dem = DEM(16, num_heads=2, out_size=(3, 3), dtype=torch.float64)
+    x = torch.randn(2, 9, 9, 16, dtype=torch.float64, requires_grad=True)
+    dem(x, x, (3, 3)).sum().backward()  # "both", sampled: every index tensor of the plan in use
+    plan = _cached_index_plan(3, 3, 3, 3, 2, torch.device("cpu"), True, (3, 3))
+    assert _cached_index_plan.cache_info().hits == 1
+    versions = [t._version for t in plan]
+    for dtype in (torch.float64, torch.float32):
+        dem = dem.to(dtype)
+        y = x.detach().to(dtype).requires_grad_()
+        dem(y, y, (3, 3)).sum().backward()
+        with torch.inference_mode():
+            dem(y, y, (3, 3))
+    assert _cached_index_plan.cache_info().currsize == 1  # index tensors do not depend on the dtype
+    assert [t._version for t in plan] == versions and all(t.dtype == torch.long and not t.is_inference() for t in plan)
+    meta = _cached_index_plan(3, 3, 3, 3, 2, torch.device("meta"), True, (3, 3))
+    assert all(t.device.type == "meta" for t in meta)
+    assert _cached_index_plan(3, 3, 3, 3, 2, torch.device("cpu"), True, (3, 3)) is plan
 
 
 def test_a_plan_built_under_inference_mode_serves_a_later_training_step():
@@ -371,30 +448,37 @@ def test_changing_a_setting_after_a_call_does_not_reuse_the_old_plan():
         torch.testing.assert_close(full, fresh(local, glob, (3, 3)), rtol=0, atol=0)
 
 
-def test_plans_survive_fake_and_symbolic_tracing_and_are_not_pickled():
+def test_plans_survive_fake_and_symbolic_tracing_and_the_module_pickles_and_copies():
+    import copy
     import io
 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dualview.enhance import _cached_index_plan
 
     torch.manual_seed(0)
     dem = DEM(16, num_heads=2, out_size=(2, 3)).eval()
     x = torch.randn(2, 6, 9, 16)
     with torch.no_grad():
         ref = dem(x, x, (2, 3))
-        dem._plans.clear()
+        _cached_index_plan.cache_clear()
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             dem(mode.from_tensor(x), mode.from_tensor(x), (2, 3))  # a fake call must not fill the cache
-        assert not dem._plans
+        assert _cached_index_plan.cache_info().currsize == 0
         torch.testing.assert_close(dem(x, x, (2, 3)), ref, rtol=0, atol=0)
     params = dict(dem.named_parameters())
     graph = make_fx(lambda p, a: torch.func.functional_call(dem, p, (a, a, (2, 3))), tracing_mode="symbolic")(params, x)
     torch.testing.assert_close(graph(params, x), ref)
+    assert "__getstate__" not in vars(DEM)  # nothing of a call is kept on the module
     buf = io.BytesIO()
     torch.save(dem, buf)
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    assert dem._plans and not loaded._plans
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(dem), copy.deepcopy(DEM(16, 2, out_size=(2, 3), fast=False))):
+        twin.load_state_dict(dem.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x, x, (2, 3)), ref, rtol=1e-6, atol=1e-6)
+    assert copy.deepcopy(DEM(16, 2, fast=False)).fast is False
     dem.out_size = [2, 3]  # a list works as well as a tuple
     with torch.no_grad():
         torch.testing.assert_close(dem(x, x, (2, 3)), ref, rtol=0, atol=0)
@@ -416,13 +500,14 @@ def test_from_inf_llava_refuses_an_unexpected_key_alone():
 
 
 def test_the_plan_cache_never_holds_more_than_its_bound():
-    from dualview.enhance import _MAX_PLANS
+    from dualview.enhance import _MAX_PLANS, _cached_index_plan
 
     dem = DEM(8, num_heads=2, out_size=(3, 3)).eval()
     with torch.no_grad():
         for b in range(1, 2 * _MAX_PLANS + 3):
             dem(torch.randn(b, 1, 9, 8), torch.randn(b, 1, 9, 8), (1, 1))
-            assert 1 <= len(dem._plans) <= _MAX_PLANS
+            assert 1 <= _cached_index_plan.cache_info().currsize <= _MAX_PLANS
+    assert _cached_index_plan.cache_info().maxsize == _MAX_PLANS
 
 
 def test_a_conv3x3_dem_saved_with_bare_keys_loads_from_a_file(tmp_path):
@@ -503,3 +588,13 @@ def test_outside_autocast_a_dtype_mismatch_is_still_refused():
             dem(feats.bfloat16(), feats, (2, 2))
         with pytest.raises(TypeError, match=r"global_feats must have the DEM's dtype"):
             dem(feats, feats.bfloat16(), (2, 2))
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_readable_path_reproduces_the_released_dem(fused_attn):
+    fx, state = dem_fixture()
+    dem = DEM.from_inf_llava(state, fast=False, fused_attn=fused_attn)
+    assert not dem.fast and dem.fused_tokens((3, 3), (24, 24)) == 9 * 576  # no sampled fusion
+    with torch.no_grad():
+        out = dem(fx["local_feats"], fx["global_feats"], (3, 3))
+    assert (out - fx["output"]).abs().max().item() <= 1e-4

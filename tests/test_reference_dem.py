@@ -1,7 +1,8 @@
 """DEM against its definition, for every direction, fusion and resampling, on non-square grids and
 non-square token maps (``R != C``, ``h != w``, ``R != h``: where window order and group order differ).
 
-The reference below is written from the definition (DEM's docstring and
+Both paths of the module, ``fast=True`` and the readable ``fast=False``, are checked. The
+reference below is written from the definition (DEM's docstring and
 tests/fixtures/inf_llava/README.md, generalised to ``R x C`` grids and ``h x w`` tokens) with
 explicit loops over windows and groups and the layers' raw weights (``F.linear``, ``F.layer_norm``,
 ``F.conv2d``); it shares nothing with the module but the weights. Everything runs in float64, so
@@ -98,10 +99,10 @@ def reference_dem(dem: DEM, local: torch.Tensor, glob: torch.Tensor, grid, feat)
     return torch.stack(out)
 
 
-def run_both(grid, feat, out_size, directions, fusion, resample="bilinear", batch=2, seed=0, dim=8, heads=2):
+def run_both(grid, feat, out_size, directions, fusion, resample="bilinear", batch=2, seed=0, dim=8, heads=2, fast=True):
     torch.manual_seed(seed)
     dem = DEM(dim, heads, out_size=out_size, directions=directions, fusion=fusion, resample=resample,
-              dtype=torch.float64).eval()
+              dtype=torch.float64, fast=fast).eval()
     crops, tokens = grid[0] * grid[1], feat[0] * feat[1]
     local = torch.randn(batch, crops, tokens, dim, dtype=torch.float64)
     glob = torch.randn(batch, crops, tokens, dim, dtype=torch.float64)
@@ -129,7 +130,7 @@ def dem_cases(draw):
             out = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     return dict(grid=(rows, cols), feat=(h, w), out_size=out, resample=resample,
                 directions=draw(st.sampled_from(DIRECTIONS)), fusion=draw(st.sampled_from(FUSIONS)),
-                batch=draw(st.integers(1, 2)), seed=draw(st.integers(0, 99)))
+                batch=draw(st.integers(1, 2)), seed=draw(st.integers(0, 99)), fast=draw(st.booleans()))
 
 
 @given(case=dem_cases())
@@ -143,21 +144,24 @@ def test_every_direction_fusion_and_resampling_equals_the_definition(case):
 PINNED_SHAPES = [((2, 3), (3, 2)), ((3, 1), (2, 4)), ((2, 2), (3, 3)), ((1, 4), (3, 1))]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("directions", DIRECTIONS)
 @pytest.mark.parametrize("grid, feat", PINNED_SHAPES)
-def test_full_map_equals_the_definition_on_non_square_grids_and_maps(grid, feat, directions, fusion):
-    _, got, want = run_both(grid, feat, None, directions, fusion)
+def test_full_map_equals_the_definition_on_non_square_grids_and_maps(grid, feat, directions, fusion, fast):
+    _, got, want = run_both(grid, feat, None, directions, fusion, fast=fast)
     torch.testing.assert_close(got, want, **TOL)
 
 
-def test_local_to_global_on_2x2_of_3x3_tokens():
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
+def test_local_to_global_on_2x2_of_3x3_tokens(fast):
     """The case where gathering the global queries in group order instead of window order is off by
     up to 3.4: with R != h the two orders differ."""
-    _, got, want = run_both((2, 2), (3, 3), None, "local_to_global", "linear_concat", batch=1)
+    _, got, want = run_both((2, 2), (3, 3), None, "local_to_global", "linear_concat", batch=1, fast=fast)
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
 @pytest.mark.parametrize("directions", DIRECTIONS)
 @pytest.mark.parametrize("fusion", ["linear_concat", "add"])
 @pytest.mark.parametrize(
@@ -170,16 +174,17 @@ def test_local_to_global_on_2x2_of_3x3_tokens():
         ((2, 1), (3, 7), (2, 2)),  # 3 on rows, 7 / 2 on columns: not an integer factor
     ],
 )
-def test_resampled_output_equals_the_definition(grid, feat, out_size, directions, fusion):
-    dem, got, want = run_both(grid, feat, out_size, directions, fusion)
+def test_resampled_output_equals_the_definition(grid, feat, out_size, directions, fusion, fast):
+    dem, got, want = run_both(grid, feat, out_size, directions, fusion, fast=fast)
     torch.testing.assert_close(got, want, **TOL)
     assert got.shape == (2, out_size[0] * out_size[1], 8)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
 @pytest.mark.parametrize("resample", ["bilinear", "avgpool"])
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_both_resamplings_with_every_fusion(resample, fusion):
-    _, got, want = run_both((3, 2), (2, 3), (4, 5), "both", fusion, resample=resample)
+def test_both_resamplings_with_every_fusion(resample, fusion, fast):
+    _, got, want = run_both((3, 2), (2, 3), (4, 5), "both", fusion, resample=resample, fast=fast)
     torch.testing.assert_close(got, want, **TOL)
 
 
@@ -192,3 +197,4 @@ def test_fused_token_count_is_what_the_sampled_path_fuses():
     assert dem.fused_tokens((2, 3), (3, 2)) == 36  # even factor on columns
     dem = DEM(8, 2, out_size=(2, 2))
     assert dem.fused_tokens((2, 1), (3, 7)) == 42  # 7 / 2 is no integer factor
+    assert DEM(8, 2, out_size=(2, 9), fast=False).fused_tokens((2, 3), (3, 3)) == 54  # the readable path fuses the map
