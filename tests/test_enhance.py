@@ -102,8 +102,11 @@ def test_batched_dem_equals_loop_reference_for_any_grid(grid, hw, batch, out, se
 FAST_CASES = [
     ((2, 3), (3, 2), (2, 2), "bilinear"),  # factors 3 and 3: sampled fusion
     ((3, 1), (5, 3), (3, 1), "bilinear"),  # factors 5 and 3: sampled fusion
+    ((2, 3), (3, 3), (2, 9), "bilinear"),  # factors 3 and 1: sampled, other strides across rows and columns
+    ((2, 3), (3, 2), (2, 3), "bilinear"),  # factors 3 and 2: the whole map (one even factor is enough)
     ((2, 3), (3, 2), (3, 3), "bilinear"),  # factors 2 and 2: the whole map
     ((3, 1), (2, 4), (4, 3), "bilinear"),  # no integer factor
+    ((3, 1), (3, 7), (3, 2), "bilinear"),  # 3 on rows, 7 / 2 on columns: the whole map
     ((2, 3), (3, 2), (4, 5), "avgpool"),
     ((3, 1), (2, 3), None, "bilinear"),  # the full map
     ((2, 3), (3, 2), (6, 6), None),  # resample=None at the map's size
