@@ -43,16 +43,18 @@ install() {
   local log="$venv/install.log" cons=() f
   for f in "$@"; do cons+=(-c "$f"); done
   # shellcheck disable=SC2086
+  # setuptools>=77 named: the wheel check builds without isolation, with this venv's setuptools, and
+  # pyproject.toml's SPDX license needs 77 (python -m venv brings 65; torch happens to pull it today).
   # llava-torch (the original LLaVA code, module `llava`) pins torch 2.0-era releases: installed
   # without its dependencies, beside the modern stack (dualview.adapters.llava15 needs nothing more).
   if ! { "$venv/bin/pip" install "${upgrade[@]}" "${cons[@]}" $TORCH_SPEC \
-         && "$venv/bin/pip" install "${upgrade[@]}" "${cons[@]}" -e ".[hf,timm,dev]" \
+         && "$venv/bin/pip" install "${upgrade[@]}" "${cons[@]}" -e ".[hf,timm,dev]" "setuptools>=77" \
          && "$venv/bin/pip" install "${cons[@]}" --no-deps "llava-torch==1.2.2.post1"; } > "$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "[run.sh] install failed; full log: $log" >&2
     exit 1
   fi
-  "$venv/bin/pip" freeze --exclude-editable > "$venv/freeze.txt"
+  "$venv/bin/pip" freeze --all --exclude-editable | grep -v -E "^(pip|wheel)==" > "$venv/freeze.txt"
   echo "$want" > "$stamp"
 }
 
