@@ -7,8 +7,9 @@ file left out of the wheel still imports from the checkout). So:
 
 1. the wheel is built offline (``pip wheel --no-deps --no-build-isolation``: setuptools comes from
    the running venv) from a copy of the working tree;
-2. its file list must hold every file of ``dualview/`` and ``adapters/`` (as ``dualview/adapters/``)
-   but the checkout stand-in ``dualview/adapters/__init__.py``, plus LICENSE and py.typed;
+2. its file list must hold every file of ``dualview/`` and ``adapters/`` (as ``dualview/adapters/``:
+   the symlink ``dualview/adapters -> ../adapters`` is built into real files), plus LICENSE and
+   py.typed;
 3. it is installed with ``--no-deps`` into a new venv (no ``--system-site-packages``), then a
    ``.pth`` line puts the development venv's site-packages on that venv's path for the heavy
    dependencies (torch, transformers, ...). A directory named in a ``.pth`` file is only appended
@@ -17,7 +18,7 @@ file left out of the wheel still imports from the checkout). So:
    only (the clean venv's own site-packages is searched first), which is checked;
 4. from a folder outside the checkout, every entry point runs: ``dualview --help``, ``--version``
    and each subcommand's ``--help``, ``python -m`` of dualview, dualview.ablation, dualview.bench
-   and dualview.demo with ``--help``, and an import of every module of the package, every
+   and dualview.tools.demo with ``--help``, and an import of every module of the package, every
    adapter found in ``adapters/`` included.
 """
 
@@ -33,22 +34,20 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAND_IN = "dualview/adapters/__init__.py"
-"""The checkout's stand-in for dualview.adapters: never shipped (the wheel has adapters/__init__.py there)."""
-RUNNABLE = ["dualview", "dualview.ablation", "dualview.bench", "dualview.demo"]
+RUNNABLE = ["dualview", "dualview.ablation", "dualview.bench", "dualview.tools.demo"]
 
 
 def source_files(root: Path = ROOT) -> set[str]:
     """Paths every wheel must hold, as they are named inside it."""
     def files(folder: Path, prefix: str) -> set[str]:
+        # rglob does not descend into the symlink dualview/adapters: adapters/ is listed once, below
         return {
             prefix + p.relative_to(folder).as_posix()
             for p in folder.rglob("*")
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
         }
 
-    expected = files(root / "dualview", "dualview/") - {STAND_IN}
-    return expected | files(root / "adapters", "dualview/adapters/")
+    return files(root / "dualview", "dualview/") | files(root / "adapters", "dualview/adapters/")
 
 
 def modules(root: Path = ROOT) -> list[str]:
@@ -86,12 +85,9 @@ def build_wheel(work: Path, root: Path = ROOT) -> Path:
 def check_contents(wheel: Path, root: Path = ROOT) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        stand_in = zf.read("dualview/adapters/__init__.py").decode()
     missing = sorted(source_files(root) - names)
     if missing:
         raise SystemExit(f"wheel check: {wheel.name} lacks {missing}")
-    if stand_in != (root / "adapters" / "__init__.py").read_text():
-        raise SystemExit("wheel check: dualview/adapters/__init__.py in the wheel is not adapters/__init__.py")
     if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
         raise SystemExit(f"wheel check: {wheel.name} has no LICENSE")
 
@@ -128,7 +124,7 @@ def entry_points(python: Path, cwd: Path, root: Path = ROOT) -> list[str]:
         raise SystemExit(f"wheel check: dualview was not imported from the clean venv {venv}: {located}")
     ran = []
     commands = [[str(bin_dir / "dualview"), "--help"], [str(bin_dir / "dualview"), "--version"]]
-    subcommands = run([str(python), "-c", "from dualview.cli import build_parser; p = build_parser(); "
+    subcommands = run([str(python), "-c", "from dualview.tools.cli import build_parser; p = build_parser(); "
                        "print(' '.join(p._subparsers._group_actions[0].choices))"], cwd).split()
     commands += [[str(bin_dir / "dualview"), sub, "--help"] for sub in subcommands]
     commands += [[str(python), "-m", module, "--help"] for module in RUNNABLE]

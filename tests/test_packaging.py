@@ -102,10 +102,15 @@ def test_the_wheel_installs_into_a_clean_venv_without_the_editable_finder(wheel,
 
 
 def test_a_plain_checkout_imports_everything_without_an_install(tmp_path):
+    # the project rule: a plain checkout has no package-dir remapping. dualview.adapters is the
+    # symlink dualview/adapters -> ../adapters, the one mechanism (the wheel check covers the wheel)
+    link = ROOT / "dualview" / "adapters"
+    assert link.is_symlink() and link.readlink() == Path("..", "adapters")
+    assert "package-dir" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     # a copy of the checkout; `-S` keeps the development venv's .pth files (its editable finder)
     # out, and its site-packages is added for torch and transformers only
     for name in ("dualview", "adapters", "examples"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
     check = wheel_check()
     names = check.modules(tmp_path)
     code = (
@@ -119,17 +124,10 @@ def test_a_plain_checkout_imports_everything_without_an_install(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     init, module, same = result.stdout.split()
-    assert Path(init) == tmp_path / "adapters" / "__init__.py" and Path(module) == tmp_path / "adapters" / "hf_llava.py"
+    assert Path(init).resolve() == tmp_path.resolve() / "adapters" / "__init__.py"
+    assert Path(module).resolve() == tmp_path.resolve() / "adapters" / "hf_llava.py"
     assert same == "True"
     assert any(n.startswith("dualview.adapters.") for n in names) and "dualview.ablation" in names
-
-
-def test_a_missing_adapters_folder_is_one_clear_import_error(tmp_path):
-    shutil.copytree(ROOT / "dualview", tmp_path / "dualview", ignore=shutil.ignore_patterns("__pycache__"))
-    code = f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r})\nimport dualview.adapters"
-    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env={"PYTHONPATH": "."},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1 and "adapters/ folder was not found" in result.stderr
 
 
 def test_ci_lints_and_checks_the_wheel():
@@ -138,7 +136,7 @@ def test_ci_lints_and_checks_the_wheel():
     assert ".ci/wheel_check.py" in ci and "bash run.sh test" in ci
     ruff = Path(sys.executable).parent / "ruff"
     if ruff.exists():  # the dev extra installs it (run.sh)
-        result = subprocess.run([str(ruff), "check", "--no-cache", "dualview/cli.py", "dualview/checkpoints.py",
-                                 "dualview/convert.py", "dualview/preprocess.py", "tests/test_packaging.py"],
+        result = subprocess.run([str(ruff), "check", "--no-cache", "dualview/tools/cli.py", "dualview/checkpoints.py",
+                                 "dualview/tools/convert.py", "dualview/preprocess.py", "tests/test_packaging.py"],
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout

@@ -78,16 +78,17 @@ def copy_tree(dest: Path, committed: bool) -> str:
                             capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
         source = REPO / name
-        if source.is_file():
+        if source.is_symlink():  # dualview/adapters -> ../adapters stays a link into the copy
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).symlink_to(os.readlink(source))
+        elif source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     return f"working tree on commit {head} (with uncommitted changes, if any)"
 
 
 def prepare(dest: Path) -> None:
-    """Make the copy importable on its own: ``dualview.adapters`` from the copy's ``adapters/``."""
-    if not (dest / "dualview" / "adapters").exists():
-        shutil.copytree(dest / "adapters", dest / "dualview" / "adapters")
+    """Add the guard plugin (``dualview.adapters`` is the copy's symlink to its ``adapters/``)."""
     (dest / "_mutation_guard.py").write_text(GUARD)
 
 
