@@ -64,7 +64,7 @@ case "$cmd" in
   demo|test)
     VENV="${DUALVIEW_VENV:-.venv}"
     install "$VENV" constraints.txt
-    if [ "$cmd" = demo ]; then exec "$VENV/bin/python" -m dualview.demo "$@"; fi
+    if [ "$cmd" = demo ]; then exec "$VENV/bin/python" -m dualview.tools.demo "$@"; fi
     exec "$VENV/bin/python" -m pytest "$@" ;;
   test-compat)
     end="${1:-}"

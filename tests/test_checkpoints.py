@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from dualview import DEM
 from dualview.checkpoints import Origin, check_dem_state, read_tensors, weight_files
-from dualview.convert import convert_inf_llava, load_converted
+from dualview.tools.convert import convert_inf_llava, load_converted
 
 PREFIX = "model.spatial_embed."
 

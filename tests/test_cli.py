@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dualview import DCM, DEM, DualViewEncoder
-from dualview.convert import load_converted
-from dualview.show import load_image
+from dualview.tools.convert import load_converted
+from dualview.tools.show import load_image
 
 from .conftest import FIXTURES
 
@@ -224,7 +224,7 @@ def test_bench_command_runs_with_the_modules_options(tmp_path):
 NO_MATPLOTLIB = """
 import sys
 sys.modules["matplotlib"] = None  # as if dualview[viz] were not installed
-from dualview.cli import main
+from dualview.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -307,7 +307,7 @@ def test_convert_never_writes_over_a_shard_of_its_source_folder(tmp_path):
 def test_convert_writes_atomically_with_the_ordinary_file_mode(tmp_path, umask):
     source = released_file(tmp_path / "model.safetensors")
     out = tmp_path / "out" / "dem.safetensors"
-    code = f"import os, sys; os.umask({umask}); from dualview.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"import os, sys; os.umask({umask}); from dualview.tools.cli import main; sys.exit(main(sys.argv[1:]))"
     result = subprocess.run([sys.executable, "-c", code, "convert-inf-llava", str(source), "-o", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -364,7 +364,7 @@ def test_convert_refuses_a_non_safetensors_output_name(tmp_path):
     result = dualview("convert-inf-llava", source, "-o", tmp_path / "dem.bin", ok=False)
     assert result.returncode == 2 and "must be a .safetensors file" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "dem.bin").exists()
-    from dualview.convert import convert_inf_llava
+    from dualview.tools.convert import convert_inf_llava
 
     with pytest.raises(ValueError, match=r"output must be a \.safetensors file .* got '.*dem\.bin' \(suffix '\.bin'\)"):
         convert_inf_llava(source, tmp_path / "dem.bin")
@@ -382,7 +382,7 @@ def test_a_garbage_bin_never_suggests_weights_only_false(tmp_path):
 RUN_WITHOUT = """
 import sys
 sys.modules[sys.argv[1]] = None  # as if the extra that brings it were not installed
-from dualview.cli import main
+from dualview.tools.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dualview import demo
+from dualview.tools import demo
 from dualview.sample import demo_image
 
 pytest.importorskip("transformers")
@@ -38,7 +38,7 @@ def test_demo_without_transformers_is_one_line_naming_the_extra(monkeypatch, cap
     with pytest.raises(SystemExit) as exit_info:
         demo.main([])
     message = str(exit_info.value.code)
-    assert message.startswith("python -m dualview.demo: error:") and "\n" not in message
+    assert message.startswith("python -m dualview.tools.demo: error:") and "\n" not in message
     assert "needs transformers" in message and "dualview[hf]" in message
     assert not capsys.readouterr().out  # nothing was computed
 

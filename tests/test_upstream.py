@@ -1,4 +1,4 @@
-"""The upstream patches (``dualview/upstream_patches``) and ``dualview upstream``, checked with git on
+"""The upstream patches (``dualview/tools/upstream_patches``) and ``dualview upstream``, checked with git on
 the commit-pinned snapshots of the forks' files in ``../shared/upstream`` (test data, skipped when
 absent): they apply, the patched files compile, the patched code computes what the adapters compute,
 and the command applies, merges, refuses and reports as it says."""
@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from dualview.cli import main as cli_main
-from dualview.upstream import FORKS, UpstreamError, apply_patch, patch_text, touched_files
+from dualview.tools.cli import main as cli_main
+from dualview.tools.upstream import FORKS, UpstreamError, apply_patch, patch_text, touched_files
 
 from . import tiny_models as tiny
 
@@ -101,7 +101,7 @@ def test_patched_files_compile(tmp_path, key):
 @pytest.mark.parametrize("key", sorted(FORKS))
 def test_docs_explain_every_patched_file_and_point_at_the_shipped_patch(key):
     docs = (REPO / "docs" / "upstream.md").read_text()
-    assert f"dualview/upstream_patches/{FORKS[key].patch_file}" in docs
+    assert f"dualview/tools/upstream_patches/{FORKS[key].patch_file}" in docs
     for path in touched_files(patch_text(key)):
         assert f"`{path}`" in docs, f"docs/upstream.md says nothing about {path}"
 
@@ -683,8 +683,8 @@ def test_the_patches_are_package_data_that_the_wheel_ships():
     for fork in FORKS.values():
         assert fork.patch_path.is_file() and fork.patch_path.parent.name == "upstream_patches"
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(r'^dualview = \[[^\]]*"upstream_patches/\*\.patch"', pyproject, flags=re.M), (
-        "pyproject.toml [tool.setuptools.package-data] must list upstream_patches/*.patch"
+    assert re.search(r'^"dualview.tools" = \[[^\]]*"upstream_patches/\*\.patch"', pyproject, flags=re.M), (
+        "pyproject.toml [tool.setuptools.package-data] must list upstream_patches/*.patch for dualview.tools"
     )
 
 

@@ -23,10 +23,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
-from . import grid as G
-from ._checks import MissingDependency, require
-from ._output import check_not_input, check_writable
+from .. import __version__
+from .. import grid as G
+from .._checks import MissingDependency, require
+from .._output import check_not_input, check_writable
 
 EXIT_ERROR = 1
 VIZ = ("matplotlib", "PIL")
@@ -106,7 +106,7 @@ def safetensors_output_arg(text: str) -> str:
 
 def cmd_show(args) -> None:
     require(*VIZ, extra="viz", feature="dualview show")
-    from .sample import demo_image
+    from ..sample import demo_image
     from .show import check_canvas, describe, load_image, render, resolve_output
 
     output, fmt = resolve_output(args.output)
@@ -124,7 +124,7 @@ def cmd_show(args) -> None:
 
 
 def cmd_budget(args) -> None:
-    from .budget import compare, table
+    from ..budget import compare, table
 
     size = args.size
     budgets = compare(size, crop_size=args.crop_size, patch_size=args.patch_size, grid=G.parse_grid(args.grid),
@@ -146,7 +146,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run
+    from ..bench import run
 
     require(*VIZ, extra="viz", feature="dualview bench (its plot, bench.png)")
     require("transformers", extra="hf", feature="dualview bench (its CLIP tower and Llama layer)")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the .safetensors file to write (never one of the files read; written atomically)")
     convert.set_defaults(run=cmd_convert)
 
-    from .bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`
+    from ..bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`
 
     bench = sub.add_parser("bench", help="the benchmark: dual view vs AnyRes vs the released INF-LLaVA path", description=DESCRIPTION)
     add_arguments(bench)

@@ -8,13 +8,13 @@ from typing import Union
 
 import torch
 
-from ._checks import require
-from ._output import check_not_input, check_writable, write_atomically
-from .checkpoints import (
+from .._checks import require
+from .._output import check_not_input, check_writable, write_atomically
+from ..checkpoints import (
     DEM_DIM_KEY, DEM_MARK, PROJECTOR_MARK, WEIGHT_DTYPES, Origin, check_dem_state, checkpoint_files, dem_dim,
     find_prefix, read_tensors, strip_prefix,
 )
-from .enhance import DEM
+from ..enhance import DEM
 
 FORMAT = "dualview-inf-llava/1"
 # What the released SpatialEmbed is; num_heads cannot be read off the weights.

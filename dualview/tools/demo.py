@@ -1,6 +1,6 @@
 """The main job: DCM -> tower -> DEM on the embedded demo image with a tiny random CLIP tower.
 
-    python -m dualview.demo [--grid auto|RxC] [--crop-size 336] [--fit pad|squash]
+    python -m dualview.tools.demo [--grid auto|RxC] [--crop-size 336] [--fit pad|squash]
 
 No download: the CLIP vision tower is built from a config with random weights. The same code
 runs with ``CLIPVisionModel.from_pretrained("openai/clip-vit-large-patch14-336")`` and
@@ -14,13 +14,13 @@ import time
 
 import torch
 
-from . import grid as G
-from ._checks import MissingDependency, require
-from .budget import compare, table
-from .cropping import DCM
-from .encoder import DualViewEncoder
-from .enhance import DEM
-from .sample import demo_image
+from .. import grid as G
+from .._checks import MissingDependency, require
+from ..budget import compare, table
+from ..cropping import DCM
+from ..encoder import DualViewEncoder
+from ..enhance import DEM
+from ..sample import demo_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,16 +71,16 @@ def _crop_size(text: str) -> int:
 def main(argv=None) -> None:
     from .cli import grid_arg, positive_int
 
-    parser = argparse.ArgumentParser(prog="python -m dualview.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dualview.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="auto", type=grid_arg, help="'auto' (AnyRes choice, up to --max-tiles) or RxC")
     parser.add_argument("--crop-size", type=_crop_size, default=336, help=f"vision tower input size (14..{MAX_CROP_SIZE})")
     parser.add_argument("--max-tiles", type=positive_int, default=9)
     parser.add_argument("--fit", choices=("pad", "squash"), default="pad")
     args = parser.parse_args(argv)
     try:  # before any work
-        require("transformers", extra="hf", feature="python -m dualview.demo (its CLIP vision tower)")
+        require("transformers", extra="hf", feature="python -m dualview.tools.demo (its CLIP vision tower)")
     except MissingDependency as e:
-        raise SystemExit(f"python -m dualview.demo: error: {e}") from None
+        raise SystemExit(f"python -m dualview.tools.demo: error: {e}") from None
 
     image = demo_image()
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)

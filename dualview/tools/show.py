@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from . import grid as G
-from ._output import write_atomically
-from .budget import compare
-from .cropping import DCM
-from .preprocess import to_unit_range
+from .. import grid as G
+from .._output import write_atomically
+from ..budget import compare
+from ..cropping import DCM
+from ..preprocess import to_unit_range
 
 FIGSIZE = (16, 9)
 DPI = 100

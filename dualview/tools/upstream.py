@@ -1,6 +1,6 @@
 """``dualview upstream``: put dual view into a checkout of a LLaVA fork, with git.
 
-The patches are package data (``dualview/upstream_patches/*.patch``, made with ``git diff`` against
+The patches are package data (``dualview/tools/upstream_patches/*.patch``, made with ``git diff`` against
 the commits named in :data:`FORKS`); ``docs/upstream.md`` explains every hunk. Applying one:
 
 1. the folder must be the root of a git checkout of that fork, every file the patch touches must be
