@@ -9,7 +9,8 @@ from .cropping import DCM, DualCrops
 from .encoder import DualViewEncoder
 from .enhance import DEM
 from .gate import DualViewGate
-from .grid import Box, Budget
+from .budget import Budget
+from .grid import Box
 from .lifecycle import apply, freeze, from_pretrained, load, save_adapter, trainable_parameters, unapply
 
 __all__ = [

@@ -1,11 +1,49 @@
-"""Shape and type checks for the public boundary. Each error names the argument, the expectation and
-what came; inside the modules the shapes are trusted."""
+"""The argument checks of the public boundary, all in one module: sizes, grids, positive ints, choices,
+tensors, optional dependencies. Each error is one line naming the argument, the expectation and what
+came; inside the modules the shapes are trusted."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
+
+
+MAX_GRID_SIDE = 32
+"""Largest number of rows or columns accepted (1024 sub-images; far past any real budget)."""
+
+
+def check_size(value: object, name: str) -> tuple[int, int]:
+    """``value`` as a ``(height, width)`` pair of positive ints, or a ValueError naming ``name``."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"{name} must be a (height, width) pair of positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def check_grid(grid: object, name: str = "grid", *, max_side: Optional[int] = MAX_GRID_SIDE) -> tuple[int, int]:
+    """``grid`` as ``(rows, cols)`` with ``1 <= rows, cols <= max_side``, or a ValueError.
+
+    ``max_side``: the sanity limit on a grid someone chooses (DCM, the command line); None for a
+    grid that an image was already cut into (a host's processor, the DEM's input): any positive size."""
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)
+        or not all(1 <= v <= (max_side or v) for v in grid)
+    ):
+        allowed = f"ints in 1..{max_side}" if max_side is not None else "positive ints"
+        raise ValueError(f"{name} must be (rows, cols) with {allowed} or 'auto', got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_choice(value: object, name: str, choices: Iterable[object]) -> None:

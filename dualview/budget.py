@@ -1,19 +1,98 @@
-"""Per-image cost of the tiling schemes side by side: tower passes and LLM tokens, computed, never run.
+"""Token and tower-pass budgets: what one image costs under each tiling scheme, computed, never run.
 
-The dual-view rows come from :meth:`DualViewEncoder.budget` itself, so this table, the CLI and the
-encoder can never disagree.
+:class:`Budget` and the per-scheme formulas (dual view, AnyRes, resize, S2) live here, and
+:func:`compare` puts them side by side; its dual-view rows come from :meth:`DualViewEncoder.budget`
+itself, so this table, the CLI and the encoder can never disagree.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
-from . import grid as G
-from .cropping import DCM
-from .encoder import DualViewEncoder
-from .enhance import DEM
+from ._checks import check_size
+from .grid import Grid, GridSpec, Size, crop_tokens, unpad_box
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one image costs: sub-images through the vision tower and tokens handed to the LLM."""
+
+    scheme: str
+    grid: Grid
+    canvas_size: Size
+    tower_passes: int
+    tokens: int
+
+
+def dual_view_budget(
+    grid: Grid,
+    crop_size: int,
+    feat_size: Size | None,
+    *,
+    out_size: Size | None,
+    thumbnail: bool,
+    thumbnail_fusion: str,
+) -> Budget:
+    """Budget of dual view at a known grid: ``2*R*C (+1 thumbnail)`` passes.
+
+    Tokens: ``out_h*out_w`` (DEM resampled) or ``R*h*C*w`` (full map), plus ``h*w`` thumbnail
+    tokens with ``thumbnail_fusion="concat"``. ``feat_size`` ``(h, w)`` may be None only when the
+    token count does not depend on it.
+    """
+    rows, cols = grid
+    need_feat = out_size is None or thumbnail_fusion == "concat"
+    if need_feat and feat_size is None:
+        raise ValueError(
+            "feat_size (tokens per crop, (h, w)) is needed for this budget: pass patch_size or "
+            "feat_size to the encoder, or use a tower with a patch_size attribute"
+        )
+    if out_size is not None:
+        dem_tokens = out_size[0] * out_size[1]
+    else:
+        dem_tokens = rows * cols * feat_size[0] * feat_size[1]
+    thumb_tokens = feat_size[0] * feat_size[1] if thumbnail_fusion == "concat" else 0
+    return Budget(
+        scheme="dual_view",
+        grid=grid,
+        canvas_size=(rows * crop_size, cols * crop_size),
+        tower_passes=2 * rows * cols + int(thumbnail),
+        tokens=dem_tokens + thumb_tokens,
+    )
+
+
+def anyres_budget(image_size: Size, grid: Grid, crop_size: int, feat_size: Size) -> Budget:
+    """Plain LLaVA-NeXT AnyRes: base image + ``R*C`` tiles; unpadded map plus one newline per row."""
+    rows, cols = grid
+    h, w = feat_size
+    box = unpad_box(image_size, (rows * h, cols * w))
+    return Budget(
+        scheme="anyres",
+        grid=grid,
+        canvas_size=(rows * crop_size, cols * crop_size),
+        tower_passes=1 + rows * cols,
+        tokens=h * w + box.height * (box.width + 1),
+    )
+
+
+def resize_budget(crop_size: int, feat_size: Size) -> Budget:
+    """Plain LLaVA-1.5: the image resized to one crop."""
+    return Budget("resize", (1, 1), (crop_size, crop_size), 1, feat_size[0] * feat_size[1])
+
+
+def s2_budget(crop_size: int, feat_size: Size, scales: Sequence[int] = (1, 2)) -> Budget:
+    """S2-style multi-scale: each scale ``k`` is cut into ``k*k`` crops; the maps are pooled back to
+    one crop's token grid and concatenated on channels, so the token count stays ``h*w``."""
+    top = max(scales)
+    return Budget(
+        "s2",
+        (top, top),
+        (top * crop_size, top * crop_size),
+        sum(k * k for k in scales),
+        feat_size[0] * feat_size[1],
+    )
 
 
 def _no_tower(pixels: torch.Tensor) -> torch.Tensor:
@@ -21,31 +100,36 @@ def _no_tower(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def compare(
-    image_size: G.Size,
+    image_size: Size,
     *,
     crop_size: int = 336,
     patch_size: int = 14,
-    grid: G.GridSpec = "auto",
+    grid: GridSpec = "auto",
     max_tiles: int = 9,
-) -> list[G.Budget]:
+) -> list[Budget]:
     """Budgets of plain resize, S2 (scales 1, 2), AnyRes, dual view (DEM to one crop's tokens,
     averaged with the thumbnail) and dual view with the full map (+ thumbnail) for one image."""
-    size = G.check_size(tuple(image_size), "image_size")
-    feat = G.crop_tokens(crop_size, patch_size)
+    # the encoder imports this module for its budget: its modules are imported when first needed
+    from .cropping import DCM
+    from .encoder import DualViewEncoder
+    from .enhance import DEM
+
+    size = check_size(tuple(image_size), "image_size")
+    feat = crop_tokens(crop_size, patch_size)
     dcm = DCM(crop_size, grid, max_tiles=max_tiles)
     chosen = dcm.grid_for(size)
     dual = DualViewEncoder(_no_tower, dcm, DEM(8, 8, out_size=feat), patch_size=patch_size)
     full = DualViewEncoder(_no_tower, dcm, DEM(8, 8, out_size=None), thumbnail_fusion="concat", patch_size=patch_size)
     return [
-        G.resize_budget(crop_size, feat),
-        G.s2_budget(crop_size, feat),
-        G.anyres_budget(size, chosen, crop_size, feat),
+        resize_budget(crop_size, feat),
+        s2_budget(crop_size, feat),
+        anyres_budget(size, chosen, crop_size, feat),
         dual.budget(size),
         replace(full.budget(size), scheme="dual_view_full"),
     ]
 
 
-def table(budgets: list[G.Budget]) -> str:
+def table(budgets: list[Budget]) -> str:
     """A fixed-width text table of budgets."""
     lines = [f"{'scheme':<16}{'grid':>6}{'tower passes':>14}{'LLM tokens':>12}"]
     for b in budgets:

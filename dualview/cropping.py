@@ -12,7 +12,7 @@ from torch import nn
 
 from . import grid as G
 from . import layout
-from ._checks import check_choice, check_float_tensor
+from ._checks import check_choice, check_float_tensor, check_grid, check_positive_int, check_size
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest-exact", "area")
 
@@ -127,10 +127,10 @@ class DCM(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        self.crop_size = G.check_positive_int(crop_size, "crop_size")
+        self.crop_size = check_positive_int(crop_size, "crop_size")
         check_choice(fit, "fit", ("pad", "squash"))
         check_choice(interpolation, "interpolation", INTERPOLATIONS)
-        self.channels = G.check_positive_int(channels, "channels")
+        self.channels = check_positive_int(channels, "channels")
         self.fit = fit
         self.thumbnail = bool(thumbnail)
         self.interpolation = interpolation
@@ -150,7 +150,7 @@ class DCM(nn.Module):
         else:
             if pinpoints is not None:
                 raise ValueError(f"pinpoints need grid='auto', got grid={grid!r}")
-            self.grid = G.check_grid(grid)
+            self.grid = check_grid(grid)
             self.candidates = [self.grid]
 
     def extra_repr(self) -> str:
@@ -160,7 +160,7 @@ class DCM(nn.Module):
         """The grid an image of ``(H, W)`` pixels gets."""
         if self.grid != "auto":
             return self.grid
-        return G.select_grid(G.check_size(tuple(image_size), "image_size"), self.crop_size, self.candidates)
+        return G.select_grid(check_size(tuple(image_size), "image_size"), self.crop_size, self.candidates)
 
     def make_canvas(self, images: torch.Tensor, grid: G.Grid) -> tuple[torch.Tensor, G.Box]:
         """Resize (and pad) (B, c, H, W) onto the (B, c, R*s, C*s) canvas; returns the content box too."""

@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import grid as G
-from ._checks import check_choice
+from ._checks import check_choice, check_positive_int
 
 GATE_INITS = ("released", "identity")
 """The ``init`` choices: ``"released"`` (the paper's mean, no parameter), ``"identity"`` (the host at step 0)."""
@@ -47,7 +46,7 @@ class DualViewGate(nn.Module):
 
     def __init__(self, dim: int, *, init: str = "identity", device=None, dtype=None) -> None:
         super().__init__()
-        G.check_positive_int(dim, "dim")
+        check_positive_int(dim, "dim")
         check_choice(init, "init", GATE_INITS)
         self.dim = dim
         self.init = init

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from dualview import DCM, DEM, DualViewEncoder
-from dualview import grid as G
+from dualview import budget as B
 from dualview.bench import measure, run, schemes
 
 from .conftest import FIXTURES, PatchTower
@@ -34,7 +34,7 @@ def test_schemes_give_their_documented_token_counts_and_released_equals_dual_vie
         calls = tower.calls
         looped = schemes.released(tower, 28, grid, dem)(images)
         squashed = DualViewEncoder(tower, DCM(28, grid, fit="squash", interpolation="bicubic", antialias=False), dem)(images)
-    expected = G.anyres_budget((50, 90), grid, 28, (2, 2)).tokens
+    expected = B.anyres_budget((50, 90), grid, 28, (2, 2)).tokens
     assert [t.shape[0] for t in anyres] == [t.shape[0] for t in full] == [expected] * 2
     assert [t.shape[0] for t in batched] == [4, 4] and encoder.tower_chunks(26) == [26]
     assert tower.calls - calls == 2 * grid[0] * grid[1] + 1 + 1  # released: one call per crop; then one

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dualview import DCM, DEM, DualViewEncoder
+from dualview import budget as B
 from dualview import grid as G
 from dualview.testing import PatchTower
 
@@ -110,7 +111,7 @@ def test_300x600_on_a_1x2_grid_is_1752_tokens_as_the_processor_counts():
     grid = G.select_grid((300, 600), 336, G.grids_from_pinpoints(LLAVA_NEXT_PINPOINTS, 336))
     assert grid == (1, 2)
     assert inputs["pixel_values"].shape[1] == 1 + 2  # base image + 2 tiles
-    budget = G.anyres_budget((300, 600), grid, 336, (24, 24))
+    budget = B.anyres_budget((300, 600), grid, 336, (24, 24))
     # 576 base + 24 rows of 48 tokens + 24 newlines (one per row, not one per column: 1776)
     assert budget.tokens == in_prompt == 576 + 24 * 48 + 24 == 1752
     assert (budget.tower_passes, budget.canvas_size) == (3, (336, 672))
@@ -121,7 +122,7 @@ def test_anyres_budget_is_the_processors_count_for_any_size(size):
     processor = llava_next_processor()
     expected = processor._get_number_of_features(size[0], size[1], 336, 336)
     grid = G.select_grid(size, 336, G.grids_from_pinpoints(LLAVA_NEXT_PINPOINTS, 336))
-    assert G.anyres_budget(size, grid, 336, (24, 24)).tokens == expected
+    assert B.anyres_budget(size, grid, 336, (24, 24)).tokens == expected
 
 
 @given(
@@ -133,7 +134,7 @@ def test_anyres_budget_on_non_square_token_maps_is_base_plus_unpadded_rows_with_
     rows, cols = grid
     h, w = feat
     kept = hf_unpad_image(torch.zeros(1, rows * h, cols * w), size).shape[1:]
-    budget = G.anyres_budget(size, grid, 336, feat)
+    budget = B.anyres_budget(size, grid, 336, feat)
     assert budget.tokens == h * w + kept[0] * (kept[1] + 1)
     assert (budget.tower_passes, budget.canvas_size) == (1 + rows * cols, (rows * 336, cols * 336))
 
@@ -144,9 +145,9 @@ def test_anyres_budget_on_non_square_token_maps_is_base_plus_unpadded_rows_with_
 @pytest.mark.parametrize("feat", [(24, 24), (2, 3), (5, 1)])
 def test_resize_and_s2_budgets(feat):
     h, w = feat
-    resize = G.resize_budget(336, feat)
+    resize = B.resize_budget(336, feat)
     assert (resize.grid, resize.canvas_size, resize.tower_passes, resize.tokens) == ((1, 1), (336, 336), 1, h * w)
-    s2 = G.s2_budget(336, feat, scales=(1, 2, 3))
+    s2 = B.s2_budget(336, feat, scales=(1, 2, 3))
     assert (s2.grid, s2.canvas_size, s2.tower_passes, s2.tokens) == ((3, 3), (1008, 1008), 1 + 4 + 9, h * w)
 
 
@@ -155,12 +156,12 @@ def test_resize_and_s2_budgets(feat):
 def test_dual_view_budget_on_non_square_grids_and_maps(grid, feat):
     rows, cols = grid
     h, w = feat
-    full = G.dual_view_budget(grid, 14, feat, out_size=None, thumbnail=True, thumbnail_fusion="concat")
+    full = B.dual_view_budget(grid, 14, feat, out_size=None, thumbnail=True, thumbnail_fusion="concat")
     assert (full.canvas_size, full.tower_passes, full.tokens) == (
         (rows * 14, cols * 14), 2 * rows * cols + 1, rows * cols * h * w + h * w)
-    resampled = G.dual_view_budget(grid, 14, feat, out_size=(3, 5), thumbnail=False, thumbnail_fusion="none")
+    resampled = B.dual_view_budget(grid, 14, feat, out_size=(3, 5), thumbnail=False, thumbnail_fusion="none")
     assert (resampled.tower_passes, resampled.tokens) == (2 * rows * cols, 15)
-    mean = G.dual_view_budget(grid, 14, None, out_size=feat, thumbnail=True, thumbnail_fusion="mean")
+    mean = B.dual_view_budget(grid, 14, None, out_size=feat, thumbnail=True, thumbnail_fusion="mean")
     assert (mean.tower_passes, mean.tokens) == (2 * rows * cols + 1, h * w)
     with pytest.raises(ValueError, match="feat_size"):
-        G.dual_view_budget(grid, 14, None, out_size=(3, 5), thumbnail=True, thumbnail_fusion="concat")
+        B.dual_view_budget(grid, 14, None, out_size=(3, 5), thumbnail=True, thumbnail_fusion="concat")

@@ -9,6 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dualview import _checks as checks
+from dualview import budget as B
 from dualview import grid as G
 
 hf_utils = pytest.importorskip("transformers.image_processing_utils")
@@ -72,20 +74,20 @@ def test_candidate_grids_cover_every_grid_under_the_limit():
 @pytest.mark.parametrize("bad", [(0, 3), (3, -1), (3,), (G.MAX_GRID_SIDE + 1, 1), (2.0, 2), "3x3", (True, 2)])
 def test_check_grid_rejects(bad):
     with pytest.raises(ValueError, match="grid must be"):
-        G.check_grid(bad)
+        checks.check_grid(bad)
 
 
 def test_budgets():
-    b = G.dual_view_budget((3, 3), 336, (24, 24), out_size=(24, 24), thumbnail=True, thumbnail_fusion="mean")
+    b = B.dual_view_budget((3, 3), 336, (24, 24), out_size=(24, 24), thumbnail=True, thumbnail_fusion="mean")
     assert (b.tower_passes, b.tokens, b.canvas_size) == (19, 576, (1008, 1008))
-    full = G.dual_view_budget((2, 3), 336, (24, 24), out_size=None, thumbnail=True, thumbnail_fusion="concat")
+    full = B.dual_view_budget((2, 3), 336, (24, 24), out_size=None, thumbnail=True, thumbnail_fusion="concat")
     assert (full.tower_passes, full.tokens) == (13, 576 + 6 * 576)
     with pytest.raises(ValueError, match="feat_size"):
-        G.dual_view_budget((2, 2), 336, None, out_size=None, thumbnail=False, thumbnail_fusion="none")
+        B.dual_view_budget((2, 2), 336, None, out_size=None, thumbnail=False, thumbnail_fusion="none")
     # AnyRes on a square image: no unpadding, 24*3 rows of 24*3 + 1 tokens plus the base image
-    anyres = G.anyres_budget((1008, 1008), (3, 3), 336, (24, 24))
+    anyres = B.anyres_budget((1008, 1008), (3, 3), 336, (24, 24))
     assert (anyres.tower_passes, anyres.tokens) == (10, 576 + 72 * 73)
-    assert G.s2_budget(336, (24, 24)).tower_passes == 5
+    assert B.s2_budget(336, (24, 24)).tower_passes == 5
     assert G.crop_tokens(336, 14) == (24, 24)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         G.crop_tokens(336, 15)
@@ -191,7 +193,7 @@ def test_squash_box_on_a_non_square_canvas():
 @pytest.mark.parametrize("good", [(1, 1), (1, G.MAX_GRID_SIDE), (G.MAX_GRID_SIDE, 1), (32, 32), [2, 3]])
 def test_check_grid_accepts_both_ends(good):
     assert G.MAX_GRID_SIDE == 32
-    assert G.check_grid(good) == tuple(good)
+    assert checks.check_grid(good) == tuple(good)
 
 
 @pytest.mark.parametrize(
@@ -210,11 +212,11 @@ def test_parse_grid_rejects(text):
 @pytest.mark.parametrize("bad", [(0, 5), (5, 0), (-1, 5), (5,), (2.0, 3), (True, 3), None])
 def test_check_size_rejects(bad):
     with pytest.raises(ValueError, match="out_size must be a \\(height, width\\) pair of positive ints"):
-        G.check_size(bad, "out_size")
+        checks.check_size(bad, "out_size")
 
 
 def test_check_size_accepts_the_smallest():
-    assert G.check_size((1, 1), "x") == (1, 1) and G.check_size([3, 2], "x") == (3, 2)
+    assert checks.check_size((1, 1), "x") == (1, 1) and checks.check_size([3, 2], "x") == (3, 2)
 
 
 def test_pinpoints_must_be_multiples_of_the_crop_on_both_sides():

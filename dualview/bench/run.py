@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from dualview import DCM, DEM, DualViewEncoder, layout
 from dualview import grid as G
+from dualview.budget import anyres_budget
 from dualview.encoder import AUTO_CHUNK_TOKENS
 from dualview.sample import demo_image
 
@@ -166,7 +167,7 @@ def bench(args) -> dict:
                 **row,
             ))
         for grid in args.grids:
-            anyres_tokens = G.anyres_budget(size, grid, crop, (h, w)).tokens
+            anyres_tokens = anyres_budget(size, grid, crop, (h, w)).tokens
             checks[f"dual_full_tokens_equal_anyres_{grid[0]}x{grid[1]}"] = all(
                 r["llm_tokens"] == anyres_tokens for r in rows if r["grid"] == f"{grid[0]}x{grid[1]}" and r["scheme"] in ("anyres", "dual_full")
             )

@@ -28,6 +28,8 @@ CORE_TESTS = (
 
 FIRST_TESTS = {
     "dualview/grid.py": ("tests/test_grid.py", "tests/test_budgets.py"),
+    "dualview/_checks.py": ("tests/test_grid.py", "tests/test_cropping.py"),
+    "dualview/budget.py": ("tests/test_grid.py", "tests/test_budgets.py"),
     "dualview/layout.py": ("tests/test_cropping.py", "tests/test_enhance.py"),
     "dualview/cropping.py": ("tests/test_cropping.py",),
     "dualview/enhance.py": ("tests/test_enhance.py", "tests/test_reference_dem.py"),
@@ -63,6 +65,8 @@ def _m(id, path, old, new, what, equivalent=None, tests=CORE_TESTS):  # noqa: A0
 
 
 GRID = "dualview/grid.py"
+CHECKS = "dualview/_checks.py"
+BUDGET = "dualview/budget.py"
 LAYOUT = "dualview/layout.py"
 CROP = "dualview/cropping.py"
 DEM_ = "dualview/enhance.py"
@@ -76,21 +80,21 @@ IVL = "adapters/hf_internvl.py"
 IDF = "adapters/hf_idefics3.py"
 
 MUTANTS: list[Mutant] = [
-    # ---- grid.py: validation -------------------------------------------------------------------
-    _m("grid-size-zero", GRID, "and not isinstance(v, bool) and v > 0 for v in value)",
+    # ---- _checks.py: validation ------------------------------------------------------------------
+    _m("grid-size-zero", CHECKS, "and not isinstance(v, bool) and v > 0 for v in value)",
        "and not isinstance(v, bool) and v >= 0 for v in value)", "check_size accepts a 0 side"),
-    _m("grid-max-side-excluded", GRID, "1 <= v <= MAX_GRID_SIDE for v in grid", "1 <= v < MAX_GRID_SIDE for v in grid",
+    _m("grid-max-side-excluded", CHECKS, "1 <= v <= (max_side or v) for v in grid", "1 <= v < (max_side or v) for v in grid",
        "check_grid rejects the documented maximum side 32"),
-    _m("grid-min-side-zero", GRID, "1 <= v <= MAX_GRID_SIDE for v in grid", "0 <= v <= MAX_GRID_SIDE for v in grid",
+    _m("grid-min-side-zero", CHECKS, "1 <= v <= (max_side or v) for v in grid", "0 <= v <= (max_side or v) for v in grid",
        "check_grid accepts 0 rows"),
-    _m("grid-bool-accepted", GRID,
+    _m("grid-bool-accepted", CHECKS,
        "or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)",
        "or not all(isinstance(v, int) for v in grid)", "check_grid accepts True as a side"),
     _m("parse-grid-case", GRID, 'parts = text.lower().split("x")', 'parts = text.split("x")',
        "parse_grid rejects '2X3'"),
     _m("parse-grid-parts", GRID, "if len(parts) != 2 or not all(p.isdigit() for p in parts):",
        "if not all(p.isdigit() for p in parts[:2]):", "parse_grid reads '2x3x4' as 2x3"),
-    _m("positive-int-zero", GRID, "isinstance(value, bool) or value <= 0:", "isinstance(value, bool) or value < 0:",
+    _m("positive-int-zero", CHECKS, "isinstance(value, bool) or value <= 0:", "isinstance(value, bool) or value < 0:",
        "check_positive_int accepts 0"),
     # ---- grid.py: grid choice --------------------------------------------------------------------
     _m("candidates-strict", GRID, "if r * c <= max_tiles]", "if r * c < max_tiles]",
@@ -148,31 +152,31 @@ MUTANTS: list[Mutant] = [
        equivalent="with equal aspect ratios both branches keep the whole map (the rounded side equals the map's)"),
     _m("crop-tokens-unchecked", GRID, "    if crop_size % patch_size:\n", "    if False:\n",
        "crop_tokens accepts a crop that is not a multiple of the patch"),
-    # ---- grid.py: budgets (shared by the encoder, the adapters, the CLI) ------------------------------
-    _m("budget-thumb-always", GRID, "tower_passes=2 * rows * cols + int(thumbnail),", "tower_passes=2 * rows * cols + 1,",
+    # ---- budget.py: budgets (shared by the encoder, the adapters, the CLI) ----------------------------
+    _m("budget-thumb-always", BUDGET, "tower_passes=2 * rows * cols + int(thumbnail),", "tower_passes=2 * rows * cols + 1,",
        "dual_view_budget counts a thumbnail pass that DCM(thumbnail=False) does not run"),
-    _m("budget-need-feat", GRID, 'need_feat = out_size is None or thumbnail_fusion == "concat"',
+    _m("budget-need-feat", BUDGET, 'need_feat = out_size is None or thumbnail_fusion == "concat"',
        "need_feat = out_size is None", "dual_view_budget does not ask for feat_size with concat"),
-    _m("budget-full-map", GRID, "dem_tokens = rows * cols * feat_size[0] * feat_size[1]",
+    _m("budget-full-map", BUDGET, "dem_tokens = rows * cols * feat_size[0] * feat_size[1]",
        "dem_tokens = rows * rows * feat_size[0] * feat_size[1]", "full-map tokens use R*R"),
-    _m("budget-thumb-tokens", GRID, 'thumb_tokens = feat_size[0] * feat_size[1] if thumbnail_fusion == "concat" else 0',
+    _m("budget-thumb-tokens", BUDGET, 'thumb_tokens = feat_size[0] * feat_size[1] if thumbnail_fusion == "concat" else 0',
        'thumb_tokens = feat_size[0] * feat_size[1] if thumbnail_fusion != "none" and feat_size else 0',
        "dual_view_budget adds thumbnail tokens for 'mean'"),
-    _m("budget-canvas-swap", GRID, "canvas_size=(rows * crop_size, cols * crop_size),\n        tower_passes=2",
+    _m("budget-canvas-swap", BUDGET, "canvas_size=(rows * crop_size, cols * crop_size),\n        tower_passes=2",
        "canvas_size=(cols * crop_size, rows * crop_size),\n        tower_passes=2",
        "dual_view_budget's canvas (width, height)"),
-    _m("anyres-newline-per-col", GRID, "tokens=h * w + box.height * (box.width + 1),",
+    _m("anyres-newline-per-col", BUDGET, "tokens=h * w + box.height * (box.width + 1),",
        "tokens=h * w + (box.height + 1) * box.width,", "anyres_budget: one newline per column instead of per row"),
-    _m("anyres-no-base", GRID, "tower_passes=1 + rows * cols,", "tower_passes=rows * cols,",
+    _m("anyres-no-base", BUDGET, "tower_passes=1 + rows * cols,", "tower_passes=rows * cols,",
        "anyres_budget forgets the base image's pass"),
-    _m("anyres-map-axis", GRID, "box = unpad_box(image_size, (rows * h, cols * w))",
+    _m("anyres-map-axis", BUDGET, "box = unpad_box(image_size, (rows * h, cols * w))",
        "box = unpad_box(image_size, (rows * h, cols * h))", "anyres_budget's map uses h for both sides"),
-    _m("anyres-base-tokens", GRID, "tokens=h * w + box.height", "tokens=h * h + box.height",
+    _m("anyres-base-tokens", BUDGET, "tokens=h * w + box.height", "tokens=h * h + box.height",
        "anyres_budget's base image as h*h tokens"),
-    _m("resize-budget-tokens", GRID, "return Budget(\"resize\", (1, 1), (crop_size, crop_size), 1, feat_size[0] * feat_size[1])",
+    _m("resize-budget-tokens", BUDGET, "return Budget(\"resize\", (1, 1), (crop_size, crop_size), 1, feat_size[0] * feat_size[1])",
        "return Budget(\"resize\", (1, 1), (crop_size, crop_size), 1, feat_size[0] * feat_size[0])",
        "resize_budget as h*h tokens"),
-    _m("s2-passes", GRID, "sum(k * k for k in scales),", "sum(k for k in scales),", "s2_budget counts k passes per scale"),
+    _m("s2-passes", BUDGET, "sum(k * k for k in scales),", "sum(k for k in scales),", "s2_budget counts k passes per scale"),
     # ---- layout.py ---------------------------------------------------------------------------------
     _m("layout-pix-global-rows", LAYOUT, '_PIX_GLOBAL = "b c (s1 R) (s2 C)', '_PIX_GLOBAL = "b c (R s1) (s2 C)',
        "global crops are contiguous along rows"),
@@ -200,8 +204,8 @@ MUTANTS: list[Mutant] = [
        "resize always antialiases"),
     _m("dcm-pinpoints-fixed-grid", CROP, "            if pinpoints is not None:\n                raise",
        "            if False:\n                raise", "pinpoints silently ignored with a fixed grid"),
-    _m("dcm-grid-for-wh", CROP, "return G.select_grid(G.check_size(tuple(image_size), \"image_size\"), self.crop_size, self.candidates)",
-       "return G.select_grid(G.check_size(tuple(image_size), \"image_size\")[::-1], self.crop_size, self.candidates)",
+    _m("dcm-grid-for-wh", CROP, "return G.select_grid(check_size(tuple(image_size), \"image_size\"), self.crop_size, self.candidates)",
+       "return G.select_grid(check_size(tuple(image_size), \"image_size\")[::-1], self.crop_size, self.candidates)",
        "grid choice on (W, H)"),
     _m("dcm-canvas-swap", CROP, "canvas_size = (grid[0] * self.crop_size, grid[1] * self.crop_size)",
        "canvas_size = (grid[1] * self.crop_size, grid[0] * self.crop_size)", "canvas (C*s, R*s)"),
