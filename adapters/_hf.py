@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections import defaultdict
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from dualview import DualViewEncoder
 from dualview import grid as G
-from dualview import layout
+from dualview.tiled import TiledImage
 
 from . import _host
 from .towers import HFVisionTower
@@ -162,19 +161,14 @@ def anyres_patches(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.
     raise ValueError(f"pixel_values must be 5-D (B, patches, 3, s, s) or 4-D, got shape {tuple(pixel_values.shape)}")
 
 
-def anyres_in_host_order(
+def anyres_images(
     encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
     tiled: Sequence[bool]
-) -> list[torch.Tensor]:
-    """AnyRes patches (LLaVA-NeXT, OneVision) -> per image its features in the host's layout, for its packing: a tiled
-    image (base + R*C tiles) gives (1 + R*C, h*w, D): the base image's features, then the DEM-fused
-    map cut back into the R*C tile windows; an untiled one (1, h*w, D), plain.
-
-    One tower call (``encoder.run_tower``, chunked only with ``tower_batch_size``) over the host's
-    patches in its own order, then every tiled image's global crops; one DEM call per grid.
-    Under ``init="identity"`` (``encoder.gate``) the host's patches are a call of their own, the
-    plain host's batch (a tower need not give bit-equal features in batches of other sizes), and
-    the gate blends their tile features with the DEM's."""
+) -> list[TiledImage]:
+    """AnyRes patches (LLaVA-NeXT, OneVision) -> per image the tiled engine's input: a tiled image
+    (base + R*C tiles, grid from ``image_sizes`` by the encoder's DCM) has its tiles after the base;
+    an untiled one (``tiled[i]`` False: a multi-image sample's, one square crop) passes through.
+    ``encoder.encode_tiled`` then gives each (1 + R*C, h*w, D) or (1, h*w, D) in AnyRes's layout."""
     sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
     if len(tiled) != len(sizes):
         raise ValueError(f"tiled must hold one flag per image ({len(sizes)}), got {len(tiled)}")
@@ -185,37 +179,6 @@ def anyres_in_host_order(
             f"pixel_values must be (images, patches, 3, {crop}, {crop}) or stacked (patches, 3, {crop}, {crop}) "
             f"(vision_config.image_size={crop}), got shape {tuple(pixel_values.shape)}"
         )
-    dem = encoder.dem
-    pixel_values = pixel_values.to(device=next(dem.parameters()).device)
-    counts = [1 + g[0] * g[1] if g else 1 for g in grids]
-    patches = anyres_patches(pixel_values, counts)
-    global_crops = [layout.split_global(layout.merge_local(p[None, 1:], *g), *g)[0]
-                    for p, g in zip(patches, grids) if g]
-    if encoder.gate is None:
-        feats = encoder.run_tower(torch.cat(patches + global_crops))
-    else:
-        feats = torch.cat([encoder.run_tower(torch.cat(patches))]
-                          + ([encoder.run_tower(torch.cat(global_crops))] if global_crops else []))
-    if feats.shape[-1] != dem.dim:
-        raise ValueError(f"the tower returns D={feats.shape[-1]} channels, but the DEM has dim={dem.dim}")
-    # the host's patches keep the tower's precision; only the DEM's inputs take the DEM's
-    host_feats, global_feats = feats.split([sum(counts), feats.shape[0] - sum(counts)])
-    per_image = list(host_feats.split(counts))
-    global_iter = iter(global_feats.split([g[0] * g[1] for g in grids if g]))
-    globals_of = {i: next(global_iter) for i, g in enumerate(grids) if g}
-    # Images that share a grid form one DEM batch.
-    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-    for i, g in enumerate(grids):
-        if g:
-            by_grid[g].append(i)
-    h, w = encoder.feat_size
-    for (rows, cols), idx in by_grid.items():
-        local = _host.to_dtype_of(torch.stack([per_image[i][1:] for i in idx]), dem)  # (B, R*C, h*w, D)
-        glob = _host.to_dtype_of(torch.stack([globals_of[i] for i in idx]), dem)
-        fused = dem(local, glob, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D)
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
-        if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
-            windows = encoder.gate(torch.stack([per_image[i][1:] for i in idx]), windows)
-        for i, tiles in zip(idx, windows):
-            per_image[i] = torch.cat((per_image[i][:1], tiles))
-    return per_image
+    pixel_values = pixel_values.to(device=next(encoder.dem.parameters()).device)
+    patches = anyres_patches(pixel_values, [1 + g[0] * g[1] if g else 1 for g in grids])
+    return [TiledImage(p, g, tiles_at=1) if g else TiledImage(p) for p, g in zip(patches, grids)]

@@ -49,13 +49,12 @@ from torch import nn
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from dualview import DualCrops, DualViewEncoder
+from dualview import DualViewEncoder
 from dualview import grid as G
-from dualview import layout
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_images, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_next"
 HOSTS = (LlavaNextForConditionalGeneration,)
@@ -169,44 +168,9 @@ def anyres_dual_view(
     encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]]
 ) -> list[torch.Tensor]:
     """AnyRes patches -> per image (1 + R*C, h*w, D) features in AnyRes's layout: the base image's,
-    then the DEM-fused map cut back into the R*C tile windows, so the host's packing applies.
-
-    One tower call over every base image, tile and global crop of the batch; one DEM call per grid.
-    Under ``init="identity"`` the host's patches run as the plain host runs them, in a call of their
-    own (:func:`dualview.adapters._hf.anyres_in_host_order`), so that the gate at 0 gives its features."""
-    if encoder.gate is not None:
-        return anyres_in_host_order(encoder, pixel_values, image_sizes, [True] * len(image_sizes))
-    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
-    grids = [encoder.dcm.grid_for(size) for size in sizes]
-    crop = encoder.dcm.crop_size
-    if tuple(pixel_values.shape[-2:]) != (crop, crop):
-        raise ValueError(f"pixel_values patches must be {crop}x{crop} (vision_config.image_size), got shape {tuple(pixel_values.shape)}")
-    dem_param = next(encoder.dem.parameters())
-    pixel_values = pixel_values.to(device=dem_param.device, dtype=dem_param.dtype)
-    patches = anyres_patches(pixel_values, [1 + r * c for r, c in grids])
-    encoded = encoder.encode_crops([_dual_crops(p, g, s) for p, g, s in zip(patches, grids, sizes)])
-    h, w = encoder.feat_size
-    per_image = []
-    for tokens, (rows, cols) in zip(encoded, grids):
-        base, fused = tokens[:, : h * w], tokens[:, h * w :]  # (1, h*w, D), (1, R*h*C*w, D)
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)[0]
-        per_image.append(torch.cat((base, windows)))
-    return per_image
-
-
-def _dual_crops(patches: torch.Tensor, grid: G.Grid, image_size: G.Size) -> DualCrops:
-    """(1 + R*C, 3, s, s) AnyRes patches -> both views of the canvas the tiles were cut from."""
-    tiles = patches[None, 1:]  # (1, R*C, 3, s, s)
-    canvas = layout.merge_local(tiles, *grid)  # (1, 3, R*s, C*s)
-    crop = patches.shape[-1]
-    return DualCrops(
-        local_view=tiles,
-        global_view=layout.split_global(canvas, *grid),
-        thumbnail=patches[None, 0],
-        grid=grid,
-        content_box=G.fit_box(image_size, (grid[0] * crop, grid[1] * crop), "pad"),
-        image_size=image_size,
-    )
+    then the DEM-fused map cut back into the R*C tile windows, so the host's packing applies
+    (the core's tiled engine, :meth:`dualview.DualViewEncoder.encode_tiled`)."""
+    return encoder.encode_tiled(anyres_images(encoder, pixel_values, image_sizes, [True] * len(image_sizes)))
 
 
 def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:

@@ -65,7 +65,7 @@ from dualview import grid as G
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_images, check_strategy, feature_layers, host_decorators, vision_tower_for
 
 ADAPTER = "hf_llava_onevision"
 HOSTS = (LlavaOnevisionForConditionalGeneration,)
@@ -181,10 +181,9 @@ def onevision_dual_view(
     image (base + R*C tiles) gives (1 + R*C, h*w, D): the base image's features, then the DEM-fused
     map cut back into the R*C tile windows; an untiled one (1, h*w, D), plain.
 
-    One tower call (``encoder.run_tower``, chunked only with ``tower_batch_size``) over the host's
-    patches in its own order, then every tiled image's global crops; one DEM call per grid. See
-    :func:`dualview.adapters._hf.anyres_in_host_order`."""
-    return anyres_in_host_order(encoder, pixel_values, image_sizes, tiled)
+    The core's tiled engine (:meth:`dualview.DualViewEncoder.encode_tiled`): one tower batch over
+    the host's patches in its own order and every tiled image's global crops; one DEM call per grid."""
+    return encoder.encode_tiled(anyres_images(encoder, pixel_values, image_sizes, tiled))
 
 
 # ---- apply / unapply / budget / from_pretrained ----------------------------------------------------

@@ -10,10 +10,11 @@ from .encoder import DualViewEncoder
 from .enhance import DEM
 from .gate import DualViewGate
 from .grid import Box, Budget
+from .tiled import TiledImage
 from .lifecycle import apply, freeze, from_pretrained, load, save_adapter, trainable_parameters, unapply
 
 __all__ = [
-    "DCM", "DEM", "DualCrops", "DualViewEncoder", "DualViewGate", "Box", "Budget",
+    "DCM", "DEM", "DualCrops", "DualViewEncoder", "DualViewGate", "Box", "Budget", "TiledImage",
     "apply", "freeze", "from_pretrained", "load", "save_adapter", "trainable_parameters", "unapply",
 ]
 __version__ = "0.1.0"
