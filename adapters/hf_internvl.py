@@ -63,8 +63,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import defaultdict
-from itertools import accumulate
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -78,7 +76,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from dualview import DualViewEncoder
 from dualview import grid as G
-from dualview import layout
+from dualview.tiled import TiledImage
 
 from . import _host
 from ._common import DualViewOptions, reload, with_fixed
@@ -388,44 +386,12 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
 
     pixel_values (P, 3, s, s): per visual, R*C tiles row-major then the thumbnail, or one patch
     (grid 1x1). -> (P, h*w, D): tiles DEM-fused (local map of the tiles <-> global map of the
-    strided crops of their canvas), thumbnails and single patches the tower's own features.
-    One tower batch (``encoder.run_tower``) over all patches and global crops; one DEM call per grid.
-    """
+    strided crops of their canvas), thumbnails and single patches the tower's own features: the
+    core's tiled engine (:meth:`dualview.DualViewEncoder.encode_tiled`)."""
     counts = [patches_per_image(g) for g in grids]
-    starts = list(accumulate(counts, initial=0))
-    tiled = [i for i, n in enumerate(counts) if n > 1]
-    tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}  # (R*C, 3, s, s), thumbnail left out
-    glob = [layout.split_global(layout.merge_local(tiles[i][None], *grids[i]), *grids[i])[0] for i in tiled]
-    if encoder.gate is None:
-        feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
-    else:  # init="identity": the host's patches in a call of their own, the plain host's batch
-        feats = torch.cat([encoder.run_tower(pixel_values)] + ([encoder.run_tower(torch.cat(glob))] if glob else []))
-    # where each tiled image's global crops sit in feats: after the P patches, in `tiled` order
-    glob_starts = dict(zip(tiled, accumulate((len(tiles[i]) for i in tiled), initial=len(pixel_values))))
-    h, w = encoder.feat_size
-
-    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-    for i in tiled:
-        by_grid[grids[i]].append(i)
-    fused: dict[int, torch.Tensor] = {}
-    for (rows, cols), members in by_grid.items():
-        n = rows * cols
-        # the DEM runs in its own precision; the host's patches keep the tower's
-        local = _host.to_dtype_of(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), encoder.dem)
-        global_ = _host.to_dtype_of(torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members]), encoder.dem)
-        full = encoder.dem(local, global_, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D), row-major canvas map
-        windows = layout.map_to_windows(full.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
-        if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
-            windows = encoder.gate(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), windows)
-        fused.update(zip(members, windows))
-
-    # the host's order: per visual its fused tiles then its thumbnail, or its one plain patch
-    parts = []
-    for i in range(len(grids)):
-        if i in fused:
-            parts.append(fused[i])
-        parts.append(feats[starts[i + 1] - 1:starts[i + 1]])
-    return torch.cat(parts)
+    images = [TiledImage(patches, grid, tiles_at=0) if n > 1 else TiledImage(patches)
+              for patches, grid, n in zip(pixel_values.split(counts), grids, counts)]
+    return torch.cat(encoder.encode_tiled(images))
 
 
 def _options(options: dict) -> DualViewOptions:
