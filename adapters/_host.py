@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 import gc
 import warnings
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from dualview import DCM, DEM, DualViewEncoder
-from dualview import encoder as encoder_module
 from dualview import grid as G
 from dualview.gate import DualViewGate
 
@@ -299,19 +298,6 @@ def record_dem_settings(config: Any, dem: DEM) -> None:
     settings = dem_settings(dem)
     if any(recorded.get(k, "missing") != v for k, v in settings.items()):
         setattr(config, CONFIG_KEY, {**recorded, **settings})
-
-
-def tower_chunks(tower_batch_size: Union[int, str, None], crops: int, tokens_per_crop: int) -> list[int]:
-    """The crop count of each tower call, for an adapter that runs its host's tower itself: the rule
-    of :meth:`DualViewEncoder.tower_chunks` (``None``: automatic, the fewest equal calls of at most
-    ``dualview.encoder.AUTO_CHUNK_TOKENS`` tokens; an int: at most that many crops per call;
-    ``"all"``: one call)."""
-    if tower_batch_size == "all" or crops == 0:
-        return [crops]
-    if tower_batch_size is not None:
-        size = int(tower_batch_size)
-        return [size] * (crops // size) + ([crops % size] if crops % size else [])
-    return encoder_module.even_chunks(crops, tokens_per_crop, encoder_module.AUTO_CHUNK_TOKENS)
 
 
 def encoder_from(

@@ -53,9 +53,9 @@ class TiledImage:
 
     def __post_init__(self) -> None:
         patches = self.patches
-        if not isinstance(patches, torch.Tensor) or patches.ndim != 4 or patches.shape[-1] != patches.shape[-2]:
+        if not isinstance(patches, torch.Tensor) or patches.ndim != 4:
             got = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
-            raise ValueError(f"TiledImage patches must be (P, c, s, s) square crops, got {got}")
+            raise ValueError(f"TiledImage patches must be (P, c, s, s) crops, got {got}")
         if self.grid is not None:
             rows, cols = G.check_grid(tuple(self.grid), max_side=None)
             if not (0 <= self.tiles_at and self.tiles_at + rows * cols <= patches.shape[0]):
@@ -110,7 +110,7 @@ def encode_tiled(encoder: "DualViewEncoder", images: Sequence[TiledImage]) -> li
     host_feats, global_feats = feats.split([host.shape[0], feats.shape[0] - host.shape[0]])
     per_image = list(host_feats.split(counts))
     globals_of = dict(zip(tiled, global_feats.split([g.shape[0] for g in glob])))
-    h, w = encoder.feat_size or _square(feats.shape[1])
+    h, w = _token_grid(encoder, host.shape[-2:], feats.shape[1])
     ref = next(dem.parameters())
     by_grid: dict[G.Grid, list[int]] = defaultdict(list)  # images that share a grid form one DEM batch
     for i in tiled:
@@ -145,8 +145,10 @@ def _tower_features(
     return torch.cat(parts)
 
 
-def _square(tokens: int) -> G.Size:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"the tower's patch size is unknown and its {tokens} tokens per crop are not a square grid")
-    return side, side
+def _token_grid(encoder: "DualViewEncoder", crop: torch.Size, tokens: int) -> G.Size:
+    """``(h, w)`` tokens of one crop of ``crop`` pixels: by the tower's patch size, else a square."""
+    patch = encoder.patch_size
+    h, w = (crop[0] // patch, crop[1] // patch) if patch else (math.isqrt(tokens),) * 2
+    if h * w != tokens:
+        raise ValueError(f"the tower gives {tokens} tokens per {tuple(crop)} crop, not the grid {(h, w)} of its patches")
+    return h, w

@@ -297,19 +297,3 @@ def test_a_device_map_entry_for_the_dem_is_refused_not_ignored(tmp_path):
     hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"\['model.spatial_embed'\].*placed with the host's projector"):
         hf_llava.from_pretrained(tmp_path, device_map={"model.spatial_embed": "disk", "": "cpu"})
-
-
-@pytest.mark.parametrize("tower_batch_size", [None, "all", 1, 3, 7])
-@pytest.mark.parametrize("crops, crop, patch", [(0, 28, 14), (1, 28, 14), (25, 32, 8), (400, 336, 14), (1000, 28, 7)])
-def test_the_adapters_tower_chunks_are_the_encoders(tower_batch_size, crops, crop, patch):
-    """Adapters that run their host's tower themselves (Idefics3) split it as DualViewEncoder does."""
-    from dualview import DCM, DEM, DualViewEncoder
-    from dualview.adapters import _host
-
-    class Tower(torch.nn.Module):
-        patch_size = patch
-
-    encoder = DualViewEncoder(Tower(), DCM(crop, (1, 1)), DEM(8, 2, out_size=None), thumbnail_fusion="concat",
-                              tower_batch_size=tower_batch_size)
-    tokens = (crop // patch) ** 2
-    assert _host.tower_chunks(tower_batch_size, crops, tokens) == encoder.tower_chunks(crops)

@@ -164,7 +164,7 @@ def test_precision_pass_through_keeps_the_towers_and_the_dem_runs_in_its_own():
 
 def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="patches must be"):
-        TiledImage(torch.rand(2, 3, S, S + 1))
+        TiledImage(torch.rand(2, S, S))
     with pytest.raises(ValueError, match="tiles_at=1 with grid"):
         TiledImage(torch.rand(4, 3, S, S), (2, 2), 1)
     with pytest.raises(ValueError, match="masks must be"):

@@ -459,6 +459,7 @@ MUTANTS: list[Mutant] = [
        "Idefics3 budget without the global crops' passes", tests=IDEFICS3_TESTS),
     _m("idf-grid-padding-entry", IDF, "+ [[-1, -1]] * (width - len(rs))", "+ [[0, 0]] * (width - len(rs))",
        "Idefics3: a short sample padded with unsplit images instead of padding", tests=IDEFICS3_TESTS),
-    _m("idf-global-frame-is-first", IDF, "found.append(_SplitImage(grid, first))", "found.append(_SplitImage(grid, first + 1))",
+    _m("idf-global-frame-is-first", IDF, "TiledImage(frames[at], grid, tiles_at=0, masks=masks[at]) if grid[0]",
+       "TiledImage(frames[at], grid, tiles_at=1, masks=masks[at]) if grid[0]",
        "Idefics3: tiles read one frame late (the global image is last)", tests=IDEFICS3_TESTS),
 ]
