@@ -282,7 +282,7 @@ def dem_settings(dem: DEM) -> dict:
     """The options that rebuild ``dem``'s architecture (its weights aside)."""
     out = {
         "num_heads": dem.attention.num_heads, "out_size": None if dem.out_size is None else list(dem.out_size),
-        "directions": dem.directions, "fusion": dem.fusion, "eps": dem.ln_fuse.eps,
+        "directions": dem.directions, "fusion": dem.fusion, "eps": dem.ln_fuse.eps, "fast": dem.fast,
         "ffn_hidden": dem.ffn_crop[0].out_features if dem.fusion == "linear_concat" else None,
     }
     if dem.out_size is not None:  # without resampling the option is unused (and fixed by full-map hosts)
@@ -329,7 +329,7 @@ def new_dem(
     out_size = feat_size if options.out_size == "tower" else options.out_size
     dtype, device = dtype_of(like), placement(like)
     settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample,
-                    ffn_hidden=options.ffn_hidden, eps=options.eps)
+                    ffn_hidden=options.ffn_hidden, eps=options.eps, fast=options.fast)
     if init is None:
         return DEM(dim, options.num_heads, **settings, device=device, dtype=dtype)
     dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=dtype)
