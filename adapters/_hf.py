@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from dualview import grid as G
 from dualview.tiled import TiledImage
 
 from . import _host
+from .base import Geometry, HostAdapter
 from .towers import HFVisionTower
 
 Layers = Union[int, Sequence[int]]
@@ -127,13 +128,47 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
 
 
 class LlavaFamilyHost:
-    """``dualview_expects`` of the LLaVA-style hosts (LLaVA, LLaVA-NeXT, OneVision): the tower's
-    hidden size times the layers of ``config.vision_feature_layer``, on its square token grid."""
+    """What the LLaVA-style hosts' dual-view classes (LLaVA, LLaVA-NeXT, OneVision) share: the DEM's
+    expected input (the tower's hidden size times the layers of ``config.vision_feature_layer``, on its
+    square token grid) and the encoder of one ``get_image_features`` call."""
 
     def dualview_expects(self) -> tuple[int, tuple[int, int]]:
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return vision.hidden_size * len(feature_layers(self.config.vision_feature_layer)), (side, side)
+        geometry = LlavaFamilyAdapter.geometry(self.config)
+        return geometry.dim, geometry.feat_size
+
+    def dualview_call(
+        self, vision_feature_layer: Optional[Layers], vision_feature_select_strategy: Optional[str], kwargs: dict
+    ) -> tuple[DualViewEncoder, _host.RecordingTower, str]:
+        """(encoder, tower, strategy) of one call: the call's feature layers and select strategy, else
+        the config's; the tower records its own outputs when ``kwargs`` ask for them."""
+        config = self.config
+        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        tower = vision_tower_for(self, layers, strategy, kwargs)
+        vision = config.vision_config
+        return self.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size), tower, strategy
+
+
+class LlavaFamilyAdapter(HostAdapter):
+    """The LLaVA-style hosts' geometry (CLIP / SigLIP tower at ``config.vision_feature_layer``), tower
+    and apply-time check (the select strategy drops exactly the tower's prefix tokens)."""
+
+    @classmethod
+    def geometry(cls, config: Any) -> Geometry:
+        vision = config.vision_config
+        return Geometry(dim=vision.hidden_size * len(feature_layers(config.vision_feature_layer)),
+                        crop=vision.image_size, patch=vision.patch_size)
+
+    @classmethod
+    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+        config = inner.config
+        return vision_tower_for(inner, feature_layers(config.vision_feature_layer),
+                                config.vision_feature_select_strategy, kwargs)
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        feature_layers(model.config.vision_feature_layer)
+        check_strategy(model.config.vision_feature_select_strategy, model.model.vision_tower)
 
 
 # AnyRes (LLaVA-NeXT, OneVision) fixes these: the grid comes from the pinpoints, the canvas is padded,

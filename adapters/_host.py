@@ -56,6 +56,8 @@ class DualViewHost:
         plain = cls.__dict__.get("dualview_plain")
         if plain is not None:
             _inherit_conversion_mapping(cls, plain)
+            if cls.dualview_adapter:
+                _ADAPTER_FOR[plain.__name__] = cls.dualview_adapter
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -462,22 +464,18 @@ def adapted(host: nn.Module, adapter: str) -> DualViewHost:
     return host
 
 
-# plain host class name -> the adapter that fits it (for the "wrong adapter" message)
-_ADAPTER_FOR = {
-    "LlavaModel": "hf_llava",
-    "LlavaNextModel": "hf_llava_next",
-    "LlavaOnevisionModel": "hf_llava_onevision",
-    "InternVLModel": "hf_internvl",
-    "Idefics3Model": "hf_idefics3",
-    "SmolVLMModel": "hf_idefics3",
-    "LlavaLlamaForCausalLM": "llava15",
-    "LlavaMistralForCausalLM": "llava15",
-    "LlavaMptForCausalLM": "llava15",
-}
+_ADAPTER_FOR: dict[str, str] = {}
+"""Plain host class name -> the adapter that fits it, filled by defining a :class:`DualViewHost`
+subclass (for the "wrong adapter" message)."""
 
 
 def adapter_for(cls: type) -> Optional[str]:
-    """The adapter module that handles host class ``cls`` (by name), if any."""
+    """The adapter module that handles host class ``cls`` (by name), if any. The adapters whose host
+    library imports here are loaded the first time a name is not found."""
+    if cls.__name__ not in _ADAPTER_FOR:
+        from dualview.lifecycle import adapters
+
+        adapters()  # importing an adapter registers its hosts
     return _ADAPTER_FOR.get(cls.__name__)
 
 

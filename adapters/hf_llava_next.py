@@ -41,7 +41,6 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`budget`,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -53,8 +52,7 @@ from dualview import DualViewEncoder
 from dualview import grid as G
 
 from . import _host
-from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_images, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, LlavaFamilyAdapter, LlavaFamilyHost, anyres_images, host_decorators
 
 ADAPTER = "hf_llava_next"
 HOSTS = (LlavaNextForConditionalGeneration,)
@@ -84,12 +82,7 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel
         """pixel_values (B, patches, 3, s, s) (or stacked 4-D), image_sizes (B, 2) as ``(H, W)`` ->
         output whose ``pooler_output`` is a list of B (tokens_i, text_dim) tensors, packed by the
         model's own ``pack_image_features``; tokens_i is plain AnyRes's."""
-        config = self.config
-        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        tower = vision_tower_for(self, layers, strategy, kwargs)
-        encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
-                                        patch_size=config.vision_config.patch_size)
+        encoder, tower, strategy = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         per_image = anyres_dual_view(encoder, pixel_values, image_sizes)
         # a DEM kept in another precision than the model hands the projector the model's
         projected = self.multi_modal_projector(_host.to_dtype_of(torch.cat(per_image), self.multi_modal_projector))
@@ -103,65 +96,31 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel
                                           **tower.outputs())
 
 
-def _options(config: Any, options: dict) -> DualViewOptions:
-    """The user's options with AnyRes's fixed choices (pinpoints: ``config.image_grid_pinpoints``,
-    read at every call)."""
-    return with_fixed(options, ANYRES_FIXED, "by LLaVA-NeXT's AnyRes",
-                      follows={"pinpoints": config.image_grid_pinpoints})
+class LlavaNextAdapter(LlavaFamilyAdapter):
+    """The host's declarations: AnyRes fixes the grid (``config.image_grid_pinpoints``, read at every
+    call), the padded canvas and the full DEM map; ``num_heads``, ``directions``, ``fusion``,
+    ``tower_batch_size``, ``init`` stay free."""
+
+    name = ADAPTER
+    hosts = HOSTS
+    dual_view_class = DualViewLlavaNextModel
+    fixed, fixed_why, follows = ANYRES_FIXED, "by LLaVA-NeXT's AnyRes", {"pinpoints": "image_grid_pinpoints"}
+
+    @classmethod
+    def budget(cls, model: nn.Module, image_size: G.Size) -> G.Budget:
+        """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's) for one ``(H, W)`` image; runs nothing."""
+        encoder = cls.encoder_of(model)
+        size = G.check_size(tuple(image_size), "image_size")
+        grid = encoder.dcm.grid_for(size)
+        plain = G.anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)
+        passes = encoder.budget(size).tower_passes
+        return G.Budget("dual_view_anyres", grid, plain.canvas_size, passes, plain.tokens)
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into a ``LlavaNextForConditionalGeneration`` in place; returns it.
-
-    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` that AnyRes leaves
-    free (``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``); ``grid``, ``fit``,
-    ``pinpoints``, ``out_size``, ``resample`` and ``thumbnail_fusion`` are fixed by AnyRes (passing
-    the fixed value is allowed). The DEM is new, initialised by the host's ``_init_weights``, in the
-    projector's dtype and device: train it, reload it with :func:`from_pretrained`, or set
-    ``model.model.spatial_embed`` to a trained one (e.g. ``DEM.from_inf_llava(ckpt, out_size=None)``).
-    """
-    if type(model) is not LlavaNextForConditionalGeneration:
-        fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
-        hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
-        raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}{hint}")
-    inner = model.model
-    config = model.config
-    opts = _options(config, options)
-    layers = feature_layers(config.vision_feature_layer)
-    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    dem = _host.new_dem(opts, vision.hidden_size * len(layers), (side, side), like=inner.multi_modal_projector,
-                          init=inner._initialize_weights)
-    _host.attach(inner, DualViewLlavaNextModel, options=opts, dem=dem, config=config)
-    return model
-
-
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain ``LlavaNextForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
-    return model
-
-
-def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the vision tower at
-    ``config.vision_feature_layer`` and the registered ``model.model.spatial_embed``."""
-    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
-    config = inner.config
-    tower = vision_tower_for(inner, feature_layers(config.vision_feature_layer),
-                             config.vision_feature_select_strategy, {})
-    return inner.dualview_encoder(tower, crop_size=config.vision_config.image_size,
-                                  patch_size=config.vision_config.patch_size)
-
-
-def budget(model: nn.Module, image_size: G.Size) -> G.Budget:
-    """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's) for one ``(H, W)`` image; runs nothing."""
-    encoder = encoder_of(model)
-    size = G.check_size(tuple(image_size), "image_size")
-    grid = encoder.dcm.grid_for(size)
-    plain = G.anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)
-    passes = encoder.budget(size).tower_passes
-    return G.Budget("dual_view_anyres", grid, plain.canvas_size, passes, plain.tokens)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    LlavaNextAdapter.apply, LlavaNextAdapter.unapply, LlavaNextAdapter.encoder_of, LlavaNextAdapter.budget,
+    LlavaNextAdapter.from_pretrained,
+)
 
 
 def anyres_dual_view(
@@ -172,10 +131,3 @@ def anyres_dual_view(
     (the core's tiled engine, :meth:`dualview.DualViewEncoder.encode_tiled`)."""
     return encoder.encode_tiled(anyres_images(encoder, pixel_values, image_sizes, [True] * len(image_sizes)))
 
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
-    the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
-    options in its config.json, then the DEM weights restored strictly.
-    ``kwargs`` go to ``LlavaNextForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
-    return reload(LlavaNextForConditionalGeneration, path, apply, **kwargs)
