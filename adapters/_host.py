@@ -136,6 +136,12 @@ class DualViewHost:
         check_dem_fits(dem, adapter=self.dualview_adapter, expects=expects,
                        full_map=self.dualview_full_map, thumbnail_fusion=recorded.get("thumbnail_fusion"))
 
+    def dualview_project(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats`` through the host's projector (connector), cast to its dtype first: a DEM kept in
+        another precision than the model (a float32 DEM in bf16, or the reverse) hands it the model's."""
+        projector = getattr(dem_parent_of(self), self.dualview_projector)
+        return projector(to_dtype_of(feats, projector))
+
     def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
         return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size,

@@ -148,3 +148,31 @@ class HostAdapter:
         expected), dual view re-applied with the options in its config.json, the DEM (and gate)
         weights restored strictly. ``kwargs`` go to the host's ``from_pretrained``."""
         return reload(cls.hosts[0], path, cls.apply, **kwargs)
+
+
+class SavedAsPlain:
+    """Mixin of a prepared processor class (before the host's processor class): it saves as the plain
+    processor it was made from (``processor_class`` in its saved config), so that any transformers
+    loads it back; call the adapter's ``prepare_processor`` again after loading."""
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["processor_class"] = plain_processor_class(type(self)).__name__
+        return out
+
+
+def plain_processor_class(cls: type) -> type:
+    """The first class in ``cls``'s MRO that is not a :class:`SavedAsPlain` one: the host's processor."""
+    return next(c for c in cls.__mro__ if not issubclass(c, SavedAsPlain))
+
+
+def prepare(processor: Any, prepared: dict[type, type]) -> Any:
+    """``processor`` made its prepared class in place (``prepared``: plain class -> prepared class);
+    a prepared one is returned as it is; another class is a TypeError naming the plain ones."""
+    if type(processor) in prepared.values():
+        return processor
+    if type(processor) not in prepared:
+        names = " or ".join(cls.__name__ for cls in prepared)
+        raise TypeError(f"processor must be a transformers {names}, got {type(processor).__name__}")
+    processor.__class__ = prepared[type(processor)]
+    return processor

@@ -342,7 +342,7 @@ def _dual_view_features(
     tower = _MaskedTower(model.vision_model, patch, kwargs)
     encoder = model.dualview_encoder(tower, crop_size=frames.shape[-1], patch_size=patch)
     fused_frames = torch.cat(encoder.encode_tiled(images))  # (real frames, h*w, D)
-    features = model.connector(fused_frames)  # pixel shuffle + projection, per frame, as the host
+    features = model.dualview_project(fused_frames)  # pixel shuffle + projection, per frame, as the host
     counts = real.view(batch, num).sum(1).tolist()
     return BaseModelOutputWithPooling(
         last_hidden_state=fused_frames,

@@ -65,7 +65,7 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
         check_resolution(encoder, pixel_values)
         feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
-        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
+        projected = self.dualview_project(feats)
         grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch
         outputs = {k: _per_image(v, grid, encoder.dcm.thumbnail, len(feats)) for k, v in tower.outputs().items()}
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **outputs)

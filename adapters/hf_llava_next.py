@@ -84,8 +84,7 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel
         model's own ``pack_image_features``; tokens_i is plain AnyRes's."""
         encoder, tower, strategy = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         per_image = anyres_dual_view(encoder, pixel_values, image_sizes)
-        # a DEM kept in another precision than the model hands the projector the model's
-        projected = self.multi_modal_projector(_host.to_dtype_of(torch.cat(per_image), self.multi_modal_projector))
+        projected = self.dualview_project(torch.cat(per_image))
         projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline

@@ -104,9 +104,8 @@ class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaFamilyHost, LlavaOnev
         encoder, tower, strategy = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         tiled = tiled_images(len(image_sizes), batch_num_images)
         per_image = onevision_dual_view(encoder, pixel_values, image_sizes, tiled)
-        # a DEM kept in another precision than the model hands the projector the model's
         feats = torch.cat(per_image)  # (patches, h*w, D)
-        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
+        projected = self.dualview_project(feats)
         projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, image_newline=self.image_newline, vision_aspect_ratio=aspect

@@ -122,8 +122,7 @@ class DualViewLlava(_host.DualViewHost):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
         feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
-        projector = self.get_model().mm_projector
-        return projector(_host.to_dtype_of(feats, projector))  # a DEM kept in another precision
+        return self.dualview_project(feats)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
