@@ -86,6 +86,25 @@ class HostAdapter:
     def check_host(cls, model: nn.Module) -> None:
         """Host checks at :meth:`apply`, before anything changes (e.g. the select strategy)."""
 
+    @classmethod
+    def inner_of(cls, model: nn.Module) -> nn.Module:
+        """The module whose class is swapped and that holds the DEM (default: ``model.model``)."""
+        return model.model
+
+    @classmethod
+    def dual_view_class_for(cls, inner: nn.Module) -> type:
+        """The dual-view class for ``inner`` (default: :attr:`dual_view_class`; a host family of
+        several classes picks by ``type(inner)``)."""
+        return cls.dual_view_class
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> None:
+        """After the inner model is adapted: anything the outer model needs (default: nothing)."""
+
+    @classmethod
+    def unwrap(cls, model: nn.Module) -> None:
+        """Undo :meth:`wrap` (default: nothing)."""
+
     # ---- what the base owns -----------------------------------------------------------------------
 
     @classmethod
@@ -114,19 +133,22 @@ class HostAdapter:
         projector; the options go to ``config.dualview``. Every option is checked now: an encoder that
         cannot be built leaves the plain model behind."""
         cls.check_type(model)
-        inner, config = model.model, model.config
+        inner, config = cls.inner_of(model), model.config
         opts = cls.options(config, options)
+        _host.check_not_applied(inner)
         cls.check_host(model)
         geometry = cls.geometry(config)
         dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(inner, cls.projector),
                             init=inner._initialize_weights)
-        _host.attach(inner, cls.dual_view_class, options=opts, dem=dem, config=config)
+        _host.attach(inner, cls.dual_view_class_for(inner), options=opts, dem=dem, config=config)
+        cls.wrap(model)
         return _host.checked(model, cls.encoder_of, cls.unapply)
 
     @classmethod
     def unapply(cls, model: nn.Module) -> nn.Module:
         """The plain model back (class, no DEM, no gate, no ``config.dualview``); returns it."""
-        _host.unapply(model.model, config=model.config, adapter=cls.name)
+        _host.unapply(cls.inner_of(model), config=model.config, adapter=cls.name)
+        cls.unwrap(model)
         return model
 
     @classmethod

@@ -79,6 +79,7 @@ from dualview import grid as G
 from dualview.tiled import TiledImage
 
 from . import _host
+from .base import Geometry, HostAdapter, SavedAsPlain, prepare
 from ._common import DualViewOptions, host_folder, reload
 from ._hf import bind_host_call, forward_naming, host_decorators
 
@@ -167,7 +168,7 @@ def grid_rows(rows: Sequence[Sequence[int]], cols: Sequence[Sequence[int]]) -> l
     return [[[r, c] for r, c in zip(rs, cs)] + [[-1, -1]] * (width - len(rs)) for rs, cs in zip(rows, cols)]
 
 
-class _GridOutputProcessor:
+class _GridOutputProcessor(SavedAsPlain):
     """Processor mixin: the output also holds ``image_grid`` (from the image processor's rows and
     cols, which the host computes for the prompt and then drops); the prompt is untouched."""
 
@@ -194,19 +195,13 @@ class _GridOutputProcessor:
     def model_input_names(self) -> list[str]:
         return list(super().model_input_names) + [GRID_INPUT]
 
-    def to_dict(self) -> dict:
-        # Saved as the host's processor: loading gives the plain one, prepare_processor it again.
-        out = super().to_dict()
-        out["processor_class"] = self._host_processor
-        return out
-
 
 class DualViewIdefics3Processor(_GridOutputProcessor, Idefics3Processor):
-    _host_processor = "Idefics3Processor"
+    """A prepared ``Idefics3Processor`` (:func:`prepare_processor`)."""
 
 
 class DualViewSmolVLMProcessor(_GridOutputProcessor, SmolVLMProcessor):
-    _host_processor = "SmolVLMProcessor"
+    """A prepared ``SmolVLMProcessor`` (:func:`prepare_processor`)."""
 
 
 _PREPARED = {Idefics3Processor: DualViewIdefics3Processor, SmolVLMProcessor: DualViewSmolVLMProcessor}
@@ -216,14 +211,7 @@ def prepare_processor(processor: Any) -> Any:
     """Make an ``Idefics3Processor`` / ``SmolVLMProcessor`` also return ``image_grid`` (each image's
     ``(rows, cols)``), in place; returns it. Prompts, ``<image>`` counts and pixels are unchanged.
     A prepared processor is left as it is; ``save_pretrained`` saves the plain one."""
-    if type(processor) in _PREPARED.values():
-        return processor
-    if type(processor) not in _PREPARED:
-        raise TypeError(
-            f"processor must be a transformers Idefics3Processor or SmolVLMProcessor, got {type(processor).__name__}"
-        )
-    processor.__class__ = _PREPARED[type(processor)]
-    return processor
+    return prepare(processor, _PREPARED)
 
 
 # --- the model: frames -> tiles, global crops, DEM ----------------------------------------------
@@ -492,66 +480,95 @@ def _check_bare(inner: nn.Module) -> None:
             )
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into an Idefics3 / SmolVLM model in place; returns it.
+class Idefics3Adapter(HostAdapter):
+    """The host's declarations: two families (Idefics3, SmolVLM), each as the outer
+    ``...ForConditionalGeneration`` (its ``forward`` then names ``image_grid``) or the bare inner model;
+    the processor tiles, so the DCM's tiling options do not apply and the full DEM map replaces the
+    tiles; ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``, ``init`` stay free."""
 
-    ``options``: ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size`` of
-    :class:`~dualview.adapters._common.DualViewOptions`; ``grid``, ``out_size``, ``resample`` and
-    ``thumbnail_fusion`` are fixed, ``fit``, ``max_tiles``, ``pinpoints`` do not apply (the processor
-    tiles). The DEM (``dim`` = the vision tower's hidden size) is new, initialised by the host's
-    ``_init_weights``, in the connector's dtype and device. Use :func:`prepare_processor` for inputs.
-    """
-    outer, inner = _parts(model)
-    if outer is None:
-        _check_bare(inner)
-    opts = _options(options)
-    _host.check_not_applied(inner)
-    vision = inner.config.vision_config
-    side = vision.image_size // vision.patch_size
-    dem = _host.new_dem(opts, vision.hidden_size, (side, side), like=inner.connector, init=inner._initialize_weights)
-    _host.attach(inner, _INNER[type(inner)], options=opts, dem=dem, config=model.config)
-    if outer is not None:
-        _host.swap_class(outer, _OUTER[type(outer)])
-    return model
+    name = ADAPTER
+    hosts = HOSTS
+    projector = "connector"
+
+    @classmethod
+    def geometry(cls, config: Any) -> Geometry:
+        vision = config.vision_config
+        return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+
+    @classmethod
+    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+        return _MaskedTower(inner.vision_model, inner.config.vision_config.patch_size, kwargs)
+
+    @classmethod
+    def check_type(cls, model: nn.Module) -> None:
+        outer, inner = _parts(model)
+        if outer is None:
+            _check_bare(inner)
+
+    @classmethod
+    def options(cls, config: Any, options: dict) -> DualViewOptions:
+        return _options(options)
+
+    @classmethod
+    def inner_of(cls, model: nn.Module) -> nn.Module:
+        return _parts(model)[1]
+
+    @classmethod
+    def dual_view_class_for(cls, inner: nn.Module) -> type:
+        return _INNER[type(inner)]
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> None:
+        outer, _ = _parts(model)
+        if outer is not None:
+            _host.swap_class(outer, _OUTER[type(outer)])
+
+    @classmethod
+    def unwrap(cls, model: nn.Module) -> None:
+        outer, _ = _parts(model)
+        if outer is not None and isinstance(outer, _GridInput):
+            _host.swap_class(outer, type(outer).dualview_plain)
+
+    @classmethod
+    def budget(cls, processor: Any, image_size: G.Size) -> G.Budget:
+        """Tower passes (``2*R*C + 1``, 1 when not split) and LLM image tokens (plain's: ``(R*C + 1) *
+        image_seq_len``) of one ``(H, W)`` image under ``processor``'s settings (the host's tiling is
+        the processor's: a model is a TypeError); runs nothing."""
+        if not isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
+            raise TypeError(
+                f"processor must be an Idefics3Processor or SmolVLMProcessor (the tiling is the processor's), got "
+                f"{type(processor).__name__}"
+            )
+        images = processor.image_processor
+        tile = images.max_image_size["longest_edge"]
+        longest = images.size["longest_edge"] if images.do_resize else None
+        grid = processor_grid(image_size, tile=tile, longest_edge=longest, split=images.do_image_splitting)
+        rows, cols = grid
+        canvas = (rows * tile, cols * tile) if rows else (tile, tile)
+        passes = 2 * rows * cols + 1 if rows else 1
+        return G.Budget("dual_view_idefics3", grid, canvas, passes, frames_of(grid) * processor.image_seq_len)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:
+        """Load a model saved from an adapted one with ``save_pretrained``: the plain class named by its
+        config (``Idefics3`` / ``SmolVLM``, ``...ForConditionalGeneration``), dual view re-applied with the
+        options in its config.json, the DEM weights restored strictly. ``kwargs`` go to the class's
+        ``from_pretrained`` (dtype, device_map, ...)."""
+        from transformers import AutoConfig
+
+        folder, _ = host_folder(path, kwargs)  # a local folder (and its subfolder), checked before reading its config
+        config = AutoConfig.from_pretrained(folder)
+        hosts = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Model),
+                 "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMModel)}
+        if config.model_type not in hosts:
+            raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")
+        outer, inner = hosts[config.model_type]
+        if (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration"):
+            return reload(outer, path, cls.apply, **kwargs)
+        return reload(inner, path, cls.apply, dem_prefix=f"{_host.DEM_ATTR}.", **kwargs)
 
 
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain model back (classes, no DEM, no ``config.dualview``)."""
-    outer, inner = _parts(model)
-    _host.unapply(inner, config=model.config, adapter=ADAPTER)
-    if outer is not None and isinstance(outer, _GridInput):
-        _host.swap_class(outer, type(outer).dualview_plain)
-    return model
-
-
-def budget(processor: Any, image_size: G.Size) -> G.Budget:
-    """Tower passes (``2*R*C + 1``, 1 when not split) and LLM image tokens (plain's: ``(R*C + 1) *
-    image_seq_len``) of one ``(H, W)`` image under ``processor``'s settings; runs nothing."""
-    if not isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
-        raise TypeError(f"processor must be an Idefics3Processor or SmolVLMProcessor, got {type(processor).__name__}")
-    images = processor.image_processor
-    tile = images.max_image_size["longest_edge"]
-    longest = images.size["longest_edge"] if images.do_resize else None
-    grid = processor_grid(image_size, tile=tile, longest_edge=longest, split=images.do_image_splitting)
-    rows, cols = grid
-    canvas = (rows * tile, cols * tile) if rows else (tile, tile)
-    passes = 2 * rows * cols + 1 if rows else 1
-    return G.Budget("dual_view_idefics3", grid, canvas, passes, frames_of(grid) * processor.image_seq_len)
-
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load a model saved from an adapted one with ``save_pretrained``: the plain class named by its
-    config (``Idefics3`` / ``SmolVLM``, ``...ForConditionalGeneration``), dual view re-applied with the
-    options in its config.json, the DEM weights restored strictly. ``kwargs`` go to the class's
-    ``from_pretrained`` (dtype, device_map, ...)."""
-    from transformers import AutoConfig
-
-    folder, _ = host_folder(path, kwargs)  # a local folder (and its subfolder), checked before reading its config
-    config = AutoConfig.from_pretrained(folder)
-    hosts = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Model), "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMModel)}
-    if config.model_type not in hosts:
-        raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")
-    outer, inner = hosts[config.model_type]
-    if (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration"):
-        return reload(outer, path, apply, **kwargs)
-    return reload(inner, path, apply, dem_prefix=f"{_host.DEM_ATTR}.", **kwargs)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    Idefics3Adapter.apply, Idefics3Adapter.unapply, Idefics3Adapter.encoder_of, Idefics3Adapter.budget,
+    Idefics3Adapter.from_pretrained,
+)

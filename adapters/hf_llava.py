@@ -32,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dualview import DualViewEncoder
 
 from . import _host
+from .base import SavedAsPlain
 from ._hf import LlavaFamilyAdapter, LlavaFamilyHost, host_decorators
 
 ADAPTER = "hf_llava"
@@ -124,7 +125,7 @@ def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: in
     return tuple(s if s is None else s.index_select(0, order.to(s.device)) for s in states)
 
 
-class DualViewLlavaProcessor(LlavaProcessor):
+class DualViewLlavaProcessor(SavedAsPlain, LlavaProcessor):
     """``LlavaProcessor`` whose image-token count is the dual-view encoder's (set by
     :func:`prepare_processor`): the prompt expansion and ``_get_num_multimodal_tokens`` (what
     serving engines ask) agree. Saved, it is a plain ``LlavaProcessor`` config (apply
@@ -140,11 +141,6 @@ class DualViewLlavaProcessor(LlavaProcessor):
         if image_sizes is not None:
             data.num_image_tokens = [self.dual_view_tokens] * len(image_sizes)
         return data
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["processor_class"] = "LlavaProcessor"
-        return out
 
 
 def prepare_processor(processor: Any, model: nn.Module) -> Any:
