@@ -78,6 +78,11 @@ class HostAdapter:
         raise NotImplementedError
 
     @classmethod
+    def geometry_of(cls, inner: nn.Module) -> Geometry:
+        """:meth:`geometry` of the inner model's config (a host whose tower holds its own config overrides this)."""
+        return cls.geometry(inner.config)
+
+    @classmethod
     def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
         """The patch-token tower of one call (``kwargs``: the call's, e.g. ``output_hidden_states``)."""
         raise NotImplementedError
@@ -88,8 +93,13 @@ class HostAdapter:
 
     @classmethod
     def inner_of(cls, model: nn.Module) -> nn.Module:
-        """The module whose class is swapped and that holds the DEM (default: ``model.model``)."""
-        return model.model
+        """The module whose class is swapped (default: ``model.model``; the inner model itself is taken too)."""
+        return getattr(model, "model", model)
+
+    @classmethod
+    def dem_parent_of(cls, inner: nn.Module) -> nn.Module:
+        """The module that holds the DEM, the gate and the projector (default: the inner model)."""
+        return inner
 
     @classmethod
     def dual_view_class_for(cls, inner: nn.Module) -> type:
@@ -137,17 +147,19 @@ class HostAdapter:
         opts = cls.options(config, options)
         _host.check_not_applied(inner)
         cls.check_host(model)
-        geometry = cls.geometry(config)
-        dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(inner, cls.projector),
+        geometry = cls.geometry_of(inner)
+        parent = cls.dem_parent_of(inner)
+        dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(parent, cls.projector),
                             init=inner._initialize_weights)
-        _host.attach(inner, cls.dual_view_class_for(inner), options=opts, dem=dem, config=config)
+        _host.attach(inner, cls.dual_view_class_for(inner), options=opts, dem=dem, config=config, dem_parent=parent)
         cls.wrap(model)
         return _host.checked(model, cls.encoder_of, cls.unapply)
 
     @classmethod
     def unapply(cls, model: nn.Module) -> nn.Module:
         """The plain model back (class, no DEM, no gate, no ``config.dualview``); returns it."""
-        _host.unapply(cls.inner_of(model), config=model.config, adapter=cls.name)
+        inner = cls.inner_of(model)
+        _host.unapply(inner, config=model.config, dem_parent=cls.dem_parent_of(inner), adapter=cls.name)
         cls.unwrap(model)
         return model
 
@@ -155,8 +167,8 @@ class HostAdapter:
     def encoder_of(cls, model: nn.Module) -> DualViewEncoder:
         """The DualViewEncoder that runs now: DCM from ``config.dualview``, the host's tower at its
         configured feature layers, the registered DEM (and gate)."""
-        inner = _host.adapted(getattr(model, "model", model), cls.name)
-        geometry = cls.geometry(inner.config)
+        inner = _host.adapted(cls.inner_of(model), cls.name)
+        geometry = cls.geometry_of(inner)
         return inner.dualview_encoder(cls.tower(inner, {}), crop_size=geometry.crop, patch_size=geometry.patch)
 
     @classmethod
