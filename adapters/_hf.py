@@ -149,6 +149,14 @@ class LlavaFamilyHost:
         return self.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size), tower, strategy
 
 
+class AnyResHost(LlavaFamilyHost):
+    """The AnyRes hosts' dual-view classes (LLaVA-NeXT, OneVision): the full DEM map goes back into
+    the tiles; the grid follows ``config.image_grid_pinpoints`` at every call."""
+
+    dualview_full_map = True
+    dualview_live = {"pinpoints": "image_grid_pinpoints"}
+
+
 class LlavaFamilyAdapter(HostAdapter):
     """The LLaVA-style hosts' geometry (CLIP / SigLIP tower at ``config.vision_feature_layer``), tower
     and apply-time check (the select strategy drops exactly the tower's prefix tokens)."""

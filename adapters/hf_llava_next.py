@@ -52,7 +52,7 @@ from dualview import DualViewEncoder
 from dualview import grid as G
 
 from . import _host
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyAdapter, LlavaFamilyHost, anyres_images, host_decorators
+from ._hf import ANYRES_FIXED, Layers, AnyResHost, LlavaFamilyAdapter, anyres_images, host_decorators
 
 ADAPTER = "hf_llava_next"
 HOSTS = (LlavaNextForConditionalGeneration,)
@@ -60,14 +60,11 @@ HOSTS = (LlavaNextForConditionalGeneration,)
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
-
-class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel):
+class DualViewLlavaNextModel(AnyResHost, _host.DualViewHost, LlavaNextModel):
     """``LlavaNextModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
     dualview_adapter = ADAPTER
     dualview_plain = LlavaNextModel
-    dualview_full_map = True
-    dualview_live = {"pinpoints": "image_grid_pinpoints"}
 
     @merge_config_defaults
     @can_return_tuple

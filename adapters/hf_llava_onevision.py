@@ -63,7 +63,7 @@ from dualview import DualViewEncoder
 from dualview import grid as G
 
 from . import _host
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyAdapter, LlavaFamilyHost, anyres_images, host_decorators
+from ._hf import ANYRES_FIXED, Layers, AnyResHost, LlavaFamilyAdapter, anyres_images, host_decorators
 
 ADAPTER = "hf_llava_onevision"
 HOSTS = (LlavaOnevisionForConditionalGeneration,)
@@ -74,14 +74,12 @@ merge_config_defaults, can_return_tuple = host_decorators()
 ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
-class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaFamilyHost, LlavaOnevisionModel):
+class DualViewLlavaOnevisionModel(AnyResHost, _host.DualViewHost, LlavaOnevisionModel):
     """``LlavaOnevisionModel`` whose ``get_image_features`` is dual view (see the module docstring);
     ``get_video_features`` is the host's."""
 
     dualview_adapter = ADAPTER
     dualview_plain = LlavaOnevisionModel
-    dualview_full_map = True
-    dualview_live = {"pinpoints": "image_grid_pinpoints"}
 
     @merge_config_defaults
     @can_return_tuple
