@@ -39,6 +39,7 @@ class DualViewOptions:
     ffn_hidden: Optional[int] = None  # DEM fusion FFN width (None: max(dim // 16, 1))
     eps: float = 1e-5  # DEM LayerNorm epsilon
     init: str = "released"  # "identity": a gate (spatial_gate, g = 0) keeps the host's features at initialisation
+    fast: bool = True  # DEM(fast=...): the fast path (same output as the paper's steps as written)
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> "DualViewOptions":
@@ -53,6 +54,8 @@ class DualViewOptions:
             opts.out_size = tuple(opts.out_size)
         if opts.init not in GATE_INITS:
             raise ValueError(f"init must be one of {GATE_INITS}, got {opts.init!r}")
+        if not isinstance(opts.fast, bool):
+            raise ValueError(f"fast must be a bool, got {opts.fast!r}")
         size = opts.tower_batch_size
         if size is not None and size != "all" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"tower_batch_size must be a positive int, 'all' or None (automatic), got {size!r}")

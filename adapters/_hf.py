@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections import defaultdict
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from dualview import DualViewEncoder
-from dualview import grid as G
-from dualview import layout
+from dualview._checks import check_size
+from dualview.tiled import TiledImage
 
 from . import _host
+from .base import Geometry, HostAdapter
 from .towers import HFVisionTower
 
 Layers = Union[int, Sequence[int]]
@@ -128,13 +128,55 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
 
 
 class LlavaFamilyHost:
-    """``dualview_expects`` of the LLaVA-style hosts (LLaVA, LLaVA-NeXT, OneVision): the tower's
-    hidden size times the layers of ``config.vision_feature_layer``, on its square token grid."""
+    """What the LLaVA-style hosts' dual-view classes (LLaVA, LLaVA-NeXT, OneVision) share: the DEM's
+    expected input (the tower's hidden size times the layers of ``config.vision_feature_layer``, on its
+    square token grid) and the encoder of one ``get_image_features`` call."""
 
     def dualview_expects(self) -> tuple[int, tuple[int, int]]:
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return vision.hidden_size * len(feature_layers(self.config.vision_feature_layer)), (side, side)
+        geometry = LlavaFamilyAdapter.geometry(self.config)
+        return geometry.dim, geometry.feat_size
+
+    def dualview_call(
+        self, vision_feature_layer: Optional[Layers], vision_feature_select_strategy: Optional[str], kwargs: dict
+    ) -> tuple[DualViewEncoder, _host.RecordingTower, str]:
+        """(encoder, tower, strategy) of one call: the call's feature layers and select strategy, else
+        the config's; the tower records its own outputs when ``kwargs`` ask for them."""
+        config = self.config
+        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        tower = vision_tower_for(self, layers, strategy, kwargs)
+        vision = config.vision_config
+        return self.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size), tower, strategy
+
+
+class AnyResHost(LlavaFamilyHost):
+    """The AnyRes hosts' dual-view classes (LLaVA-NeXT, OneVision): the full DEM map goes back into
+    the tiles; the grid follows ``config.image_grid_pinpoints`` at every call."""
+
+    dualview_full_map = True
+    dualview_live = {"pinpoints": "image_grid_pinpoints"}
+
+
+class LlavaFamilyAdapter(HostAdapter):
+    """The LLaVA-style hosts' geometry (CLIP / SigLIP tower at ``config.vision_feature_layer``), tower
+    and apply-time check (the select strategy drops exactly the tower's prefix tokens)."""
+
+    @classmethod
+    def geometry(cls, config: Any) -> Geometry:
+        vision = config.vision_config
+        return Geometry(dim=vision.hidden_size * len(feature_layers(config.vision_feature_layer)),
+                        crop=vision.image_size, patch=vision.patch_size)
+
+    @classmethod
+    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+        config = inner.config
+        return vision_tower_for(inner, feature_layers(config.vision_feature_layer),
+                                config.vision_feature_select_strategy, kwargs)
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        feature_layers(model.config.vision_feature_layer)
+        check_strategy(model.config.vision_feature_select_strategy, model.model.vision_tower)
 
 
 # AnyRes (LLaVA-NeXT, OneVision) fixes these: the grid comes from the pinpoints, the canvas is padded,
@@ -162,20 +204,15 @@ def anyres_patches(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.
     raise ValueError(f"pixel_values must be 5-D (B, patches, 3, s, s) or 4-D, got shape {tuple(pixel_values.shape)}")
 
 
-def anyres_in_host_order(
+def anyres_images(
     encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
     tiled: Sequence[bool]
-) -> list[torch.Tensor]:
-    """AnyRes patches (LLaVA-NeXT, OneVision) -> per image its features in the host's layout, for its packing: a tiled
-    image (base + R*C tiles) gives (1 + R*C, h*w, D): the base image's features, then the DEM-fused
-    map cut back into the R*C tile windows; an untiled one (1, h*w, D), plain.
-
-    One tower call (``encoder.run_tower``, chunked only with ``tower_batch_size``) over the host's
-    patches in its own order, then every tiled image's global crops; one DEM call per grid.
-    Under ``init="identity"`` (``encoder.gate``) the host's patches are a call of their own, the
-    plain host's batch (a tower need not give bit-equal features in batches of other sizes), and
-    the gate blends their tile features with the DEM's."""
-    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
+) -> list[TiledImage]:
+    """AnyRes patches (LLaVA-NeXT, OneVision) -> per image the tiled engine's input: a tiled image
+    (base + R*C tiles, grid from ``image_sizes`` by the encoder's DCM) has its tiles after the base;
+    an untiled one (``tiled[i]`` False: a multi-image sample's, one square crop) passes through.
+    ``encoder.encode_tiled`` then gives each (1 + R*C, h*w, D) or (1, h*w, D) in AnyRes's layout."""
+    sizes = [check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
     if len(tiled) != len(sizes):
         raise ValueError(f"tiled must hold one flag per image ({len(sizes)}), got {len(tiled)}")
     grids = [encoder.dcm.grid_for(size) if tile else None for size, tile in zip(sizes, tiled)]
@@ -185,37 +222,6 @@ def anyres_in_host_order(
             f"pixel_values must be (images, patches, 3, {crop}, {crop}) or stacked (patches, 3, {crop}, {crop}) "
             f"(vision_config.image_size={crop}), got shape {tuple(pixel_values.shape)}"
         )
-    dem = encoder.dem
-    pixel_values = pixel_values.to(device=next(dem.parameters()).device)
-    counts = [1 + g[0] * g[1] if g else 1 for g in grids]
-    patches = anyres_patches(pixel_values, counts)
-    global_crops = [layout.split_global(layout.merge_local(p[None, 1:], *g), *g)[0]
-                    for p, g in zip(patches, grids) if g]
-    if encoder.gate is None:
-        feats = encoder.run_tower(torch.cat(patches + global_crops))
-    else:
-        feats = torch.cat([encoder.run_tower(torch.cat(patches))]
-                          + ([encoder.run_tower(torch.cat(global_crops))] if global_crops else []))
-    if feats.shape[-1] != dem.dim:
-        raise ValueError(f"the tower returns D={feats.shape[-1]} channels, but the DEM has dim={dem.dim}")
-    # the host's patches keep the tower's precision; only the DEM's inputs take the DEM's
-    host_feats, global_feats = feats.split([sum(counts), feats.shape[0] - sum(counts)])
-    per_image = list(host_feats.split(counts))
-    global_iter = iter(global_feats.split([g[0] * g[1] for g in grids if g]))
-    globals_of = {i: next(global_iter) for i, g in enumerate(grids) if g}
-    # Images that share a grid form one DEM batch.
-    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-    for i, g in enumerate(grids):
-        if g:
-            by_grid[g].append(i)
-    h, w = encoder.feat_size
-    for (rows, cols), idx in by_grid.items():
-        local = _host.to_dtype_of(torch.stack([per_image[i][1:] for i in idx]), dem)  # (B, R*C, h*w, D)
-        glob = _host.to_dtype_of(torch.stack([globals_of[i] for i in idx]), dem)
-        fused = dem(local, glob, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D)
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
-        if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
-            windows = encoder.gate(torch.stack([per_image[i][1:] for i in idx]), windows)
-        for i, tiles in zip(idx, windows):
-            per_image[i] = torch.cat((per_image[i][:1], tiles))
-    return per_image
+    pixel_values = pixel_values.to(device=next(encoder.dem.parameters()).device)
+    patches = anyres_patches(pixel_values, [1 + g[0] * g[1] if g else 1 for g in grids])
+    return [TiledImage(p, g, tiles_at=1) if g else TiledImage(p) for p, g in zip(patches, grids)]

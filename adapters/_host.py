@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 import gc
 import warnings
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from dualview import DCM, DEM, DualViewEncoder
-from dualview import encoder as encoder_module
 from dualview import grid as G
 from dualview.gate import DualViewGate
 
@@ -57,6 +56,8 @@ class DualViewHost:
         plain = cls.__dict__.get("dualview_plain")
         if plain is not None:
             _inherit_conversion_mapping(cls, plain)
+            if cls.dualview_adapter:
+                _ADAPTER_FOR[plain.__name__] = cls.dualview_adapter
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -134,6 +135,12 @@ class DualViewHost:
         expects = self.dualview_expects() if hasattr(self, "dualview_expects") else None
         check_dem_fits(dem, adapter=self.dualview_adapter, expects=expects,
                        full_map=self.dualview_full_map, thumbnail_fusion=recorded.get("thumbnail_fusion"))
+
+    def dualview_project(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats`` through the host's projector (connector), cast to its dtype first: a DEM kept in
+        another precision than the model (a float32 DEM in bf16, or the reverse) hands it the model's."""
+        projector = getattr(dem_parent_of(self), self.dualview_projector)
+        return projector(to_dtype_of(feats, projector))
 
     def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
@@ -283,7 +290,7 @@ def dem_settings(dem: DEM) -> dict:
     """The options that rebuild ``dem``'s architecture (its weights aside)."""
     out = {
         "num_heads": dem.attention.num_heads, "out_size": None if dem.out_size is None else list(dem.out_size),
-        "directions": dem.directions, "fusion": dem.fusion, "eps": dem.ln_fuse.eps,
+        "directions": dem.directions, "fusion": dem.fusion, "eps": dem.ln_fuse.eps, "fast": dem.fast,
         "ffn_hidden": dem.ffn_crop[0].out_features if dem.fusion == "linear_concat" else None,
     }
     if dem.out_size is not None:  # without resampling the option is unused (and fixed by full-map hosts)
@@ -299,19 +306,6 @@ def record_dem_settings(config: Any, dem: DEM) -> None:
     settings = dem_settings(dem)
     if any(recorded.get(k, "missing") != v for k, v in settings.items()):
         setattr(config, CONFIG_KEY, {**recorded, **settings})
-
-
-def tower_chunks(tower_batch_size: Union[int, str, None], crops: int, tokens_per_crop: int) -> list[int]:
-    """The crop count of each tower call, for an adapter that runs its host's tower itself: the rule
-    of :meth:`DualViewEncoder.tower_chunks` (``None``: automatic, the fewest equal calls of at most
-    ``dualview.encoder.AUTO_CHUNK_TOKENS`` tokens; an int: at most that many crops per call;
-    ``"all"``: one call)."""
-    if tower_batch_size == "all" or crops == 0:
-        return [crops]
-    if tower_batch_size is not None:
-        size = int(tower_batch_size)
-        return [size] * (crops // size) + ([crops % size] if crops % size else [])
-    return encoder_module.even_chunks(crops, tokens_per_crop, encoder_module.AUTO_CHUNK_TOKENS)
 
 
 def encoder_from(
@@ -343,7 +337,7 @@ def new_dem(
     out_size = feat_size if options.out_size == "tower" else options.out_size
     dtype, device = dtype_of(like), placement(like)
     settings = dict(out_size=out_size, directions=options.directions, fusion=options.fusion, resample=options.resample,
-                    ffn_hidden=options.ffn_hidden, eps=options.eps)
+                    ffn_hidden=options.ffn_hidden, eps=options.eps, fast=options.fast)
     if init is None:
         return DEM(dim, options.num_heads, **settings, device=device, dtype=dtype)
     dem = DEM(dim, options.num_heads, **settings, device="meta", dtype=dtype)
@@ -476,22 +470,18 @@ def adapted(host: nn.Module, adapter: str) -> DualViewHost:
     return host
 
 
-# plain host class name -> the adapter that fits it (for the "wrong adapter" message)
-_ADAPTER_FOR = {
-    "LlavaModel": "hf_llava",
-    "LlavaNextModel": "hf_llava_next",
-    "LlavaOnevisionModel": "hf_llava_onevision",
-    "InternVLModel": "hf_internvl",
-    "Idefics3Model": "hf_idefics3",
-    "SmolVLMModel": "hf_idefics3",
-    "LlavaLlamaForCausalLM": "llava15",
-    "LlavaMistralForCausalLM": "llava15",
-    "LlavaMptForCausalLM": "llava15",
-}
+_ADAPTER_FOR: dict[str, str] = {}
+"""Plain host class name -> the adapter that fits it, filled by defining a :class:`DualViewHost`
+subclass (for the "wrong adapter" message)."""
 
 
 def adapter_for(cls: type) -> Optional[str]:
-    """The adapter module that handles host class ``cls`` (by name), if any."""
+    """The adapter module that handles host class ``cls`` (by name), if any. The adapters whose host
+    library imports here are loaded the first time a name is not found."""
+    if cls.__name__ not in _ADAPTER_FOR:
+        from dualview.lifecycle import adapters
+
+        adapters()  # importing an adapter registers its hosts
     return _ADAPTER_FOR.get(cls.__name__)
 
 

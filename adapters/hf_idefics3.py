@@ -64,8 +64,6 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`prepare_
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -77,11 +75,13 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from dualview import DEM
 from dualview import grid as G
-from dualview import layout
+from dualview.budget import Budget
+from dualview._checks import check_positive_int, check_size
+from dualview.tiled import TiledImage
 
 from . import _host
+from .base import Geometry, HostAdapter, SavedAsPlain, prepare
 from ._common import DualViewOptions, host_folder, reload
 from ._hf import bind_host_call, forward_naming, host_decorators
 
@@ -141,12 +141,12 @@ def processor_grid(image_size: G.Size, *, tile: int, longest_edge: Optional[int]
 
     (The processors' ``get_number_of_image_patches`` rounds the short edge from the unresized size;
     it agrees with this, the tiling actually done, when ``longest_edge`` is a multiple of ``tile``.)"""
-    height, width = G.check_size(tuple(image_size), "image_size")
-    G.check_positive_int(tile, "tile")
+    height, width = check_size(tuple(image_size), "image_size")
+    check_positive_int(tile, "tile")
     if not split:
         return 0, 0
     if longest_edge is not None:
-        height, width = _rescale_to_longest_edge(height, width, G.check_positive_int(longest_edge, "longest_edge"))
+        height, width = _rescale_to_longest_edge(height, width, check_positive_int(longest_edge, "longest_edge"))
         height, width = _cap_side(height, width, MAX_IMAGE_SIDE)
     height, width = _round_up_to_tiles(height, width, tile)
     if height <= tile and width <= tile:
@@ -170,7 +170,7 @@ def grid_rows(rows: Sequence[Sequence[int]], cols: Sequence[Sequence[int]]) -> l
     return [[[r, c] for r, c in zip(rs, cs)] + [[-1, -1]] * (width - len(rs)) for rs, cs in zip(rows, cols)]
 
 
-class _GridOutputProcessor:
+class _GridOutputProcessor(SavedAsPlain):
     """Processor mixin: the output also holds ``image_grid`` (from the image processor's rows and
     cols, which the host computes for the prompt and then drops); the prompt is untouched."""
 
@@ -197,19 +197,13 @@ class _GridOutputProcessor:
     def model_input_names(self) -> list[str]:
         return list(super().model_input_names) + [GRID_INPUT]
 
-    def to_dict(self) -> dict:
-        # Saved as the host's processor: loading gives the plain one, prepare_processor it again.
-        out = super().to_dict()
-        out["processor_class"] = self._host_processor
-        return out
-
 
 class DualViewIdefics3Processor(_GridOutputProcessor, Idefics3Processor):
-    _host_processor = "Idefics3Processor"
+    """A prepared ``Idefics3Processor`` (:func:`prepare_processor`)."""
 
 
 class DualViewSmolVLMProcessor(_GridOutputProcessor, SmolVLMProcessor):
-    _host_processor = "SmolVLMProcessor"
+    """A prepared ``SmolVLMProcessor`` (:func:`prepare_processor`)."""
 
 
 _PREPARED = {Idefics3Processor: DualViewIdefics3Processor, SmolVLMProcessor: DualViewSmolVLMProcessor}
@@ -219,26 +213,10 @@ def prepare_processor(processor: Any) -> Any:
     """Make an ``Idefics3Processor`` / ``SmolVLMProcessor`` also return ``image_grid`` (each image's
     ``(rows, cols)``), in place; returns it. Prompts, ``<image>`` counts and pixels are unchanged.
     A prepared processor is left as it is; ``save_pretrained`` saves the plain one."""
-    if type(processor) in _PREPARED.values():
-        return processor
-    if type(processor) not in _PREPARED:
-        raise TypeError(
-            f"processor must be a transformers Idefics3Processor or SmolVLMProcessor, got {type(processor).__name__}"
-        )
-    processor.__class__ = _PREPARED[type(processor)]
-    return processor
+    return prepare(processor, _PREPARED)
 
 
 # --- the model: frames -> tiles, global crops, DEM ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class _SplitImage:
-    """A split image among the batch's real frames: its tiles are frames ``first .. first+R*C-1``,
-    its global image frame ``first + R*C``."""
-
-    grid: G.Grid
-    first: int
 
 
 def _check_image_grid(image_grid: Any, pixel_values: torch.Tensor) -> list[list[G.Grid]]:
@@ -272,15 +250,15 @@ def _check_image_grid(image_grid: Any, pixel_values: torch.Tensor) -> list[list[
     return per_sample
 
 
-def _split_images(grids: list[list[G.Grid]], real: torch.Tensor) -> list[_SplitImage]:
-    """The split images among the real frames (``real`` (B, N): the host's not-all-zero frames, whose
-    flattened order is the order of the frames the tower sees); each sample's frame count is checked."""
+def _images_of(grids: list[list[G.Grid]], real: torch.Tensor) -> list[tuple[int, G.Grid]]:
+    """``(first frame, grid)`` of every image among the real frames (``real`` (B, N): the host's
+    not-all-zero frames, whose flattened order is the order of the frames the tower sees); each
+    sample's frame count is checked."""
     found, start = [], 0
     for b, (sample, count) in enumerate(zip(grids, real.sum(1).tolist())):
         first = start
         for grid in sample:
-            if grid[0]:
-                found.append(_SplitImage(grid, first))
+            found.append((first, grid))
             first += frames_of(grid)
         if first - start != count:
             raise ValueError(
@@ -298,100 +276,68 @@ def _patch_mask(pixel_mask: torch.Tensor, patch: int) -> torch.Tensor:
     return patches.sum(dim=(-1, -2)) > 0
 
 
-def _global_crops(frames: torch.Tensor, tiles: torch.Tensor, grid: G.Grid) -> torch.Tensor:
-    """Frames (F, c, H, W) and the tile indices of images sharing ``grid`` (n, R*C) -> the strided global
-    crops of their canvases (n*R*C, c, H, W), in the local order ``a*C + b``."""
-    canvas = layout.merge_local(frames[tiles], *grid)  # (n, c, R*H, C*W)
-    return layout.split_global(canvas, *grid).flatten(0, 1)
+class _MaskedTower(nn.Module):
+    """The host's vision transformer as the tiled engine's tower: (N, 3, H, W) pixels and their (N, H, W)
+    pixel masks -> (N, h*w, D), each patch masked by the host's rule; the ``hidden_states`` /
+    ``attentions`` the call asks for (``kwargs``) are kept per call and joined by :meth:`outputs`."""
 
+    def __init__(self, vision: nn.Module, patch_size: int, kwargs: dict) -> None:
+        super().__init__()
+        self.vision = vision
+        self.patch_size = patch_size
+        self.kwargs = kwargs
+        self.recorded: list[dict] = []
 
-def _run_tower(vision: nn.Module, pixels: torch.Tensor, patch_mask: torch.Tensor, chunks: list[int], **kwargs: Any):
-    """The vision transformer over all crops: one call, or calls of ``chunks`` crops (outputs joined)."""
-    if len(chunks) == 1:
-        return vision(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True, **kwargs)
-    parts = [
-        vision(pixel_values=p, patch_attention_mask=m, return_dict=True, **kwargs)
-        for p, m in zip(pixels.split(chunks), patch_mask.split(chunks))
-    ]
-    joined = {}
-    for key in parts[0].keys():
-        values = [part[key] for part in parts]
-        joined[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else tuple(map(torch.cat, zip(*values)))
-    return type(parts[0])(**joined)
+    def forward(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        out = self.vision(pixel_values=pixels, patch_attention_mask=_patch_mask(masks, self.patch_size),
+                          return_dict=True, **self.kwargs)
+        self.recorded.append({key: out.get(key) for key in ("hidden_states", "attentions")})
+        return out.last_hidden_state
+
+    def outputs(self) -> dict:
+        """``hidden_states`` / ``attentions``: per layer, every call's crops in tower-batch order (None when not asked)."""
+        joined = {}
+        for key in ("hidden_states", "attentions"):
+            parts = [call[key] for call in self.recorded]
+            joined[key] = None if not parts or parts[0] is None else tuple(map(torch.cat, zip(*parts)))
+        return joined
 
 
 def _dual_view_features(
-    model: nn.Module,
-    dem: DEM,
-    pixel_values: torch.Tensor,
-    pixel_attention_mask: Optional[torch.Tensor],
-    grids: list[list[G.Grid]],
-    *,
-    gate: Optional[nn.Module] = None,
-    tower_batch_size: Union[int, str, None] = None,
-    **kwargs: Any,
+    model: nn.Module, pixel_values: torch.Tensor, pixel_attention_mask: Optional[torch.Tensor],
+    grids: list[list[G.Grid]], **kwargs: Any,
 ) -> BaseModelOutputWithPooling:
     """The host's ``get_image_features`` with dual view for the split images (``grids`` lists some).
 
     pixel_values (B, N, 3, H, W) zero-padded frames, pixel_attention_mask (B, N, H, W) or None ->
     ``pooler_output``: per sample (its real frames * image_seq_len, text_dim), as the host;
     ``last_hidden_state``: (real frames, h*w, D) with the DEM-fused tiles (what the connector reads);
-    ``hidden_states`` / ``attentions`` (when asked): the tower's, for every crop of the one call
-    (real frames, then the global crops grid by grid). ``gate`` (``init="identity"``): blends the
-    tiles' own features with the DEM's; the frames then run in tower calls of their own (the plain
-    host's batch), so that the gate at 0 gives the plain host's features bit for bit."""
+    ``hidden_states`` / ``attentions`` (when asked): the tower's, for every crop of the tower batch
+    (real frames, then the global crops image by image). The core's tiled engine
+    (:meth:`dualview.DualViewEncoder.encode_tiled`) runs the tower, the DEM and the gate."""
     batch, num = pixel_values.shape[:2]
     pixels = pixel_values.to(dtype=model.dtype).flatten(0, 1)  # the host's cast, fp16 compatibility
     real = (pixels == 0.0).sum(dim=(-1, -2, -3)) != pixels.shape[1:].numel()  # the host's padding rule
-    split = _split_images(grids, real.view(batch, num))
     frames = pixels[real]
     if pixel_attention_mask is None:
         masks = torch.ones(frames.shape[0], *frames.shape[-2:], dtype=torch.bool, device=frames.device)
     else:
         masks = pixel_attention_mask.flatten(0, 1)[real]
-
-    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-    for image in split:
-        by_grid[image.grid].append(image.first)
-    tiles = {  # grid -> (n, R*C) indices of the tiles among the frames
-        grid: torch.tensor(firsts, device=frames.device)[:, None] + torch.arange(grid[0] * grid[1], device=frames.device)
-        for grid, firsts in by_grid.items()
-    }
-    crops = [_global_crops(frames, index, grid) for grid, index in tiles.items()]
-    crop_masks = [_global_crops(masks[:, None], index, grid)[:, 0] for grid, index in tiles.items()]
-
+    images = []
+    for first, grid in _images_of(grids, real.view(batch, num)):
+        at = slice(first, first + frames_of(grid))
+        images.append(TiledImage(frames[at], grid, tiles_at=0, masks=masks[at]) if grid[0]
+                      else TiledImage(frames[at], masks=masks[at]))
     patch = model.config.vision_config.patch_size
-    pixels = torch.cat([frames, *crops])
-    tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
-    chunks = _host.tower_chunks(tower_batch_size, pixels.shape[0], tokens)
-    if gate is not None:  # init="identity": the frames in calls of their own, the plain host's batch
-        chunks = [n for n in (_host.tower_chunks(tower_batch_size, frames.shape[0], tokens)
-                              + _host.tower_chunks(tower_batch_size, pixels.shape[0] - frames.shape[0], tokens)) if n]
-    tower_out = _run_tower(
-        model.vision_model, pixels, _patch_mask(torch.cat([masks, *crop_masks]), patch), chunks, **kwargs,
-    )
-    hidden = tower_out.last_hidden_state  # (F + global crops, h*w, D)
-    h, w = frames.shape[-2] // patch, frames.shape[-1] // patch
-    fused_frames, offset = hidden[: frames.shape[0]], frames.shape[0]
-    dem_param = next(dem.parameters())  # the DEM runs in its own dtype, on its own device
-    for grid, index in tiles.items():
-        rows, cols = grid
-        local = fused_frames[index]  # (n, R*C, h*w, D)
-        glob = hidden[offset : offset + index.numel()].view(local.shape)
-        offset += index.numel()
-        fused = dem(local.to(dem_param), glob.to(dem_param), grid, (h, w))  # (n, R*h*C*w, D)
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # back to tiles
-        if gate is not None:  # init="identity": the host's own tile features at g = 0
-            windows = gate(local, windows.to(hidden))
-        fused_frames = fused_frames.index_copy(0, index.flatten(), windows.flatten(0, 1).to(hidden))
-
-    features = model.connector(fused_frames)  # pixel shuffle + projection, per frame, as the host
+    tower = _MaskedTower(model.vision_model, patch, kwargs)
+    encoder = model.dualview_encoder(tower, crop_size=frames.shape[-1], patch_size=patch)
+    fused_frames = torch.cat(encoder.encode_tiled(images))  # (real frames, h*w, D)
+    features = model.dualview_project(fused_frames)  # pixel shuffle + projection, per frame, as the host
     counts = real.view(batch, num).sum(1).tolist()
     return BaseModelOutputWithPooling(
         last_hidden_state=fused_frames,
         pooler_output=[f.reshape(-1, f.shape[-1]) for f in features.split(counts)],
-        hidden_states=tower_out.get("hidden_states"),
-        attentions=tower_out.get("attentions"),
+        **tower.outputs(),
     )
 
 
@@ -422,10 +368,7 @@ class _DualViewFrames:
         grids = _check_image_grid(image_grid, pixel_values)
         if not any(rows for sample in grids for rows, _ in sample):
             return super().get_image_features(pixel_values, pixel_attention_mask, **kwargs)
-        return _dual_view_features(
-            self, self.dualview_dem, pixel_values, pixel_attention_mask, grids, gate=self.dualview_gate,
-            tower_batch_size=self.dualview_options.tower_batch_size, **kwargs,
-        )
+        return _dual_view_features(self, pixel_values, pixel_attention_mask, grids, **kwargs)
 
     def forward(self, *args: Any, image_grid: Optional[torch.Tensor] = None, **kwargs: Any):
         """The host's forward, called with the arguments of the call under the names the installed host
@@ -539,66 +482,95 @@ def _check_bare(inner: nn.Module) -> None:
             )
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into an Idefics3 / SmolVLM model in place; returns it.
+class Idefics3Adapter(HostAdapter):
+    """The host's declarations: two families (Idefics3, SmolVLM), each as the outer
+    ``...ForConditionalGeneration`` (its ``forward`` then names ``image_grid``) or the bare inner model;
+    the processor tiles, so the DCM's tiling options do not apply and the full DEM map replaces the
+    tiles; ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``, ``init`` stay free."""
 
-    ``options``: ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size`` of
-    :class:`~dualview.adapters._common.DualViewOptions`; ``grid``, ``out_size``, ``resample`` and
-    ``thumbnail_fusion`` are fixed, ``fit``, ``max_tiles``, ``pinpoints`` do not apply (the processor
-    tiles). The DEM (``dim`` = the vision tower's hidden size) is new, initialised by the host's
-    ``_init_weights``, in the connector's dtype and device. Use :func:`prepare_processor` for inputs.
-    """
-    outer, inner = _parts(model)
-    if outer is None:
-        _check_bare(inner)
-    opts = _options(options)
-    _host.check_not_applied(inner)
-    vision = inner.config.vision_config
-    side = vision.image_size // vision.patch_size
-    dem = _host.new_dem(opts, vision.hidden_size, (side, side), like=inner.connector, init=inner._initialize_weights)
-    _host.attach(inner, _INNER[type(inner)], options=opts, dem=dem, config=model.config)
-    if outer is not None:
-        _host.swap_class(outer, _OUTER[type(outer)])
-    return model
+    name = ADAPTER
+    hosts = HOSTS
+    projector = "connector"
+
+    @classmethod
+    def geometry(cls, config: Any) -> Geometry:
+        vision = config.vision_config
+        return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+
+    @classmethod
+    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+        return _MaskedTower(inner.vision_model, inner.config.vision_config.patch_size, kwargs)
+
+    @classmethod
+    def check_type(cls, model: nn.Module) -> None:
+        outer, inner = _parts(model)
+        if outer is None:
+            _check_bare(inner)
+
+    @classmethod
+    def options(cls, config: Any, options: dict) -> DualViewOptions:
+        return _options(options)
+
+    @classmethod
+    def inner_of(cls, model: nn.Module) -> nn.Module:
+        return _parts(model)[1]
+
+    @classmethod
+    def dual_view_class_for(cls, inner: nn.Module) -> type:
+        return _INNER[type(inner)]
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> None:
+        outer, _ = _parts(model)
+        if outer is not None:
+            _host.swap_class(outer, _OUTER[type(outer)])
+
+    @classmethod
+    def unwrap(cls, model: nn.Module) -> None:
+        outer, _ = _parts(model)
+        if outer is not None and isinstance(outer, _GridInput):
+            _host.swap_class(outer, type(outer).dualview_plain)
+
+    @classmethod
+    def budget(cls, processor: Any, image_size: G.Size) -> Budget:
+        """Tower passes (``2*R*C + 1``, 1 when not split) and LLM image tokens (plain's: ``(R*C + 1) *
+        image_seq_len``) of one ``(H, W)`` image under ``processor``'s settings (the host's tiling is
+        the processor's: a model is a TypeError); runs nothing."""
+        if not isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
+            raise TypeError(
+                f"processor must be an Idefics3Processor or SmolVLMProcessor (the tiling is the processor's), got "
+                f"{type(processor).__name__}"
+            )
+        images = processor.image_processor
+        tile = images.max_image_size["longest_edge"]
+        longest = images.size["longest_edge"] if images.do_resize else None
+        grid = processor_grid(image_size, tile=tile, longest_edge=longest, split=images.do_image_splitting)
+        rows, cols = grid
+        canvas = (rows * tile, cols * tile) if rows else (tile, tile)
+        passes = 2 * rows * cols + 1 if rows else 1
+        return Budget("dual_view_idefics3", grid, canvas, passes, frames_of(grid) * processor.image_seq_len)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:
+        """Load a model saved from an adapted one with ``save_pretrained``: the plain class named by its
+        config (``Idefics3`` / ``SmolVLM``, ``...ForConditionalGeneration``), dual view re-applied with the
+        options in its config.json, the DEM weights restored strictly. ``kwargs`` go to the class's
+        ``from_pretrained`` (dtype, device_map, ...)."""
+        from transformers import AutoConfig
+
+        folder, _ = host_folder(path, kwargs)  # a local folder (and its subfolder), checked before reading its config
+        config = AutoConfig.from_pretrained(folder)
+        hosts = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Model),
+                 "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMModel)}
+        if config.model_type not in hosts:
+            raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")
+        outer, inner = hosts[config.model_type]
+        if (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration"):
+            return reload(outer, path, cls.apply, **kwargs)
+        return reload(inner, path, cls.apply, dem_prefix=f"{_host.DEM_ATTR}.", **kwargs)
 
 
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain model back (classes, no DEM, no ``config.dualview``)."""
-    outer, inner = _parts(model)
-    _host.unapply(inner, config=model.config, adapter=ADAPTER)
-    if outer is not None and isinstance(outer, _GridInput):
-        _host.swap_class(outer, type(outer).dualview_plain)
-    return model
-
-
-def budget(processor: Any, image_size: G.Size) -> G.Budget:
-    """Tower passes (``2*R*C + 1``, 1 when not split) and LLM image tokens (plain's: ``(R*C + 1) *
-    image_seq_len``) of one ``(H, W)`` image under ``processor``'s settings; runs nothing."""
-    if not isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
-        raise TypeError(f"processor must be an Idefics3Processor or SmolVLMProcessor, got {type(processor).__name__}")
-    images = processor.image_processor
-    tile = images.max_image_size["longest_edge"]
-    longest = images.size["longest_edge"] if images.do_resize else None
-    grid = processor_grid(image_size, tile=tile, longest_edge=longest, split=images.do_image_splitting)
-    rows, cols = grid
-    canvas = (rows * tile, cols * tile) if rows else (tile, tile)
-    passes = 2 * rows * cols + 1 if rows else 1
-    return G.Budget("dual_view_idefics3", grid, canvas, passes, frames_of(grid) * processor.image_seq_len)
-
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load a model saved from an adapted one with ``save_pretrained``: the plain class named by its
-    config (``Idefics3`` / ``SmolVLM``, ``...ForConditionalGeneration``), dual view re-applied with the
-    options in its config.json, the DEM weights restored strictly. ``kwargs`` go to the class's
-    ``from_pretrained`` (dtype, device_map, ...)."""
-    from transformers import AutoConfig
-
-    folder, _ = host_folder(path, kwargs)  # a local folder (and its subfolder), checked before reading its config
-    config = AutoConfig.from_pretrained(folder)
-    hosts = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Model), "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMModel)}
-    if config.model_type not in hosts:
-        raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")
-    outer, inner = hosts[config.model_type]
-    if (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration"):
-        return reload(outer, path, apply, **kwargs)
-    return reload(inner, path, apply, dem_prefix=f"{_host.DEM_ATTR}.", **kwargs)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    Idefics3Adapter.apply, Idefics3Adapter.unapply, Idefics3Adapter.encoder_of, Idefics3Adapter.budget,
+    Idefics3Adapter.from_pretrained,
+)

@@ -61,11 +61,7 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`prepare_
 
 from __future__ import annotations
 
-import copy
 import re
-from collections import defaultdict
-from itertools import accumulate
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -78,10 +74,13 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from dualview import DualViewEncoder
 from dualview import grid as G
-from dualview import layout
+from dualview.budget import Budget
+from dualview._checks import check_size
+from dualview.tiled import TiledImage
 
 from . import _host
-from ._common import DualViewOptions, reload, with_fixed
+from .base import Geometry, HostAdapter, SavedAsPlain, prepare
+from ._common import DualViewOptions
 from ._hf import bind_host_call, check_strategy, host_decorators, vision_tower_for
 
 ADAPTER = "hf_internvl"
@@ -105,7 +104,7 @@ def tile_grid(
 ) -> G.Grid:
     """The ``(rows, cols)`` grid ``GotOcr2ImageProcessor`` cuts an ``(H, W)`` image into, by the
     host's own choice (``get_optimal_tiled_canvas``); ``(1, 1)`` when it does not crop."""
-    height, width = G.check_size(tuple(image_size), "image_size")
+    height, width = check_size(tuple(image_size), "image_size")
     if not crop_to_patches or max_patches <= 1:
         return 1, 1
     cols, rows = get_optimal_tiled_canvas((height, width), tuple(tile_size), min_patches, max_patches)
@@ -140,24 +139,6 @@ def _tile_tokens(config: Any) -> tuple[int, int]:
     return h, int(side) ** 2
 
 
-def budget(
-    model: nn.Module, image_size: G.Size, *, min_patches: int = 1, max_patches: int = 12, crop_to_patches: bool = True,
-) -> G.Budget:
-    """Tower passes and image tokens (the host's) for one ``(H, W)`` image; runs nothing.
-
-    ``min_patches`` / ``max_patches`` / ``crop_to_patches``: the processor's (defaults: InternVL3's).
-    ``tokens`` counts the ``<IMG_CONTEXT>`` tokens; the prompt adds ``<img>`` and ``</img>``."""
-    config = getattr(model, "config", None)
-    if not hasattr(config, "downsample_ratio"):
-        raise TypeError(f"model must be a transformers InternVLForConditionalGeneration, got {type(model).__name__}")
-    s = _square_tile(config)
-    grid = tile_grid(image_size, tile_size=(s, s), min_patches=min_patches, max_patches=max_patches,
-                     crop_to_patches=crop_to_patches)
-    patches = patches_per_image(grid)
-    passes = 2 * grid[0] * grid[1] + 1 if patches > 1 else 1
-    return G.Budget("dual_view_internvl", grid, (grid[0] * s, grid[1] * s), passes, patches * _tile_tokens(config)[1])
-
-
 def _square_tile(config: Any) -> int:
     size = config.vision_config.image_size
     return int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -170,7 +151,7 @@ _GRIDS_KEY = "dualview_tile_grids"  # per image, from _process_images to __call_
 _FRAMES_KEY = "dualview_video_frames"  # per video, likewise
 
 
-class DualViewInternVLProcessor(InternVLProcessor):
+class DualViewInternVLProcessor(SavedAsPlain, InternVLProcessor):
     """``InternVLProcessor`` whose output also holds ``image_sizes`` (see the module docstring):
     ``(V, 2)``, per image and video frame in ``pixel_values`` order, the canvas ``(R*s, C*s)`` its
     patches were cut from. Everything else is the plain processor's output, unchanged."""
@@ -220,13 +201,6 @@ class DualViewInternVLProcessor(InternVLProcessor):
     def model_input_names(self) -> list[str]:
         return super().model_input_names + ["image_sizes"]
 
-    def save_pretrained(self, *args: Any, **kwargs: Any):
-        """Saved as the plain ``InternVLProcessor`` (any transformers loads it back); call
-        :func:`prepare_processor` again after loading."""
-        plain = copy.copy(self)
-        plain.__class__ = InternVLProcessor
-        return plain.save_pretrained(*args, **kwargs)
-
 
 def _tiling(image_processor: Any, kwargs: dict) -> dict:
     """The tiling settings of one call: the call's images kwargs, else the image processor's own
@@ -254,13 +228,9 @@ def _image_size(image: Any, data_format: Any) -> G.Size:
 
 def prepare_processor(processor: Any) -> DualViewInternVLProcessor:
     """Make an ``InternVLProcessor`` also return ``image_sizes`` (the canvas each image was cut
-    from), in place; returns it. Prompts, pixel values and token counts stay the plain processor's."""
-    if isinstance(processor, DualViewInternVLProcessor):
-        return processor
-    if type(processor) is not InternVLProcessor:
-        raise TypeError(f"processor must be a transformers InternVLProcessor, got {type(processor).__name__}")
-    processor.__class__ = DualViewInternVLProcessor
-    return processor
+    from), in place; returns it. Prompts, pixel values and token counts stay the plain processor's;
+    ``save_pretrained`` saves the plain one."""
+    return prepare(processor, {InternVLProcessor: DualViewInternVLProcessor})
 
 
 # ---- the model
@@ -298,15 +268,13 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be (patches, 3, s, s), got {got}")
         grids = grids_from_image_sizes(image_sizes, pixel_values)
-        tower = vision_tower_for(self, [_feature_layer(layer)], strategy, kwargs)
-        if layer == -1:
-            tower = _LastHiddenState(tower.tower, hidden_states=tower.hidden_states, attentions=tower.attentions)
-        s, (h, _) = _square_tile(config), _tile_tokens(config)
-        encoder = self.dualview_encoder(tower, crop_size=s, patch_size=s // h)
+        tower = _tower(self, layer, strategy, kwargs)
+        geometry = InternVLAdapter.geometry(config)
+        h = geometry.feat_size[0]
+        encoder = self.dualview_encoder(tower, crop_size=geometry.crop, patch_size=geometry.patch)
         feats = dual_view_patches(encoder, pixel_values.to(dtype=self.dtype), grids)  # (P, h*w, D)
         shuffled = self.pixel_shuffle(feats.unflatten(1, (h, h)), scale_factor=config.downsample_ratio)
-        # a DEM kept in another precision than the model hands the projector the model's
-        projected = self.multi_modal_projector(_host.to_dtype_of(shuffled.flatten(1, 2), self.multi_modal_projector))
+        projected = self.dualview_project(shuffled.flatten(1, 2))
         # last_hidden_state: the (P, h*w, D) features the pixel shuffle read (DEM-fused tiles, plain
         # thumbnails and single patches), where the plain host gives the tower's
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=projected, **tower.outputs())
@@ -324,6 +292,14 @@ class DualViewInternVLModel(_host.DualViewHost, InternVLModel):
             )}
             call["pixel_values"] = None
         return super().forward(**call, **extra)
+
+
+def _tower(inner: nn.Module, layer: Any, strategy: str, kwargs: dict) -> _host.RecordingTower:
+    """The patch-token tower at ``layer`` (-1: the vision model's own ``last_hidden_state``)."""
+    tower = vision_tower_for(inner, [_feature_layer(layer)], strategy, kwargs)
+    if layer == -1:
+        tower = _LastHiddenState(tower.tower, hidden_states=tower.hidden_states, attentions=tower.attentions)
+    return tower
 
 
 def _feature_layer(layer: Any) -> int:
@@ -367,7 +343,7 @@ def grids_from_image_sizes(image_sizes: Any, pixel_values: torch.Tensor) -> list
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(v) for v in image_sizes]
     grids = []
     for entry in sizes:
-        height, width = G.check_size(tuple(int(v) for v in entry), "image_sizes entry")
+        height, width = check_size(tuple(int(v) for v in entry), "image_sizes entry")
         if height % s or width % s:
             raise ValueError(
                 f"image_sizes entries must be canvases (R*s, C*s) of s={s} pixel tiles (from prepare_processor), "
@@ -388,87 +364,61 @@ def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grid
 
     pixel_values (P, 3, s, s): per visual, R*C tiles row-major then the thumbnail, or one patch
     (grid 1x1). -> (P, h*w, D): tiles DEM-fused (local map of the tiles <-> global map of the
-    strided crops of their canvas), thumbnails and single patches the tower's own features.
-    One tower batch (``encoder.run_tower``) over all patches and global crops; one DEM call per grid.
-    """
+    strided crops of their canvas), thumbnails and single patches the tower's own features: the
+    core's tiled engine (:meth:`dualview.DualViewEncoder.encode_tiled`)."""
     counts = [patches_per_image(g) for g in grids]
-    starts = list(accumulate(counts, initial=0))
-    tiled = [i for i, n in enumerate(counts) if n > 1]
-    tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}  # (R*C, 3, s, s), thumbnail left out
-    glob = [layout.split_global(layout.merge_local(tiles[i][None], *grids[i]), *grids[i])[0] for i in tiled]
-    if encoder.gate is None:
-        feats = encoder.run_tower(torch.cat([pixel_values, *glob]))  # (P + sum R*C, h*w, D)
-    else:  # init="identity": the host's patches in a call of their own, the plain host's batch
-        feats = torch.cat([encoder.run_tower(pixel_values)] + ([encoder.run_tower(torch.cat(glob))] if glob else []))
-    # where each tiled image's global crops sit in feats: after the P patches, in `tiled` order
-    glob_starts = dict(zip(tiled, accumulate((len(tiles[i]) for i in tiled), initial=len(pixel_values))))
-    h, w = encoder.feat_size
-
-    by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-    for i in tiled:
-        by_grid[grids[i]].append(i)
-    fused: dict[int, torch.Tensor] = {}
-    for (rows, cols), members in by_grid.items():
-        n = rows * cols
-        # the DEM runs in its own precision; the host's patches keep the tower's
-        local = _host.to_dtype_of(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), encoder.dem)
-        global_ = _host.to_dtype_of(torch.stack([feats[glob_starts[i]:glob_starts[i] + n] for i in members]), encoder.dem)
-        full = encoder.dem(local, global_, (rows, cols)).to(feats.dtype)  # (B, R*h*C*w, D), row-major canvas map
-        windows = layout.map_to_windows(full.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
-        if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
-            windows = encoder.gate(torch.stack([feats[starts[i]:starts[i] + n] for i in members]), windows)
-        fused.update(zip(members, windows))
-
-    # the host's order: per visual its fused tiles then its thumbnail, or its one plain patch
-    parts = []
-    for i in range(len(grids)):
-        if i in fused:
-            parts.append(fused[i])
-        parts.append(feats[starts[i + 1] - 1:starts[i + 1]])
-    return torch.cat(parts)
+    images = [TiledImage(patches, grid, tiles_at=0) if n > 1 else TiledImage(patches)
+              for patches, grid, n in zip(pixel_values.split(counts), grids, counts)]
+    return torch.cat(encoder.encode_tiled(images))
 
 
-def _options(options: dict) -> DualViewOptions:
-    """The user's options with InternVL's fixed choices; a conflicting fixed choice is a ValueError."""
-    return with_fixed(options, _FIXED, "by InternVL (the processor's min_patches / max_patches choose the grid; "
-                      "the full DEM map replaces the tiles)")
+class InternVLAdapter(HostAdapter):
+    """The host's declarations: the processor picks the grid, the canvas is squashed, the full DEM map
+    replaces the tiles; ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``, ``init`` stay free."""
+
+    name = ADAPTER
+    hosts = HOSTS
+    dual_view_class = DualViewInternVLModel
+    fixed = _FIXED
+    fixed_why = "by InternVL (the processor's min_patches / max_patches choose the grid; the full DEM map replaces the tiles)"
+
+    @classmethod
+    def geometry(cls, config: Any) -> Geometry:
+        h, _ = _tile_tokens(config)
+        crop = _square_tile(config)
+        return Geometry(dim=config.vision_config.hidden_size, crop=crop, patch=crop // h)
+
+    @classmethod
+    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+        return _tower(inner, inner.config.vision_feature_layer, inner.config.vision_feature_select_strategy, kwargs)
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        _feature_layer(model.config.vision_feature_layer)
+        check_strategy(model.config.vision_feature_select_strategy, model.model.vision_tower)
+
+    @classmethod
+    def budget(
+        cls, model: nn.Module, image_size: G.Size, *, min_patches: int = 1, max_patches: int = 12,
+        crop_to_patches: bool = True,
+    ) -> Budget:
+        """Tower passes and image tokens (the host's) for one ``(H, W)`` image; runs nothing (the
+        model's config is enough: adapted or not).
+
+        ``min_patches`` / ``max_patches`` / ``crop_to_patches``: the processor's (defaults: InternVL3's).
+        ``tokens`` counts the ``<IMG_CONTEXT>`` tokens; the prompt adds ``<img>`` and ``</img>``."""
+        config = getattr(model, "config", None)
+        if not hasattr(config, "downsample_ratio"):
+            raise TypeError(f"model must be a transformers InternVLForConditionalGeneration, got {type(model).__name__}")
+        s = _square_tile(config)
+        grid = tile_grid(image_size, tile_size=(s, s), min_patches=min_patches, max_patches=max_patches,
+                         crop_to_patches=crop_to_patches)
+        patches = patches_per_image(grid)
+        passes = 2 * grid[0] * grid[1] + 1 if patches > 1 else 1
+        return Budget("dual_view_internvl", grid, (grid[0] * s, grid[1] * s), passes, patches * _tile_tokens(config)[1])
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into an ``InternVLForConditionalGeneration`` in place; returns it.
-
-    ``options``: ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size`` of
-    :class:`~dualview.adapters._common.DualViewOptions`; the others are fixed (passing the fixed value
-    is allowed). The DEM is new, initialised by the host's ``_init_weights``, in the projector's
-    dtype and device: train it, reload it with :func:`from_pretrained`, or set
-    ``model.model.spatial_embed`` to a trained one of the same options.
-    """
-    if type(model) is not InternVLForConditionalGeneration:
-        fits = _host.adapter_for(type(getattr(model, "model", model)))
-        hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
-        raise TypeError(
-            f"model must be a transformers InternVLForConditionalGeneration, got {type(model).__name__}{hint}"
-        )
-    inner, config = model.model, model.config
-    opts = _options(options)
-    _feature_layer(config.vision_feature_layer)
-    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
-    h, _ = _tile_tokens(config)
-    dem = _host.new_dem(opts, config.vision_config.hidden_size, (h, h), like=inner.multi_modal_projector,
-                        init=inner._initialize_weights)
-    _host.attach(inner, DualViewInternVLModel, options=opts, dem=dem, config=config)
-    return model
-
-
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain ``InternVLForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
-    return model
-
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
-    the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
-    options in its config.json, then the DEM weights restored strictly.
-    ``kwargs`` go to ``InternVLForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
-    return reload(InternVLForConditionalGeneration, path, apply, **kwargs)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    InternVLAdapter.apply, InternVLAdapter.unapply, InternVLAdapter.encoder_of, InternVLAdapter.budget,
+    InternVLAdapter.from_pretrained,
+)

@@ -22,7 +22,6 @@ tower's 24x24 and averaged with the thumbnail).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -33,8 +32,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dualview import DualViewEncoder
 
 from . import _host
-from ._common import DualViewOptions, reload
-from ._hf import LlavaFamilyHost, check_strategy, feature_layers, host_decorators, vision_tower_for
+from .base import SavedAsPlain
+from ._hf import LlavaFamilyAdapter, LlavaFamilyHost, host_decorators
 
 ADAPTER = "hf_llava"
 HOSTS = (LlavaForConditionalGeneration,)
@@ -63,57 +62,28 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
         features before the projector. ``output_hidden_states`` / ``output_attentions`` give the
         vision tower's, of every crop (image by image: its local tiles, global crops,
         thumbnail)."""
-        layers = feature_layers(self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        tower = vision_tower_for(self, layers, strategy, kwargs)
-        encoder = self.dualview_encoder(
-            tower, crop_size=self.config.vision_config.image_size, patch_size=self.config.vision_config.patch_size
-        )
+        encoder, tower, _ = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         check_resolution(encoder, pixel_values)
         feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
-        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
+        projected = self.dualview_project(feats)
         grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch
         outputs = {k: _per_image(v, grid, encoder.dcm.thumbnail, len(feats)) for k, v in tower.outputs().items()}
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **outputs)
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into a ``LlavaForConditionalGeneration`` in place; returns it.
+class LlavaAdapter(LlavaFamilyAdapter):
+    """The host's declarations: its class, the dual-view class of its ``model.model``; every option
+    is free (default: the released INF-LLaVA, 3x3 squashed, 576 tokens)."""
 
-    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` (default: the released
-    INF-LLaVA, 3x3 squashed, 576 tokens). The DEM is new, initialised by the host's ``_init_weights``;
-    load trained weights with :func:`from_pretrained`, or assign ``model.model.spatial_embed``.
-    """
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"model must be a transformers LlavaForConditionalGeneration, got {type(model).__name__}"
-                        + _hint(model))
-    inner = model.model
-    opts = DualViewOptions.from_kwargs(**options)
-    config = model.config
-    layers = feature_layers(config.vision_feature_layer)
-    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
-    vision = config.vision_config
-    dem = _host.new_dem(opts, vision.hidden_size * len(layers), _feat(vision), like=inner.multi_modal_projector,
-                          init=inner._initialize_weights)
-    _host.attach(inner, DualViewLlavaModel, options=opts, dem=dem, config=config)
-    return _host.checked(model, encoder_of, unapply)
+    name = ADAPTER
+    hosts = HOSTS
+    dual_view_class = DualViewLlavaModel
+    exact_host = False
 
 
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain ``LlavaForConditionalGeneration`` back (class, no DEM, no ``config.dualview``); returns it."""
-    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
-    return model
-
-
-def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the vision tower at
-    ``config.vision_feature_layer``, and the registered ``model.model.spatial_embed``."""
-    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
-    tower = vision_tower_for(inner, feature_layers(inner.config.vision_feature_layer),
-                             inner.config.vision_feature_select_strategy, {})
-    vision = inner.config.vision_config
-    return inner.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size)
+apply, unapply, encoder_of, from_pretrained = (LlavaAdapter.apply, LlavaAdapter.unapply, LlavaAdapter.encoder_of,
+                                               LlavaAdapter.from_pretrained)
 
 
 def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> None:
@@ -142,11 +112,6 @@ def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> No
         )
 
 
-def _feat(vision: Any) -> tuple[int, int]:
-    side = vision.image_size // vision.patch_size
-    return side, side
-
-
 def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: int) -> tuple:
     """Tower outputs of one batch (all local tiles, all global crops, all thumbnails: the tower's
     order) regrouped image by image: its R*C tiles, R*C global crops, then its thumbnail."""
@@ -160,12 +125,7 @@ def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: in
     return tuple(s if s is None else s.index_select(0, order.to(s.device)) for s in states)
 
 
-def _hint(model: nn.Module) -> str:
-    fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
-    return f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
-
-
-class DualViewLlavaProcessor(LlavaProcessor):
+class DualViewLlavaProcessor(SavedAsPlain, LlavaProcessor):
     """``LlavaProcessor`` whose image-token count is the dual-view encoder's (set by
     :func:`prepare_processor`): the prompt expansion and ``_get_num_multimodal_tokens`` (what
     serving engines ask) agree. Saved, it is a plain ``LlavaProcessor`` config (apply
@@ -181,11 +141,6 @@ class DualViewLlavaProcessor(LlavaProcessor):
         if image_sizes is not None:
             data.num_image_tokens = [self.dual_view_tokens] * len(image_sizes)
         return data
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["processor_class"] = "LlavaProcessor"
-        return out
 
 
 def prepare_processor(processor: Any, model: nn.Module) -> Any:
@@ -217,8 +172,3 @@ def prepare_processor(processor: Any, model: nn.Module) -> Any:
     processor.dual_view_tokens = encoder.budget((height, width)).tokens
     return processor
 
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load an adapted model saved with ``save_pretrained``: the plain class, dual view re-applied
-    with the options in its config.json, the DEM weights restored strictly."""
-    return reload(LlavaForConditionalGeneration, path, apply, **kwargs)

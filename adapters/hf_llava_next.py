@@ -41,7 +41,6 @@ Public: :func:`apply`, :func:`unapply`, :func:`from_pretrained`, :func:`budget`,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -49,13 +48,13 @@ from torch import nn
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from dualview import DualCrops, DualViewEncoder
+from dualview import DualViewEncoder
 from dualview import grid as G
-from dualview import layout
+from dualview.budget import Budget, anyres_budget
+from dualview._checks import check_size
 
 from . import _host
-from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, anyres_patches, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, AnyResHost, LlavaFamilyAdapter, anyres_images, host_decorators
 
 ADAPTER = "hf_llava_next"
 HOSTS = (LlavaNextForConditionalGeneration,)
@@ -63,14 +62,11 @@ HOSTS = (LlavaNextForConditionalGeneration,)
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
-
-class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel):
+class DualViewLlavaNextModel(AnyResHost, _host.DualViewHost, LlavaNextModel):
     """``LlavaNextModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
     dualview_adapter = ADAPTER
     dualview_plain = LlavaNextModel
-    dualview_full_map = True
-    dualview_live = {"pinpoints": "image_grid_pinpoints"}
 
     @merge_config_defaults
     @can_return_tuple
@@ -85,15 +81,9 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel
         """pixel_values (B, patches, 3, s, s) (or stacked 4-D), image_sizes (B, 2) as ``(H, W)`` ->
         output whose ``pooler_output`` is a list of B (tokens_i, text_dim) tensors, packed by the
         model's own ``pack_image_features``; tokens_i is plain AnyRes's."""
-        config = self.config
-        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        tower = vision_tower_for(self, layers, strategy, kwargs)
-        encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
-                                        patch_size=config.vision_config.patch_size)
+        encoder, tower, strategy = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         per_image = anyres_dual_view(encoder, pixel_values, image_sizes)
-        # a DEM kept in another precision than the model hands the projector the model's
-        projected = self.multi_modal_projector(_host.to_dtype_of(torch.cat(per_image), self.multi_modal_projector))
+        projected = self.dualview_project(torch.cat(per_image))
         projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, vision_feature_select_strategy=strategy, image_newline=self.image_newline
@@ -104,114 +94,38 @@ class DualViewLlavaNextModel(_host.DualViewHost, LlavaFamilyHost, LlavaNextModel
                                           **tower.outputs())
 
 
-def _options(config: Any, options: dict) -> DualViewOptions:
-    """The user's options with AnyRes's fixed choices (pinpoints: ``config.image_grid_pinpoints``,
-    read at every call)."""
-    return with_fixed(options, ANYRES_FIXED, "by LLaVA-NeXT's AnyRes",
-                      follows={"pinpoints": config.image_grid_pinpoints})
+class LlavaNextAdapter(LlavaFamilyAdapter):
+    """The host's declarations: AnyRes fixes the grid (``config.image_grid_pinpoints``, read at every
+    call), the padded canvas and the full DEM map; ``num_heads``, ``directions``, ``fusion``,
+    ``tower_batch_size``, ``init`` stay free."""
+
+    name = ADAPTER
+    hosts = HOSTS
+    dual_view_class = DualViewLlavaNextModel
+    fixed, fixed_why, follows = ANYRES_FIXED, "by LLaVA-NeXT's AnyRes", {"pinpoints": "image_grid_pinpoints"}
+
+    @classmethod
+    def budget(cls, model: nn.Module, image_size: G.Size) -> Budget:
+        """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's) for one ``(H, W)`` image; runs nothing."""
+        encoder = cls.encoder_of(model)
+        size = check_size(tuple(image_size), "image_size")
+        grid = encoder.dcm.grid_for(size)
+        plain = anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)
+        passes = encoder.budget(size).tower_passes
+        return Budget("dual_view_anyres", grid, plain.canvas_size, passes, plain.tokens)
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into a ``LlavaNextForConditionalGeneration`` in place; returns it.
-
-    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` that AnyRes leaves
-    free (``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``); ``grid``, ``fit``,
-    ``pinpoints``, ``out_size``, ``resample`` and ``thumbnail_fusion`` are fixed by AnyRes (passing
-    the fixed value is allowed). The DEM is new, initialised by the host's ``_init_weights``, in the
-    projector's dtype and device: train it, reload it with :func:`from_pretrained`, or set
-    ``model.model.spatial_embed`` to a trained one (e.g. ``DEM.from_inf_llava(ckpt, out_size=None)``).
-    """
-    if type(model) is not LlavaNextForConditionalGeneration:
-        fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
-        hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
-        raise TypeError(f"model must be a transformers LlavaNextForConditionalGeneration, got {type(model).__name__}{hint}")
-    inner = model.model
-    config = model.config
-    opts = _options(config, options)
-    layers = feature_layers(config.vision_feature_layer)
-    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    dem = _host.new_dem(opts, vision.hidden_size * len(layers), (side, side), like=inner.multi_modal_projector,
-                          init=inner._initialize_weights)
-    _host.attach(inner, DualViewLlavaNextModel, options=opts, dem=dem, config=config)
-    return model
-
-
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain ``LlavaNextForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
-    return model
-
-
-def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the vision tower at
-    ``config.vision_feature_layer`` and the registered ``model.model.spatial_embed``."""
-    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
-    config = inner.config
-    tower = vision_tower_for(inner, feature_layers(config.vision_feature_layer),
-                             config.vision_feature_select_strategy, {})
-    return inner.dualview_encoder(tower, crop_size=config.vision_config.image_size,
-                                  patch_size=config.vision_config.patch_size)
-
-
-def budget(model: nn.Module, image_size: G.Size) -> G.Budget:
-    """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's) for one ``(H, W)`` image; runs nothing."""
-    encoder = encoder_of(model)
-    size = G.check_size(tuple(image_size), "image_size")
-    grid = encoder.dcm.grid_for(size)
-    plain = G.anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)
-    passes = encoder.budget(size).tower_passes
-    return G.Budget("dual_view_anyres", grid, plain.canvas_size, passes, plain.tokens)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    LlavaNextAdapter.apply, LlavaNextAdapter.unapply, LlavaNextAdapter.encoder_of, LlavaNextAdapter.budget,
+    LlavaNextAdapter.from_pretrained,
+)
 
 
 def anyres_dual_view(
     encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]]
 ) -> list[torch.Tensor]:
     """AnyRes patches -> per image (1 + R*C, h*w, D) features in AnyRes's layout: the base image's,
-    then the DEM-fused map cut back into the R*C tile windows, so the host's packing applies.
+    then the DEM-fused map cut back into the R*C tile windows, so the host's packing applies
+    (the core's tiled engine, :meth:`dualview.DualViewEncoder.encode_tiled`)."""
+    return encoder.encode_tiled(anyres_images(encoder, pixel_values, image_sizes, [True] * len(image_sizes)))
 
-    One tower call over every base image, tile and global crop of the batch; one DEM call per grid.
-    Under ``init="identity"`` the host's patches run as the plain host runs them, in a call of their
-    own (:func:`dualview.adapters._hf.anyres_in_host_order`), so that the gate at 0 gives its features."""
-    if encoder.gate is not None:
-        return anyres_in_host_order(encoder, pixel_values, image_sizes, [True] * len(image_sizes))
-    sizes = [G.check_size(tuple(int(v) for v in s), "image_sizes entry") for s in image_sizes]
-    grids = [encoder.dcm.grid_for(size) for size in sizes]
-    crop = encoder.dcm.crop_size
-    if tuple(pixel_values.shape[-2:]) != (crop, crop):
-        raise ValueError(f"pixel_values patches must be {crop}x{crop} (vision_config.image_size), got shape {tuple(pixel_values.shape)}")
-    dem_param = next(encoder.dem.parameters())
-    pixel_values = pixel_values.to(device=dem_param.device, dtype=dem_param.dtype)
-    patches = anyres_patches(pixel_values, [1 + r * c for r, c in grids])
-    encoded = encoder.encode_crops([_dual_crops(p, g, s) for p, g, s in zip(patches, grids, sizes)])
-    h, w = encoder.feat_size
-    per_image = []
-    for tokens, (rows, cols) in zip(encoded, grids):
-        base, fused = tokens[:, : h * w], tokens[:, h * w :]  # (1, h*w, D), (1, R*h*C*w, D)
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)[0]
-        per_image.append(torch.cat((base, windows)))
-    return per_image
-
-
-def _dual_crops(patches: torch.Tensor, grid: G.Grid, image_size: G.Size) -> DualCrops:
-    """(1 + R*C, 3, s, s) AnyRes patches -> both views of the canvas the tiles were cut from."""
-    tiles = patches[None, 1:]  # (1, R*C, 3, s, s)
-    canvas = layout.merge_local(tiles, *grid)  # (1, 3, R*s, C*s)
-    crop = patches.shape[-1]
-    return DualCrops(
-        local_view=tiles,
-        global_view=layout.split_global(canvas, *grid),
-        thumbnail=patches[None, 0],
-        grid=grid,
-        content_box=G.fit_box(image_size, (grid[0] * crop, grid[1] * crop), "pad"),
-        image_size=image_size,
-    )
-
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
-    the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
-    options in its config.json, then the DEM weights restored strictly.
-    ``kwargs`` go to ``LlavaNextForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
-    return reload(LlavaNextForConditionalGeneration, path, apply, **kwargs)

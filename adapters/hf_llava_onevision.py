@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -62,10 +61,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dualview import DualViewEncoder
 from dualview import grid as G
+from dualview.budget import Budget
+from dualview._checks import check_size
 
 from . import _host
-from ._common import DualViewOptions, reload, with_fixed
-from ._hf import ANYRES_FIXED, Layers, LlavaFamilyHost, anyres_in_host_order, check_strategy, feature_layers, host_decorators, vision_tower_for
+from ._hf import ANYRES_FIXED, Layers, AnyResHost, LlavaFamilyAdapter, anyres_images, host_decorators
 
 ADAPTER = "hf_llava_onevision"
 HOSTS = (LlavaOnevisionForConditionalGeneration,)
@@ -76,14 +76,12 @@ merge_config_defaults, can_return_tuple = host_decorators()
 ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
-class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaFamilyHost, LlavaOnevisionModel):
+class DualViewLlavaOnevisionModel(AnyResHost, _host.DualViewHost, LlavaOnevisionModel):
     """``LlavaOnevisionModel`` whose ``get_image_features`` is dual view (see the module docstring);
     ``get_video_features`` is the host's."""
 
     dualview_adapter = ADAPTER
     dualview_plain = LlavaOnevisionModel
-    dualview_full_map = True
-    dualview_live = {"pinpoints": "image_grid_pinpoints"}
 
     @merge_config_defaults
     @can_return_tuple
@@ -101,19 +99,13 @@ class DualViewLlavaOnevisionModel(_host.DualViewHost, LlavaFamilyHost, LlavaOnev
         (B, 2) as ``(H, W)``, batch_num_images (samples,) -> output whose ``pooler_output`` is a list
         of B (tokens_i, text_dim) tensors packed by the host's ``pack_image_features``; tokens_i is
         the host's."""
-        config = self.config
-        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        aspect = vision_aspect_ratio or config.vision_aspect_ratio
+        aspect = vision_aspect_ratio or self.config.vision_aspect_ratio
         max_num_patches(aspect)  # a clear error before any work
-        tower = vision_tower_for(self, layers, strategy, kwargs)
-        encoder = self.dualview_encoder(tower, crop_size=config.vision_config.image_size,
-                                        patch_size=config.vision_config.patch_size)
+        encoder, tower, strategy = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         tiled = tiled_images(len(image_sizes), batch_num_images)
         per_image = onevision_dual_view(encoder, pixel_values, image_sizes, tiled)
-        # a DEM kept in another precision than the model hands the projector the model's
         feats = torch.cat(per_image)  # (patches, h*w, D)
-        projected = self.multi_modal_projector(_host.to_dtype_of(feats, self.multi_modal_projector))
+        projected = self.dualview_project(feats)
         projected = projected.split([t.shape[0] for t in per_image])
         packed, _ = self.pack_image_features(
             list(projected), image_sizes, image_newline=self.image_newline, vision_aspect_ratio=aspect
@@ -181,78 +173,49 @@ def onevision_dual_view(
     image (base + R*C tiles) gives (1 + R*C, h*w, D): the base image's features, then the DEM-fused
     map cut back into the R*C tile windows; an untiled one (1, h*w, D), plain.
 
-    One tower call (``encoder.run_tower``, chunked only with ``tower_batch_size``) over the host's
-    patches in its own order, then every tiled image's global crops; one DEM call per grid. See
-    :func:`dualview.adapters._hf.anyres_in_host_order`."""
-    return anyres_in_host_order(encoder, pixel_values, image_sizes, tiled)
+    The core's tiled engine (:meth:`dualview.DualViewEncoder.encode_tiled`): one tower batch over
+    the host's patches in its own order and every tiled image's global crops; one DEM call per grid."""
+    return encoder.encode_tiled(anyres_images(encoder, pixel_values, image_sizes, tiled))
 
 
 # ---- apply / unapply / budget / from_pretrained ----------------------------------------------------
 
 
-def _options(config: Any, options: dict) -> DualViewOptions:
-    """The user's options with AnyRes's fixed choices (pinpoints: ``config.image_grid_pinpoints``,
-    read at every call)."""
-    return with_fixed(options, ANYRES_FIXED, "by LLaVA-OneVision's AnyRes",
-                      follows={"pinpoints": config.image_grid_pinpoints})
+class OnevisionAdapter(LlavaFamilyAdapter):
+    """The host's declarations: AnyRes fixes the grid (``config.image_grid_pinpoints``, read at every
+    call), the padded canvas and the full DEM map; apply also checks the pinpoints and
+    ``vision_aspect_ratio``."""
+
+    name = ADAPTER
+    hosts = HOSTS
+    dual_view_class = DualViewLlavaOnevisionModel
+    fixed, fixed_why, follows = ANYRES_FIXED, "by LLaVA-OneVision's AnyRes", {"pinpoints": "image_grid_pinpoints"}
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        config = model.config
+        G.grids_from_pinpoints(config.image_grid_pinpoints, config.vision_config.image_size)  # tiles of the crop
+        max_num_patches(config.vision_aspect_ratio)
+        super().check_host(model)
+
+    @classmethod
+    def budget(cls, model: nn.Module, image_size: G.Size, *, vision_aspect_ratio: Optional[str] = None) -> Budget:
+        """Tower passes (``1 + 2*R*C``) and LLM tokens (the host's, :func:`image_tokens`) for one
+        ``(H, W)`` image alone in its prompt (a multi-image prompt's images cost ``1`` pass and
+        ``h*w + 1`` tokens, as in the plain model); runs nothing."""
+        inner = _host.adapted(getattr(model, "model", model), ADAPTER)
+        config = inner.config
+        vision = config.vision_config
+        size = check_size(tuple(image_size), "image_size")
+        grid = G.select_grid(size, vision.image_size, G.grids_from_pinpoints(config.image_grid_pinpoints, vision.image_size))
+        feat_size = G.crop_tokens(vision.image_size, vision.patch_size)
+        max_patches = max_num_patches(vision_aspect_ratio or config.vision_aspect_ratio)
+        rows, cols = grid
+        return Budget("dual_view_anyres_max", grid, (rows * vision.image_size, cols * vision.image_size),
+                        1 + 2 * rows * cols, image_tokens(size, grid, feat_size, max_patches))
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into a ``LlavaOnevisionForConditionalGeneration`` in place; returns it.
-
-    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` that AnyRes leaves
-    free (``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``); ``grid``, ``fit``,
-    ``pinpoints``, ``out_size``, ``resample`` and ``thumbnail_fusion`` are fixed by AnyRes (passing
-    the fixed value is allowed). The DEM is new, initialised by the host's ``_init_weights``, in the
-    projector's dtype and device: train it, reload it with :func:`from_pretrained`, or set
-    ``model.model.spatial_embed`` to a trained one.
-    """
-    if type(model) is not LlavaOnevisionForConditionalGeneration:
-        fits = _host.adapter_for(type(getattr(model, "model", model)))
-        hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
-        raise TypeError(
-            f"model must be a transformers LlavaOnevisionForConditionalGeneration, got {type(model).__name__}{hint}"
-        )
-    inner = model.model
-    config = model.config
-    opts = _options(config, options)
-    vision = config.vision_config
-    G.grids_from_pinpoints(config.image_grid_pinpoints, vision.image_size)  # tiles of the tower's crop, else ValueError
-    max_num_patches(config.vision_aspect_ratio)
-    layers = feature_layers(config.vision_feature_layer)
-    check_strategy(config.vision_feature_select_strategy, inner.vision_tower)
-    feat_size = G.crop_tokens(vision.image_size, vision.patch_size)
-    dem = _host.new_dem(opts, vision.hidden_size * len(layers), feat_size, like=inner.multi_modal_projector,
-                        init=inner._initialize_weights)
-    _host.attach(inner, DualViewLlavaOnevisionModel, options=opts, dem=dem, config=config)
-    return model
-
-
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain ``LlavaOnevisionForConditionalGeneration`` back (class, no DEM, no ``config.dualview``)."""
-    _host.unapply(model.model, config=model.config, adapter=ADAPTER)
-    return model
-
-
-def budget(model: nn.Module, image_size: G.Size, *, vision_aspect_ratio: Optional[str] = None) -> G.Budget:
-    """Tower passes (``1 + 2*R*C``) and LLM tokens (the host's, :func:`image_tokens`) for one
-    ``(H, W)`` image alone in its prompt (a multi-image prompt's images cost ``1`` pass and
-    ``h*w + 1`` tokens, as in the plain model); runs nothing."""
-    inner = _host.adapted(getattr(model, "model", model), ADAPTER)
-    config = inner.config
-    vision = config.vision_config
-    size = G.check_size(tuple(image_size), "image_size")
-    grid = G.select_grid(size, vision.image_size, G.grids_from_pinpoints(config.image_grid_pinpoints, vision.image_size))
-    feat_size = G.crop_tokens(vision.image_size, vision.patch_size)
-    max_patches = max_num_patches(vision_aspect_ratio or config.vision_aspect_ratio)
-    rows, cols = grid
-    return G.Budget("dual_view_anyres_max", grid, (rows * vision.image_size, cols * vision.image_size),
-                    1 + 2 * rows * cols, image_tokens(size, grid, feat_size, max_patches))
-
-
-def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
-    """Load a model saved from an adapted one with ``save_pretrained``: the plain class (told that
-    the ``model.spatial_embed.*`` keys it does not know are expected), dual view re-applied with the
-    options in its config.json, then the DEM weights restored strictly.
-    ``kwargs`` go to ``LlavaOnevisionForConditionalGeneration.from_pretrained`` (dtype, device_map, ...)."""
-    return reload(LlavaOnevisionForConditionalGeneration, path, apply, **kwargs)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    OnevisionAdapter.apply, OnevisionAdapter.unapply, OnevisionAdapter.encoder_of, OnevisionAdapter.budget,
+    OnevisionAdapter.from_pretrained,
+)

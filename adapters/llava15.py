@@ -56,13 +56,14 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from dualview import DEM, DualViewEncoder
+from dualview import DEM
 from dualview import grid as G
 from dualview.checkpoints import read_tensors
 
 from . import _host
+from .base import Geometry, HostAdapter
 from ._common import (
-    CONFIG_KEY, DualViewOptions, check_device_map, from_pretrained_without_dem, host_folder, load_dem_weights,
+    CONFIG_KEY, check_device_map, from_pretrained_without_dem, host_folder, load_dem_weights,
     load_gate_weights, recorded_options,
 )
 from .towers import HFVisionTower
@@ -85,15 +86,6 @@ INNER_CLASSES = {"llava_llama": "LlavaLlamaModel", "llava_mistral": "LlavaMistra
 
 
 ADAPTER = "llava15"
-
-
-def encoder_of(model: nn.Module) -> DualViewEncoder:
-    """The DualViewEncoder that runs now: DCM from ``config.dualview``, the frozen vision tower at
-    ``mm_vision_select_layer``, and the registered ``model.get_model().spatial_embed``."""
-    host = _host.adapted(model, ADAPTER)
-    vision = host.get_vision_tower()
-    tower = FrozenTower(HFVisionTower(vision.vision_tower, layer=int(vision.select_layer), select="patch"))
-    return host.dualview_encoder(tower, crop_size=vision.config.image_size, patch_size=vision.config.patch_size)
 
 
 class FrozenTower(nn.Module):
@@ -122,8 +114,7 @@ class DualViewLlava(_host.DualViewHost):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
         feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
-        projector = self.get_model().mm_projector
-        return projector(_host.to_dtype_of(feats, projector))  # a DEM kept in another precision
+        return self.dualview_project(feats)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: Optional[torch.Tensor] = None,
@@ -247,55 +238,89 @@ def _check_llava_config(config: Any) -> None:
         raise ValueError("config.image_aspect_ratio must not be 'anyres' (dual view replaces AnyRes); use 'pad'")
 
 
-def apply(model: nn.Module, **options: Any) -> nn.Module:
-    """Install dual view into a llava ``Llava*ForCausalLM`` in place; returns it.
+class Llava15Adapter(HostAdapter):
+    """The host's declarations: llava's ``Llava*ForCausalLM`` is itself the swapped module (its
+    ``encode_images`` the hook); the DEM, the gate and ``mm_projector`` live on ``get_model()``, whose
+    class is swapped too (an assigned DEM is checked there). Every option is free (default: the
+    released INF-LLaVA, 3x3 squashed, DEM to the tower's token grid, thumbnail mean). A delay-loaded
+    vision tower is loaded (and put on the projector's device and dtype)."""
 
-    ``options``: those of :class:`~dualview.adapters._common.DualViewOptions` (default: the released
-    INF-LLaVA, 3x3 squashed, DEM to the tower's token grid, thumbnail mean). A delay-loaded vision
-    tower is loaded (and put on the projector's device and dtype). The DEM is new, initialised by
-    the host's ``_init_weights``; trained weights come with :func:`from_pretrained` /
-    :func:`load_checkpoint`, ``DEM.from_inf_llava``, or by assigning ``model.get_model().spatial_embed``.
-    """
-    if not isinstance(model, LlavaMetaForCausalLM):
-        fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
-        raise TypeError(
-            f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
-            + (f"; use dualview.adapters.{fits}" if fits else "")
-        )
-    _host.check_not_applied(model)
-    subclass = SUBCLASSES.get(getattr(model.config, "model_type", None))
-    if subclass is None or type(model) is not subclass.dualview_plain:
-        raise TypeError(
-            f"dualview.adapters.llava15 adapts {sorted(c.dualview_plain.__name__ for c in SUBCLASSES.values())}, "
-            f"got {type(model).__name__} (config.model_type={getattr(model.config, 'model_type', None)!r})"
-        )
-    opts = DualViewOptions.from_kwargs(**options)
-    _check_llava_config(model.config)
-    inner = model.get_model()
-    tower = inner.get_vision_tower()
-    if not tower.is_loaded:  # llava builds the tower with delay_load=True
-        tower.load_model()
-        ref = next(inner.mm_projector.parameters())
-        tower.to(device=ref.device, dtype=ref.dtype)
-    dim = int(getattr(model.config, "mm_hidden_size", tower.hidden_size))
-    if dim != tower.hidden_size:
-        raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
-    side = tower.config.image_size // tower.config.patch_size
-    dem = _host.new_dem(opts, dim, (side, side), like=inner.mm_projector, init=model._initialize_weights)
-    _host.attach(model, subclass, options=opts, dem=dem, config=model.config, dem_parent=inner)
-    if type(inner) in INNER_SUBCLASSES:  # an assigned DEM is checked there
-        _host.swap_class(inner, INNER_SUBCLASSES[type(inner)])
-    return _host.checked(model, encoder_of, unapply)
+    name = ADAPTER
+    hosts = HOSTS
+    projector = "mm_projector"
+
+    @classmethod
+    def check_type(cls, model: nn.Module) -> None:
+        if not isinstance(model, LlavaMetaForCausalLM):
+            fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
+            raise TypeError(
+                f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
+                + (f"; use dualview.adapters.{fits}" if fits else "")
+            )
+
+    @classmethod
+    def inner_of(cls, model: nn.Module) -> nn.Module:
+        return model
+
+    @classmethod
+    def dem_parent_of(cls, inner: nn.Module) -> nn.Module:
+        return inner.get_model()
+
+    @classmethod
+    def dual_view_class_for(cls, inner: nn.Module) -> type:
+        subclass = SUBCLASSES.get(getattr(inner.config, "model_type", None))
+        if subclass is None or type(inner) is not subclass.dualview_plain:
+            raise TypeError(
+                f"dualview.adapters.llava15 adapts {sorted(c.dualview_plain.__name__ for c in SUBCLASSES.values())}, "
+                f"got {type(inner).__name__} (config.model_type={getattr(inner.config, 'model_type', None)!r})"
+            )
+        return subclass
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        cls.dual_view_class_for(model)  # the class check before the tower loads
+        _check_llava_config(model.config)
+        inner = model.get_model()
+        tower = inner.get_vision_tower()
+        if not tower.is_loaded:  # llava builds the tower with delay_load=True
+            tower.load_model()
+            ref = next(inner.mm_projector.parameters())
+            tower.to(device=ref.device, dtype=ref.dtype)
+        dim = int(getattr(model.config, "mm_hidden_size", tower.hidden_size))
+        if dim != tower.hidden_size:
+            raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
+
+    @classmethod
+    def geometry_of(cls, inner: nn.Module) -> Geometry:
+        tower = inner.get_vision_tower()
+        dim = int(getattr(inner.config, "mm_hidden_size", tower.hidden_size))
+        return Geometry(dim=dim, crop=tower.config.image_size, patch=tower.config.patch_size)
+
+    @classmethod
+    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+        """The frozen vision tower at ``mm_vision_select_layer``, patch tokens."""
+        vision = inner.get_vision_tower()
+        return FrozenTower(HFVisionTower(vision.vision_tower, layer=int(vision.select_layer), select="patch"))
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> None:
+        inner = model.get_model()
+        if type(inner) in INNER_SUBCLASSES:  # an assigned DEM is checked there
+            _host.swap_class(inner, INNER_SUBCLASSES[type(inner)])
+
+    @classmethod
+    def unwrap(cls, model: nn.Module) -> None:
+        inner = model.get_model()
+        if isinstance(inner, DualViewLlavaInner):
+            _host.swap_class(inner, type(inner).dualview_plain)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:
+        return from_pretrained(path, **kwargs)
 
 
-def unapply(model: nn.Module) -> nn.Module:
-    """The plain llava model back (its class, no DEM, no ``config.dualview``); returns it."""
-    _host.adapted(model, ADAPTER)
-    inner = model.get_model()
-    _host.unapply(model, config=model.config, dem_parent=inner, adapter=ADAPTER)
-    if isinstance(inner, DualViewLlavaInner):
-        _host.swap_class(inner, type(inner).dualview_plain)
-    return model
+apply, unapply, encoder_of, budget = (Llava15Adapter.apply, Llava15Adapter.unapply, Llava15Adapter.encoder_of,
+                                      Llava15Adapter.budget)
 
 
 def canvas_size(model: nn.Module) -> G.Size:

@@ -11,10 +11,11 @@ from .enhance import DEM
 from .gate import DualViewGate
 from .budget import Budget
 from .grid import Box
+from .tiled import TiledImage
 from .lifecycle import apply, freeze, from_pretrained, load, save_adapter, trainable_parameters, unapply
 
 __all__ = [
-    "DCM", "DEM", "DualCrops", "DualViewEncoder", "DualViewGate", "Box", "Budget",
+    "DCM", "DEM", "DualCrops", "DualViewEncoder", "DualViewGate", "Box", "Budget", "TiledImage",
     "apply", "freeze", "from_pretrained", "load", "save_adapter", "trainable_parameters", "unapply",
 ]
 __version__ = "0.1.0"

@@ -10,11 +10,14 @@ import torch
 from torch import nn
 
 from . import grid as G
+from .budget import Budget, dual_view_budget
+from ._checks import check_size
 from . import layout
 from ._checks import check_choice
 from .cropping import DCM, DualCrops
 from .enhance import DEM
 from .gate import GATE_INITS, DualViewGate
+from .tiled import TiledImage, encode_tiled
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 """Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
@@ -159,10 +162,10 @@ class DualViewEncoder(nn.Module):
             return None
         return G.crop_tokens(self.dcm.crop_size, self.patch_size)
 
-    def budget(self, image_size: G.Size) -> G.Budget:
+    def budget(self, image_size: G.Size) -> Budget:
         """Tower passes and output tokens for one image of ``(H, W)`` pixels; runs nothing."""
-        grid = self.dcm.grid_for(G.check_size(tuple(image_size), "image_size"))
-        return G.dual_view_budget(
+        grid = self.dcm.grid_for(check_size(tuple(image_size), "image_size"))
+        return dual_view_budget(
             grid,
             self.dcm.crop_size,
             self.feat_size,
@@ -218,6 +221,11 @@ class DualViewEncoder(nn.Module):
                 out[i] = self._fuse_thumbnail(tokens, thumb[i])
         return out
 
+    def encode_tiled(self, images: Sequence["TiledImage"]) -> list[torch.Tensor]:
+        """Tiles cut by a host -> per image (P_i, h*w, D) features in the host's order, the tiles'
+        DEM-fused (:func:`dualview.tiled.encode_tiled`: one tower batch, one DEM call per grid)."""
+        return encode_tiled(self, images)
+
     def _run_tower_host_apart(self, parts: list[torch.Tensor], counts: list[int], is_host: list[bool]) -> torch.Tensor:
         """The tower features of ``parts`` (in their order), the "host" parts (thumbnails under
         ``"mean"``, local tiles under the full map) from a call of their own: a tower need not give a
@@ -249,18 +257,22 @@ class DualViewEncoder(nn.Module):
             return None
         return self.feat_size[0] * self.feat_size[1] + int(getattr(self.tower, "num_prefix_tokens", 0))
 
-    def run_tower(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, c, s, s) -> (N, T, D), in the calls :meth:`tower_chunks` gives."""
+    def run_tower(self, pixels: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, c, s, s) -> (N, T, D), in the calls :meth:`tower_chunks` gives. ``masks`` (N, s, s):
+        per-crop pixel masks for a tower that takes them, ``tower(pixels, masks)``, chunked alike."""
         tower = self._step("tower")
         chunks = self.tower_chunks(pixels.shape[0])
+        inputs = (pixels,) if masks is None else (pixels, masks)
+        calls = list(zip(*(x.split(chunks) for x in inputs)))  # per chunk its (pixels[, masks])
         if len(chunks) == 1:
-            feats = tower(pixels)
+            feats = tower(*inputs)
         elif torch.is_grad_enabled():
-            feats = torch.cat([tower(chunk) for chunk in pixels.split(chunks)])
+            feats = torch.cat([tower(*call) for call in calls])
         else:  # write each chunk into the output: no second copy of all features, as cat would make
             feats, start = None, 0
-            for chunk in pixels.split(chunks):
-                part = tower(chunk)
+            for call in calls:
+                chunk = call[0]
+                part = tower(*call)
                 if feats is None:
                     _check_tower_output(part, chunk.shape[0])
                     feats = part.new_empty((pixels.shape[0], *part.shape[1:]))

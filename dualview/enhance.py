@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from . import grid as G
+from ._checks import check_grid, check_positive_int, check_size
 from . import layout
 from ._checks import check_choice, check_float_tensor, check_same_shape
 
@@ -249,8 +250,8 @@ class DEM(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        G.check_positive_int(dim, "dim")
-        G.check_positive_int(num_heads, "num_heads")
+        check_positive_int(dim, "dim")
+        check_positive_int(num_heads, "num_heads")
         check_choice(directions, "directions", ("both", "local_to_global", "global_to_local"))
         check_choice(fusion, "fusion", ("linear_concat", "add", "conv3x3"))
         check_choice(resample, "resample", ("bilinear", "avgpool", None))
@@ -259,7 +260,7 @@ class DEM(nn.Module):
             out_size = (out_size, out_size)  # a square map, as a command line's single number means
         if out_size is not None and not isinstance(out_size, (tuple, list)):
             raise ValueError(f"out_size must be an int, an (out_h, out_w) pair of positive ints or None, got {out_size!r}")
-        self.out_size = None if out_size is None else G.check_size(tuple(out_size), "out_size")
+        self.out_size = None if out_size is None else check_size(tuple(out_size), "out_size")
         self.directions = directions
         self.fusion = fusion
         self.resample = resample
@@ -268,7 +269,7 @@ class DEM(nn.Module):
         if fusion == "linear_concat":
             if dim % 2:
                 raise ValueError(f"fusion='linear_concat' concatenates two dim//2 halves: dim must be even, got {dim}")
-            hidden = G.check_positive_int(ffn_hidden if ffn_hidden is not None else max(dim // 16, 1), "ffn_hidden")
+            hidden = check_positive_int(ffn_hidden if ffn_hidden is not None else max(dim // 16, 1), "ffn_hidden")
             self.ffn_crop = _ffn(dim, hidden, dim // 2, device, dtype)
             self.ffn_stride = _ffn(dim, hidden, dim // 2, device, dtype)
         elif fusion == "conv3x3":
@@ -300,7 +301,7 @@ class DEM(nn.Module):
     ) -> torch.Tensor:
         """(B, R*C, h*w, D) twice -> (B, out_h*out_w, D): the paper's steps, each over all windows or
         groups at once. ``fast`` (the default) computes the same with ``_forward_fast``."""
-        rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
+        rows, cols = check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
         if self.fast:
             return self._forward_fast(local_feats, global_feats, rows, cols, h, w)
@@ -388,8 +389,8 @@ class DEM(nn.Module):
     def fused_tokens(self, grid: G.Grid, feat_size: G.Size) -> int:
         """Tokens per image that go through the fusion: all ``R*C*h*w``, or, on the fast path, only
         the ones the resampling samples (see ``_sample_strides``)."""
-        rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
-        h, w = G.check_size(tuple(feat_size), "feat_size")
+        rows, cols = check_grid(grid, max_side=None)  # any grid an image was cut into
+        h, w = check_size(tuple(feat_size), "feat_size")
         if not self.fast or self._sample_strides((rows * h, cols * w)) is None:
             return rows * cols * h * w
         return self.out_size[0] * self.out_size[1]
@@ -403,7 +404,7 @@ class DEM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The local map ``ML`` and the global map ``MG``, both (B, R*h, C*w, D); position
         ``(y, x)`` of either holds the features of the same canvas region."""
-        rows, cols = G.check_grid(grid, max_side=None)  # any grid an image was cut into
+        rows, cols = check_grid(grid, max_side=None)  # any grid an image was cut into
         h, w = self._check_inputs(local_feats, global_feats, rows * cols, feat_size)
         return self._maps(local_feats, global_feats, rows, cols, h, w)
 
@@ -453,7 +454,7 @@ class DEM(nn.Module):
                     + (_cls_hint(tokens) or "pass feat_size=(h, w) for a non-square token grid")
                 )
             return side, side
-        h, w = G.check_size(tuple(feat_size), "feat_size")
+        h, w = check_size(tuple(feat_size), "feat_size")
         if h * w != tokens:
             raise ValueError(
                 f"feat_size={feat_size} gives h*w={h * w} tokens, but local_feats has {tokens} per sub-image"

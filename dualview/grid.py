@@ -140,8 +140,3 @@ def crop_tokens(crop_size: int, patch_size: int) -> Size:
         raise ValueError(f"crop_size={crop_size} must be a multiple of patch_size={patch_size}")
     return crop_size // patch_size, crop_size // patch_size
 
-
-# encoder.py and adapters/ still spell G.Budget / G.anyres_budget / G.check_size (they are being
-# rewritten in issue 23); new code imports from dualview.budget and dualview._checks. At the end:
-# dualview.budget imports this module's names above, which exist by the time this line runs.
-from .budget import Budget, anyres_budget, dual_view_budget, resize_budget, s2_budget  # noqa: E402,F401

@@ -12,6 +12,7 @@ import torch
 
 from dualview import DEM
 from dualview import grid as G
+from dualview.budget import anyres_budget
 from dualview.adapters import hf_llava_next as adapter
 from dualview.adapters._common import recorded_options
 
@@ -141,7 +142,7 @@ def test_token_counts_equal_plain_anyres_and_the_processor_for_every_size():
         # the grid the adapter asks dualview.grid for is transformers' own choice
         best = transformers.image_processing_utils.select_best_resolution(size, PINPOINTS)
         assert (rows, cols) == (best[0] // S, best[1] // S)
-        expected = G.anyres_budget(size, (rows, cols), S, (H, W)).tokens
+        expected = anyres_budget(size, (rows, cols), S, (H, W)).tokens
         assert dual[i].shape == anyres[i].shape == (expected, 32), size
         assert in_prompt[i] == expected, size
         cost = adapter.budget(adapted, size)

@@ -141,6 +141,23 @@ def test_a_replaced_dem_with_other_settings_is_saved_as_it_ran(tmp_path, setting
         torch.testing.assert_close(loaded(**inputs).logits, ran, rtol=0, atol=0)
 
 
+def test_the_dems_fast_flag_is_recorded_and_reloaded(tmp_path):
+    """``fast`` (the DEM's path, not a weight) is an option: applied, recorded, saved, reloaded; a DEM
+    assigned with another flag is recorded as it runs."""
+    model = hf_llava.apply(make_model(), grid=(2, 2), fast=False)
+    assert model.model.spatial_embed.fast is False and model.config.dualview["fast"] is False
+    model.save_pretrained(tmp_path / "slow")
+    assert hf_llava.from_pretrained(tmp_path / "slow").model.spatial_embed.fast is False
+    model = hf_llava.apply(make_model(), grid=(2, 2))
+    assert model.model.spatial_embed.fast is True and model.config.dualview["fast"] is True
+    old = model.model.spatial_embed
+    model.model.spatial_embed = DEM(old.dim, num_heads=old.num_heads, out_size=old.out_size, fast=False)
+    model.save_pretrained(tmp_path / "assigned")
+    assert hf_llava.from_pretrained(tmp_path / "assigned").model.spatial_embed.fast is False
+    with pytest.raises(ValueError, match="fast must be a bool, got 'no'"):
+        hf_llava.apply(make_model(), grid=(2, 2), fast="no")
+
+
 def test_llava15_style_dem_into_a_full_map_host_is_refused_before_it_replaces_the_dem():
     model = hf_llava_next.apply(tiny_model(), num_heads=2)
     dem = model.model.spatial_embed
@@ -297,19 +314,3 @@ def test_a_device_map_entry_for_the_dem_is_refused_not_ignored(tmp_path):
     hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"\['model.spatial_embed'\].*placed with the host's projector"):
         hf_llava.from_pretrained(tmp_path, device_map={"model.spatial_embed": "disk", "": "cpu"})
-
-
-@pytest.mark.parametrize("tower_batch_size", [None, "all", 1, 3, 7])
-@pytest.mark.parametrize("crops, crop, patch", [(0, 28, 14), (1, 28, 14), (25, 32, 8), (400, 336, 14), (1000, 28, 7)])
-def test_the_adapters_tower_chunks_are_the_encoders(tower_batch_size, crops, crop, patch):
-    """Adapters that run their host's tower themselves (Idefics3) split it as DualViewEncoder does."""
-    from dualview import DCM, DEM, DualViewEncoder
-    from dualview.adapters import _host
-
-    class Tower(torch.nn.Module):
-        patch_size = patch
-
-    encoder = DualViewEncoder(Tower(), DCM(crop, (1, 1)), DEM(8, 2, out_size=None), thumbnail_fusion="concat",
-                              tower_batch_size=tower_batch_size)
-    tokens = (crop // patch) ** 2
-    assert _host.tower_chunks(tower_batch_size, crops, tokens) == encoder.tower_chunks(crops)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from dualview import DCM, DualCrops
 from dualview import grid as G
+from dualview._checks import MAX_GRID_SIDE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 grids = st.tuples(st.integers(1, 6), st.integers(1, 6))
@@ -206,7 +207,7 @@ def test_canvas_size_and_content_on_non_square_grids(grid, fit):
     assert torch.equal(crops.global_canvas(), crops.local_canvas())
 
 
-@pytest.mark.parametrize("grid", [(G.MAX_GRID_SIDE, 1), (1, G.MAX_GRID_SIDE), (1, 1)])
+@pytest.mark.parametrize("grid", [(MAX_GRID_SIDE, 1), (1, MAX_GRID_SIDE), (1, 1)])
 def test_both_ends_of_the_grid_range(grid):
     rows, cols = grid
     canvas = coordinate_canvas(1, rows, cols, 2, torch.float32)
@@ -214,7 +215,7 @@ def test_both_ends_of_the_grid_range(grid):
     assert crops.local_view.shape == (1, rows * cols, 3, 2, 2)
     assert torch.equal(crops.global_view[0, rows * cols - 1], canvas[0, :, rows - 1::rows, cols - 1::cols])
     with pytest.raises(ValueError, match="grid must be"):
-        DCM(2, (rows + G.MAX_GRID_SIDE, cols))
+        DCM(2, (rows + MAX_GRID_SIDE, cols))
 
 
 @pytest.mark.parametrize("antialias", [False, True])

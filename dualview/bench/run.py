@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from dualview import DCM, DEM, DualViewEncoder, layout
 from dualview import grid as G
+from dualview._checks import MAX_GRID_SIDE
 from dualview.budget import anyres_budget
 from dualview.encoder import AUTO_CHUNK_TOKENS
 from dualview.sample import demo_image
@@ -405,7 +406,7 @@ def _grids(text: str) -> list[G.Grid]:
             grids.append(None)
         if grids[-1] in (None, "auto"):
             raise argparse.ArgumentTypeError(
-                f"must be comma-separated RxC grids with R and C in 1..{G.MAX_GRID_SIDE}, like 2x2,3x3 (not 'auto'), "
+                f"must be comma-separated RxC grids with R and C in 1..{MAX_GRID_SIDE}, like 2x2,3x3 (not 'auto'), "
                 f"got {part.strip()!r} in {text!r}"
             )
     return grids

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import __version__
 from .. import grid as G
+from .._checks import MAX_GRID_SIDE
 from .._checks import MissingDependency, require
 from .._output import check_not_input, check_writable
 
@@ -60,7 +61,7 @@ def grid_arg(text: str) -> str:
         G.parse_grid(text.lower())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be 'auto' or RxC with R and C in 1..{G.MAX_GRID_SIDE}, like 3x3, got {text!r}"
+            f"must be 'auto' or RxC with R and C in 1..{MAX_GRID_SIDE}, like 3x3, got {text!r}"
         ) from None
     return text.lower()
 

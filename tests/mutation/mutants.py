@@ -20,6 +20,7 @@ CORE_TESTS = (
     "tests/test_cropping.py",
     "tests/test_enhance.py",
     "tests/test_encoder.py",
+    "tests/test_tiled.py",
     "tests/test_reliability.py",
     "tests/test_checkpoints.py",
     "tests/test_reference_dem.py",
@@ -34,6 +35,7 @@ FIRST_TESTS = {
     "dualview/cropping.py": ("tests/test_cropping.py",),
     "dualview/enhance.py": ("tests/test_enhance.py", "tests/test_reference_dem.py"),
     "dualview/encoder.py": ("tests/test_encoder.py", "tests/test_budgets.py"),
+    "dualview/tiled.py": ("tests/test_tiled.py",),
     "dualview/checkpoints.py": ("tests/test_checkpoints.py", "tests/test_enhance.py", "tests/test_reliability.py"),
 }
 """The test files most likely to kill a mutant of each core file run first (the set is the same)."""
@@ -71,6 +73,7 @@ LAYOUT = "dualview/layout.py"
 CROP = "dualview/cropping.py"
 DEM_ = "dualview/enhance.py"
 ENC = "dualview/encoder.py"
+TILED = "dualview/tiled.py"
 CKPT = "dualview/checkpoints.py"
 NEXT = "adapters/hf_llava_next.py"
 L15 = "adapters/llava15.py"
@@ -335,6 +338,22 @@ MUTANTS: list[Mutant] = [
        'if thumbnail_fusion == "concat" and not dcm.thumbnail:', "mean fusion without a thumbnail accepted"),
     _m("enc-feat-size", ENC, "return G.crop_tokens(self.dcm.crop_size, self.patch_size)",
        "return G.crop_tokens(self.dcm.crop_size, self.patch_size * 2)", "feat_size from twice the patch"),
+    # ---- tiled.py: the tiled engine ----------------------------------------------------------------
+    _m("tiled-global-as-local", TILED, "return layout.split_global(layout.merge_local(tiles[None], *grid), *grid)[0]",
+       "return layout.split_local(layout.merge_local(tiles[None], *grid), *grid)[0]",
+       "the tiled engine's global crops are the tiles again"),
+    _m("tiled-views-swapped", TILED, "fused = dem(local.to(device=ref.device, dtype=ref.dtype), glob_feats.to(",
+       "fused = dem(glob_feats.to(device=ref.device, dtype=ref.dtype), local.to(",
+       "the tiled engine hands the DEM its views swapped"),
+    _m("tiled-windows-as-groups", TILED, "windows = layout.map_to_windows(fused", "windows = layout.map_to_groups(fused",
+       "the fused map cut into strided groups, not tile windows"),
+    _m("tiled-tiles-first", TILED, "per_image[i] = torch.cat((per_image[i][:at.start], tiles, per_image[i][at.stop:]))",
+       "per_image[i] = torch.cat((tiles, per_image[i][:at.start], per_image[i][at.stop:]))",
+       "the fused tiles put before the image's other patches, whatever the host's order"),
+    _m("tiled-gate-on-fused", TILED, "windows = encoder.gate(local, windows)", "windows = encoder.gate(windows, local)",
+       "the identity gate at 0 gives the DEM's tokens, not the host's"),
+    _m("tiled-masks-global", TILED, "glob_masks = ([global_crops(images[i].masks[images[i].tile_slice]",
+       "glob_masks = ([(images[i].masks[images[i].tile_slice]", "the global crops get the tiles' masks"),
     # ---- checkpoints.py -------------------------------------------------------------------------------
     _m("ckpt-prefix-cut", CKPT, "prefixes = {k[: k.index(mark) + len(mark)] for k in keys if mark in k}",
        "prefixes = {k[: k.index(mark)] for k in keys if mark in k}", "prefix stripped without the mark"),
@@ -364,25 +383,17 @@ MUTANTS: list[Mutant] = [
     _m("next-budget-passes", NEXT, "passes = encoder.budget(size).tower_passes",
        "passes = 1 + encoder.budget(size).tower_passes", "LLaVA-NeXT adapter budget counts the base twice",
        tests=HF_LLAVA_NEXT_TESTS),
-    _m("next-budget-grid", NEXT, "plain = G.anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)",
-       "plain = G.anyres_budget(size, grid[::-1], encoder.dcm.crop_size, encoder.feat_size)",
+    _m("next-budget-grid", NEXT, "plain = anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size)",
+       "plain = anyres_budget(size, grid[::-1], encoder.dcm.crop_size, encoder.feat_size)",
        "LLaVA-NeXT adapter budget on the transposed grid", tests=HF_LLAVA_NEXT_TESTS),
     _m("l15-canvas-side", L15, "side = max(dcm.grid) * dcm.crop_size", "side = min(dcm.grid) * dcm.crop_size",
        "LLaVA-1.5 adapter's canvas side from the shorter grid side", tests=LLAVA15_TESTS),
-    _m("next-base-after-tiles", NEXT, "base, fused = tokens[:, : h * w], tokens[:, h * w :]",
-       "fused, base = tokens[:, : -h * w], tokens[:, -h * w :]", "LLaVA-NeXT: the base image read from the end",
-       tests=HF_LLAVA_NEXT_TESTS),
-    _m("next-tiles-from-base", NEXT, "tiles = patches[None, 1:]  # (1, R*C, 3, s, s)",
-       "tiles = patches[None, :-1]  # (1, R*C, 3, s, s)", "LLaVA-NeXT: the base image taken as the first tile",
-       tests=HF_LLAVA_NEXT_TESTS),
-    _m("next-patch-counts", NEXT, "patches = anyres_patches(pixel_values, [1 + r * c for r, c in grids])",
-       "patches = anyres_patches(pixel_values, [r * c for r, c in grids])", "LLaVA-NeXT: patches per image without the base",
-       tests=HF_LLAVA_NEXT_TESTS),
-    _m("next-content-box-fit", NEXT, 'content_box=G.fit_box(image_size, (grid[0] * crop, grid[1] * crop), "pad"),',
-       'content_box=G.fit_box(image_size, (grid[0] * crop, grid[1] * crop), "squash"),',
-       "LLaVA-NeXT: the canvas content box of a squashed image (AnyRes pads)",
-       equivalent="these DualCrops go only to DualViewEncoder.encode_crops, which reads the views and the grid, never "
-       "content_box (metadata for show / demo)", tests=HF_LLAVA_NEXT_TESTS),
+    _m("next-base-after-tiles", "adapters/_hf.py", "TiledImage(p, g, tiles_at=1) if g",
+       "TiledImage(p, g, tiles_at=0) if g", "AnyRes: the base image taken as the first tile (it comes first)",
+       tests=HF_LLAVA_NEXT_TESTS + ONEVISION_TESTS),
+    _m("next-patch-counts", "adapters/_hf.py", "[1 + g[0] * g[1] if g else 1 for g in grids]",
+       "[g[0] * g[1] if g else 1 for g in grids]", "AnyRes: patches per image without the base",
+       tests=HF_LLAVA_NEXT_TESTS + ONEVISION_TESTS),
     _m("anyres-patches-stacked", "adapters/_hf.py", "return list(pixel_values.split(counts))",
        "return list(pixel_values.split(max(counts)))", "stacked AnyRes patches cut in equal parts",
        tests=HF_LLAVA_NEXT_TESTS + ONEVISION_TESTS),
@@ -430,8 +441,8 @@ MUTANTS: list[Mutant] = [
        tests=INTERNVL_TESTS),
     _m("ivl-grid-from-canvas", IVL, "grids.append((height // s, width // s))", "grids.append((width // s, height // s))",
        "InternVL grid from image_sizes transposed", tests=INTERNVL_TESTS),
-    _m("ivl-thumbnail-in-tiles", IVL, "tiles = {i: pixel_values[starts[i]:starts[i + 1] - 1] for i in tiled}",
-       "tiles = {i: pixel_values[starts[i] + 1:starts[i + 1]] for i in tiled}",
+    _m("ivl-thumbnail-in-tiles", IVL, "TiledImage(patches, grid, tiles_at=0) if n > 1",
+       "TiledImage(patches, grid, tiles_at=1) if n > 1",
        "InternVL: the thumbnail taken as the first tile (it is the last patch)", tests=INTERNVL_TESTS),
     _m("ivl-shuffle-divisible", IVL, "if not side.is_integer() or not (1 / config.downsample_ratio).is_integer():",
        "if not (1 / config.downsample_ratio).is_integer():", "InternVL accepts a tile the pixel shuffle cannot take",
@@ -452,6 +463,7 @@ MUTANTS: list[Mutant] = [
        "Idefics3 budget without the global crops' passes", tests=IDEFICS3_TESTS),
     _m("idf-grid-padding-entry", IDF, "+ [[-1, -1]] * (width - len(rs))", "+ [[0, 0]] * (width - len(rs))",
        "Idefics3: a short sample padded with unsplit images instead of padding", tests=IDEFICS3_TESTS),
-    _m("idf-global-frame-is-first", IDF, "found.append(_SplitImage(grid, first))", "found.append(_SplitImage(grid, first + 1))",
+    _m("idf-global-frame-is-first", IDF, "TiledImage(frames[at], grid, tiles_at=0, masks=masks[at]) if grid[0]",
+       "TiledImage(frames[at], grid, tiles_at=1, masks=masks[at]) if grid[0]",
        "Idefics3: tiles read one frame late (the global image is last)", tests=IDEFICS3_TESTS),
 ]
