@@ -12,14 +12,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
+from dualview import DEM, layout
+from dualview.adapters import hf_internvl as adapter
+from dualview.adapters._common import recorded_options
 
-from dualview import DEM, layout  # noqa: E402
-from dualview.adapters import hf_internvl as adapter  # noqa: E402
-from dualview.adapters._common import recorded_options  # noqa: E402
-from . import internvl_models as M  # noqa: E402
-from .host_battery import assert_token_counts_follow_the_host  # noqa: E402
+from . import internvl_models as M
+from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host, logits
 
 S = M.S
 H = M.S // M.PATCH  # tokens per tile side before the pixel shuffle
@@ -476,7 +476,6 @@ def test_a_tile_the_pixel_shuffle_cannot_take_is_refused():
 
 # ---- the host battery ---------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase, logits  # noqa: E402
 
 
 def _battery_model():

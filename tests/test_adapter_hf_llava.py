@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
-from transformers.models.llava.image_processing_llava import LlavaImageProcessor  # noqa: E402
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.llava.image_processing_llava import LlavaImageProcessor
 
-from dualview.adapters import hf_llava  # noqa: E402
+from dualview.adapters import hf_llava
 
-from . import tiny_models as tiny  # noqa: E402
+from . import tiny_models as tiny
+from .host_battery import HostBattery, HostCase
 
 
 def make_model(**config_kwargs):
@@ -216,7 +216,6 @@ def test_errors():
 
 # -- the host battery ------------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 BATTERY_OPTIONS = dict(grid=(2, 3), num_heads=4)

@@ -9,13 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from dualview import DEM
 from dualview import grid as G
 from dualview.adapters import hf_llava_next as adapter
 from dualview.adapters._common import recorded_options
 
-transformers = pytest.importorskip("transformers")
+from .host_battery import HostBattery, HostCase
 
 S, PATCH = 28, 14  # crop size and patch size: 2x2 tokens per crop
 H = W = S // PATCH
@@ -341,7 +342,6 @@ def test_fixed_options_may_be_restated_and_misuse_is_refused():
 
 # -- the host battery ------------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 def _battery_model():

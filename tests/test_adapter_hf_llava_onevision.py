@@ -13,23 +13,24 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
-from transformers.image_processing_utils import select_best_resolution  # noqa: E402
-from transformers.models.llava_onevision.modeling_llava_onevision import (  # noqa: E402
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape, unpad_image,
 )
 
-from dualview import DEM  # noqa: E402
-from dualview import grid as G  # noqa: E402
-from dualview.adapters import hf_llava_next  # noqa: E402
-from dualview.adapters import hf_llava_onevision as adapter  # noqa: E402
-from dualview.adapters._common import recorded_options  # noqa: E402
+from dualview import DEM
+from dualview import grid as G
+from dualview.adapters import hf_llava_next
+from dualview.adapters import hf_llava_onevision as adapter
+from dualview.adapters._common import recorded_options
 
-from .llava_onevision_models import (  # noqa: E402
+from .llava_onevision_models import (
     ASPECT, IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, image, multi_image_batch, tiny_model, tiny_processor, video,
     video_batch,
 )
+from .host_battery import HostBattery, HostCase
 
 # 1:3 to 3:1 and beyond (40:1), smaller than one tile, exactly a pinpoint, odd sizes; with
 # anyres_max_2 the 2x2 and larger grids are downscaled by the host, 1x2 / 2x1 / 1x3 / 3x1 are not.
@@ -409,7 +410,6 @@ def test_bad_inputs_are_refused_with_the_argument_named():
 
 # (g) the host battery of the adapter mechanism ----------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 def _battery_model():

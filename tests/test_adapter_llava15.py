@@ -9,22 +9,21 @@ import warnings
 
 import pytest
 import torch
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import tokenizer_image_token
+from llava.model.language_model import llava_llama
+from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM
 from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessor, CLIPVisionModel
 
-pytest.importorskip("transformers")
-llava_llama = pytest.importorskip("llava.model.language_model.llava_llama")
-from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from llava.mm_utils import tokenizer_image_token  # noqa: E402
-from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM  # noqa: E402
-from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPVisionModel  # noqa: E402
+from dualview.adapters import llava15
+from dualview.adapters._host import dem_settings
+from dualview.adapters._common import DualViewOptions, recorded_options
 
-from dualview.adapters import llava15  # noqa: E402
-from dualview.adapters._host import dem_settings  # noqa: E402
-from dualview.adapters._common import DualViewOptions, recorded_options  # noqa: E402
-
-from . import tiny_models as tiny  # noqa: E402
-from .conftest import FIXTURES  # noqa: E402
+from . import tiny_models as tiny
+from .conftest import FIXTURES
+from .host_battery import HostBattery, HostCase
 
 LlavaConfig, LlavaLlamaForCausalLM = llava_llama.LlavaConfig, llava_llama.LlavaLlamaForCausalLM
 
@@ -386,7 +385,6 @@ def test_apply_errors(tower_28):
 
 # -- the host battery ------------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 @pytest.fixture(scope="class")

@@ -9,13 +9,14 @@ import multiprocessing
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
+from dualview import DEM
+from dualview.adapters import hf_llava, hf_llava_next
 
-from dualview.adapters import hf_llava, hf_llava_next  # noqa: E402
-
-from . import tiny_models as tiny  # noqa: E402
-from .test_adapter_hf_llava import make_model, make_processor  # noqa: E402
+from . import tiny_models as tiny
+from .test_adapter_hf_llava import make_model, make_processor
+from .test_adapter_hf_llava_next import PINPOINTS, S, batch, tiny_model, tiny_processor
 
 
 def onevision_model():
@@ -112,9 +113,7 @@ def test_an_adapted_model_runs_in_a_spawned_process():
 
 # -- found by review: the saved options describe the DEM that ran, whatever replaced it --------------
 
-from dualview import DEM  # noqa: E402
 
-from .test_adapter_hf_llava_next import PINPOINTS, S, batch, tiny_model, tiny_processor  # noqa: E402
 
 
 def _prompt_inputs(model, size=(40, 70)):

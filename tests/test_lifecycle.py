@@ -11,14 +11,13 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import dualview
 from dualview.gate import DualViewGate
 from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS
 
-transformers = pytest.importorskip("transformers")
-
-from .test_adapter_hf_llava import BATTERY_OPTIONS, _inputs, make_model  # noqa: E402
+from .test_adapter_hf_llava import BATTERY_OPTIONS, _inputs, make_model
 
 OPTIONS = dict(BATTERY_OPTIONS, init="identity")
 
