@@ -584,6 +584,8 @@ def _case(host):
         inputs=inputs,
         plain_inputs=plain_inputs,
         options={"num_heads": 2},
+        option_sets=({"num_heads": 2, "directions": "global_to_local", "fusion": "conv3x3"},),
+        fixed=adapter._FIXED, fixed_why="Idefics3 / SmolVLM",
         sizes=((40, 70), (90, 30)),  # 3x4 and 4x2 tiles: the global crops differ from the tiles
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,

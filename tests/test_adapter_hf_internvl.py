@@ -286,16 +286,6 @@ def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it():
         assert adapted(**inputs).logits.shape[:2] == inputs["input_ids"].shape
 
 
-def test_tower_batch_size_chunks_the_one_tower_batch_and_changes_nothing_else():
-    plain = M.tiny_model()
-    whole = adapter.apply(copy.deepcopy(plain), num_heads=2)
-    chunked = adapter.apply(copy.deepcopy(plain), num_heads=2, tower_batch_size=4)
-    inputs = M.batch(prepared(), [(40, 90), (100, 100), (28, 28)])  # 3 + 5 + 1 patches, 2 + 4 global crops
-    whole_calls, chunked_calls = TowerCalls(whole), TowerCalls(chunked)
-    torch.testing.assert_close(image_features(chunked, inputs), image_features(whole, inputs), atol=1e-4, rtol=1e-4)
-    assert whole_calls.sizes == [15] and chunked_calls.sizes == [4, 4, 4, 3]
-
-
 def test_a_batch_of_only_single_tiles_is_exactly_the_host():
     plain, adapted = plain_and_adapted()
     inputs = M.batch(prepared(max_patches=1), [(40, 90), (300, 40), (28, 28)])
@@ -417,28 +407,8 @@ def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_
 # ---- options and misuse -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "options, error, match",
-    [
-        (dict(grid=(2, 2)), ValueError, "grid"),
-        (dict(max_tiles=12), ValueError, "max_patches"),
-        (dict(fit="pad"), ValueError, "fit"),
-        (dict(out_size=(4, 4)), ValueError, "out_size"),
-        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
-        (dict(num_heads=3), ValueError, "num_heads"),
-        (dict(bogus=1), TypeError, "bogus"),
-    ],
-)
-def test_bad_options_are_refused(options, error, match):
-    with pytest.raises(error, match=match):
-        adapter.apply(M.tiny_model(), **options)
-
-
-def test_fixed_options_may_be_restated_and_misuse_is_refused():
-    model = adapter.apply(M.tiny_model(), num_heads=2, grid="auto", fit="squash", out_size=None)
-    assert recorded_options(model.config)["num_heads"] == 2
-    with pytest.raises(ValueError, match="already"):
-        adapter.apply(model)
+def test_misuse_is_refused_naming_what_fits():
+    """(The fixed options, restated or changed, and a second apply: the host battery.)"""
     with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
         adapter.apply(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
@@ -491,6 +461,8 @@ class TestHostBattery(HostBattery):
         return HostCase(
             adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(M.batch(processor, sizes)),
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
+            option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
+            fixed=adapter._FIXED, fixed_why="min_patches / max_patches",
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
             pooler_from_last=lambda model, last, inputs: model.model.multi_modal_projector(model.model.pixel_shuffle(

@@ -25,6 +25,7 @@ from dualview import grid as G
 from dualview.adapters import hf_llava_next
 from dualview.adapters import hf_llava_onevision as adapter
 from dualview.adapters._common import recorded_options
+from dualview.adapters._hf import ANYRES_FIXED
 
 from .llava_onevision_models import (
     ASPECT, IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, image, multi_image_batch, tiny_model, tiny_processor, video,
@@ -256,17 +257,6 @@ def test_a_batch_of_multi_image_prompts_only_is_exactly_the_plain_model():
         torch.testing.assert_close(adapted(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
 
 
-def test_tower_batch_size_chunks_the_one_call_on_request_with_the_same_features():
-    _, adapted = plain_and_adapted()
-    chunked = adapter.apply(tiny_model(), num_heads=2, tower_batch_size=4)
-    chunked.model.spatial_embed.load_state_dict(adapted.model.spatial_embed.state_dict())
-    inputs = batch([(70, 105), (35, 35)])  # 1 + 2*6 and 1 + 2*1 crops: 16
-    calls = TowerCalls(chunked)
-    for a, b in zip(image_features(chunked, inputs), image_features(adapted, inputs)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert calls.sizes == [4, 4, 4, 4]
-
-
 def test_video_goes_through_the_plain_path_unchanged():
     plain, adapted = plain_and_adapted()
     inputs = video_batch()
@@ -355,22 +345,6 @@ def test_unapply_gives_back_the_plain_model():
 # (f) options and misuse --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "options, error, match",
-    [
-        (dict(fit="squash"), ValueError, "fit"),
-        (dict(out_size=(2, 2)), ValueError, "out_size"),
-        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
-        (dict(pinpoints=[[S, S]]), ValueError, "pinpoints"),
-        (dict(num_heads=3), ValueError, "num_heads"),
-        (dict(bogus=1), TypeError, "bogus"),
-    ],
-)
-def test_bad_options_are_refused(options, error, match):
-    with pytest.raises(error, match=match):
-        adapter.apply(tiny_model(), **options)
-
-
 def test_hosts_it_cannot_serve_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="pinpoints entry"):  # the host could not tile 40-pixel canvases into 35s
         adapter.apply(tiny_model(pinpoints=[[S, S], [S, 40]]))
@@ -432,6 +406,8 @@ class TestHostBattery(HostBattery):
         return HostCase(
             adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
             sizes=((35, 105), (70, 70)), image_token_id=IMAGE_TOKEN_ID,
+            option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
+            fixed={**ANYRES_FIXED, "pinpoints": PINPOINTS}, fixed_why="LLaVA-OneVision's AnyRes",
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], **kw),
             pooler_from_last=_pooler_from_last,

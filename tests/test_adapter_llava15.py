@@ -420,7 +420,9 @@ class TestHostBattery(HostBattery):
             # init="identity" gives the plain model's answer on the dual-view thumbnail of the same image
             identity_inputs=lambda model, inputs: dict(
                 inputs, images=llava15.encoder_of(model).dcm(inputs["images"]).thumbnail),
+            option_sets=(dict(grid=(2, 3), num_heads=4, directions="global_to_local", fusion="conv3x3"),),
             not_applicable={
+                "fixed_options": "llava-torch's LLaVA-1.5 fixes no option (the image processor follows the grid)",
                 "mismatch": "llava's prepare_inputs_labels_for_multimodal has no image-token / feature check",
                 "image_features": "llava has no get_image_features (encode_images returns projected features)",
                 "offload": "llava loads its vision tower itself from mm_vision_tower, outside from_pretrained's device_map",
