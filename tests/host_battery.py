@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 import dualview
 from dualview import DEM
 from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, dual_view_host
+from dualview.adapters._common import recorded_options
 from dualview.gate import DualViewGate
 
 Size = tuple[int, int]
@@ -203,10 +205,10 @@ class HostBattery:
             assert_plain(plain)
 
     def test_tower_batch_size_splits_the_tower_calls_not_the_features(self):
-        """For every option set: ``tower_batch_size`` None (automatic), 1, 3 and "all" run the same
-        crops (one call per crop under 1, calls of 3 and the rest under 3 (checked on ``options``), one
-        call under "all") and
-        give the same image features and logits, within the float error of other matmul batch sizes."""
+        """For every option set: ``tower_batch_size`` None (automatic), 1, 3 (on ``options``) and "all"
+        run the same crops (one call per crop under 1, calls of 3 and the rest under 3, one call under
+        "all") and give the same image features and logits, within the float error of other matmul
+        batch sizes."""
         case = self.case()
         inputs = case.inputs(case.sizes)
         for options in (case.options, *case.option_sets):
@@ -416,12 +418,31 @@ class HostBattery:
     # -- save / load, pickling -------------------------------------------------------------------------
 
     def test_save_pretrained_then_from_pretrained_is_bit_exact(self, tmp_path):
-        case, model = self.adapted()
+        """For every option set, with DEM weights unlike any fresh initialisation: config.json holds
+        the recorded options; ``from_pretrained`` gives them back, the same classes, a DEM of the same
+        settings and weights, and the same image features and logits, bit for bit."""
+        case = self.case()
         inputs = case.inputs(case.sizes)
-        model.save_pretrained(tmp_path)
-        loaded = case.adapter.from_pretrained(tmp_path).eval()
-        assert type(loaded) is type(model)
-        torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+        for i, options in enumerate((case.options, *case.option_sets)):
+            model = case.adapter.apply(case.build(), **options)
+            with torch.no_grad():
+                for p in self.dem(case, model).parameters():
+                    p.add_(torch.randn_like(p))
+            model.save_pretrained(tmp_path / str(i))
+            saved = json.loads((tmp_path / str(i) / "config.json").read_text())["dualview"]
+            assert saved == recorded_options(model.config)
+            loaded = case.adapter.from_pretrained(tmp_path / str(i)).eval()
+            assert type(loaded) is type(model) and type(case.dem_parent(loaded)) is type(case.dem_parent(model))
+            assert recorded_options(loaded.config) == saved
+            dem, again = self.dem(case, model), self.dem(case, loaded)
+            assert dem_settings(again) == dem_settings(dem)
+            assert dem.state_dict().keys() == again.state_dict().keys()
+            assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
+            torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+            if case.image_features is not None:
+                with torch.no_grad():
+                    torch.testing.assert_close(case.image_features(loaded, inputs).pooler_output,
+                                               case.image_features(model, inputs).pooler_output, rtol=0, atol=0)
 
     def test_pickle_deepcopy_and_torch_save_round_trip(self):
         case, model = self.adapted()
@@ -707,6 +728,11 @@ def another_value(name: str, fixed: Any) -> Any:
     other = _OTHER_VALUES[name]
     assert other != fixed, (name, fixed)
     return other
+
+
+def dem_settings(dem: DEM) -> tuple:
+    """What a DEM is built with (its weights aside)."""
+    return (dem.dim, dem.num_heads, dem.out_size, dem.directions, dem.fusion, dem.resample)
 
 
 def assert_plain(model: nn.Module) -> None:

@@ -16,7 +16,6 @@ import transformers
 
 from dualview import DEM, layout
 from dualview.adapters import hf_internvl as adapter
-from dualview.adapters._common import recorded_options
 
 from . import internvl_models as M
 from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host, logits
@@ -384,24 +383,6 @@ def test_generate_greedy_and_beam_on_a_mixed_batch():
     assert greedy.shape == beam.shape == (3, length + 3)
     assert torch.equal(greedy[:, :length], inputs["input_ids"])
     assert torch.equal(greedy[:, length], first)
-
-
-def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
-    model = adapter.apply(M.tiny_model(), num_heads=4, fusion="conv3x3", directions="global_to_local")
-    torch.manual_seed(123)  # DEM weights unlike any fresh init
-    with torch.no_grad():
-        for p in model.model.spatial_embed.parameters():
-            p.copy_(torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == recorded_options(model.config)
-    loaded = adapter.from_pretrained(tmp_path)
-    dem, again = model.model.spatial_embed, loaded.model.spatial_embed
-    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 4, None)
-    assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
-    inputs = M.batch(prepared(), [(57, 41), (28, 168)])
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, loaded.eval()(**inputs).logits, atol=0, rtol=0)
 
 
 # ---- options and misuse -------------------------------------------------------------------------

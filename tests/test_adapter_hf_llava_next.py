@@ -4,7 +4,6 @@ plain AnyRes's token counts, one tower call, DEM-fused tiles, training, generati
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -199,26 +198,6 @@ def test_generate_produces_tokens_for_a_mixed_batch():
 
 
 # (e) save / load ----------------------------------------------------------------------------------
-
-
-def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
-    model = adapter.apply(tiny_model(), num_heads=2, fusion="conv3x3", directions="global_to_local")
-    torch.manual_seed(123)  # DEM weights unlike any fresh init
-    with torch.no_grad():
-        for p in model.model.spatial_embed.parameters():
-            p.copy_(torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == recorded_options(model.config)
-    loaded = adapter.from_pretrained(tmp_path)
-    assert recorded_options(loaded.config) == saved
-    dem, again = model.model.spatial_embed, loaded.model.spatial_embed
-    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 2, None)
-    assert dem.state_dict().keys() == again.state_dict().keys()
-    assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
-    inputs = batch([(57, 41), (30, 90)])
-    for a, b in zip(image_features(model, inputs), image_features(loaded.eval(), inputs)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):

@@ -5,7 +5,6 @@ tiles, multi-image and video prompts left plain, training, generation, save / lo
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -24,7 +23,6 @@ from dualview import DEM
 from dualview import grid as G
 from dualview.adapters import hf_llava_next
 from dualview.adapters import hf_llava_onevision as adapter
-from dualview.adapters._common import recorded_options
 from dualview.adapters._hf import ANYRES_FIXED
 
 from .llava_onevision_models import (
@@ -312,24 +310,6 @@ def test_generate_produces_tokens_for_a_mixed_batch():
 
 
 # (e) save / load, unapply ------------------------------------------------------------------------
-
-
-def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
-    model = adapter.apply(tiny_model(), num_heads=2, fusion="conv3x3", directions="global_to_local")
-    torch.manual_seed(123)  # DEM weights unlike any fresh init
-    with torch.no_grad():
-        for p in model.model.spatial_embed.parameters():
-            p.copy_(torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == recorded_options(model.config)
-    loaded = adapter.from_pretrained(tmp_path)
-    assert isinstance(loaded.model, adapter.DualViewLlavaOnevisionModel)
-    again = loaded.model.spatial_embed
-    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 2, None)
-    inputs = batch([(57, 41), (35, 105)])
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, loaded.eval()(**inputs).logits, atol=0, rtol=0)
 
 
 def test_unapply_gives_back_the_plain_model():
