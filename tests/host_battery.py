@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,6 +24,7 @@ from torch import nn
 import dualview
 from dualview import DEM
 from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, dual_view_host
+from dualview.adapters._common import recorded_options
 from dualview.gate import DualViewGate
 
 Size = tuple[int, int]
@@ -39,6 +42,15 @@ class HostCase:
     """Model keyword inputs for one prompt per image of the given ``(H, W)`` sizes, made by the
     host's processor (left-padded where the prompts differ in length)."""
     options: dict = field(default_factory=dict)
+    option_sets: tuple[dict, ...] = ()
+    """Further option sets (each complete, like ``options``) that change what runs (fusion, directions,
+    layers, ...): the option-dependent contracts (``tower_batch_size``) hold for each."""
+    fixed: dict = field(default_factory=dict)
+    """Option -> the value the adapter fixes it to: the adapter's own table (``_hf.ANYRES_FIXED``, the
+    module's ``_FIXED``; an option that follows the host's config, e.g. AnyRes's ``pinpoints``, with the
+    config's value). Empty: the host fixes none."""
+    fixed_why: str = ""
+    """Regex: the host's reason, which every refusal of a fixed option names."""
     sizes: tuple[Size, Size] = ((40, 70), (90, 30))
     """Two image sizes whose crops differ from their tiles (pinpoints / grids make them differ)."""
     dem_parent: Callable[[nn.Module], nn.Module] = lambda model: model.model
@@ -148,6 +160,80 @@ class HostBattery:
         if case.image_token_id is None:
             return ids.clamp(min=0)
         return ids.clamp(min=0).masked_fill(ids == case.image_token_id, -100)
+
+    @staticmethod
+    def tower_calls(case: HostCase, model: nn.Module) -> list[int]:
+        """The crop count of every vision-tower call from now on (a hook on the tower's embeddings:
+        every run starts there, also a layer-truncated one that skips the tower's own forward)."""
+        embeddings = next(m for n, m in case.vision_tower(model).named_modules() if n.endswith("embeddings"))
+        calls: list[int] = []
+        embeddings.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+        return calls
+
+    # -- options: the fixed ones, bad ones, tower_batch_size ---------------------------------------------
+
+    def test_a_fixed_option_is_refused_with_another_value_and_accepted_with_its_own(self):
+        """Every option the adapter fixes (its own table, ``HostCase.fixed``): another value is a
+        ValueError naming the option, the value given and the host's reason, the model left plain;
+        the fixed value itself may be restated (the same recorded options as not passing it)."""
+        case = self.case()
+        self.skip_unless(case, "fixed_options")
+        assert case.fixed, "HostCase.fixed: the adapter's fixed options, or not_applicable['fixed_options']"
+        for name, value in case.fixed.items():
+            other = another_value(name, value)
+            plain = case.build()
+            with pytest.raises(ValueError, match=rf"option {name} is fixed\b.*got {re.escape(repr(other))}") as error:
+                case.adapter.apply(plain, **{**case.options, name: other})
+            assert re.search(case.fixed_why, str(error.value)), (case.fixed_why, str(error.value))
+            assert_plain(plain)
+        restated = case.adapter.apply(case.build(), **{**case.options, **case.fixed})
+        assert restated.config.dualview == case.adapter.apply(case.build(), **case.options).config.dualview
+
+    def test_bad_options_are_refused_naming_them_and_leave_the_model_plain(self):
+        """An unknown option (TypeError), a head count that does not divide the DEM's channels and
+        ``tower_batch_size=0`` (ValueError) are refused by ``apply``, naming the option, before the
+        model is touched."""
+        case, model = self.adapted()
+        dim = self.dem(case, model).dim
+        heads = next(k for k in range(3, dim) if dim % k)
+        for bad, error in ((dict(bogus=1), TypeError), (dict(num_heads=heads), ValueError),
+                           (dict(tower_batch_size=0), ValueError)):
+            plain = case.build()
+            (name,) = bad
+            with pytest.raises(error, match=name):
+                case.adapter.apply(plain, **{**case.options, **bad})
+            assert_plain(plain)
+
+    def test_tower_batch_size_splits_the_tower_calls_not_the_features(self):
+        """For every option set: ``tower_batch_size`` None (automatic), 1, 3 (on ``options``) and "all"
+        run the same crops (one call per crop under 1, calls of 3 and the rest under 3, one call under
+        "all") and give the same image features and logits, within the float error of other matmul
+        batch sizes."""
+        case = self.case()
+        inputs = case.inputs(case.sizes)
+        for options in (case.options, *case.option_sets):
+            dem, calls, out, features = None, {}, {}, {}
+            sizes = (None, 1, 3, "all") if options is case.options else (None, 1, "all")  # the int rule once
+            for size in sizes:
+                model = case.adapter.apply(case.build(), **{**options, "tower_batch_size": size})
+                if dem is None:
+                    dem = self.dem(case, model).state_dict()
+                self.dem(case, model).load_state_dict(dem)
+                seen = self.tower_calls(case, model)
+                out[size] = logits(model, inputs)
+                calls[size] = list(seen)
+                if case.image_features is not None:
+                    with torch.no_grad():
+                        features[size] = case.image_features(model, inputs).pooler_output
+            crops = sum(calls["all"])
+            assert calls["all"] == [crops] and crops > 3, (options, calls)
+            assert calls[1] == [1] * crops and sum(calls[None]) == crops
+            if 3 in calls:
+                assert calls[3] == [3] * (crops // 3) + [crops % 3] * bool(crops % 3)
+            for size in sizes[1:]:
+                torch.testing.assert_close(out[size], out[None], atol=1e-5, rtol=1e-4)
+                if features:
+                    torch.testing.assert_close(features[size], features[None], atol=1e-4, rtol=1e-4)
 
     # -- init="identity": the plain host at initialisation, a learned correction after ------------------
 
@@ -332,12 +418,31 @@ class HostBattery:
     # -- save / load, pickling -------------------------------------------------------------------------
 
     def test_save_pretrained_then_from_pretrained_is_bit_exact(self, tmp_path):
-        case, model = self.adapted()
+        """For every option set, with DEM weights unlike any fresh initialisation: config.json holds
+        the recorded options; ``from_pretrained`` gives them back, the same classes, a DEM of the same
+        settings and weights, and the same image features and logits, bit for bit."""
+        case = self.case()
         inputs = case.inputs(case.sizes)
-        model.save_pretrained(tmp_path)
-        loaded = case.adapter.from_pretrained(tmp_path).eval()
-        assert type(loaded) is type(model)
-        torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+        for i, options in enumerate((case.options, *case.option_sets)):
+            model = case.adapter.apply(case.build(), **options)
+            with torch.no_grad():
+                for p in self.dem(case, model).parameters():
+                    p.add_(torch.randn_like(p))
+            model.save_pretrained(tmp_path / str(i))
+            saved = json.loads((tmp_path / str(i) / "config.json").read_text())["dualview"]
+            assert saved == recorded_options(model.config)
+            loaded = case.adapter.from_pretrained(tmp_path / str(i)).eval()
+            assert type(loaded) is type(model) and type(case.dem_parent(loaded)) is type(case.dem_parent(model))
+            assert recorded_options(loaded.config) == saved
+            dem, again = self.dem(case, model), self.dem(case, loaded)
+            assert dem_settings(again) == dem_settings(dem)
+            assert dem.state_dict().keys() == again.state_dict().keys()
+            assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
+            torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+            if case.image_features is not None:
+                with torch.no_grad():
+                    torch.testing.assert_close(case.image_features(loaded, inputs).pooler_output,
+                                               case.image_features(model, inputs).pooler_output, rtol=0, atol=0)
 
     def test_pickle_deepcopy_and_torch_save_round_trip(self):
         case, model = self.adapted()
@@ -606,6 +711,35 @@ class HostBattery:
         ).eval()
         assert any(p.device.type == "meta" for p in case.vision_tower(offloaded).parameters())
         torch.testing.assert_close(logits(offloaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+# another value than the fixed one, per option: what a user might pass instead
+_OTHER_VALUES = {"grid": (2, 2), "out_size": (2, 2), "resample": "bilinear", "pinpoints": [[28, 28]]}
+_SWAPPED = {"fit": ("pad", "squash"), "thumbnail_fusion": ("concat", "mean")}
+
+
+def another_value(name: str, fixed: Any) -> Any:
+    """A value of option ``name`` other than ``fixed``."""
+    if name in _SWAPPED:
+        first, second = _SWAPPED[name]
+        return second if fixed == first else first
+    if name == "max_tiles":
+        return fixed + 3
+    other = _OTHER_VALUES[name]
+    assert other != fixed, (name, fixed)
+    return other
+
+
+def dem_settings(dem: DEM) -> tuple:
+    """What a DEM is built with (its weights aside)."""
+    return (dem.dim, dem.num_heads, dem.out_size, dem.directions, dem.fusion, dem.resample)
+
+
+def assert_plain(model: nn.Module) -> None:
+    """No dual view installed (a refused ``apply`` leaves the model as it was)."""
+    assert "dualview" not in model.config.to_dict()
+    assert dual_view_host_or_none(model) is None
+    assert not any("spatial_embed" in k for k in model.state_dict())
 
 
 def assert_token_counts_follow_the_host(

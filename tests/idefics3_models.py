@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import transformers
 
+from .word_tokenizer import word_tokenizer
+
 S, PATCH, SCALE = 32, 8, 2
 SEQ = (S // PATCH // SCALE) ** 2  # image tokens per frame after the pixel shuffle
 LONGEST = 4 * S
@@ -48,16 +50,15 @@ def tiny_model(host: str = "idefics3", *, seed: int = 0, hidden: int = 32):
 
 
 def tokenizer() -> "transformers.PreTrainedTokenizerFast":
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     # spaces separate words; every newline is a token of its own ("\n\n" is two, as in tiny vocabularies)
-    words.pre_tokenizer = pre_tokenizers.Sequence([
+    newlines_apart = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
         pre_tokenizers.Split("\n", behavior="isolated"),
     ])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<|im_start|>",
+    return word_tokenizer(
+        WORDS, pre_tokenizer=newlines_apart, pad_token="<pad>", bos_token="<|im_start|>",
         eos_token="<end_of_utterance>", additional_special_tokens=SPECIAL + ROW_COL, padding_side="left",
         extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                               "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},

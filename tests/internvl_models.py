@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import transformers
 
+from .word_tokenizer import word_tokenizer
+
 S, PATCH = 28, 7
 SEQ = (S // PATCH // 2) ** 2  # image tokens per tile after the pixel shuffle
 MIN_PATCHES, MAX_PATCHES = 1, 6
@@ -55,12 +57,8 @@ def tiny_model(
 
 
 def tokenizer() -> "transformers.PreTrainedTokenizerFast":
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+    return word_tokenizer(
+        WORDS, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
                               "context_image_token": IMAGE_TOKEN, "video_token": "<video>"},
         padding_side="left",

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import transformers
 
+from .word_tokenizer import word_tokenizer
+
 S, PATCH = 35, 7
 H = W = S // PATCH
 PINPOINTS = [[S * rows, S * cols] for rows in (1, 2, 3) for cols in (1, 2, 3)]
@@ -51,12 +53,10 @@ def tiny_processor(*, strategy: str = "full", aspect: str = ASPECT, pinpoints=PI
     """The unchanged ``LlavaOnevisionProcessor`` with a word-level tokenizer holding the host's
     special tokens. ``num_image_tokens`` counts the tower's tokens per crop (CLS included with
     ``"default"``, which the processor then subtracts)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import pre_tokenizers
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+    tokenizer = word_tokenizer(
+        WORDS, pre_tokenizer=pre_tokenizers.Whitespace(), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, padding_side="left",
     )
     return transformers.LlavaOnevisionProcessor(

@@ -11,15 +11,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("num2words")  # SmolVLMProcessor needs it
+from dualview.adapters import hf_idefics3 as adapter
+from dualview.adapters._common import recorded_options
 
-from dualview.adapters import hf_idefics3 as adapter  # noqa: E402
-from dualview.adapters._common import recorded_options  # noqa: E402
-
-from .host_battery import assert_token_counts_follow_the_host  # noqa: E402
-from .idefics3_models import (  # noqa: E402
+from .host_battery import HostBattery, assert_token_counts_follow_the_host
+from .idefics3_models import (
     HOSTS, IMAGE_TOKEN_ID, LONGEST, PATCH, PROMPT, S, SEQ, batch, image, image_processor, tiny_model, tiny_processor,
 )
 
@@ -586,6 +584,8 @@ def _case(host):
         inputs=inputs,
         plain_inputs=plain_inputs,
         options={"num_heads": 2},
+        option_sets=({"num_heads": 2, "directions": "global_to_local", "fusion": "conv3x3"},),
+        fixed=adapter._FIXED, fixed_why="Idefics3 / SmolVLM",
         sizes=((40, 70), (90, 30)),  # 3x4 and 4x2 tiles: the global crops differ from the tiles
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,
@@ -600,9 +600,6 @@ def _case(host):
                        "first parameter: with the vision tower offloaded that is 'meta' and the plain host fails "
                        "(SmolVLMModel uses the input ids' device and runs)"},
     )
-
-
-from .host_battery import HostBattery  # noqa: E402
 
 
 class TestIdefics3Battery(HostBattery):

@@ -12,14 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
+from dualview import DEM, layout
+from dualview.adapters import hf_internvl as adapter
 
-from dualview import DEM, layout  # noqa: E402
-from dualview.adapters import hf_internvl as adapter  # noqa: E402
-from dualview.adapters._common import recorded_options  # noqa: E402
-from . import internvl_models as M  # noqa: E402
-from .host_battery import assert_token_counts_follow_the_host  # noqa: E402
+from . import internvl_models as M
+from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host, logits
 
 S = M.S
 H = M.S // M.PATCH  # tokens per tile side before the pixel shuffle
@@ -286,16 +285,6 @@ def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it():
         assert adapted(**inputs).logits.shape[:2] == inputs["input_ids"].shape
 
 
-def test_tower_batch_size_chunks_the_one_tower_batch_and_changes_nothing_else():
-    plain = M.tiny_model()
-    whole = adapter.apply(copy.deepcopy(plain), num_heads=2)
-    chunked = adapter.apply(copy.deepcopy(plain), num_heads=2, tower_batch_size=4)
-    inputs = M.batch(prepared(), [(40, 90), (100, 100), (28, 28)])  # 3 + 5 + 1 patches, 2 + 4 global crops
-    whole_calls, chunked_calls = TowerCalls(whole), TowerCalls(chunked)
-    torch.testing.assert_close(image_features(chunked, inputs), image_features(whole, inputs), atol=1e-4, rtol=1e-4)
-    assert whole_calls.sizes == [15] and chunked_calls.sizes == [4, 4, 4, 3]
-
-
 def test_a_batch_of_only_single_tiles_is_exactly_the_host():
     plain, adapted = plain_and_adapted()
     inputs = M.batch(prepared(max_patches=1), [(40, 90), (300, 40), (28, 28)])
@@ -396,49 +385,11 @@ def test_generate_greedy_and_beam_on_a_mixed_batch():
     assert torch.equal(greedy[:, length], first)
 
 
-def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
-    model = adapter.apply(M.tiny_model(), num_heads=4, fusion="conv3x3", directions="global_to_local")
-    torch.manual_seed(123)  # DEM weights unlike any fresh init
-    with torch.no_grad():
-        for p in model.model.spatial_embed.parameters():
-            p.copy_(torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == recorded_options(model.config)
-    loaded = adapter.from_pretrained(tmp_path)
-    dem, again = model.model.spatial_embed, loaded.model.spatial_embed
-    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 4, None)
-    assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
-    inputs = M.batch(prepared(), [(57, 41), (28, 168)])
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, loaded.eval()(**inputs).logits, atol=0, rtol=0)
-
-
 # ---- options and misuse -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "options, error, match",
-    [
-        (dict(grid=(2, 2)), ValueError, "grid"),
-        (dict(max_tiles=12), ValueError, "max_patches"),
-        (dict(fit="pad"), ValueError, "fit"),
-        (dict(out_size=(4, 4)), ValueError, "out_size"),
-        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
-        (dict(num_heads=3), ValueError, "num_heads"),
-        (dict(bogus=1), TypeError, "bogus"),
-    ],
-)
-def test_bad_options_are_refused(options, error, match):
-    with pytest.raises(error, match=match):
-        adapter.apply(M.tiny_model(), **options)
-
-
-def test_fixed_options_may_be_restated_and_misuse_is_refused():
-    model = adapter.apply(M.tiny_model(), num_heads=2, grid="auto", fit="squash", out_size=None)
-    assert recorded_options(model.config)["num_heads"] == 2
-    with pytest.raises(ValueError, match="already"):
-        adapter.apply(model)
+def test_misuse_is_refused_naming_what_fits():
+    """(The fixed options, restated or changed, and a second apply: the host battery.)"""
     with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
         adapter.apply(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
@@ -476,7 +427,6 @@ def test_a_tile_the_pixel_shuffle_cannot_take_is_refused():
 
 # ---- the host battery ---------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase, logits  # noqa: E402
 
 
 def _battery_model():
@@ -492,6 +442,8 @@ class TestHostBattery(HostBattery):
         return HostCase(
             adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(M.batch(processor, sizes)),
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
+            option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
+            fixed=adapter._FIXED, fixed_why="min_patches / max_patches",
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
             pooler_from_last=lambda model, last, inputs: model.model.multi_modal_projector(model.model.pixel_shuffle(

@@ -5,38 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
-transformers = pytest.importorskip("transformers")
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
-from transformers.models.llava.image_processing_llava import LlavaImageProcessor  # noqa: E402
+from dualview.adapters import hf_llava
 
-from dualview.adapters import hf_llava  # noqa: E402
-
-from . import tiny_models as tiny  # noqa: E402
-
-
-def make_model(**config_kwargs):
-    tiny.seeded(0)
-    config = LlavaConfig(
-        vision_config=tiny.clip_config(), text_config=tiny.llama_config(), image_token_id=tiny.IMAGE_TOKEN_ID,
-        vision_feature_layer=-2, **config_kwargs,
-    )
-    model = LlavaForConditionalGeneration(config).eval()
-    model.model.vision_tower.requires_grad_(False)
-    return model
-
-
-def make_processor():
-    image_processor = LlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tiny.tokenizer(), patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
+from . import tiny_models as tiny
+from .host_battery import HostBattery, HostCase
+from .llava_models import tiny_model, tiny_processor
 
 
 def adapted(**options):
-    model = hf_llava.apply(make_model(), **options)
-    processor = hf_llava.prepare_processor(make_processor(), model)
+    model = hf_llava.apply(tiny_model(), **options)
+    processor = hf_llava.prepare_processor(tiny_processor(), model)
     return model, processor
 
 
@@ -106,18 +86,18 @@ def test_save_pretrained_round_trip_keeps_the_dem_bit_exactly(tmp_path):
 
 
 def test_plain_checkpoint_is_refused_by_the_dual_view_loader(tmp_path):
-    make_model().save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has no 'dualview' entry"):
         hf_llava.from_pretrained(tmp_path)
 
 
 def test_list_of_feature_layers_is_concatenated_on_channels():
-    model = make_model()
+    model = tiny_model()
     model.config.vision_feature_layer = [-2, -1]
     model.model.multi_modal_projector = type(model.model.multi_modal_projector)(model.config)
     hf_llava.apply(model)
     assert model.model.spatial_embed.dim == 64
-    processor = hf_llava.prepare_processor(make_processor(), model)
+    processor = hf_llava.prepare_processor(tiny_processor(), model)
     inputs = processor(images=tiny.pil_image(50, 50), text=tiny.PROMPT, return_tensors="pt")
     assert torch.isfinite(model(**inputs, labels=inputs["input_ids"]).loss)
     with pytest.raises(ValueError, match=r"vision_feature_layer=\[-1\] gives 32 channels"):
@@ -137,7 +117,7 @@ def test_processor_resizes_to_the_rows_by_cols_canvas_and_counts_its_tokens():
 def test_hidden_states_are_each_images_tiles_then_global_crops_then_thumbnail(thumbnail_fusion):
     """Image by image, R*C local tiles (row-major), R*C strided global crops, then its thumbnail:
     compared with the tower run on crops cut here by slicing the canvas."""
-    model = hf_llava.apply(make_model(), grid=(2, 3), thumbnail_fusion=thumbnail_fusion)
+    model = hf_llava.apply(tiny_model(), grid=(2, 3), thumbnail_fusion=thumbnail_fusion)
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 56, 84)  # two different images on a 2x3 canvas of 28-pixel crops
     with torch.no_grad():
@@ -170,9 +150,9 @@ def test_processor_pads_to_square_with_the_mean_colour():
 def test_input_not_at_the_adapted_resolution_is_refused_naming_prepare_processor(grid):
     """A plain processor's 28x28 image would be upscaled and cut into R x C views of nothing: refused,
     as is any other size than the R*s x C*s canvas; the prepared processor's input runs."""
-    model = hf_llava.apply(make_model(), grid=grid)
+    model = hf_llava.apply(tiny_model(), grid=grid)
     height, width = grid[0] * 28, grid[1] * 28
-    plain = make_processor()(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
+    plain = tiny_processor()(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
     assert plain["pixel_values"].shape[-2:] == (28, 28)
     expected = rf"pixel_values must be {height}x{width} .*got 28x28.*prepare_processor\(processor, model\)"
     with pytest.raises(ValueError, match=expected):
@@ -181,7 +161,7 @@ def test_input_not_at_the_adapted_resolution_is_refused_naming_prepare_processor
         model(pixel_values=plain["pixel_values"], input_ids=plain["input_ids"])
     with pytest.raises(ValueError, match=rf"must be {height}x{width} .*got {height + 1}x{width}"):
         model.model.get_image_features(pixel_values=torch.randn(1, 3, height + 1, width))
-    prepared = hf_llava.prepare_processor(make_processor(), model)
+    prepared = hf_llava.prepare_processor(tiny_processor(), model)
     inputs = prepared(images=tiny.pil_image(60, 40), text=tiny.PROMPT, return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
@@ -200,37 +180,36 @@ def test_the_training_doc_prepares_the_processor():
 
 def test_errors():
     with pytest.raises(ValueError, match="strategy='full' drops 0 token.*set config.vision_feature_select_strategy = 'default'"):
-        hf_llava.apply(make_model(vision_feature_select_strategy="full"))
+        hf_llava.apply(tiny_model(vision_feature_select_strategy="full"))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         hf_llava.apply(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unknown dual-view option"):
-        hf_llava.apply(make_model(), grids=(2, 2))
-    model = hf_llava.apply(make_model())
+        hf_llava.apply(tiny_model(), grids=(2, 2))
+    model = hf_llava.apply(tiny_model())
     with pytest.raises(ValueError, match="already applied"):
         hf_llava.apply(model)
     with pytest.raises(ValueError, match="has no dual view"):
-        hf_llava.encoder_of(make_model())
+        hf_llava.encoder_of(tiny_model())
     with pytest.raises(ValueError, match="fixed grid"):
-        hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model(), grid="auto"))
+        hf_llava.prepare_processor(tiny_processor(), hf_llava.apply(tiny_model(), grid="auto"))
 
 
 # -- the host battery ------------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 BATTERY_OPTIONS = dict(grid=(2, 3), num_heads=4)
 
 
 def _inputs(sizes):
-    processor = hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model(), **BATTERY_OPTIONS))
+    processor = hf_llava.prepare_processor(tiny_processor(), hf_llava.apply(tiny_model(), **BATTERY_OPTIONS))
     processor.tokenizer.padding_side = "left"
     return dict(processor(images=[tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
                           text=[tiny.PROMPT] * len(sizes), return_tensors="pt", padding=True))
 
 
 def _plain_inputs(sizes):
-    return dict(make_processor()(images=[tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
+    return dict(tiny_processor()(images=[tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
                                  text=[tiny.PROMPT] * len(sizes), return_tensors="pt", padding=True))
 
 
@@ -238,8 +217,10 @@ class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
         return HostCase(
-            adapter=hf_llava, build=make_model, inputs=_inputs, options=BATTERY_OPTIONS,
+            adapter=hf_llava, build=tiny_model, inputs=_inputs, options=BATTERY_OPTIONS,
             image_token_id=tiny.IMAGE_TOKEN_ID,
+            option_sets=(dict(BATTERY_OPTIONS, directions="global_to_local", fusion="conv3x3"),),
+            not_applicable={"fixed_options": "LLaVA-1.5 fixes no option (the processor is prepared for the grid)"},
             image_features=lambda model, inputs, **kw: model.model.get_image_features(inputs["pixel_values"], **kw),
             pooler_from_last=lambda model, last, inputs: list(model.model.multi_modal_projector(last)),
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",

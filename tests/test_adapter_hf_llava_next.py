@@ -4,45 +4,23 @@ plain AnyRes's token counts, one tower call, DEM-fused tiles, training, generati
 from __future__ import annotations
 
 import copy
-import json
 
-import numpy as np
 import pytest
 import torch
+import transformers
 
 from dualview import DEM
 from dualview import grid as G
 from dualview.budget import anyres_budget
 from dualview.adapters import hf_llava_next as adapter
 from dualview.adapters._common import recorded_options
+from dualview.adapters._hf import ANYRES_FIXED
 
-transformers = pytest.importorskip("transformers")
+from .host_battery import HostBattery, HostCase
+from .llava_next_models import IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, tiny_model, tiny_processor
 
-S, PATCH = 28, 14  # crop size and patch size: 2x2 tokens per crop
-H = W = S // PATCH
-PINPOINTS = [[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]]
-WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "user", "assistant", "what", "is", "in", "the", "picture",
-         "a", "cat", "dog", ":", "?", "."]
-IMAGE_TOKEN_ID = WORDS.index("<image>")
 # 1:3 to 3:1, exact and odd sizes: every grid of PINPOINTS occurs.
 SIZES = [(28, 84), (84, 28), (30, 90), (90, 31), (57, 41), (41, 57), (100, 100), (13, 37), (45, 23), (201, 67), (56, 57)]
-
-
-def tiny_model(vision_feature_layer=-2, tower="clip", strategy="default", seed=0):
-    vision = dict(image_size=S, patch_size=PATCH, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2)
-    vision_config = (transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig)(**vision)
-    text_config = transformers.LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=1, bos_token_id=2, eos_token_id=3,
-    )
-    config = transformers.LlavaNextConfig(
-        vision_config=vision_config, text_config=text_config, image_grid_pinpoints=PINPOINTS,
-        image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=strategy,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlavaNextForConditionalGeneration(config).eval()
 
 
 def plain_and_adapted(**model_kwargs):
@@ -50,35 +28,6 @@ def plain_and_adapted(**model_kwargs):
     plain = tiny_model(**model_kwargs)
     adapted = adapter.apply(copy.deepcopy(plain), num_heads=2)
     return plain, adapted
-
-
-def tiny_processor(strategy="default", extra_tokens=1):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
-    )
-    image_processor = transformers.LlavaNextImageProcessor(
-        size={"shortest_edge": S}, crop_size={"height": S, "width": S}, image_grid_pinpoints=PINPOINTS,
-    )
-    return transformers.LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
-    )
-
-
-def images(sizes):
-    """Random RGB images, each a function of its size alone."""
-    return [np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
-
-
-def batch(sizes, processor=None):
-    processor = processor or tiny_processor()
-    prompts = ["user : <image> what is in the picture ?" + " a" * i for i in range(len(sizes))]
-    return processor(images=images(sizes), text=prompts, return_tensors="pt", padding=True)
 
 
 def grid_of(size):
@@ -252,26 +201,6 @@ def test_generate_produces_tokens_for_a_mixed_batch():
 # (e) save / load ----------------------------------------------------------------------------------
 
 
-def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
-    model = adapter.apply(tiny_model(), num_heads=2, fusion="conv3x3", directions="global_to_local")
-    torch.manual_seed(123)  # DEM weights unlike any fresh init
-    with torch.no_grad():
-        for p in model.model.spatial_embed.parameters():
-            p.copy_(torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == recorded_options(model.config)
-    loaded = adapter.from_pretrained(tmp_path)
-    assert recorded_options(loaded.config) == saved
-    dem, again = model.model.spatial_embed, loaded.model.spatial_embed
-    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 2, None)
-    assert dem.state_dict().keys() == again.state_dict().keys()
-    assert all(torch.equal(a, again.state_dict()[k]) for k, a in dem.state_dict().items())
-    inputs = batch([(57, 41), (30, 90)])
-    for a, b in zip(image_features(model, inputs), image_features(loaded.eval(), inputs)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
 def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dualview"):
@@ -311,26 +240,9 @@ def test_per_call_layers_must_fit_the_dem():
         image_features(model, inputs, vision_feature_layer=[-2, -1])
 
 
-@pytest.mark.parametrize(
-    "options, error, match",
-    [
-        (dict(fit="squash"), ValueError, "fit"),
-        (dict(out_size=(2, 2)), ValueError, "out_size"),
-        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
-        (dict(pinpoints=[[S, S]]), ValueError, "pinpoints"),
-        (dict(num_heads=3), ValueError, "num_heads"),
-        (dict(bogus=1), TypeError, "bogus"),
-    ],
-)
-def test_bad_options_are_refused(options, error, match):
-    with pytest.raises(error, match=match):
-        adapter.apply(tiny_model(), **options)
-
-
-def test_fixed_options_may_be_restated_and_misuse_is_refused():
-    model = adapter.apply(tiny_model(), num_heads=2, grid="auto", fit="pad", out_size=None, pinpoints=PINPOINTS)
-    with pytest.raises(ValueError, match="already"):
-        adapter.apply(model)
+def test_misuse_is_refused_naming_what_fits():
+    """(The fixed options, restated or changed, and a second apply: the host battery.)"""
+    model = adapter.apply(tiny_model(), num_heads=2)
     with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration"):
         adapter.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="apply"):
@@ -342,7 +254,6 @@ def test_fixed_options_may_be_restated_and_misuse_is_refused():
 
 # -- the host battery ------------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 def _battery_model():
@@ -366,6 +277,8 @@ class TestHostBattery(HostBattery):
         return HostCase(
             adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
             sizes=((30, 90), (57, 41)), image_token_id=IMAGE_TOKEN_ID,
+            option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
+            fixed={**ANYRES_FIXED, "pinpoints": PINPOINTS}, fixed_why="LLaVA-NeXT's AnyRes",
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], **kw),
             pooler_from_last=_pooler_from_last,

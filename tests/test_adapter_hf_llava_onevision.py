@@ -5,7 +5,6 @@ tiles, multi-image and video prompts left plain, training, generation, save / lo
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -13,23 +12,24 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
-from transformers.image_processing_utils import select_best_resolution  # noqa: E402
-from transformers.models.llava_onevision.modeling_llava_onevision import (  # noqa: E402
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape, unpad_image,
 )
 
-from dualview import DEM  # noqa: E402
-from dualview import grid as G  # noqa: E402
-from dualview.adapters import hf_llava_next  # noqa: E402
-from dualview.adapters import hf_llava_onevision as adapter  # noqa: E402
-from dualview.adapters._common import recorded_options  # noqa: E402
+from dualview import DEM
+from dualview import grid as G
+from dualview.adapters import hf_llava_next
+from dualview.adapters import hf_llava_onevision as adapter
+from dualview.adapters._hf import ANYRES_FIXED
 
-from .llava_onevision_models import (  # noqa: E402
+from .llava_onevision_models import (
     ASPECT, IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, image, multi_image_batch, tiny_model, tiny_processor, video,
     video_batch,
 )
+from .host_battery import HostBattery, HostCase
 
 # 1:3 to 3:1 and beyond (40:1), smaller than one tile, exactly a pinpoint, odd sizes; with
 # anyres_max_2 the 2x2 and larger grids are downscaled by the host, 1x2 / 2x1 / 1x3 / 3x1 are not.
@@ -255,17 +255,6 @@ def test_a_batch_of_multi_image_prompts_only_is_exactly_the_plain_model():
         torch.testing.assert_close(adapted(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
 
 
-def test_tower_batch_size_chunks_the_one_call_on_request_with_the_same_features():
-    _, adapted = plain_and_adapted()
-    chunked = adapter.apply(tiny_model(), num_heads=2, tower_batch_size=4)
-    chunked.model.spatial_embed.load_state_dict(adapted.model.spatial_embed.state_dict())
-    inputs = batch([(70, 105), (35, 35)])  # 1 + 2*6 and 1 + 2*1 crops: 16
-    calls = TowerCalls(chunked)
-    for a, b in zip(image_features(chunked, inputs), image_features(adapted, inputs)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert calls.sizes == [4, 4, 4, 4]
-
-
 def test_video_goes_through_the_plain_path_unchanged():
     plain, adapted = plain_and_adapted()
     inputs = video_batch()
@@ -323,24 +312,6 @@ def test_generate_produces_tokens_for_a_mixed_batch():
 # (e) save / load, unapply ------------------------------------------------------------------------
 
 
-def test_save_pretrained_then_from_pretrained_keeps_dem_weights_and_options(tmp_path):
-    model = adapter.apply(tiny_model(), num_heads=2, fusion="conv3x3", directions="global_to_local")
-    torch.manual_seed(123)  # DEM weights unlike any fresh init
-    with torch.no_grad():
-        for p in model.model.spatial_embed.parameters():
-            p.copy_(torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["dualview"]
-    assert saved == recorded_options(model.config)
-    loaded = adapter.from_pretrained(tmp_path)
-    assert isinstance(loaded.model, adapter.DualViewLlavaOnevisionModel)
-    again = loaded.model.spatial_embed
-    assert (again.fusion, again.directions, again.num_heads, again.out_size) == ("conv3x3", "global_to_local", 2, None)
-    inputs = batch([(57, 41), (35, 105)])
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, loaded.eval()(**inputs).logits, atol=0, rtol=0)
-
-
 def test_unapply_gives_back_the_plain_model():
     plain, adapted = plain_and_adapted()
     adapter.unapply(adapted)
@@ -352,22 +323,6 @@ def test_unapply_gives_back_the_plain_model():
 
 
 # (f) options and misuse --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "options, error, match",
-    [
-        (dict(fit="squash"), ValueError, "fit"),
-        (dict(out_size=(2, 2)), ValueError, "out_size"),
-        (dict(thumbnail_fusion="mean"), ValueError, "thumbnail_fusion"),
-        (dict(pinpoints=[[S, S]]), ValueError, "pinpoints"),
-        (dict(num_heads=3), ValueError, "num_heads"),
-        (dict(bogus=1), TypeError, "bogus"),
-    ],
-)
-def test_bad_options_are_refused(options, error, match):
-    with pytest.raises(error, match=match):
-        adapter.apply(tiny_model(), **options)
 
 
 def test_hosts_it_cannot_serve_are_refused_with_a_clear_error():
@@ -409,7 +364,6 @@ def test_bad_inputs_are_refused_with_the_argument_named():
 
 # (g) the host battery of the adapter mechanism ----------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 def _battery_model():
@@ -432,6 +386,8 @@ class TestHostBattery(HostBattery):
         return HostCase(
             adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
             sizes=((35, 105), (70, 70)), image_token_id=IMAGE_TOKEN_ID,
+            option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
+            fixed={**ANYRES_FIXED, "pinpoints": PINPOINTS}, fixed_why="LLaVA-OneVision's AnyRes",
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"], **kw),
             pooler_from_last=_pooler_from_last,

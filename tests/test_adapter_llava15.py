@@ -9,37 +9,23 @@ import warnings
 
 import pytest
 import torch
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from llava.model.language_model.llava_mpt import LlavaMptForCausalLM
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("transformers")
-llava_llama = pytest.importorskip("llava.model.language_model.llava_llama")
-from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from llava.mm_utils import tokenizer_image_token  # noqa: E402
-from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM  # noqa: E402
-from llava.model.language_model.llava_mpt import LlavaMptConfig, LlavaMptForCausalLM  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPVisionModel  # noqa: E402
+from dualview.adapters import llava15
+from dualview.adapters._host import dem_settings
+from dualview.adapters._common import DualViewOptions, recorded_options
 
-from dualview.adapters import llava15  # noqa: E402
-from dualview.adapters._host import dem_settings  # noqa: E402
-from dualview.adapters._common import DualViewOptions, recorded_options  # noqa: E402
-
-from . import tiny_models as tiny  # noqa: E402
-from .conftest import FIXTURES  # noqa: E402
-
-LlavaConfig, LlavaLlamaForCausalLM = llava_llama.LlavaConfig, llava_llama.LlavaLlamaForCausalLM
+from . import tiny_models as tiny
+from .conftest import FIXTURES
+from .host_battery import HostBattery, HostCase
+from .llava15_models import images, llava_settings, mpt_model, prompt_ids, save_tower, tiny_model
 
 # llava's own forward passes `past_key_values`, which transformers 5 deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
-
-
-def save_tower(folder, image_size: int) -> str:
-    """A tiny CLIP tower + its image processor in ``folder``, as llava's ``mm_vision_tower`` expects."""
-    tiny.seeded(0)
-    CLIPVisionModel(tiny.clip_config(image_size=image_size)).save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    ).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -47,33 +33,8 @@ def tower_28(tmp_path_factory) -> str:
     return save_tower(tmp_path_factory.mktemp("clip28"), 28)
 
 
-def llava_settings(tower: str) -> dict:
-    return dict(
-        vocab_size=len(tiny.WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, mm_vision_tower=tower, mm_hidden_size=32,
-        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-        image_aspect_ratio="pad",
-    )
-
-
-def make_model(tower: str, cls=LlavaLlamaForCausalLM, config_cls=LlavaConfig, **config_overrides):
-    tiny.seeded(0)
-    return cls(config_cls(**{**llava_settings(tower), **config_overrides})).eval()
-
-
 def adapted(tower: str, **options):
-    return llava15.apply(make_model(tower), **options)
-
-
-def prompt_ids() -> torch.Tensor:
-    ids = tokenizer_image_token(tiny.PROMPT, tiny.tokenizer(), return_tensors="pt").unsqueeze(0)
-    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 1
-    return ids
-
-
-def images(model, *sizes) -> torch.Tensor:
-    processor = llava15.image_processor(model)
-    return llava15.process_images([tiny.pil_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)], processor)
+    return llava15.apply(tiny_model(tower), **options)
 
 
 def llm_input_length(model, **inputs) -> int:
@@ -150,7 +111,7 @@ def test_generate_with_an_image_matches_greedy_decoding(tower_28, variant):
         classes = {
             "llama": (LlavaLlamaForCausalLM, LlavaConfig), "mistral": (LlavaMistralForCausalLM, LlavaMistralConfig)
         }
-        model = llava15.apply(make_model(tower_28, *classes[variant]))
+        model = llava15.apply(tiny_model(tower_28, *classes[variant]))
     tiny.seeded(1)
     with torch.no_grad():  # a fresh tiny model's logits are nearly flat: larger weights make a telling check
         for name, p in model.named_parameters():
@@ -197,7 +158,7 @@ def test_gradients_reach_dem_and_projector_not_the_frozen_tower(tower_28):
 
 
 def test_only_the_dem_is_added_to_the_state_dict(tower_28):
-    plain, model = make_model(tower_28), adapted(tower_28)
+    plain, model = tiny_model(tower_28), adapted(tower_28)
     plain.get_model().get_vision_tower().load_model()
     added = set(model.state_dict()) - set(plain.state_dict())
     assert added == {f"model.spatial_embed.{k}" for k in model.get_model().spatial_embed.state_dict()}
@@ -335,18 +296,12 @@ def test_deepcopy_keeps_its_own_encoder(tower_28):
 
 
 def test_mistral_variant(tower_28):
-    model = llava15.apply(make_model(tower_28, LlavaMistralForCausalLM, LlavaMistralConfig))
+    model = llava15.apply(tiny_model(tower_28, LlavaMistralForCausalLM, LlavaMistralConfig))
     assert "model.spatial_embed.attention.linears.0.weight" in model.state_dict()
     ids = prompt_ids()
     out = model(input_ids=ids, images=images(model, (40, 60)), labels=ids.clamp(min=0))
     assert torch.isfinite(out.loss)
     assert out.logits.shape[1] == ids.shape[1] - 1 + 4
-
-
-def mpt_model(tower: str):
-    settings = {k: v for k, v in llava_settings(tower).items() if k.startswith(("mm_", "image_", "vocab"))}
-    tiny.seeded(0)
-    return LlavaMptForCausalLM(LlavaMptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=512, **settings)).eval()
 
 
 def test_mpt_variant_forward_and_save_load(tower_28, tmp_path):
@@ -372,13 +327,13 @@ def test_apply_errors(tower_28):
     with pytest.raises(ValueError, match="already applied"):
         llava15.apply(model)
     with pytest.raises(TypeError, match="unknown dual-view option"):
-        llava15.apply(make_model(tower_28), grid_size=3)
+        llava15.apply(tiny_model(tower_28), grid_size=3)
     with pytest.raises(ValueError, match="mm_patch_merge_type must be 'flat'.*'spatial_unpad'"):
-        llava15.apply(make_model(tower_28, mm_patch_merge_type="spatial_unpad"))
+        llava15.apply(tiny_model(tower_28, mm_patch_merge_type="spatial_unpad"))
     with pytest.raises(ValueError, match="mm_vision_select_feature must be 'patch'.*'cls_patch'"):
-        llava15.apply(make_model(tower_28, mm_vision_select_feature="cls_patch"))
+        llava15.apply(tiny_model(tower_28, mm_vision_select_feature="cls_patch"))
     with pytest.raises(ValueError, match="no dual view"):
-        llava15.encoder_of(make_model(tower_28))
+        llava15.encoder_of(tiny_model(tower_28))
     with pytest.raises(ValueError, match="fixed grid"):
         llava15.image_processor(adapted(tower_28, grid="auto"))
 
@@ -386,7 +341,6 @@ def test_apply_errors(tower_28):
 
 # -- the host battery ------------------------------------------------------------------------------
 
-from .host_battery import HostBattery, HostCase  # noqa: E402
 
 
 @pytest.fixture(scope="class")
@@ -401,12 +355,12 @@ class TestHostBattery(HostBattery):
     @classmethod
     def case(cls) -> HostCase:
         def build():
-            model = make_model(cls.tower)
+            model = tiny_model(cls.tower)
             model.get_model().get_vision_tower().load_model()
             return model
 
         def inputs(sizes):
-            model = llava15.apply(make_model(cls.tower))
+            model = llava15.apply(tiny_model(cls.tower))
             ids = prompt_ids().repeat(len(sizes), 1)
             return {"input_ids": ids, "images": images(model, *sizes), "attention_mask": torch.ones_like(ids)}
 
@@ -422,7 +376,9 @@ class TestHostBattery(HostBattery):
             # init="identity" gives the plain model's answer on the dual-view thumbnail of the same image
             identity_inputs=lambda model, inputs: dict(
                 inputs, images=llava15.encoder_of(model).dcm(inputs["images"]).thumbnail),
+            option_sets=(dict(grid=(2, 3), num_heads=4, directions="global_to_local", fusion="conv3x3"),),
             not_applicable={
+                "fixed_options": "llava-torch's LLaVA-1.5 fixes no option (the image processor follows the grid)",
                 "mismatch": "llava's prepare_inputs_labels_for_multimodal has no image-token / feature check",
                 "image_features": "llava has no get_image_features (encode_images returns projected features)",
                 "offload": "llava loads its vision tower itself from mm_vision_tower, outside from_pretrained's device_map",

@@ -9,54 +9,37 @@ import multiprocessing
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
+from dualview import DEM
+from dualview.adapters import hf_llava, hf_llava_next
 
-from dualview.adapters import hf_llava, hf_llava_next  # noqa: E402
-
-from . import tiny_models as tiny  # noqa: E402
-from .test_adapter_hf_llava import make_model, make_processor  # noqa: E402
-
-
-def onevision_model():
-    config = transformers.LlavaOnevisionConfig(
-        vision_config=transformers.SiglipVisionConfig(
-            image_size=28, patch_size=14, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2),
-        text_config=transformers.Qwen2Config(
-            vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2),
-        image_grid_pinpoints=[[28, 56], [56, 28]], image_token_id=4, video_token_id=5,
-    )
-    return transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+from . import tiny_models as tiny
+from . import llava_models as llava
+from . import llava_onevision_models as onevision
+from .llava_next_models import PINPOINTS, S, batch, tiny_model, tiny_processor
 
 
 def test_llava_next_adapter_refuses_a_onevision_model_and_names_the_one_that_fits():
     with pytest.raises(TypeError, match=r"LlavaNextForConditionalGeneration.*hf_llava_onevision"):
-        hf_llava_next.apply(onevision_model())
+        hf_llava_next.apply(onevision.tiny_model())
 
 
 def test_llava_adapter_refuses_a_llava_next_model_and_names_the_one_that_fits():
-    config = transformers.LlavaNextConfig(
-        vision_config=tiny.clip_config(), text_config=tiny.llama_config(), image_grid_pinpoints=[[28, 56]])
     with pytest.raises(TypeError, match=r"LlavaForConditionalGeneration.*hf_llava_next"):
-        hf_llava.apply(transformers.LlavaNextForConditionalGeneration(config))
+        hf_llava.apply(tiny_model())
 
 
 @pytest.mark.parametrize("adapter", [hf_llava, hf_llava_next], ids=["hf_llava", "hf_llava_next"])
 def test_one_strategy_rule_for_every_adapter_siglip_with_default_is_refused(adapter):
     """SigLIP has no CLS token: 'default' would drop a patch token. Both adapters refuse it the same
     way, and say where to set the strategy (hf_llava used to keep all tokens silently)."""
-    siglip = transformers.SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4)
     if adapter is hf_llava:
-        config = transformers.LlavaConfig(vision_config=siglip, text_config=tiny.llama_config(),
-                                          vision_feature_select_strategy="default")
-        model = transformers.LlavaForConditionalGeneration(config)
+        siglip = transformers.SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4)
+        model = llava.tiny_model(vision_config=siglip, vision_feature_select_strategy="default")
     else:
-        config = transformers.LlavaNextConfig(vision_config=siglip, text_config=tiny.llama_config(),
-                                              image_grid_pinpoints=[[28, 56]], vision_feature_select_strategy="default")
-        model = transformers.LlavaNextForConditionalGeneration(config)
+        model = tiny_model(tower="siglip", strategy="default")
     with pytest.raises(ValueError, match=r"'default' drops 1 token.*0 prefix.*config.vision_feature_select_strategy = 'full'"):
         adapter.apply(model)
     model.config.vision_feature_select_strategy = "full"
@@ -64,8 +47,8 @@ def test_one_strategy_rule_for_every_adapter_siglip_with_default_is_refused(adap
 
 
 def test_prepared_processor_answers_every_token_count_api_with_what_it_produces():
-    model = hf_llava.apply(make_model(), grid=(2, 3), out_size=None, thumbnail_fusion="concat")
-    processor = hf_llava.prepare_processor(make_processor(), model)
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 3), out_size=None, thumbnail_fusion="concat")
+    processor = hf_llava.prepare_processor(llava.tiny_processor(), model)
     sizes = [(40, 70), (90, 30), (300, 20)]
     inputs = processor(images=[tiny.pil_image(h, w) for h, w in sizes], text=[tiny.PROMPT] * 3,
                        return_tensors="pt", padding=True)
@@ -79,7 +62,7 @@ def test_prepared_processor_answers_every_token_count_api_with_what_it_produces(
 
 
 def test_prepared_processor_saves_as_a_plain_llava_processor(tmp_path):
-    processor = hf_llava.prepare_processor(make_processor(), hf_llava.apply(make_model()))
+    processor = hf_llava.prepare_processor(llava.tiny_processor(), hf_llava.apply(llava.tiny_model()))
     processor.save_pretrained(tmp_path)
     again = transformers.AutoProcessor.from_pretrained(tmp_path)
     assert type(again) is transformers.LlavaProcessor
@@ -96,8 +79,8 @@ def _logits_in_worker(model, inputs, queue):
 
 def test_an_adapted_model_runs_in_a_spawned_process():
     """Spawned DataLoader workers, multiprocessing and Ray send the model by pickle."""
-    model = hf_llava.apply(make_model(), grid=(2, 2))
-    processor = hf_llava.prepare_processor(make_processor(), model)
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 2))
+    processor = hf_llava.prepare_processor(llava.tiny_processor(), model)
     inputs = dict(processor(images=tiny.pil_image(40, 70), text=tiny.PROMPT, return_tensors="pt"))
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -112,13 +95,11 @@ def test_an_adapted_model_runs_in_a_spawned_process():
 
 # -- found by review: the saved options describe the DEM that ran, whatever replaced it --------------
 
-from dualview import DEM  # noqa: E402
 
-from .test_adapter_hf_llava_next import PINPOINTS, S, batch, tiny_model, tiny_processor  # noqa: E402
 
 
 def _prompt_inputs(model, size=(40, 70)):
-    processor = hf_llava.prepare_processor(make_processor(), model)
+    processor = hf_llava.prepare_processor(llava.tiny_processor(), model)
     return dict(processor(images=tiny.pil_image(*size), text=tiny.PROMPT, return_tensors="pt"))
 
 
@@ -129,7 +110,7 @@ def _prompt_inputs(model, size=(40, 70)):
     ids=lambda s: next(iter(s)),
 )
 def test_a_replaced_dem_with_other_settings_is_saved_as_it_ran(tmp_path, settings):
-    model = hf_llava.apply(make_model(), grid=(2, 2))
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 2))
     inputs = _prompt_inputs(model)
     old = model.model.spatial_embed
     model.model.spatial_embed = DEM(old.dim, **{**dict(num_heads=4, out_size=old.out_size), **settings})
@@ -184,39 +165,21 @@ def test_changed_pinpoints_are_followed_at_call_time_and_reload(tmp_path):
 @pytest.mark.parametrize("options", [dict(grid=(0, 3)), dict(fit="bogus"), dict(grid="banana"),
                                      dict(out_size=None), dict(tower_batch_size=0)])
 def test_bad_options_are_refused_by_apply_and_leave_the_model_plain(options):
-    model = make_model()
+    model = llava.tiny_model()
     with pytest.raises((TypeError, ValueError)):
         hf_llava.apply(model, **options)
     assert type(model.model) is transformers.LlavaModel and "dualview" not in model.config.to_dict()
 
 
-@pytest.mark.parametrize("adapter", ["hf_llava", "hf_llava_next"])
-def test_a_float32_dem_runs_in_a_bfloat16_model(adapter):
-    if adapter == "hf_llava":
-        model = hf_llava.apply(make_model(), grid=(2, 2))
-        inputs = _prompt_inputs(model)
-    else:
-        model = hf_llava_next.apply(tiny_model(), num_heads=2)
-        inputs = dict(batch([(30, 90)]))
-    dem = model.model.spatial_embed
-    model.to(torch.bfloat16)
-    model.model.spatial_embed = dem.float()
-    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
-    with torch.no_grad():
-        out = model(**inputs).logits
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-
-
 def test_a_tower_without_a_known_patch_grid_is_refused():
     pixtral = transformers.PixtralVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=2, num_attention_heads=4, head_dim=8)
-    config = transformers.LlavaConfig(vision_config=pixtral, text_config=tiny.llama_config())
     with pytest.raises(ValueError, match="fixed square grid of patch tokens.*PixtralVisionModel"):
-        hf_llava.apply(transformers.LlavaForConditionalGeneration(config))
+        hf_llava.apply(llava.tiny_model(vision_config=pixtral))
 
 
 def test_a_wrapped_dem_is_looked_through_and_its_weights_run():
-    model = hf_llava.apply(make_model(), grid=(2, 2))
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 2))
     inputs = _prompt_inputs(model)
     dem = model.model.spatial_embed
     with torch.no_grad():
@@ -252,8 +215,8 @@ def test_lora_style_wrapped_key_value_layers_run_their_own_forward():
 
 
 def test_tower_hidden_states_come_image_by_image_so_a_batch_equals_its_images():
-    model = hf_llava.apply(make_model(), grid=(2, 3))
-    processor = hf_llava.prepare_processor(make_processor(), model)
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 3))
+    processor = hf_llava.prepare_processor(llava.tiny_processor(), model)
     pixels = processor(images=[tiny.pil_image(40, 70), tiny.pil_image(90, 30, seed=1)], text=[tiny.PROMPT] * 2,
                        return_tensors="pt", padding=True)["pixel_values"]
     with torch.no_grad():
@@ -270,9 +233,9 @@ def test_tower_hidden_states_come_image_by_image_so_a_batch_equals_its_images():
 def test_an_adapted_model_saves_the_plain_models_keys_plus_the_dem(tmp_path):
     from safetensors import safe_open
 
-    plain = make_model()
+    plain = llava.tiny_model()
     plain.save_pretrained(tmp_path / "plain")
-    hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path / "adapted")
+    hf_llava.apply(llava.tiny_model(), grid=(2, 2)).save_pretrained(tmp_path / "adapted")
     keys = {}
     for name in ("plain", "adapted"):
         with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
@@ -301,7 +264,7 @@ def test_an_adapted_offloaded_idefics3_generates_with_its_grid(tmp_path):
 def test_a_dem_checkpoint_of_integers_is_refused_not_cast(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path)
+    hf_llava.apply(llava.tiny_model(), grid=(2, 2)).save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     key = next(k for k in state if k.startswith("model.spatial_embed.") and k.endswith("ln_fuse.weight"))
     state[key] = state[key].to(torch.int32)
@@ -311,6 +274,6 @@ def test_a_dem_checkpoint_of_integers_is_refused_not_cast(tmp_path):
 
 
 def test_a_device_map_entry_for_the_dem_is_refused_not_ignored(tmp_path):
-    hf_llava.apply(make_model(), grid=(2, 2)).save_pretrained(tmp_path)
+    hf_llava.apply(llava.tiny_model(), grid=(2, 2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"\['model.spatial_embed'\].*placed with the host's projector"):
         hf_llava.from_pretrained(tmp_path, device_map={"model.spatial_embed": "disk", "": "cpu"})

@@ -9,16 +9,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+import transformers
 
 from dualview import DCM, DEM, DualViewEncoder
 from dualview import budget as B
 from dualview import grid as G
 from dualview.testing import PatchTower
 
-transformers = pytest.importorskip("transformers")
-from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad_image  # noqa: E402
+from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad_image
 
-from .tiny_models import IMAGE_TOKEN_ID, pil_image, tokenizer  # noqa: E402
+from .tiny_models import IMAGE_TOKEN_ID, pil_image, tokenizer
 
 CROP, PATCH = 28, 14  # 2x2 tokens per crop: small enough to run the encoder for every case
 DIM = 8

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-from dualview.adapters import hf_llava  # noqa: E402
+from dualview.adapters import hf_llava
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "distributed" / "train_tiny_llava.py"
 

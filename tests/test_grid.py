@@ -8,13 +8,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+import transformers.image_processing_utils as hf_utils
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad_image
 
 from dualview import _checks as checks
 from dualview import budget as B
 from dualview import grid as G
-
-hf_utils = pytest.importorskip("transformers.image_processing_utils")
-from transformers.models.llava_next.modeling_llava_next import unpad_image as hf_unpad_image  # noqa: E402
 
 sizes = st.tuples(st.integers(8, 4000), st.integers(8, 4000))
 
@@ -96,7 +96,6 @@ def test_budgets():
 
 # ---- pinned examples: the ties and rounding edges a random search rarely finds ---------------------
 
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape  # noqa: E402
 
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 

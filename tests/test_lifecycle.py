@@ -11,14 +11,14 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import dualview
 from dualview.gate import DualViewGate
 from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS
 
-transformers = pytest.importorskip("transformers")
-
-from .test_adapter_hf_llava import BATTERY_OPTIONS, _inputs, make_model  # noqa: E402
+from .llava_models import tiny_model
+from .test_adapter_hf_llava import BATTERY_OPTIONS, _inputs
 
 OPTIONS = dict(BATTERY_OPTIONS, init="identity")
 
@@ -47,7 +47,7 @@ def test_apply_picks_the_adapter_from_the_hosts_of_every_adapter():
                       ("InternVLForConditionalGeneration", "hf_internvl"),
                       ("Idefics3ForConditionalGeneration", "hf_idefics3"), ("SmolVLMForConditionalGeneration", "hf_idefics3")]:
         assert table[cls] == name
-    model = dualview.apply(make_model(), **OPTIONS)
+    model = dualview.apply(tiny_model(), **OPTIONS)
     assert type(model.model).__name__ == "DualViewLlavaModel" and model.config.dualview["init"] == "identity"
     with pytest.raises(ValueError, match="already applied"):
         dualview.apply(model)
@@ -67,7 +67,7 @@ def test_an_unknown_host_is_one_error_listing_the_supported_ones():
 
 def test_a_bad_init_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"init must be one of \('released', 'identity'\), got 'zero'"):
-        dualview.apply(make_model(), init="zero")
+        dualview.apply(tiny_model(), init="zero")
     with pytest.raises(ValueError, match=r"init must be one of"):
         DualViewGate(8, init="zero")
 
@@ -76,7 +76,7 @@ def test_a_bad_init_is_refused_naming_it():
 
 
 def test_save_adapter_writes_a_small_file_and_load_is_strict(tmp_path):
-    model = trained(dualview.apply(make_model(), **OPTIONS))
+    model = trained(dualview.apply(tiny_model(), **OPTIONS))
     inputs = _inputs(((40, 70),))
     expected = logits(model, inputs)
     dualview.save_adapter(model, tmp_path)
@@ -85,7 +85,7 @@ def test_save_adapter_writes_a_small_file_and_load_is_strict(tmp_path):
     assert meta["options"] == model.config.dualview and meta["host"] == "LlavaForConditionalGeneration"
     dem_bytes = sum(p.numel() * p.element_size() for p in model.model.spatial_embed.parameters())
     assert (tmp_path / ADAPTER_WEIGHTS).stat().st_size < dem_bytes + 4096  # the DEM and the gate, nothing else
-    torch.testing.assert_close(logits(dualview.load(make_model(), tmp_path), inputs), expected, rtol=0, atol=0)
+    torch.testing.assert_close(logits(dualview.load(tiny_model(), tmp_path), inputs), expected, rtol=0, atol=0)
 
     from safetensors.torch import load_file, save_file
 
@@ -97,7 +97,7 @@ def test_save_adapter_writes_a_small_file_and_load_is_strict(tmp_path):
         bad.mkdir()
         save_file(tensors, str(bad / ADAPTER_WEIGHTS))
         (bad / ADAPTER_CONFIG).write_text(json.dumps({**meta, **(meta_change or {})}))
-        plain = make_model()
+        plain = tiny_model()
         with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
             dualview.load(plain, bad)
         assert type(plain.model) is transformers.LlavaModel and not hasattr(plain.config, "dualview")  # left plain
@@ -117,18 +117,18 @@ def test_save_adapter_writes_a_small_file_and_load_is_strict(tmp_path):
             {"adapter": "hf_llava_next"})
     refused(state, r"unknown dual-view option\(s\) \['colour'\]", {"options": {**meta["options"], "colour": 1}})
     with pytest.raises(FileNotFoundError, match=ADAPTER_CONFIG):
-        dualview.load(make_model(), tmp_path / "nothing")
+        dualview.load(tiny_model(), tmp_path / "nothing")
 
 
 def test_whole_model_save_pretrained_keeps_working_and_dualview_from_pretrained_resolves_it(tmp_path):
-    model = trained(dualview.apply(make_model(), **OPTIONS))
+    model = trained(dualview.apply(tiny_model(), **OPTIONS))
     inputs = _inputs(((40, 70),))
     model.save_pretrained(tmp_path)
     loaded = dualview.from_pretrained(tmp_path)
     assert type(loaded.model).__name__ == "DualViewLlavaModel"
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
     with pytest.raises(ValueError, match="was not saved from a dual-view model"):
-        make_model().save_pretrained(tmp_path / "plain")
+        tiny_model().save_pretrained(tmp_path / "plain")
         dualview.from_pretrained(tmp_path / "plain")
 
 
@@ -139,7 +139,7 @@ def test_a_dual_view_checkpoint_loaded_by_the_plain_class_does_not_drop_dual_vie
     a logged warning, names them) and keeps ``config.dualview``. Applying dual view to that plain model
     then warns loudly that the trained DEM was dropped and how to load it; ``dualview.from_pretrained``
     is the resolution."""
-    model = trained(dualview.apply(make_model(), **OPTIONS))
+    model = trained(dualview.apply(tiny_model(), **OPTIONS))
     model.save_pretrained(tmp_path)
     cls = transformers.LlavaForConditionalGeneration if loader == "class" else transformers.AutoModelForImageTextToText
     with caplog.at_level(logging.WARNING):
@@ -163,7 +163,7 @@ def _trainable(model):
 
 
 def test_freeze_presets_and_the_trainable_parameter_report(capsys):
-    model = dualview.apply(make_model(), **OPTIONS)
+    model = dualview.apply(tiny_model(), **OPTIONS)
     dem = {f"model.spatial_embed.{n}" for n, _ in model.model.spatial_embed.named_parameters()} | {"model.spatial_gate.g"}
     projector = {f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()}
     assert dualview.freeze(model, "warm_start") is model and _trainable(model) == dem
@@ -178,8 +178,8 @@ def test_freeze_presets_and_the_trainable_parameter_report(capsys):
     with pytest.raises(ValueError, match=r"preset must be one of \('stage1', 'warm_start', 'warm_start_lora'\), got 'all'"):
         dualview.freeze(model, "all")
     with pytest.raises(ValueError, match="no dual view"):
-        dualview.freeze(make_model(), "warm_start")
-    assert dualview.trainable_parameters(make_model(), print_fn=None)["dual_view"] == 0
+        dualview.freeze(tiny_model(), "warm_start")
+    assert dualview.trainable_parameters(tiny_model(), print_fn=None)["dual_view"] == 0
 
 
 def test_peft_lora_and_dual_view_train_save_and_load_together(tmp_path):
@@ -188,7 +188,7 @@ def test_peft_lora_and_dual_view_train_save_and_load_together(tmp_path):
     trains the gate and the LoRA; PEFT's save / load onto a fresh adapted host reproduces the logits."""
     peft = pytest.importorskip("peft")
     inputs = _inputs(((40, 70),))
-    adapted = dualview.apply(make_model(), **OPTIONS)
+    adapted = dualview.apply(tiny_model(), **OPTIONS)
     start = logits(adapted, inputs)  # the plain model's on the thumbnail (the battery checks it)
     model = dualview.freeze(adapted, "warm_start_lora")
     assert isinstance(model, peft.PeftModel)
@@ -211,18 +211,18 @@ def test_peft_lora_and_dual_view_train_save_and_load_together(tmp_path):
     after = logits(model, inputs)
     assert not torch.allclose(after, start)
     model.save_pretrained(tmp_path)
-    fresh = dualview.apply(make_model(), **OPTIONS)
+    fresh = dualview.apply(tiny_model(), **OPTIONS)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, inputs), after, rtol=0, atol=0)
     # dual view's own adapter-only checkpoint of the PEFT model holds the trained DEM and gate
     dualview.save_adapter(model, tmp_path / "dv")
-    again = dualview.load(make_model(), tmp_path / "dv")
+    again = dualview.load(tiny_model(), tmp_path / "dv")
     assert torch.equal(again.model.spatial_gate.g, gate.g)
 
 
 def test_lora_targets_the_language_model_only():
     import re
 
-    names = [n for n, _ in dualview.apply(make_model(), **OPTIONS).named_modules()]
+    names = [n for n, _ in dualview.apply(tiny_model(), **OPTIONS).named_modules()]
     hit = [n for n in names if re.fullmatch(LORA_TARGETS, n)]
     assert hit and all(n.startswith("model.language_model.") for n in hit)

@@ -9,8 +9,7 @@ import torch
 from dualview import DCM
 from dualview.preprocess import NORMALISATION, mean_std, to_pixels, to_unit_range
 
-PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 
 def reference(pixels_hw3: np.ndarray, mean, std) -> torch.Tensor:

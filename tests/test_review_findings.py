@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
-import torch  # noqa: E402
+import torch
 
-from dualview.adapters import hf_llava  # noqa: E402
-from dualview.integrations import vllm_plugin  # noqa: E402
+from dualview.adapters import hf_llava
+from dualview.integrations import vllm_plugin
 
-from .integrations import tiny_llava_next  # noqa: E402
-from .test_adapter_hf_llava import adapted  # noqa: E402
+from .integrations import tiny_llava_next
+from .test_adapter_hf_llava import adapted
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-import torch  # noqa: E402
+from dualview.adapters import hf_llava
 
-from dualview.adapters import hf_llava  # noqa: E402
-
-from .test_review_findings import _dem_equal, _two_adapted_models  # noqa: E402
+from .test_review_findings import _dem_equal, _two_adapted_models
 
 
 def test_from_pretrained_with_use_safetensors_false_restores_the_dem_of_the_bin_file(tmp_path):

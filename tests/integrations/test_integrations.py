@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
 
-import torch  # noqa: E402
+import torch
 
-from dualview.adapters import _host, hf_llava_next  # noqa: E402
-from dualview.integrations import lmms_eval_models, vllm_plugin  # noqa: E402
+from dualview.adapters import _host, hf_llava_next
+from dualview.integrations import lmms_eval_models, vllm_plugin
 
-from . import tiny_llava_next as tiny  # noqa: E402
+from . import tiny_llava_next as tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 

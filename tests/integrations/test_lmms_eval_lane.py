@@ -15,14 +15,13 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("lmms_eval", reason="the lmms-eval lane runs in .venv-eval: bash run.sh test-eval")
 
-import torch  # noqa: E402
+import torch
 
-from dualview.adapters import hf_llava_next, hf_llava_onevision  # noqa: E402
+from dualview.adapters import hf_llava_next, hf_llava_onevision
 
-from .. import llava_onevision_models as onevision  # noqa: E402
-from . import tiny_llava_next as tiny  # noqa: E402
+from .. import llava_onevision_models as onevision
+from . import tiny_llava_next as tiny
 
 QUESTION = "what is in the picture ?"
 NEW_TOKENS = 6

@@ -8,15 +8,15 @@ import os
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="the vLLM lane runs in .venv-vllm: bash run.sh test-vllm")
+import vllm
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: hooks can count
 
-import torch  # noqa: E402
+import torch
 
-from dualview.adapters import hf_llava_next  # noqa: E402
-from dualview.integrations import vllm_plugin  # noqa: E402
+from dualview.adapters import hf_llava_next
+from dualview.integrations import vllm_plugin
 
-from . import tiny_llava_next as tiny  # noqa: E402
+from . import tiny_llava_next as tiny
 
 NEW_TOKENS = 12
 # wide and tall AnyRes grids (2x2 and 3x1 tiles), and a size twice

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..word_tokenizer import word_tokenizer
+
 CROP, PATCH = 56, 14
 PINPOINTS = [[CROP, 2 * CROP], [2 * CROP, CROP], [2 * CROP, 2 * CROP], [3 * CROP, CROP], [CROP, 3 * CROP]]
 WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "user", "assistant", "what", "is", "in", "the", "picture",
@@ -68,12 +70,8 @@ def louder_dem(model) -> None:
 def processor():
     """LlavaNextProcessor over an in-memory word-level tokenizer (nothing downloaded)."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+    tokenizer = word_tokenizer(
+        WORDS, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, chat_template=CHAT_TEMPLATE,
     )
     image_processor = transformers.LlavaNextImageProcessor(
