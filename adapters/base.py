@@ -172,10 +172,25 @@ class HostAdapter:
         geometry = cls.geometry_of(inner)
         return inner.dualview_encoder(cls.tower(inner, {}), crop_size=geometry.crop, patch_size=geometry.patch)
 
+    processor_tiles: ClassVar[bool] = False
+    """The host's processor picks the grid (InternVL, Idefics3): :meth:`budget` reads its settings."""
+
     @classmethod
-    def budget(cls, model: nn.Module, image_size: G.Size) -> Budget:
-        """Tower passes and LLM tokens for one ``(H, W)`` image; runs nothing."""
+    def budget(cls, model: nn.Module, image_size: G.Size, *, processor: Any = None) -> Budget:
+        """Tower passes and LLM tokens for one ``(H, W)`` image; runs nothing. Every adapter has this
+        signature: ``processor`` is the host's processor, read by hosts whose processor picks the grid
+        (:attr:`processor_tiles`); the others take the grid from the model and refuse one."""
+        cls.check_budget_processor(processor)
         return cls.encoder_of(model).budget(image_size)
+
+    @classmethod
+    def check_budget_processor(cls, processor: Any) -> None:
+        """A ValueError for a processor given to a host whose model alone decides the budget."""
+        if processor is not None and not cls.processor_tiles:
+            raise ValueError(
+                f"processor must be None for {cls.name}: the model's options and config decide its grid, "
+                f"got {type(processor).__name__}"
+            )
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:

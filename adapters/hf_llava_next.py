@@ -105,8 +105,9 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     fixed, fixed_why, follows = ANYRES_FIXED, "by LLaVA-NeXT's AnyRes", {"pinpoints": "image_grid_pinpoints"}
 
     @classmethod
-    def budget(cls, model: nn.Module, image_size: G.Size) -> Budget:
+    def budget(cls, model: nn.Module, image_size: G.Size, *, processor: Any = None) -> Budget:
         """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's) for one ``(H, W)`` image; runs nothing."""
+        cls.check_budget_processor(processor)
         encoder = cls.encoder_of(model)
         size = check_size(tuple(image_size), "image_size")
         grid = encoder.dcm.grid_for(size)

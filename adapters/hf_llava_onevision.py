@@ -199,10 +199,12 @@ class OnevisionAdapter(LlavaFamilyAdapter):
         super().check_host(model)
 
     @classmethod
-    def budget(cls, model: nn.Module, image_size: G.Size, *, vision_aspect_ratio: Optional[str] = None) -> Budget:
+    def budget(cls, model: nn.Module, image_size: G.Size, *, processor: Any = None,
+               vision_aspect_ratio: Optional[str] = None) -> Budget:
         """Tower passes (``1 + 2*R*C``) and LLM tokens (the host's, :func:`image_tokens`) for one
         ``(H, W)`` image alone in its prompt (a multi-image prompt's images cost ``1`` pass and
         ``h*w + 1`` tokens, as in the plain model); runs nothing."""
+        cls.check_budget_processor(processor)
         inner = _host.adapted(getattr(model, "model", model), ADAPTER)
         config = inner.config
         vision = config.vision_config
