@@ -125,18 +125,18 @@ def test_a_replaced_dem_with_other_settings_is_saved_as_it_ran(tmp_path, setting
 def test_the_dems_fast_flag_is_recorded_and_reloaded(tmp_path):
     """``fast`` (the DEM's path, not a weight) is an option: applied, recorded, saved, reloaded; a DEM
     assigned with another flag is recorded as it runs."""
-    model = hf_llava.apply(make_model(), grid=(2, 2), fast=False)
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 2), fast=False)
     assert model.model.spatial_embed.fast is False and model.config.dualview["fast"] is False
     model.save_pretrained(tmp_path / "slow")
     assert hf_llava.from_pretrained(tmp_path / "slow").model.spatial_embed.fast is False
-    model = hf_llava.apply(make_model(), grid=(2, 2))
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 2))
     assert model.model.spatial_embed.fast is True and model.config.dualview["fast"] is True
     old = model.model.spatial_embed
     model.model.spatial_embed = DEM(old.dim, num_heads=old.num_heads, out_size=old.out_size, fast=False)
     model.save_pretrained(tmp_path / "assigned")
     assert hf_llava.from_pretrained(tmp_path / "assigned").model.spatial_embed.fast is False
     with pytest.raises(ValueError, match="fast must be a bool, got 'no'"):
-        hf_llava.apply(make_model(), grid=(2, 2), fast="no")
+        hf_llava.apply(llava.tiny_model(), grid=(2, 2), fast="no")
 
 
 def test_llava15_style_dem_into_a_full_map_host_is_refused_before_it_replaces_the_dem():
