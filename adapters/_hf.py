@@ -12,6 +12,8 @@ from torch import nn
 
 from dualview import DualViewEncoder
 from dualview._checks import check_size
+from dualview.budget import Budget, anyres_budget
+from dualview.grid import Size
 from dualview.tiled import TiledImage
 
 from . import _host
@@ -184,6 +186,31 @@ class LlavaFamilyAdapter(HostAdapter):
 ANYRES_FIXED = {"grid": "auto", "fit": "pad", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
 
 
+class AnyResAdapter(LlavaFamilyAdapter):
+    """The AnyRes hosts (LLaVA-NeXT, OneVision): the grid follows ``config.image_grid_pinpoints`` at every
+    call, the canvas is padded, the full DEM map replaces the tiles; the LLM tokens stay the host's."""
+
+    fixed, follows = ANYRES_FIXED, {"pinpoints": "image_grid_pinpoints"}
+
+    @classmethod
+    def max_patches(cls, config: Any) -> Optional[int]:
+        """The ``anyres_max_N`` downscale of the packed map (OneVision), or None (LLaVA-NeXT)."""
+        return None
+
+    @classmethod
+    def budget(cls, model: nn.Module, image_size: Size, *, processor: Any = None) -> Budget:
+        """Tower passes (``1 + 2*R*C``) and LLM tokens (plain AnyRes's, :func:`dualview.budget.anyres_budget`)
+        for one ``(H, W)`` image alone in its prompt; runs nothing."""
+        cls.check_budget_processor(processor)
+        encoder = cls.encoder_of(model)
+        size = check_size(tuple(image_size), "image_size")
+        grid = encoder.dcm.grid_for(size)
+        plain = anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size,
+                              max_patches=cls.max_patches(model.config))
+        passes = encoder.budget(size).tower_passes
+        return Budget(f"dual_view_{plain.scheme}", grid, plain.canvas_size, passes, plain.tokens)
+
+
 def anyres_patches(pixel_values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
     """pixel_values (B, P, 3, s, s) zero-padded on P, or (sum counts, 3, s, s) stacked
     -> per image (counts[i], 3, s, s): the base image, then the R*C tiles row-major."""
@@ -225,3 +252,17 @@ def anyres_images(
     pixel_values = pixel_values.to(device=next(encoder.dem.parameters()).device)
     patches = anyres_patches(pixel_values, [1 + g[0] * g[1] if g else 1 for g in grids])
     return [TiledImage(p, g, tiles_at=1) if g else TiledImage(p) for p, g in zip(patches, grids)]
+
+
+def anyres_dual_view(
+    encoder: DualViewEncoder, pixel_values: torch.Tensor, image_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
+    tiled: Optional[Sequence[bool]] = None,
+) -> list[torch.Tensor]:
+    """AnyRes patches -> per image its features in AnyRes's layout, for the host's packing: a tiled image
+    gives (1 + R*C, h*w, D), the base image's features then the DEM-fused map cut back into the tile
+    windows; an untiled one (1, h*w, D), plain. ``tiled``: default all (:func:`anyres_images`). The core's
+    tiled engine (:meth:`dualview.DualViewEncoder.encode_tiled`): one tower batch, one DEM call per grid;
+    the vLLM plug-in calls this with vLLM's tower."""
+    tiled = [True] * len(image_sizes) if tiled is None else tiled
+    return encoder.encode_tiled(anyres_images(encoder, pixel_values, image_sizes, tiled))
+

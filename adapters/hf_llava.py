@@ -4,20 +4,12 @@
     model = LlavaForConditionalGeneration.from_pretrained("llava-hf/llava-1.5-7b-hf")
     apply(model)                              # 3x3 dual view, 576 image tokens as before
     processor = prepare_processor(AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf"), model)
-    inputs = processor(images=image, text="USER: <image>\\nWhat is small here? ASSISTANT:", return_tensors="pt")
-    model.generate(**inputs, max_new_tokens=20)
+    model.generate(**processor(images=image, text="USER: <image>\\nHi ASSISTANT:", return_tensors="pt"))
     model.save_pretrained("out");  model = from_pretrained("out")   # DEM weights and options kept
 
-How it lives in the model: :func:`apply` swaps ``model.model``'s class (``LlavaModel``) for the
-module-level subclass :class:`DualViewLlavaModel`, whose ``get_image_features`` (under the host's own
-decorators) reads the DEM at ``model.model.spatial_embed`` and the options in ``config.dualview`` at
-every call; :func:`unapply` gives the plain model back.
-
-``get_image_features`` becomes DCM -> vision tower (``vision_feature_layer``, also a list of layers,
-and ``vision_feature_select_strategy``) -> DEM -> thumbnail fusion -> projector. The DEM lives at
-``model.model.spatial_embed`` (keys ``model.spatial_embed.*``, as in INF-LLaVA checkpoints).
-Image tokens per image: ``DualViewEncoder.budget(...).tokens`` (576 by default: DEM resampled to the
-tower's 24x24 and averaged with the thumbnail).
+``get_image_features`` becomes DCM -> tower (``vision_feature_layer``, also a list, and
+``vision_feature_select_strategy``) -> DEM -> thumbnail fusion -> projector; the DEM lives at
+``model.model.spatial_embed`` (INF-LLaVA's keys). Image tokens per image: ``budget(model, size).tokens``.
 """
 
 from __future__ import annotations
@@ -76,14 +68,13 @@ class LlavaAdapter(LlavaFamilyAdapter):
     """The host's declarations: its class, the dual-view class of its ``model.model``; every option
     is free (default: the released INF-LLaVA, 3x3 squashed, 576 tokens)."""
 
-    name = ADAPTER
-    hosts = HOSTS
-    dual_view_class = DualViewLlavaModel
+    name, hosts, dual_view_class = ADAPTER, HOSTS, DualViewLlavaModel
     exact_host = False
 
 
-apply, unapply, encoder_of, from_pretrained = (LlavaAdapter.apply, LlavaAdapter.unapply, LlavaAdapter.encoder_of,
-                                               LlavaAdapter.from_pretrained)
+apply, unapply, encoder_of, budget, from_pretrained = (
+    LlavaAdapter.apply, LlavaAdapter.unapply, LlavaAdapter.encoder_of, LlavaAdapter.budget, LlavaAdapter.from_pretrained
+)
 
 
 def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> None:

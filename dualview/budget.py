@@ -7,6 +7,7 @@ itself, so this table, the CLI and the encoder can never disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -63,18 +64,35 @@ def dual_view_budget(
     )
 
 
-def anyres_budget(image_size: Size, grid: Grid, crop_size: int, feat_size: Size) -> Budget:
-    """Plain LLaVA-NeXT AnyRes: base image + ``R*C`` tiles; unpadded map plus one newline per row."""
+def anyres_budget(image_size: Size, grid: Grid, crop_size: int, feat_size: Size, *,
+                  max_patches: int | None = None) -> Budget:
+    """Plain AnyRes: base image + ``R*C`` tiles; the tile map (:func:`anyres_map_size`) plus one newline
+    per row. ``max_patches``: OneVision's ``anyres_max_N`` (scheme ``"anyres_max"``); None: LLaVA-NeXT's."""
     rows, cols = grid
     h, w = feat_size
-    box = unpad_box(image_size, (rows * h, cols * w))
+    height, width = anyres_map_size(image_size, grid, feat_size, max_patches=max_patches)
     return Budget(
-        scheme="anyres",
+        scheme="anyres" if max_patches is None else "anyres_max",
         grid=grid,
         canvas_size=(rows * crop_size, cols * crop_size),
         tower_passes=1 + rows * cols,
-        tokens=h * w + box.height * (box.width + 1),
+        tokens=h * w + height * (width + 1),
     )
+
+
+def anyres_map_size(image_size: Size, grid: Grid, feat_size: Size, *, max_patches: int | None = None) -> Size:
+    """``(H'', W'')``: the tile tokens AnyRes packs for one image. The ``(R*h, C*w)`` map is unpadded to
+    ``(H', W')`` (:func:`~dualview.grid.unpad_box`); with ``max_patches`` (OneVision) a map of
+    ``ratio = sqrt(H'*W' / (max_patches*h*w)) > 1.1`` is downscaled to ``(floor(H'/ratio), floor(W'/ratio))``,
+    as the host's ``pack_image_features`` does."""
+    rows, cols = grid
+    h, w = feat_size
+    box = unpad_box(image_size, (rows * h, cols * w))
+    if max_patches is not None:
+        ratio = math.sqrt(box.height * box.width / (max_patches * h * w))
+        if ratio > 1.1:
+            return int(box.height // ratio), int(box.width // ratio)
+    return box.height, box.width
 
 
 def resize_budget(crop_size: int, feat_size: Size) -> Budget:

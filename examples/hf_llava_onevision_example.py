@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dualview.adapters import hf_llava_onevision
+from dualview.budget import anyres_map_size
 from dualview.sample import demo_image
 
 REAL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
@@ -113,7 +114,7 @@ def main(argv=None) -> None:
         size = image.shape[:2]
         cost = hf_llava_onevision.budget(model, size)
         rows, cols = cost.grid
-        packed = hf_llava_onevision.packed_map_size(size, cost.grid, feat, max_patches)
+        packed = anyres_map_size(size, cost.grid, feat, max_patches=max_patches)
         print(f"image {size[0]}x{size[1]}: grid {rows}x{cols}; tower passes {cost.tower_passes} (plain OneVision "
               f"{1 + rows * cols}); tile map {rows * feat[0]}x{cols * feat[1]} packed as {packed[0]}x{packed[1]} "
               f"(unpad, {model.config.vision_aspect_ratio}); image tokens {cost.tokens} = processor's <image> count "

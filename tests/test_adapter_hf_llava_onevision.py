@@ -21,6 +21,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from dualview import DEM
 from dualview import grid as G
+from dualview.budget import anyres_budget, anyres_map_size
 from dualview.adapters import hf_llava_next
 from dualview.adapters import hf_llava_onevision as adapter
 from dualview.adapters._hf import ANYRES_FIXED
@@ -107,10 +108,10 @@ def test_image_tokens_equal_the_processors_count_for_any_size(height, width, max
     grid = G.select_grid((height, width), S, G.grids_from_pinpoints(PINPOINTS, S))
     assert grid == host_grid((height, width)) == get_anyres_image_grid_shape([height, width], PINPOINTS, S)
     expected = processor._get_number_of_features(height, width, S, S)
-    assert adapter.image_tokens((height, width), grid, (H, W), max_patches) == expected
+    assert anyres_budget((height, width), grid, 1, (H, W), max_patches=max_patches).tokens == expected
 
 
-def test_packed_map_size_is_the_shape_the_host_packs():
+def test_anyres_map_size_is_the_shape_the_host_packs():
     """The host's pack_image_features on features of known shape: (H'' rows of W'' + 1) tokens."""
     model = tiny_model()
     for size in SIZES:
@@ -118,7 +119,7 @@ def test_packed_map_size_is_the_shape_the_host_packs():
         features = [torch.zeros(1 + rows * cols, H * W, 32)]
         packed, _ = model.model.pack_image_features(features, torch.tensor([size]), model.model.image_newline,
                                                     vision_aspect_ratio=ASPECT)
-        height, width = adapter.packed_map_size(size, (rows, cols), (H, W), MAX_PATCHES)
+        height, width = anyres_map_size(size, (rows, cols), (H, W), max_patches=MAX_PATCHES)
         assert packed[0].shape[0] == H * W + height * (width + 1), size
         newline_rows = (packed[0][H * W :] == model.model.image_newline).all(-1).nonzero().flatten()
         assert newline_rows.tolist() == [r * (width + 1) + width for r in range(height)], size
@@ -129,7 +130,7 @@ def test_the_test_sizes_cover_downscaled_and_plain_maps_and_many_grids():
         box = G.unpad_box(size, (host_grid(size)[0] * H, host_grid(size)[1] * W))
         return box.height, box.width
 
-    downscaled = [s for s in SIZES if adapter.packed_map_size(s, host_grid(s), (H, W), MAX_PATCHES) != unpadded(s)]
+    downscaled = [s for s in SIZES if anyres_map_size(s, host_grid(s), (H, W), max_patches=MAX_PATCHES) != unpadded(s)]
     grids = {host_grid(s) for s in SIZES}
     assert {(1, 1), (1, 3), (3, 1), (2, 2), (2, 3), (3, 3)} <= grids
     assert 0 < len(downscaled) < len(SIZES)
@@ -152,7 +153,7 @@ def test_token_counts_equal_the_processor_and_plain_onevision_for_every_size(asp
     dual, host = image_features(adapted, inputs), image_features(plain, inputs)
     in_prompt = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
     for i, size in enumerate(SIZES):
-        expected = adapter.image_tokens(size, host_grid(size), (H, W), adapter.max_num_patches(aspect))
+        expected = anyres_budget(size, host_grid(size), 1, (H, W), max_patches=adapter.max_num_patches(aspect)).tokens
         assert dual[i].shape == host[i].shape == (expected, 32), size
         assert in_prompt[i] == expected, size
         cost = adapter.budget(adapted, size)

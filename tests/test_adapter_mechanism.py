@@ -13,6 +13,7 @@ import transformers
 
 from dualview import DEM
 from dualview.adapters import hf_llava, hf_llava_next
+from dualview.adapters import hf_llava_onevision as onevision_adapter
 
 from . import tiny_models as tiny
 from . import llava_models as llava
@@ -277,3 +278,15 @@ def test_a_device_map_entry_for_the_dem_is_refused_not_ignored(tmp_path):
     hf_llava.apply(llava.tiny_model(), grid=(2, 2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"\['model.spatial_embed'\].*placed with the host's projector"):
         hf_llava.from_pretrained(tmp_path, device_map={"model.spatial_embed": "disk", "": "cpu"})
+
+
+@pytest.mark.parametrize("adapter, build", [(hf_llava, llava.tiny_model), (hf_llava_next, tiny_model),
+                                            (onevision_adapter, onevision.tiny_model)])
+def test_every_adapter_has_one_budget_signature_and_refuses_a_processor_its_model_decides(adapter, build):
+    """``budget(model, image_size, *, processor=None)`` everywhere; a host whose model alone decides its
+    grid refuses a processor instead of ignoring it."""
+    model = adapter.apply(build(), num_heads=2)
+    cost = adapter.budget(model, (60, 90))
+    assert cost.tokens > 0 and cost.tower_passes >= 2
+    with pytest.raises(ValueError, match=f"processor must be None for {adapter.__name__.rsplit('.', 1)[1]}.*got object"):
+        adapter.budget(model, (60, 90), processor=object())
