@@ -139,3 +139,19 @@ def test_no_doc_or_message_says_pip_install_dualview_from_an_index():
     for path in files:
         for number, text in enumerate(path.read_text().splitlines(), start=1):
             assert not NOT_SERVED.search(text), f"{path.relative_to(ROOT)}:{number}: {text.strip()}"
+
+
+def test_the_new_host_recipe_names_hooks_the_base_has_and_an_example_under_100_lines():
+    """The README's recipe: every hook and declaration it names is HostAdapter's, and its worked example
+    stays an adapter of under 100 lines."""
+    from dualview.adapters.base import HostAdapter
+
+    text = README.read_text(encoding="utf-8")
+    recipe = text[text.index("### A new host: the recipe"):text.index("### One entry point")]
+    step2 = recipe[recipe.index("2. **The adapter class**"):recipe.index("3. **Tests**")]
+    named = set(re.findall(r"`(\w+)(?:\(|`)", step2)) - {"HostAdapter", "apply", "unapply", "encoder_of",
+                                                             "from_pretrained"}
+    missing = sorted(n for n in named if not hasattr(HostAdapter, n) and n not in HostAdapter.__annotations__)
+    assert named and not missing, missing
+    example = re.search(r"The worked example is `(adapters/\w+\.py)`", recipe).group(1)
+    assert len((ROOT / example).read_text(encoding="utf-8").splitlines()) < 100
