@@ -4,6 +4,7 @@ file (code that moved leaves no stale mutant behind), ids are unique, and every 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _mutants() -> list:
     spec = importlib.util.spec_from_file_location("dualview_mutants", ROOT / "tests" / "mutation" / "mutants.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module.MUTANTS
 
