@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -58,6 +58,35 @@ def signature_with(method: Callable, name: str) -> inspect.Signature:
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any))
     return signature.replace(parameters=params)
+
+
+class ExtraInputHost:
+    """Mixin of a dual-view class whose image hook needs an input the host's ``forward`` does not pass
+    on (InternVL's ``image_sizes``, Idefics3's ``image_grid``, :attr:`dualview_input`): ``forward``
+    takes it, computes the image features with it (:meth:`dualview_image_features`) and hands them to
+    the host's forward as ``mm_encoder_outputs``, the host's own way to take pre-computed features.
+    The class's ``forward`` names the input in its signature, so that ``generate`` passes it."""
+
+    dualview_input: ClassVar[str]
+    dualview_plain: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "dualview_plain" in cls.__dict__:
+            forward_naming(cls, cls.dualview_input)
+
+    def dualview_image_features(self, call: dict, extra: Any) -> Any:
+        """The image features of one forward call (``call``: its arguments by the host's names)."""
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        extra = kwargs.pop(self.dualview_input, None)
+        # the call under the installed host's names (a deprecated ``past_key_values`` reaches its own mapping)
+        call, rest = bind_host_call(type(self).dualview_plain.forward, self, args, kwargs)
+        if call.get("pixel_values") is not None and call.get("mm_encoder_outputs") is None:
+            call["mm_encoder_outputs"] = {"image": self.dualview_image_features(call, extra)}
+            call["pixel_values"] = None
+        return super().forward(**call, **rest)
 
 
 def host_decorators() -> tuple[Callable, Callable]:

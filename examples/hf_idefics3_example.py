@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     model, processor, prompts = real_model_and_processor() if args.real else tiny_model_and_processor(args.host)
 
     hf_idefics3.apply(model)  # in place: DEM at model.model.spatial_embed, options in config.dualview
-    hf_idefics3.prepare_processor(processor)  # in place: the outputs also hold image_grid
+    hf_idefics3.prepare_processor(processor, model)  # in place: the outputs also hold image_grid
 
     # Two images of different sizes (different grids) in one batch.
     wide = (demo_image() * 255).byte().permute(1, 2, 0).numpy()  # 1000 x 1800
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     in_prompt = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
     for image, grid, feats, n_prompt in zip(images, inputs["image_grid"][:, 0].tolist(), features, in_prompt):
         size = image.shape[:2]
-        cost = hf_idefics3.budget(processor, size)
+        cost = hf_idefics3.budget(model, size, processor=processor)
         rows, cols = cost.grid
         print(f"image {size[0]}x{size[1]}: grid {rows}x{cols} (processor's image_grid {grid}); tower passes "
               f"{cost.tower_passes} (plain {rows * cols + 1}); image tokens {cost.tokens} = processor's <image> "

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     model, processor, prompt = real_model_and_processor() if args.real else tiny_model_and_processor()
 
     hf_internvl.apply(model)  # in place: DEM at model.model.spatial_embed, options in config.dualview
-    hf_internvl.prepare_processor(processor)  # in place: its output also holds image_sizes
+    hf_internvl.prepare_processor(processor, model)  # in place: its output also holds image_sizes
     processor.tokenizer.padding_side = "left"  # batched generation
 
     # Three images in one batch: wide (2x4 tiles + thumbnail), tall, and one smaller than a tile (1 patch).
@@ -99,8 +99,7 @@ def main(argv=None) -> None:
     start = 0
     for image, canvas, n_prompt in zip(images, inputs["image_sizes"].tolist(), in_prompt):
         size = image.shape[:2]
-        settings = {k: getattr(processor.image_processor, k) for k in ("min_patches", "max_patches")}
-        cost = hf_internvl.budget(model, size, **settings)
+        cost = hf_internvl.budget(model, size, processor=processor)
         patches = hf_internvl.patches_per_image(cost.grid)
         feats = features.pooler_output[start:start + patches]
         start += patches

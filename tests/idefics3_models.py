@@ -10,6 +10,8 @@ the hosts' special tokens (``<fake_token_around_image>``, ``<image>``, ``<global
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import transformers
@@ -100,3 +102,9 @@ def batch(processor, samples, **kwargs):
     prompts = ["User:" + " <image>" * len(sizes) + " what is in the picture ?" + " a" * i for i, sizes in enumerate(samples)]
     return processor(images=[[image(s) for s in sizes] for sizes in samples], text=prompts, return_tensors="pt",
                      padding=True, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def config_model(host: str = "idefics3"):
+    """A tiny model (built once) for what reads only its config: prepare_processor, budget."""
+    return tiny_model(host)

@@ -9,6 +9,8 @@ host's special tokens ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` and ``<video>``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import transformers
@@ -100,3 +102,9 @@ def multi_image_batch(processor, samples, **kwargs):
     prompts = ["user :" + f" {IMAGE_TOKEN}" * len(sizes) + " what is in the picture ?" for sizes in samples]
     return processor(images=[[image(s) for s in sizes] for sizes in samples], text=prompts, return_tensors="pt",
                      padding=True, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def config_model():
+    """A tiny model (built once) for what reads only its config: prepare_processor, budget."""
+    return tiny_model()

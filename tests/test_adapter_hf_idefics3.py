@@ -18,7 +18,8 @@ from dualview.adapters._common import recorded_options
 
 from .host_battery import HostBattery, assert_token_counts_follow_the_host
 from .idefics3_models import (
-    HOSTS, IMAGE_TOKEN_ID, LONGEST, PATCH, PROMPT, S, SEQ, batch, image, image_processor, tiny_model, tiny_processor,
+    HOSTS, IMAGE_TOKEN_ID, LONGEST, PATCH, PROMPT, S, SEQ, batch, config_model, image, image_processor, tiny_model,
+    tiny_processor,
 )
 
 H = W = S // PATCH  # tokens per tile side
@@ -46,7 +47,7 @@ def models(host):
 
 @pytest.fixture(scope="module")
 def processor(host):
-    return adapter.prepare_processor(tiny_processor(host))
+    return adapter.prepare_processor(tiny_processor(host), config_model(host))
 
 
 def image_counts(inputs):
@@ -117,7 +118,7 @@ def test_processor_grid_errors():
 def test_prepared_processor_adds_image_grid_and_changes_nothing_else(host):
     samples = [[(50, 90)], [(90, 50), (20, 12)], [(256, 256), (10, 200), (57, 41)]]
     plain = batch(tiny_processor(host), samples)
-    prepared = batch(adapter.prepare_processor(tiny_processor(host)), samples)
+    prepared = batch(adapter.prepare_processor(tiny_processor(host), config_model(host)), samples)
     assert set(prepared) == set(plain) | {"image_grid"}
     for key in plain:
         assert torch.equal(prepared[key], plain[key]), key
@@ -128,26 +129,27 @@ def test_prepared_processor_adds_image_grid_and_changes_nothing_else(host):
 
 
 def test_prepare_processor_is_idempotent_saves_the_plain_processor_and_refuses_others(host, tmp_path):
-    processor = adapter.prepare_processor(tiny_processor(host))
-    assert adapter.prepare_processor(processor) is processor
+    processor = adapter.prepare_processor(tiny_processor(host), config_model(host))
+    assert adapter.prepare_processor(processor, config_model(host)) is processor
     assert "image_grid" in processor.model_input_names
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["processor_class"] == {"idefics3": "Idefics3Processor", "smolvlm": "SmolVLMProcessor"}[host]
     with pytest.raises(TypeError, match="Idefics3Processor or SmolVLMProcessor"):
         adapter.prepare_processor(transformers.LlavaProcessor(image_processor=transformers.LlavaImageProcessor(),
-                                                              tokenizer=processor.tokenizer))
+                                                              tokenizer=processor.tokenizer), config_model(host))
 
 
 @pytest.mark.parametrize("host_name", HOSTS)
 def test_prepared_processor_answers_the_token_count_api_with_what_it_produces(host_name):
+    host = host_name
     """``_get_num_multimodal_tokens`` (what serving engines ask) is the installed plain processor's,
     and it counts what the prompt holds: each image's whole expansion (fake-token / row-col /
     global tokens, newlines and <image> tokens; transformers < 5.25) or its <image> tokens (5.25)."""
     plain = tiny_processor(host_name)
     if not hasattr(plain, "_get_num_multimodal_tokens"):
         pytest.skip(f"this transformers' {type(plain).__name__} has no token-count API")
-    processor = adapter.prepare_processor(tiny_processor(host_name))
+    processor = adapter.prepare_processor(tiny_processor(host_name), config_model(host_name))
     without_image = len(processor.tokenizer(PROMPT.replace("<image>", ""))["input_ids"])
     whole, placeholders, grids = [], [], []
     for size in SIZES:
@@ -157,20 +159,21 @@ def test_prepared_processor_answers_the_token_count_api_with_what_it_produces(ho
         grids.append(tuple(inputs["image_grid"][0, 0].tolist()))
     counted = assert_token_counts_follow_the_host(processor, plain, SIZES, whole=whole, placeholders=placeholders)
     assert list(counted.num_image_patches) == [adapter.frames_of(g) for g in grids]
-    assert placeholders == [adapter.budget(processor, size).tokens for size in SIZES]
+    assert placeholders == [adapter.budget(config_model(host), size, processor=processor).tokens for size in SIZES]
 
 
 # --- token parity and the features ---------------------------------------------------------------
 
 
-def test_token_counts_are_the_plain_processors(models, processor):
+def test_token_counts_are_the_plain_processors(models, processor, host):
     """Every size (extreme aspect ratios, smaller than a tile, exact multiples, odd): the adapted
     model's features fill exactly the <image> tokens the unchanged processor wrote."""
     plain, adapted = models
     inputs = batch(processor, [[size] for size in SIZES])
     grids = [adapter.processor_grid(size, tile=S, longest_edge=LONGEST) for size in SIZES]
     assert inputs["image_grid"][:, 0].tolist() == [list(g) for g in grids]
-    assert image_counts(inputs) == [(r * c + 1) * SEQ for r, c in grids] == [adapter.budget(processor, s).tokens for s in SIZES]
+    budgets = [adapter.budget(config_model(host), s, processor=processor) for s in SIZES]
+    assert image_counts(inputs) == [(r * c + 1) * SEQ for r, c in grids] == [b.tokens for b in budgets]
     with torch.no_grad():
         out = adapted(**inputs)  # the host's own token / feature check passes
     assert [p.shape[0] for p in out.image_outputs.pooler_output] == image_counts(inputs)
@@ -180,7 +183,7 @@ def test_mixed_batch_multi_image_and_unsplit_images(models, host):
     """do_resize=False keeps each image's size: small images are not split, large ones are; samples
     hold different numbers of images and frames (zero-padded frames)."""
     plain, adapted = models
-    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False))
+    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False), config_model(host))
     samples = [[(20, 12), (64, 96)], [(32, 32)], [(100, 33), (7, 9), (64, 64)]]
     inputs = batch(processor, samples)
     grids = inputs["image_grid"].tolist()
@@ -258,7 +261,7 @@ def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it(models, h
     """do_resize=False keeps a 2x35-tile image as it is: the adapted model takes the host's grid (no
     limit of its own), as a grid entry of the input too, and fuses the tiles as for any grid."""
     plain, adapted = models
-    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False))
+    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False), config_model(host))
     size = (2 * S - 5, 35 * S - 7)
     assert adapter.processor_grid(size, tile=S, longest_edge=None) == (2, 35)
     inputs = batch(processor, [[size]])
@@ -273,7 +276,7 @@ def test_global_crops_are_strided_samples_of_the_image(models, host):
     """An image of exactly 2x3 tiles with do_resize=False is not resampled: its tiles ARE the image,
     so the global crops the tower sees must be the normalised image's strided samples."""
     plain, adapted = models
-    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False))
+    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False), config_model(host))
     picture = image((2 * S, 3 * S))
     inputs = processor(images=[[picture]], text=[PROMPT], return_tensors="pt")
     seen = []
@@ -289,7 +292,7 @@ def test_global_crops_are_strided_samples_of_the_image(models, host):
     torch.testing.assert_close(crops, want, rtol=0, atol=1e-6)
 
 
-def test_one_tower_call_over_frames_and_global_crops(models, processor):
+def test_one_tower_call_over_frames_and_global_crops(models, processor, host):
     plain, adapted = models
     sizes = [[(90, 50), (20, 12)], [(256, 256)]]
     inputs = batch(processor, sizes)
@@ -302,7 +305,8 @@ def test_one_tower_call_over_frames_and_global_crops(models, processor):
         hook.remove()
     grids = [adapter.processor_grid(s, tile=S, longest_edge=LONGEST) for sample in sizes for s in sample]
     assert calls == [sum(2 * r * c + 1 for r, c in grids)]
-    assert calls == [sum(adapter.budget(processor, s).tower_passes for sample in sizes for s in sample)]
+    model = config_model(host)
+    assert calls == [sum(adapter.budget(model, s, processor=processor).tower_passes for sample in sizes for s in sample)]
 
 
 def test_tower_batch_size_chunks_the_call_with_the_same_result(host, processor):
@@ -347,7 +351,7 @@ def test_pixel_masks_are_used_as_the_host_uses_them(models, host):
     """Frames with padded pixels (mask 0): unsplit frames get the host's features exactly, split
     images the reference's with the canvas mask cut into global crops too."""
     plain, adapted = models
-    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False))
+    processor = adapter.prepare_processor(tiny_processor(host, do_resize=False), config_model(host))
     inputs = batch(processor, [[(64, 64), (20, 12)]])
     pixels, masks = inputs["pixel_values"].clone(), inputs["pixel_attention_mask"].clone()
     for frame, (h, w) in [(3, (20, 9)), (4, (11, 30)), (1, (32, 17))]:  # a tile, the global image, unsplit
@@ -365,7 +369,7 @@ def test_pixel_masks_are_used_as_the_host_uses_them(models, host):
 
 def test_no_split_image_runs_the_plain_host(models, host):
     plain, adapted = models
-    processor = adapter.prepare_processor(tiny_processor(host, do_image_splitting=False))
+    processor = adapter.prepare_processor(tiny_processor(host, do_image_splitting=False), config_model(host))
     inputs = batch(processor, [[(90, 50)], [(20, 12), (256, 10)]])
     assert inputs["image_grid"].tolist() == [[[0, 0], [-1, -1]], [[0, 0], [0, 0]]]
     with torch.no_grad():
@@ -378,7 +382,7 @@ def test_smolvlm_video_frames_run_the_plain_host():
     from transformers.video_utils import VideoMetadata
 
     plain, adapted = plain_and_adapted("smolvlm")
-    processor = adapter.prepare_processor(tiny_processor("smolvlm"))
+    processor = adapter.prepare_processor(tiny_processor("smolvlm"), config_model("smolvlm"))
     videos = [np.random.default_rng(n).integers(0, 256, (n, 40, 60, 3), dtype=np.uint8) for n in (3, 2)]
     metadata = [VideoMetadata(total_num_frames=n, fps=1, frames_indices=list(range(n))) for n in (3, 2)]
     inputs = processor(videos=videos, text=["User: <video> what", "User: <video> a"], return_tensors="pt",
@@ -528,7 +532,7 @@ def test_apply_to_the_inner_model_of_a_for_conditional_generation_is_refused_nam
     assert type(model.model) is inner_cls and not hasattr(model.model, "spatial_embed")
     assert recorded_options(model.config) is None
     adapter.apply(model, num_heads=2)  # the whole model: generate takes image_grid
-    processor = adapter.prepare_processor(tiny_processor(host))
+    processor = adapter.prepare_processor(tiny_processor(host), config_model(host))
     with torch.no_grad():
         model.generate(**batch(processor, [[(90, 50)]]), max_new_tokens=1, do_sample=False)
 
@@ -537,7 +541,7 @@ def test_apply_errors(host):
     plain, adapted = plain_and_adapted(host)
     with pytest.raises(ValueError, match="already applied"):
         adapter.apply(adapted)
-    with pytest.raises(ValueError, match="fit does not apply"):
+    with pytest.raises(ValueError, match=r"option fit is fixed for Idefics3 / SmolVLM \(the image processor tiles"):
         adapter.apply(tiny_model(host), fit="pad")
     with pytest.raises(ValueError, match="out_size is fixed"):
         adapter.apply(tiny_model(host), out_size=[2, 2])
@@ -545,13 +549,30 @@ def test_apply_errors(host):
         adapter.apply(torch.nn.Linear(2, 2))
 
 
-def test_budget(processor):
+def test_budget(processor, host):
     for size in SIZES:
         rows, cols = adapter.processor_grid(size, tile=S, longest_edge=LONGEST)
-        got = adapter.budget(processor, size)
+        got = adapter.budget(config_model(host), size, processor=processor)
         assert (got.grid, got.tower_passes, got.tokens) == ((rows, cols), 2 * rows * cols + 1, (rows * cols + 1) * SEQ)
-    unsplit = adapter.prepare_processor(tiny_processor("idefics3", do_image_splitting=False))
-    assert (adapter.budget(unsplit, (90, 50)).tower_passes, adapter.budget(unsplit, (90, 50)).tokens) == (1, SEQ)
+    unsplit = adapter.prepare_processor(tiny_processor("idefics3", do_image_splitting=False), config_model("idefics3"))
+    got = adapter.budget(config_model("idefics3"), (90, 50), processor=unsplit)
+    assert (got.tower_passes, got.tokens) == (1, SEQ)
+    with pytest.raises(ValueError, match="processor is required for hf_idefics3"):
+        adapter.budget(config_model(host), (90, 50))
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused(host):
+    """prepare_processor and budget check the processor's tile and tokens per frame against the model's."""
+    other_tile = tiny_processor(host)
+    other_tile.image_processor.max_image_size = {"longest_edge": 2 * S}
+    other_tokens = tiny_processor(host)
+    other_tokens.image_seq_len = SEQ + 1
+    for processor, got in ((other_tile, f"max_image_size\\['longest_edge'\\]={2 * S}"), (other_tokens, f"image_seq_len={SEQ + 1}")):
+        with pytest.raises(ValueError, match=f"processor must cut the model's {S}-pixel tiles into {SEQ} tokens.*{got}"):
+            adapter.prepare_processor(processor, config_model(host))
+        assert type(processor) in (transformers.Idefics3Processor, transformers.SmolVLMProcessor)  # left as it was
+        with pytest.raises(ValueError, match="processor must cut"):
+            adapter.budget(config_model(host), (90, 50), processor=processor)
 
 
 # --- the host battery of the adapter mechanism ----------------------------------------------------
@@ -560,7 +581,7 @@ def test_budget(processor):
 def _case(host):
     from .host_battery import HostCase
 
-    processor = adapter.prepare_processor(tiny_processor(host))
+    processor = adapter.prepare_processor(tiny_processor(host), config_model(host))
 
     def build():
         model = tiny_model(host)
@@ -585,7 +606,7 @@ def _case(host):
         plain_inputs=plain_inputs,
         options={"num_heads": 2},
         option_sets=({"num_heads": 2, "directions": "global_to_local", "fusion": "conv3x3"},),
-        fixed=adapter._FIXED, fixed_why="Idefics3 / SmolVLM",
+        fixed=adapter.FIXED, fixed_why="Idefics3 / SmolVLM",
         sizes=((40, 70), (90, 30)),  # 3x4 and 4x2 tiles: the global crops differ from the tiles
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,

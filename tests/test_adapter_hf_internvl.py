@@ -16,6 +16,7 @@ import transformers
 
 from dualview import DEM, layout
 from dualview.adapters import hf_internvl as adapter
+from dualview.adapters import hf_internvl_processing as processing
 
 from . import internvl_models as M
 from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host, logits
@@ -40,7 +41,7 @@ def plain_and_adapted(**model_kwargs):
 
 
 def prepared(**kwargs):
-    return adapter.prepare_processor(M.tiny_processor(**kwargs))
+    return adapter.prepare_processor(M.tiny_processor(**kwargs), M.config_model())
 
 
 def image_features(model, inputs, **kwargs):
@@ -162,7 +163,7 @@ def test_token_counts_are_the_hosts_for_every_size():
     model = adapter.apply(M.tiny_model(), num_heads=2)
     for i, size in enumerate(SIZES):
         rows, cols = grid_of(size)
-        cost = adapter.budget(model, size, min_patches=M.MIN_PATCHES, max_patches=M.MAX_PATCHES)
+        cost = adapter.budget(model, size, processor=processor)
         patches = adapter.patches_per_image((rows, cols))
         assert in_prompt[i] == cost.tokens == M.SEQ * patches, size
         assert counted["num_image_patches"][i] == patches
@@ -219,19 +220,39 @@ def test_the_chat_template_path_returns_image_sizes_too():
 
 def test_prepare_processor_is_idempotent_saves_as_the_plain_processor_and_refuses_others(tmp_path):
     processor = M.tiny_processor()
-    assert adapter.prepare_processor(processor) is processor
-    assert adapter.prepare_processor(processor) is processor
+    assert adapter.prepare_processor(processor, M.config_model()) is processor
+    assert adapter.prepare_processor(processor, M.config_model()) is processor
     assert "image_sizes" in processor.model_input_names
     processor.save_pretrained(tmp_path)
-    assert type(processor) is adapter.DualViewInternVLProcessor  # still prepared
+    assert type(processor) is processing.DualViewInternVLProcessor  # still prepared
     assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "InternVLProcessor"
     loaded = transformers.AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is transformers.InternVLProcessor
     assert "image_sizes" not in M.batch(loaded, [(40, 90)])
-    assert M.batch(adapter.prepare_processor(loaded), [(40, 90)])["image_sizes"].tolist() == [[S, 2 * S]]
+    assert M.batch(adapter.prepare_processor(loaded, M.config_model()), [(40, 90)])["image_sizes"].tolist() == [[S, 2 * S]]
     with pytest.raises(TypeError, match="InternVLProcessor"):
         adapter.prepare_processor(transformers.LlavaProcessor(image_processor=processor.image_processor,
-                                                              tokenizer=processor.tokenizer))
+                                                              tokenizer=processor.tokenizer), M.config_model())
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused_and_budget_defaults_to_internvl3s_tiling():
+    other_tile = M.tiny_processor()
+    other_tile.image_processor.size = {"height": 2 * S, "width": 2 * S}
+    other_tokens = M.tiny_processor()
+    other_tokens.image_seq_length = M.SEQ + 1
+    for processor, got in ((other_tile, f"{2 * S}x{2 * S} tiles and image_seq_length={M.SEQ}"),
+                           (other_tokens, f"{S}x{S} tiles and image_seq_length={M.SEQ + 1}")):
+        with pytest.raises(ValueError, match=f"processor must cut the model's {S}x{S} tiles into {M.SEQ} .*got {got}"):
+            adapter.prepare_processor(processor, M.config_model())
+        assert type(processor) is transformers.InternVLProcessor  # left as it was
+        with pytest.raises(ValueError, match="processor must cut"):
+            adapter.budget(M.config_model(), (40, 90), processor=processor)
+    with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
+        adapter.prepare_processor(M.tiny_processor(), torch.nn.Linear(2, 2))
+    # without a processor: InternVL3's tiling (1..12 patches), e.g. 13 x 1 is past 12 tiles
+    cost = adapter.budget(M.config_model(), (28, 12 * 28 + 5))
+    assert cost.grid == adapter.tile_grid((28, 12 * 28 + 5), tile_size=(S, S), min_patches=1, max_patches=12)
+    assert cost.grid == (1, 12)
 
 
 # ---- the model: DEM-fused tiles, the host's plain path for the rest -------------------------------
@@ -443,7 +464,7 @@ class TestHostBattery(HostBattery):
             adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(M.batch(processor, sizes)),
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
             option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
-            fixed=adapter._FIXED, fixed_why="min_patches / max_patches",
+            fixed=adapter.FIXED, fixed_why="min_patches / max_patches",
             image_features=lambda model, inputs, **kw: model.model.get_image_features(
                 inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
             pooler_from_last=lambda model, last, inputs: model.model.multi_modal_projector(model.model.pixel_shuffle(

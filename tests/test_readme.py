@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib
 import re
 import symtable
 from pathlib import Path
@@ -153,5 +154,11 @@ def test_the_new_host_recipe_names_hooks_the_base_has_and_an_example_under_100_l
                                                              "from_pretrained"}
     missing = sorted(n for n in named if not hasattr(HostAdapter, n) and n not in HostAdapter.__annotations__)
     assert named and not missing, missing
+    step1 = recipe[recipe.index("1. **The dual-view class**"):recipe.index("2. **The adapter class**")]
+    for module, name in re.findall(r"`dualview\.adapters\.(\w+)\.(\w+)`", step1) + re.findall(r"`(base)\.(\w+)`", step1):
+        assert hasattr(importlib.import_module(f"dualview.adapters.{module}"), name), (module, name)
+    from dualview.adapters._hf import ExtraInputHost
+
+    assert "`dualview_input`" in step1 and "dualview_input" in ExtraInputHost.__annotations__
     example = re.search(r"The worked example is `(adapters/\w+\.py)`", recipe).group(1)
     assert len((ROOT / example).read_text(encoding="utf-8").splitlines()) < 100

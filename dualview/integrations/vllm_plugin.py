@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
-from dualview.adapters._common import CONFIG_KEY
+from dualview.adapters._common import CONFIG_KEY, DualViewOptions, recorded_options
 
 LLAVA_NEXT = "DualViewLlavaNextForConditionalGeneration"
 ARCHITECTURES = {LLAVA_NEXT: "LlavaNextForConditionalGeneration"}
@@ -60,7 +60,6 @@ def register() -> None:
 def _check_options(entry: Any, where: str) -> None:
     """``config.dualview`` of ``where`` must be the dict of dual-view options an adapter records:
     ``None`` (switched off by hand) or another value is refused, not served as dual view."""
-    from dualview.adapters._common import DualViewOptions
 
     if not isinstance(entry, dict):
         raise ValueError(
@@ -159,6 +158,22 @@ def one_name_per_tower_weight(weights: Any) -> Any:
         yield name, tensor
 
 
+def served_options(config: Any) -> DualViewOptions:
+    """The options a served model runs with: its ``config.dualview`` (refused without one), AnyRes's
+    fixed choices checked (a fixed option edited by hand is a ValueError), the pinpoints the config's."""
+    from dualview.adapters.hf_llava_next import DualViewLlavaNextModel, LlavaNextAdapter
+
+    recorded = recorded_options(config)
+    if recorded is None:
+        raise ValueError(
+            f"{LLAVA_NEXT} serves models saved from dualview.adapters.hf_llava_next: this config has no "
+            f"'{CONFIG_KEY}' entry"
+        )
+    LlavaNextAdapter.options(config, dict(recorded))
+    live = {name: getattr(config, attr) for name, attr in DualViewLlavaNextModel.dualview_live.items()}
+    return DualViewOptions.from_kwargs(**{**recorded, **live})
+
+
 def __getattr__(name: str) -> Any:
     """The vLLM model classes, built (and cached) on first access: they subclass vLLM's."""
     if name == LLAVA_NEXT:
@@ -175,7 +190,6 @@ def _llava_next_class() -> type:
 
     from dualview import DualViewEncoder
     from dualview.adapters import _host, hf_llava_next
-    from dualview.adapters._common import DualViewOptions, recorded_options
     from dualview.adapters._hf import feature_layers
 
     plain_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper
@@ -207,16 +221,7 @@ def _llava_next_class() -> type:
         @property
         def dualview_options(self) -> DualViewOptions:
             """``config.dualview`` with AnyRes's fixed choices checked, the pinpoints the config's."""
-            config = self.config
-            recorded = recorded_options(config)
-            if recorded is None:
-                raise ValueError(
-                    f"{LLAVA_NEXT} serves models saved from dualview.adapters.hf_llava_next: this config has no "
-                    f"'{CONFIG_KEY}' entry"
-                )
-            hf_llava_next._options(config, dict(recorded))  # a fixed option changed by hand is an error
-            live = {name: getattr(config, attr) for name, attr in hf_llava_next.DualViewLlavaNextModel.dualview_live.items()}
-            return DualViewOptions.from_kwargs(**{**recorded, **live})
+            return served_options(self.config)
 
         def dualview_encoder(self) -> DualViewEncoder:
             """DCM (from the options) -> vLLM's vision tower -> ``spatial_embed``, built now."""

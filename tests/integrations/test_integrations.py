@@ -63,6 +63,22 @@ def test_save_pretrained_names_the_plugins_architecture_and_the_adapter_still_lo
     assert json.loads((folder / "config.json").read_text()) == config
 
 
+def test_served_options_are_the_saved_ones_with_the_configs_pinpoints_and_refuse_a_fixed_one_edited(saved):
+    """What the vLLM model class runs with, checked here without vLLM (the lane builds the class)."""
+    folder, model = saved
+    config = type(model.config).from_pretrained(folder)
+    options = vllm_plugin.served_options(config)
+    assert options.pinpoints == [tuple(p) for p in config.image_grid_pinpoints] or options.pinpoints == config.image_grid_pinpoints
+    assert options.to_dict() | {"pinpoints": None} == config.dualview | {"pinpoints": None}
+    edited = type(model.config).from_pretrained(folder)
+    edited.dualview = {**edited.dualview, "fit": "resize"}
+    with pytest.raises(ValueError, match="option fit is fixed"):
+        vllm_plugin.served_options(edited)
+    del edited.dualview
+    with pytest.raises(ValueError, match="has no 'dualview' entry"):
+        vllm_plugin.served_options(edited)
+
+
 def test_mark_for_vllm_refuses_a_plain_folder_and_a_host_it_does_not_serve(tmp_path):
     plain = tmp_path / "plain"
     tiny.model(dual_view=False).save_pretrained(plain)

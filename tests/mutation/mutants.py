@@ -80,6 +80,8 @@ HFL = "adapters/hf_llava.py"
 OV = "adapters/hf_llava_onevision.py"
 IVL = "adapters/hf_internvl.py"
 IDF = "adapters/hf_idefics3.py"
+IVLP = "adapters/hf_internvl_processing.py"
+IDFP = "adapters/hf_idefics3_processing.py"
 
 MUTANTS: list[Mutant] = [
     # ---- _checks.py: validation ------------------------------------------------------------------
@@ -420,11 +422,11 @@ MUTANTS: list[Mutant] = [
        "box = unpad_box(image_size, (cols * h, rows * w))", "OneVision unpads the transposed map",
        tests=ONEVISION_TESTS),
     # InternVL: the host's grid, patches per image, where the thumbnail sits
-    _m("ivl-grid-transposed", IVL, "    return rows, cols\n\n\ndef patches_per_image", "    return cols, rows\n\n\ndef patches_per_image",
+    _m("ivl-grid-transposed", IVLP, "    return rows, cols\n\n\ndef patches_per_image", "    return cols, rows\n\n\ndef patches_per_image",
        "InternVL's (cols, rows) canvas read as (rows, cols)", tests=INTERNVL_TESTS),
-    _m("ivl-thumbnail-always", IVL, "return tiles + 1 if tiles > 1 else 1", "return tiles + 1",
+    _m("ivl-thumbnail-always", IVLP, "return tiles + 1 if tiles > 1 else 1", "return tiles + 1",
        "InternVL: an uncropped image counted with a thumbnail", tests=INTERNVL_TESTS),
-    _m("ivl-max-patches-one", IVL, "if not crop_to_patches or max_patches <= 1:", "if not crop_to_patches:",
+    _m("ivl-max-patches-one", IVLP, "if not crop_to_patches or max_patches <= 1:", "if not crop_to_patches:",
        "InternVL: max_patches=1 still asks the host's tiler",
        equivalent="get_optimal_tiled_canvas has no arrangement of more than max_patches <= 1 tiles but (1, 1), and "
        "returns (1, 1) when it has none; the check mirrors the host's own `crop_to_patches and max_patches > 1`",
@@ -437,25 +439,41 @@ MUTANTS: list[Mutant] = [
     _m("ivl-thumbnail-in-tiles", IVL, "TiledImage(patches, grid, tiles_at=0) if n > 1",
        "TiledImage(patches, grid, tiles_at=1) if n > 1",
        "InternVL: the thumbnail taken as the first tile (it is the last patch)", tests=INTERNVL_TESTS),
-    _m("ivl-shuffle-divisible", IVL, "if not side.is_integer() or not (1 / config.downsample_ratio).is_integer():",
+    _m("ivl-shuffle-divisible", IVLP, "if not side.is_integer() or not (1 / config.downsample_ratio).is_integer():",
        "if not (1 / config.downsample_ratio).is_integer():", "InternVL accepts a tile the pixel shuffle cannot take",
        tests=INTERNVL_TESTS),
+    _m("ivl-fit-tokens-unchecked", IVLP, "if cut != (s, s) or processor.image_seq_length != tokens:", "if cut != (s, s):",
+       "InternVL: a processor expanding tiles to another token count than the model's is accepted",
+       tests=INTERNVL_TESTS),
+    _m("ivl-budget-ignores-processor", IVL, "            settings = tiling(processor.image_processor, {})\n", "",
+       "InternVL budget ignores the processor's min_patches / max_patches", tests=INTERNVL_TESTS),
+    _m("extra-input-dropped", "adapters/_hf.py", "call[\"mm_encoder_outputs\"] = {\"image\": self.dualview_image_features(call, extra)}",
+       "call[\"mm_encoder_outputs\"] = {\"image\": self.dualview_image_features(call, None)}",
+       "the host's forward drops the grid input (image_sizes / image_grid) before the image hook",
+       tests=INTERNVL_TESTS + IDEFICS3_TESTS),
+    _m("vllm-served-fixed-unchecked", "dualview/integrations/vllm_plugin.py",
+       "    LlavaNextAdapter.options(config, dict(recorded))\n", "",
+       "the vLLM plug-in serves a config whose AnyRes-fixed option was edited by hand",
+       tests=("tests/integrations/test_integrations.py",)),
     # Idefics3 / SmolVLM: the processors' resize chain and grid
-    _m("idf-even-height", IDF, "        height += height % 2\n", "",
+    _m("idf-even-height", IDFP, "        height += height % 2\n", "",
        "Idefics3: the short edge not rounded up to even", tests=IDEFICS3_TESTS),
-    _m("idf-cap-side", IDF, "height, width = _cap_side(height, width, MAX_IMAGE_SIDE)", "pass",
+    _m("idf-cap-side", IDFP, "height, width = _cap_side(height, width, MAX_IMAGE_SIDE)", "pass",
        "Idefics3: the 4096-pixel cap skipped", tests=IDEFICS3_TESTS),
-    _m("idf-round-up-truncation", IDF, "height = math.ceil(int(width / aspect) / tile) * tile",
+    _m("idf-round-up-truncation", IDFP, "height = math.ceil(int(width / aspect) / tile) * tile",
        "height = math.ceil((width / aspect) / tile) * tile", "Idefics3: short edge not truncated before rounding up",
        tests=IDEFICS3_TESTS),
-    _m("idf-unsplit-edge", IDF, "if height <= tile and width <= tile:", "if height < tile and width < tile:",
+    _m("idf-unsplit-edge", IDFP, "if height <= tile and width <= tile:", "if height < tile and width < tile:",
        "Idefics3: an image of exactly one tile split into a 1x1 grid", tests=IDEFICS3_TESTS),
-    _m("idf-frames-no-global", IDF, "return rows * cols + 1 if rows else 1", "return rows * cols if rows else 1",
+    _m("idf-frames-no-global", IDFP, "return rows * cols + 1 if rows else 1", "return rows * cols if rows else 1",
        "Idefics3: a split image's global frame not counted", tests=IDEFICS3_TESTS),
     _m("idf-budget-passes", IDF, "passes = 2 * rows * cols + 1 if rows else 1", "passes = rows * cols + 1 if rows else 1",
        "Idefics3 budget without the global crops' passes", tests=IDEFICS3_TESTS),
-    _m("idf-grid-padding-entry", IDF, "+ [[-1, -1]] * (width - len(rs))", "+ [[0, 0]] * (width - len(rs))",
+    _m("idf-grid-padding-entry", IDFP, "+ [[-1, -1]] * (width - len(rs))", "+ [[0, 0]] * (width - len(rs))",
        "Idefics3: a short sample padded with unsplit images instead of padding", tests=IDEFICS3_TESTS),
+    _m("idf-fit-tile-unchecked", IDFP, "if (cut, processor.image_seq_len) != (tile, tokens):",
+       "if processor.image_seq_len != tokens:", "Idefics3: a processor cutting other tiles than the model's is accepted",
+       tests=IDEFICS3_TESTS),
     _m("idf-global-frame-is-first", IDF, "TiledImage(frames[at], grid, tiles_at=0, masks=masks[at]) if grid[0]",
        "TiledImage(frames[at], grid, tiles_at=1, masks=masks[at]) if grid[0]",
        "Idefics3: tiles read one frame late (the global image is last)", tests=IDEFICS3_TESTS),
