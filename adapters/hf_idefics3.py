@@ -46,7 +46,8 @@ from .base import Geometry, HostAdapter
 from ._common import DualViewOptions, host_folder, reload
 from ._hf import ExtraInputHost, forward_naming, host_decorators
 from .hf_idefics3_processing import (
-    GRID_INPUT, check_fits, frames_of, images_of, prepare_processor, processor_grid, read_image_grid, tile_and_tokens,
+    GRID_INPUT, DualViewIdefics3Processor, DualViewSmolVLMProcessor, check_fits, check_model, frames_of, images_of,
+    prepare_processor, processor_grid, read_image_grid, tile_and_tokens,
 )
 
 ADAPTER = "hf_idefics3"
@@ -281,6 +282,7 @@ class Idefics3Adapter(HostAdapter):
         """Tower passes (``2*R*C + 1``, 1 when not split) and LLM image tokens (plain's: ``(R*C + 1) *
         image_seq_len``) of one ``(H, W)`` image; runs nothing. The grid is the ``processor``'s (required,
         checked to fit ``model``)."""
+        check_model(model)
         if processor is None:
             raise ValueError(f"processor is required for {ADAPTER}: the image processor picks the grid")
         check_fits(processor, model)
@@ -315,4 +317,4 @@ apply, unapply, encoder_of, budget, from_pretrained = (
     Idefics3Adapter.from_pretrained,
 )
 __all__ = ["apply", "unapply", "encoder_of", "budget", "from_pretrained", "prepare_processor", "processor_grid",
-           "Idefics3Adapter", "GRID_INPUT"]
+           "Idefics3Adapter", "GRID_INPUT", "DualViewIdefics3Processor", "DualViewSmolVLMProcessor"]

@@ -201,9 +201,16 @@ def tile_and_tokens(config: Any) -> tuple[int, int]:
     return vision.image_size, (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
 
 
+def check_model(model: nn.Module) -> None:
+    """A TypeError unless ``model`` is an Idefics3 / SmolVLM model (adapted or not)."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in ("idefics3", "smolvlm"):
+        raise TypeError(f"model must be a transformers Idefics3 or SmolVLM model, got {type(model).__name__}")
+
+
 def check_fits(processor: Any, model: nn.Module) -> None:
-    """A TypeError unless ``processor`` is an Idefics3 / SmolVLM one; a ValueError unless it cuts
-    ``model``'s tiles and expands each frame to the model's token count."""
+    """A TypeError unless ``model`` is an Idefics3 / SmolVLM model and ``processor`` an Idefics3 / SmolVLM
+    processor; a ValueError unless it cuts ``model``'s tiles and expands each frame to the model's token count."""
+    check_model(model)
     if not isinstance(processor, tuple(_PREPARED)):
         raise TypeError(
             f"processor must be a transformers Idefics3Processor or SmolVLMProcessor (the tiling is the "

@@ -44,7 +44,8 @@ from .base import Geometry, HostAdapter
 from ._common import DualViewOptions
 from ._hf import ExtraInputHost, check_strategy, host_decorators, vision_tower_for
 from .hf_internvl_processing import (
-    DEFAULT_TILING, check_fits, internvl_config, patches_per_image, prepare_processor, tile_grid, tile_tokens, tiling,
+    DEFAULT_TILING, DualViewInternVLProcessor, check_fits, internvl_config, patches_per_image, prepare_processor,
+    processor_tiling, tile_grid, tile_tokens,
 )
 
 ADAPTER = "hf_internvl"
@@ -220,7 +221,7 @@ class InternVLAdapter(HostAdapter):
         settings = {**DEFAULT_TILING, "tile_size": (s, s)}
         if processor is not None:
             check_fits(processor, config)
-            settings = tiling(processor.image_processor, {})
+            settings = processor_tiling(processor)
         grid = tile_grid(image_size, **settings)
         patches = patches_per_image(grid)
         passes = 2 * grid[0] * grid[1] + 1 if patches > 1 else 1
@@ -231,5 +232,5 @@ apply, unapply, encoder_of, budget, from_pretrained = (
     InternVLAdapter.apply, InternVLAdapter.unapply, InternVLAdapter.encoder_of, InternVLAdapter.budget,
     InternVLAdapter.from_pretrained,
 )
-__all__ = ["apply", "unapply", "encoder_of", "budget", "from_pretrained", "prepare_processor", "tile_grid",
+__all__ = ["apply", "unapply", "encoder_of", "budget", "from_pretrained", "prepare_processor", "DualViewInternVLProcessor", "tile_grid",
            "patches_per_image", "dual_view_patches", "grids_from_image_sizes", "InternVLAdapter"]

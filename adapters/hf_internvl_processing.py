@@ -80,10 +80,20 @@ def tiling(image_processor: Any, kwargs: dict) -> dict:
                 max_patches=int(setting("max_patches")), crop_to_patches=bool(setting("crop_to_patches")))
 
 
+def processor_tiling(processor: Any) -> dict:
+    """The tiling of a call that passes no images kwargs: the processor class's defaults (InternVLProcessor
+    crops to patches) over the image processor's own settings, as the processor merges them."""
+    merged = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
+    return tiling(processor.image_processor, merged)
+
+
 def check_fits(processor: Any, config: Any) -> None:
-    """A ValueError unless ``processor`` cuts the model's tiles and expands each to its token count."""
+    """A TypeError unless ``processor`` is an InternVLProcessor; a ValueError unless it cuts the model's
+    tiles and expands each to the model's token count."""
+    if not isinstance(processor, InternVLProcessor):
+        raise TypeError(f"processor must be a transformers InternVLProcessor, got {type(processor).__name__}")
     s, _, tokens = tile_tokens(config)
-    cut = tiling(processor.image_processor, {})["tile_size"]
+    cut = processor_tiling(processor)["tile_size"]
     if cut != (s, s) or processor.image_seq_length != tokens:
         raise ValueError(
             f"processor must cut the model's {s}x{s} tiles into {tokens} image tokens each (image_seq_length), "

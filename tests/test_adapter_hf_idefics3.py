@@ -559,6 +559,13 @@ def test_budget(processor, host):
     assert (got.tower_passes, got.tokens) == (1, SEQ)
     with pytest.raises(ValueError, match="processor is required for hf_idefics3"):
         adapter.budget(config_model(host), (90, 50))
+    # the call order before the one budget signature: the processor where the model goes
+    with pytest.raises(TypeError, match=f"model must be a transformers Idefics3 or SmolVLM model, got {type(processor).__name__}"):
+        adapter.budget(processor, (90, 50))
+    from . import internvl_models
+
+    with pytest.raises(TypeError, match="model must be a transformers Idefics3 or SmolVLM model, got InternVL"):
+        adapter.prepare_processor(tiny_processor(host), internvl_models.config_model())
 
 
 def test_a_processor_that_does_not_fit_the_model_is_refused(host):

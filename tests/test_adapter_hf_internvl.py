@@ -255,6 +255,22 @@ def test_a_processor_that_does_not_fit_the_model_is_refused_and_budget_defaults_
     assert cost.grid == (1, 12)
 
 
+def test_budget_reads_the_tiling_the_processor_runs_with_not_only_its_image_processors():
+    """InternVLProcessor crops to patches by default even where its image processor's own setting is
+    False (GotOcr2ImageProcessor's default): budget follows what the processor produces."""
+    processor = M.tiny_processor()
+    processor.image_processor.crop_to_patches = False
+    adapter.prepare_processor(processor, M.config_model())
+    for size in [(30, 80), (80, 30), (100, 100)]:
+        out = M.batch(processor, [size])
+        cost = adapter.budget(M.config_model(), size, processor=processor)
+        assert [cost.canvas_size] == [tuple(v) for v in out["image_sizes"].tolist()], size
+        assert cost.tokens == int((out["input_ids"] == M.IMAGE_TOKEN_ID).sum()), size
+        assert cost.grid != (1, 1)
+    with pytest.raises(TypeError, match="processor must be a transformers InternVLProcessor, got "):
+        adapter.budget(M.config_model(), (40, 90), processor=processor.tokenizer)
+
+
 # ---- the model: DEM-fused tiles, the host's plain path for the rest -------------------------------
 
 
