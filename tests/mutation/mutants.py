@@ -449,7 +449,7 @@ MUTANTS: list[Mutant] = [
        'merged = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]',
        "merged = {}", "InternVL budget reads the image processor's crop_to_patches, not the processor's merged one",
        tests=INTERNVL_TESTS),
-    _m("ivl-budget-ignores-processor", IVL, "            settings = tiling(processor.image_processor, {})\n", "",
+    _m("ivl-budget-ignores-processor", IVL, "            settings = processor_tiling(processor)\n", "",
        "InternVL budget ignores the processor's min_patches / max_patches", tests=INTERNVL_TESTS),
     _m("extra-input-dropped", "adapters/_hf.py", "call[\"mm_encoder_outputs\"] = {\"image\": self.dualview_image_features(call, extra)}",
        "call[\"mm_encoder_outputs\"] = {\"image\": self.dualview_image_features(call, None)}",
