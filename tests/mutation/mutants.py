@@ -82,6 +82,7 @@ IVL = "adapters/hf_internvl.py"
 IDF = "adapters/hf_idefics3.py"
 IVLP = "adapters/hf_internvl_processing.py"
 IDFP = "adapters/hf_idefics3_processing.py"
+HFLP = "adapters/hf_llava_processing.py"
 
 MUTANTS: list[Mutant] = [
     # ---- _checks.py: validation ------------------------------------------------------------------
@@ -404,7 +405,7 @@ MUTANTS: list[Mutant] = [
        tests=HF_LLAVA_TESTS),
     _m("hfl-per-image-thumb", HFL, "index.append(2 * images * tiles + i)", "index.append(2 * images * tiles)",
        "LLaVA hidden states: every image gets the first thumbnail", tests=HF_LLAVA_TESTS),
-    _m("hfl-processor-canvas", HFL, "height, width = grid[0] * encoder.dcm.crop_size, grid[1] * encoder.dcm.crop_size",
+    _m("hfl-processor-canvas", HFLP, "height, width = grid[0] * encoder.dcm.crop_size, grid[1] * encoder.dcm.crop_size",
        "height, width = grid[1] * encoder.dcm.crop_size, grid[0] * encoder.dcm.crop_size",
        "LLaVA processor resizes to the transposed canvas", tests=HF_LLAVA_TESTS),
     # OneVision: unpad, anyres_max downscale, newline per row, which images are tiled
