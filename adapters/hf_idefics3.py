@@ -45,6 +45,7 @@ from . import _host
 from .base import Geometry, HostAdapter
 from ._common import DualViewOptions, host_folder, reload
 from ._hf import ExtraInputHost, forward_naming, host_decorators
+from .towers import MaskedVisionTower
 from .hf_idefics3_processing import (
     GRID_INPUT, DualViewIdefics3Processor, DualViewSmolVLMProcessor, check_fits, check_model, frames_of, images_of,
     prepare_processor, processor_grid, read_image_grid, tile_and_tokens,
@@ -54,34 +55,6 @@ ADAPTER = "hf_idefics3"
 _, can_return_tuple = host_decorators()
 
 # --- the model: frames -> tiles, global crops, DEM ----------------------------------------------
-
-
-class _MaskedTower(nn.Module):
-    """The host's vision transformer as the tiled engine's tower: (N, 3, H, W) pixels and their (N, H, W)
-    pixel masks -> (N, h*w, D), each patch masked by the host's rule; the ``hidden_states`` /
-    ``attentions`` the call asks for (``kwargs``) are kept per call and joined by :meth:`outputs`."""
-
-    def __init__(self, vision: nn.Module, patch_size: int, kwargs: dict) -> None:
-        super().__init__()
-        self.vision = vision
-        self.patch_size = patch_size
-        self.kwargs = kwargs
-        self.recorded: list[dict] = []
-
-    def forward(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size  # a patch is kept if any of its pixels is (the host's rule)
-        kept = masks.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
-        out = self.vision(pixel_values=pixels, patch_attention_mask=kept, return_dict=True, **self.kwargs)
-        self.recorded.append({key: out.get(key) for key in ("hidden_states", "attentions")})
-        return out.last_hidden_state
-
-    def outputs(self) -> dict:
-        """``hidden_states`` / ``attentions``: per layer, every call's crops in tower-batch order (None when not asked)."""
-        joined = {}
-        for key in ("hidden_states", "attentions"):
-            parts = [call[key] for call in self.recorded]
-            joined[key] = None if not parts or parts[0] is None else tuple(map(torch.cat, zip(*parts)))
-        return joined
 
 
 def _dual_view_features(
@@ -107,7 +80,7 @@ def _dual_view_features(
         images.append(TiledImage(frames[at], grid, tiles_at=0, masks=masks[at]) if grid[0]
                       else TiledImage(frames[at], masks=masks[at]))
     patch = model.config.vision_config.patch_size
-    tower = _MaskedTower(model.vision_model, patch, kwargs)
+    tower = MaskedVisionTower(model.vision_model, patch, kwargs)
     encoder = model.dualview_encoder(tower, crop_size=frames.shape[-1], patch_size=patch)
     fused_frames = torch.cat(encoder.encode_tiled(images))  # (real frames, h*w, D)
     features = model.dualview_project(fused_frames)  # pixel shuffle + projection, per frame, as the host
@@ -249,7 +222,7 @@ class Idefics3Adapter(HostAdapter):
 
     @classmethod
     def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
-        return _MaskedTower(inner.vision_model, inner.config.vision_config.patch_size, kwargs)
+        return MaskedVisionTower(inner.vision_model, inner.config.vision_config.patch_size, kwargs)
 
     @classmethod
     def check_type(cls, model: nn.Module) -> None:

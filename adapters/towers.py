@@ -5,7 +5,8 @@
 
 Each tower is an ``nn.Module`` with ``patch_size`` and ``image_size`` attributes, so the encoder
 knows its token budget without running it, and the model's parameters stay visible to
-``.to()``, ``state_dict()`` and optimisers.
+``.to()``, ``state_dict()`` and optimisers. :class:`MaskedVisionTower` also takes per-crop pixel masks
+(the tiled engine's per-crop tower inputs: Idefics3 / SmolVLM's ``pixel_attention_mask``).
 
 **Only the layers the feature needs run.** LLaVA takes the penultimate hidden state; the plain
 forward with ``output_hidden_states=True`` runs every layer and keeps a tuple of all ``L + 1``
@@ -321,3 +322,32 @@ def vision_tower(model: nn.Module, **options) -> nn.Module:
     raise TypeError(
         f"model must be a timm VisionTransformer or a transformers vision model, got {type(model).__name__}"
     )
+
+
+class MaskedVisionTower(nn.Module):
+    """A vision transformer that takes a ``patch_attention_mask`` (Idefics3, SmolVLM) as the tiled engine's
+    tower: (N, 3, H, W) pixels and their (N, H, W) pixel masks -> (N, h*w, D), a patch kept if any of its
+    pixels is (the host's rule); the ``hidden_states`` / ``attentions`` the call asks for (``kwargs``, passed
+    to the model) are kept per call and joined by :meth:`outputs`."""
+
+    def __init__(self, vision: nn.Module, patch_size: int, kwargs: dict) -> None:
+        super().__init__()
+        self.vision = vision
+        self.patch_size = patch_size
+        self.kwargs = kwargs
+        self.recorded: list[dict] = []
+
+    def forward(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        kept = masks.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
+        out = self.vision(pixel_values=pixels, patch_attention_mask=kept, return_dict=True, **self.kwargs)
+        self.recorded.append({key: out.get(key) for key in ("hidden_states", "attentions")})
+        return out.last_hidden_state
+
+    def outputs(self) -> dict:
+        """``hidden_states`` / ``attentions``: per layer, every call's crops in tower-batch order (None when not asked)."""
+        joined = {}
+        for key in ("hidden_states", "attentions"):
+            parts = [call[key] for call in self.recorded]
+            joined[key] = None if not parts or parts[0] is None else tuple(map(torch.cat, zip(*parts)))
+        return joined
