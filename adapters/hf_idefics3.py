@@ -9,20 +9,14 @@
     model.save_pretrained("out");  model = from_pretrained("out")   # DEM weights and options kept
 
 The processor tiles (:mod:`~dualview.adapters.hf_idefics3_processing`: ``R*C`` tiles, then the global
-image) and, prepared, tells the model each image's grid as ``image_grid`` (never guessed: without it a
-ValueError says to prepare the processor). For a split image the core's tiled engine runs the frames
-and the strided global crops ``canvas[a::R, b::C]`` of the canvas in ONE tower batch, with the
-processor's ``pixel_attention_mask`` (cut into global crops too), and the DEM's full ``R*h x C*w`` map
-takes the place of the tiles' features. The global image, unsplit images, the connector and the prompt
-stay the host's; a batch with no split image runs the host's own ``get_image_features``:
-
-    LLM image tokens per image = plain = (R*C + 1) * image_seq_len   (image_seq_len when not split)
-    tower passes per image     = 2*R*C + 1                           (plain: R*C + 1; 1 when not split)
-
-Besides the inner model (``Idefics3Model`` / ``SmolVLMModel``) the outer ``...ForConditionalGeneration``
-is swapped for a subclass whose ``forward`` names ``image_grid`` (``generate`` refuses inputs its
-model's forward does not name), so ``save_pretrained`` writes the dual-view class name: load with
-:func:`from_pretrained`. A bare inner model may be adapted alone, not the inner model of an outer one.
+image) and, prepared, tells the model each image's grid as ``image_grid`` (never guessed). For a split
+image the core's tiled engine runs the frames and the strided global crops ``canvas[a::R, b::C]`` in ONE
+tower batch, with the processor's ``pixel_attention_mask`` cut likewise, and the DEM's full ``R*h x C*w``
+map replaces the tiles' features; the global image, unsplit images (and batches of them), the connector
+and the prompt stay the host's: ``(R*C + 1) * image_seq_len`` tokens, ``2*R*C + 1`` tower passes per
+split image. The outer ``...ForConditionalGeneration`` is swapped too, so that its ``forward`` (hence
+``generate``) names ``image_grid``: load a saved model with :func:`from_pretrained`. A bare inner model
+may be adapted alone, not the ``.model`` of an outer one.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dualview import DualViewEncoder
 from dualview import grid as G
 from dualview.budget import Budget
-from dualview._checks import check_size
 from dualview.tiled import TiledImage
 
 from . import _host
@@ -44,8 +43,8 @@ from .base import Geometry, HostAdapter
 from ._common import DualViewOptions
 from ._hf import ExtraInputHost, check_strategy, host_decorators, vision_tower_for
 from .hf_internvl_processing import (
-    DEFAULT_TILING, DualViewInternVLProcessor, check_fits, internvl_config, patches_per_image, prepare_processor,
-    processor_tiling, tile_grid, tile_tokens,
+    DEFAULT_TILING, DualViewInternVLProcessor, check_fits, grids_from_image_sizes, internvl_config, patches_per_image,
+    prepare_processor, processor_tiling, tile_grid, tile_tokens,
 )
 
 ADAPTER = "hf_internvl"
@@ -143,36 +142,6 @@ class _LastHiddenState(_host.RecordingTower):
         if self.hidden_states or self.attentions:
             self.recorded.append(out)
         return out.last_hidden_state[:, tower.num_prefix_tokens:].to(pixels.dtype)
-
-
-def grids_from_image_sizes(image_sizes: Any, pixel_values: torch.Tensor) -> list[G.Grid]:
-    """image_sizes (V, 2) canvases ``(R*s, C*s)`` -> the V grids; checked against the (P, 3, s, s)
-    patches. None is a ValueError saying where the grids come from."""
-    if image_sizes is None:
-        raise ValueError(
-            "dual view in InternVL needs each image's tile grid, which the plain InternVLProcessor drops: "
-            "prepare the processor with dualview.adapters.hf_internvl.prepare_processor(processor, model) (it adds "
-            "image_sizes to its output, which model(**inputs) and model.generate(**inputs) pass on), or pass "
-            "image_sizes=(V, 2) canvas sizes (R*s, C*s) per image / video frame"
-        )
-    s = int(pixel_values.shape[-1])
-    sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(v) for v in image_sizes]
-    grids = []
-    for entry in sizes:
-        height, width = check_size(tuple(int(v) for v in entry), "image_sizes entry")
-        if height % s or width % s:
-            raise ValueError(
-                f"image_sizes entries must be canvases (R*s, C*s) of s={s} pixel tiles (from prepare_processor), "
-                f"got {(height, width)}"
-            )
-        grids.append((height // s, width // s))
-    counts = [patches_per_image(g) for g in grids]
-    if sum(counts) != pixel_values.shape[0] or tuple(pixel_values.shape[-2:]) != (s, s):
-        raise ValueError(
-            f"image_sizes give grids {grids}, i.e. {sum(counts)} patches of {s}x{s}, but pixel_values has shape "
-            f"{tuple(pixel_values.shape)}: image_sizes and pixel_values must come from one prepared processor call"
-        )
-    return grids
 
 
 def dual_view_patches(encoder: DualViewEncoder, pixel_values: torch.Tensor, grids: Sequence[G.Grid]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import InternVLProcessor
 from transformers.feature_extraction_utils import BatchFeature
@@ -165,6 +166,36 @@ def _image_size(image: Any, data_format: Any) -> G.Size:
     if data_format is None:
         data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
     return tuple(int(v) for v in get_image_size(image, channel_dim=data_format))
+
+
+def grids_from_image_sizes(image_sizes: Any, pixel_values: torch.Tensor) -> list[G.Grid]:
+    """The model's side of ``image_sizes``: (V, 2) canvases ``(R*s, C*s)`` -> the V grids, checked against
+    the (P, 3, s, s) patches. None is a ValueError saying where the grids come from."""
+    if image_sizes is None:
+        raise ValueError(
+            "dual view in InternVL needs each image's tile grid, which the plain InternVLProcessor drops: "
+            "prepare the processor with dualview.adapters.hf_internvl.prepare_processor(processor, model) (it adds "
+            "image_sizes to its output, which model(**inputs) and model.generate(**inputs) pass on), or pass "
+            "image_sizes=(V, 2) canvas sizes (R*s, C*s) per image / video frame"
+        )
+    s = int(pixel_values.shape[-1])
+    sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(v) for v in image_sizes]
+    grids = []
+    for entry in sizes:
+        height, width = check_size(tuple(int(v) for v in entry), "image_sizes entry")
+        if height % s or width % s:
+            raise ValueError(
+                f"image_sizes entries must be canvases (R*s, C*s) of s={s} pixel tiles (from prepare_processor), "
+                f"got {(height, width)}"
+            )
+        grids.append((height // s, width // s))
+    counts = [patches_per_image(g) for g in grids]
+    if sum(counts) != pixel_values.shape[0] or tuple(pixel_values.shape[-2:]) != (s, s):
+        raise ValueError(
+            f"image_sizes give grids {grids}, i.e. {sum(counts)} patches of {s}x{s}, but pixel_values has shape "
+            f"{tuple(pixel_values.shape)}: image_sizes and pixel_values must come from one prepared processor call"
+        )
+    return grids
 
 
 def prepare_processor(processor: Any, model: nn.Module) -> DualViewInternVLProcessor:

@@ -435,7 +435,7 @@ MUTANTS: list[Mutant] = [
     _m("ivl-budget-passes", IVL, "passes = 2 * grid[0] * grid[1] + 1 if patches > 1 else 1",
        "passes = 2 * grid[0] * grid[1] if patches > 1 else 1", "InternVL budget forgets the thumbnail pass",
        tests=INTERNVL_TESTS),
-    _m("ivl-grid-from-canvas", IVL, "grids.append((height // s, width // s))", "grids.append((width // s, height // s))",
+    _m("ivl-grid-from-canvas", IVLP, "grids.append((height // s, width // s))", "grids.append((width // s, height // s))",
        "InternVL grid from image_sizes transposed", tests=INTERNVL_TESTS),
     _m("ivl-thumbnail-in-tiles", IVL, "TiledImage(patches, grid, tiles_at=0) if n > 1",
        "TiledImage(patches, grid, tiles_at=1) if n > 1",
