@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         copies = [copy] + [Path(tempfile.mkdtemp(prefix="dualview-mutation-")) for _ in range(args.jobs - 1)]
         for extra in copies[1:]:
-            shutil.copytree(copy, extra, dirs_exist_ok=True)
+            shutil.copytree(copy, extra, symlinks=True, dirs_exist_ok=True)  # dualview/adapters stays a link
         results = copy / ".mutation-results.jsonl"
         workers = []
         for j, worker_copy in enumerate(copies):
