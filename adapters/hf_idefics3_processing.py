@@ -208,9 +208,8 @@ def check_model(model: nn.Module) -> None:
 
 
 def check_fits(processor: Any, model: nn.Module) -> None:
-    """A TypeError unless ``model`` is an Idefics3 / SmolVLM model and ``processor`` an Idefics3 / SmolVLM
-    processor; a ValueError unless it cuts ``model``'s tiles and expands each frame to the model's token count."""
-    check_model(model)
+    """A TypeError unless ``processor`` is an Idefics3 / SmolVLM processor (``model`` is checked by the
+    caller); a ValueError unless it cuts ``model``'s tiles and expands each frame to the model's token count."""
     if not isinstance(processor, tuple(_PREPARED)):
         raise TypeError(
             f"processor must be a transformers Idefics3Processor or SmolVLMProcessor (the tiling is the "
@@ -230,5 +229,6 @@ def prepare_processor(processor: Any, model: nn.Module) -> Any:
     ``(rows, cols)``), in place; returns it. ``model``'s tile and tokens per frame must be the
     processor's. Prompts, ``<image>`` counts and pixels are unchanged; a prepared processor is left as
     it is; ``save_pretrained`` saves the plain one."""
+    check_model(model)
     check_fits(processor, model)
     return prepare(processor, _PREPARED)
