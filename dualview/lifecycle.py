@@ -81,9 +81,11 @@ def host_table() -> dict[type, str]:
 
 def adapter_for(model: nn.Module) -> tuple[str, Any]:
     """(name, module) of the adapter whose hosts include ``model``'s class (or the nearest base class);
-    a TypeError listing the supported host classes otherwise."""
+    a TypeError listing the supported host classes otherwise. A ``peft.PeftModel``: its base model's."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a vision-language host model), got {type(model).__name__}")
+    base = peft_base(model)
+    model = model if base is None else base
     table = host_table()
     for cls in type(model).__mro__:
         if cls in table:

@@ -130,6 +130,7 @@ def test_peft_from_pretrained_on_a_host_without_dual_view_warns_and_names_dualvi
 @pytest.mark.parametrize("call", ["apply", "load"])
 def test_apply_and_load_refuse_a_peft_model(call, tmp_path):
     wrapped = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=LORA_TARGETS))
+    assert dualview.lifecycle.adapter_for(wrapped)[0] == "hf_llava"  # its host's adapter
     args = (tmp_path,) if call == "load" else ()
     with pytest.raises(ValueError, match=rf"dualview\.{call}: model is a peft\.PeftModel; dual view goes on the host"):
         getattr(dualview, call)(wrapped, *args)
