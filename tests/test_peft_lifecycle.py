@@ -149,3 +149,19 @@ def test_a_given_lora_config_keeps_its_exclusions_and_gets_the_dem_and_gate_excl
     assert not any("lora_" in n for n, _ in model.named_parameters() if "spatial_" in n)
     dualview.unapply(model)
     assert config.exclude_modules == (set(excluded) if isinstance(excluded, list) else excluded)
+
+
+def test_load_refuses_a_bad_peft_entry_and_a_missing_peft_adapter(tmp_path):
+    model, _ = lora_model()
+    dualview.save_adapter(model, tmp_path)
+    meta_path = tmp_path / ADAPTER_CONFIG
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "peft": "yes"}))
+    with pytest.raises(ValueError, match=r"dualview_adapter\.json': 'peft' must be a bool, got 'yes'"):
+        dualview.load(tiny_model(), tmp_path)
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / PEFT_CONFIG).unlink()
+    plain = tiny_model()
+    with pytest.raises(FileNotFoundError, match=r"was saved from a PEFT model, but PEFT's .*adapter_config\.json' does not"):
+        dualview.load(plain, tmp_path)
+    assert not any("spatial_" in n for n, _ in plain.named_modules())
