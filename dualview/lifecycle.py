@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -34,9 +35,20 @@ PRESETS = ("stage1", "warm_start", "warm_start_lora")
 """:func:`freeze` presets: the paper's stage-1 alignment (DEM + gate + projector), a warm start of a
 trained host (DEM + gate), and the warm start with a LoRA on the language model."""
 DEM_PREFIX, GATE_PREFIX = "spatial_embed.", "spatial_gate."
+_DUAL_VIEW_NAMES = (DEM_PREFIX[:-1], GATE_PREFIX[:-1])  # the submodules' names
 LORA_TARGETS = r"^(?!.*(vision|spatial_)).*\.(q_proj|k_proj|v_proj|o_proj)$"
 """Default LoRA targets of ``"warm_start_lora"``: the language model's attention projections (every
 ``q/k/v/o_proj`` outside the vision tower and the DEM)."""
+PEFT_CONFIG = "adapter_config.json"
+"""PEFT's adapter config file: :func:`save_adapter` of a PEFT model writes PEFT's adapter beside dual view's."""
+DUAL_VIEW_EXCLUDED = (
+    r"(?#the DEM and gate of dual view: PeftModel.from_pretrained on a host without dual view drops them; "
+    r"load this adapter with dualview.load)"
+    r"(.*\.)?(spatial_embed|spatial_gate)(\..*)?"
+)
+"""``exclude_modules`` that ``"warm_start_lora"`` gives the LoRA: no LoRA inside the DEM and gate (PEFT trains
+them whole), and PEFT's loader, given the adapter and a host without dual view, warns that it excluded
+nothing, quoting this text (a regex comment: parentheses inside would end it)."""
 
 _NOT_ADAPTERS = ("towers",)
 
@@ -69,9 +81,11 @@ def host_table() -> dict[type, str]:
 
 def adapter_for(model: nn.Module) -> tuple[str, Any]:
     """(name, module) of the adapter whose hosts include ``model``'s class (or the nearest base class);
-    a TypeError listing the supported host classes otherwise."""
+    a TypeError listing the supported host classes otherwise. A ``peft.PeftModel``: its base model's."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a vision-language host model), got {type(model).__name__}")
+    base = peft_base(model)
+    model = model if base is None else base
     table = host_table()
     for cls in type(model).__mro__:
         if cls in table:
@@ -100,14 +114,22 @@ def dual_view_host(model: nn.Module) -> nn.Module:
 def apply(model: nn.Module, **options: Any) -> nn.Module:
     """Install dual view with the adapter of ``model``'s class, in place; returns it. ``options``: the
     adapter's (:class:`~dualview.adapters._common.DualViewOptions`, e.g. ``init="identity"``)."""
+    _refuse_peft_wrapper(model, "apply")
     _, module = adapter_for(model)
     return module.apply(model, **options)
 
 
 def unapply(model: nn.Module) -> nn.Module:
-    """The plain model back (the adapter that installed dual view removes it); returns it."""
-    host = dual_view_host(model)
-    return importlib.import_module(f"dualview.adapters.{type(host).dualview_adapter}").unapply(model)
+    """The plain model back (the adapter that installed dual view removes it); returns it. On a
+    ``peft.PeftModel`` dual view leaves its base model, the LoRA stays, and PEFT's config no longer
+    names the DEM and gate (``modules_to_save``, ``exclude_modules``)."""
+    base = peft_base(model)
+    target = model if base is None else base
+    host = dual_view_host(target)
+    importlib.import_module(f"dualview.adapters.{type(host).dualview_adapter}").unapply(target)
+    if base is not None:
+        _forget_dual_view_in_peft(model)
+    return model
 
 
 def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
@@ -136,7 +158,9 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     """Write only dual view's own state: ``dualview_adapter.safetensors`` (the DEM under
     ``spatial_embed.*``, the gate under ``spatial_gate.*`` with ``init="identity"``) and
     ``dualview_adapter.json`` (adapter name, dualview version, host class, options). Returns the folder.
-    :func:`load` puts it on a plain host."""
+    :func:`load` puts it on a plain host. Of a ``peft.PeftModel`` (``freeze(model, "warm_start_lora")``)
+    PEFT's adapter is saved too (``model.save_pretrained(folder)``: the LoRA, and the DEM and gate as
+    ``modules_to_save``), so that :func:`load` gives the same PEFT model back."""
     from safetensors.torch import save_file
 
     from dualview import __version__
@@ -151,11 +175,16 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
-    plain = getattr(type(model), "dualview_plain", type(model))
+    base = peft_base(model)
+    outer = type(model if base is None else base)
+    plain = getattr(outer, "dualview_plain", outer)
     meta = {
         "format": FORMAT, "adapter": type(host).dualview_adapter, "dualview_version": __version__,
         "host": plain.__name__, "weights": ADAPTER_WEIGHTS, "options": recorded_options(host.config),
     }
+    if base is not None:
+        model.save_pretrained(str(folder))  # PEFT's adapter_config.json + adapter_model.safetensors
+        meta["peft"] = True
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
 
@@ -164,15 +193,25 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     """Apply the adapter saved by :func:`save_adapter` in ``folder`` to the PLAIN ``model``, with the
     saved options, and load its weights strictly: missing or unexpected keys, shapes that differ,
     non-floating-point tensors and a weight file outside the folder are refused (one ValueError
-    naming the file); on any error the model is left plain. Returns the model."""
+    naming the file); on any error the model is left plain. Returns the model; for a folder saved
+    from a ``peft.PeftModel``, ``peft.PeftModel.from_pretrained(model, folder)`` of it (LoRA, DEM and
+    gate as saved)."""
     from dualview.checkpoints import Origin, _inside_folder, check_dem_state, read_tensors
 
+    _refuse_peft_wrapper(model, "load")
     folder = Path(folder)
     meta_path = folder / ADAPTER_CONFIG
+    _refuse_peft_only_folder(folder)
     meta = _read_json(meta_path, what="dual-view adapter config (written by dualview.save_adapter)")
     for key, kind in (("adapter", str), ("options", dict), ("weights", str)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{str(meta_path)!r}: '{key}' must be a {kind.__name__}, got {meta.get(key)!r}")
+    if not isinstance(meta.get("peft", False), bool):
+        raise ValueError(f"{str(meta_path)!r}: 'peft' must be a bool, got {meta['peft']!r}")
+    if meta.get("peft") and not (folder / PEFT_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{str(meta_path)!r} was saved from a PEFT model, but PEFT's {str(folder / PEFT_CONFIG)!r} does not exist"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(meta_path)!r}: format {meta.get('format')!r} is not one this dualview reads ({FORMAT})")
     name, module = adapter_for(model)
@@ -206,10 +245,73 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
             check_dem_state(sub, target, origin=Origin(weights, prefix),
                             model=f"the {prefix.rstrip('.')} of the saved options")
             target.load_state_dict(sub)
+        if meta.get("peft"):
+            import peft
+
+            return peft.PeftModel.from_pretrained(model, str(folder))
     except Exception:
         module.unapply(model)
         raise
     return model
+
+
+# ---- PEFT wrappers ------------------------------------------------------------------------------------
+
+
+def peft_base(model: nn.Module) -> Optional[nn.Module]:
+    """The host model a ``peft.PeftModel`` wraps, or None for any other model."""
+    peft = sys.modules.get("peft")  # a PeftModel exists only once peft is imported
+    if peft is not None and isinstance(model, peft.PeftModel):
+        return model.get_base_model()
+    return None
+
+
+def _refuse_peft_wrapper(model: nn.Module, call: str) -> None:
+    """``apply`` / ``load`` under PEFT would add a DEM that PEFT neither trains as its own nor saves."""
+    if peft_base(model) is not None:
+        raise ValueError(
+            f"dualview.{call}: model is a peft.PeftModel; dual view goes on the host before PEFT wraps it "
+            f"(dualview.{call}(host, ...), then dualview.freeze(host, 'warm_start_lora') adds the LoRA with the DEM "
+            "and gate as modules_to_save)"
+        )
+
+
+def _refuse_peft_only_folder(folder: Path) -> None:
+    """A folder of ``PeftModel.save_pretrained`` alone holds the DEM and gate weights but not the options
+    that rebuild them: name the calls that load it."""
+    if (folder / PEFT_CONFIG).is_file() and not (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(
+            f"{str(folder)!r} holds only PEFT's adapter ({PEFT_CONFIG}, from PeftModel.save_pretrained), not dual "
+            f"view's options ({ADAPTER_CONFIG}): apply dual view with the options it was trained with, then load "
+            "it with PEFT (model = dualview.apply(model, **options); model = PeftModel.from_pretrained(model, "
+            "folder)); dualview.save_adapter(peft_model, folder) saves a folder dualview.load restores alone"
+        )
+
+
+def _forget_dual_view_in_peft(model: nn.Module) -> None:
+    """Remove the DEM and gate from the PEFT configs of ``model`` (after :func:`unapply`): what it saves
+    then loads on a plain host without PEFT looking for them."""
+    names = set(_DUAL_VIEW_NAMES)
+    for config in model.peft_config.values():
+        kept = [n for n in (getattr(config, "modules_to_save", None) or []) if n not in names]
+        if hasattr(config, "modules_to_save"):
+            config.modules_to_save = kept or None
+        excluded = getattr(config, "exclude_modules", None)
+        if excluded == DUAL_VIEW_EXCLUDED:
+            config.exclude_modules = None
+        elif isinstance(excluded, str) and excluded.endswith(f")|{DUAL_VIEW_EXCLUDED}"):
+            config.exclude_modules = excluded[len("(?:"):-len(f")|{DUAL_VIEW_EXCLUDED}")]
+        elif isinstance(excluded, (list, set)):
+            config.exclude_modules = type(excluded)(n for n in excluded if n not in names) or None
+
+
+def _exclude_dual_view(excluded: Any) -> Any:
+    """``exclude_modules`` of a LoRA config with the DEM and gate added (a regex, a list or a set)."""
+    if excluded is None:
+        return DUAL_VIEW_EXCLUDED
+    if isinstance(excluded, str):
+        return f"(?:{excluded})|{DUAL_VIEW_EXCLUDED}"
+    return type(excluded)(sorted(set(excluded) | set(_DUAL_VIEW_NAMES)))
 
 
 # ---- training helpers -------------------------------------------------------------------------------
@@ -234,7 +336,9 @@ def projector_of(model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = print) -> dict[str, Any]:
     """Counts of ``model``'s parameters, PEFT's ``print_trainable_parameters`` style, printed with
     ``print_fn`` (None: not printed): ``trainable``, ``total``, ``percent`` and ``dual_view`` (the DEM's
-    and the gate's, trainable or not). Shared parameters count once."""
+    and the gate's, trainable or not). Shared parameters count once. On a ``peft.PeftModel``, ``total``
+    counts PEFT's frozen originals of its ``modules_to_save`` (as PEFT's ``print_trainable_parameters``)
+    and ``dual_view`` the DEM and gate that run (PEFT's trained copies) once."""
     seen: set[int] = set()
     trainable = total = 0
     for param in model.parameters():
@@ -243,8 +347,10 @@ def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str],
         seen.add(id(param))
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
+    from dualview.adapters._host import unwrap_dem
+
     try:
-        own = {id(p): p.numel() for m in dual_view_modules(model) for p in m.parameters()}
+        own = {id(p): p.numel() for m in dual_view_modules(model) for p in unwrap_dem(m).parameters()}
     except ValueError:  # a plain model
         own = {}
     counts = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1),
@@ -267,17 +373,27 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
       ``peft.get_peft_model(model, config)`` with the DEM and gate as ``modules_to_save`` (trained
       and saved with the LoRA by PEFT's ``save_pretrained``). ``lora``: a ``peft.LoraConfig``
       (default: r=8, alpha=16, dropout 0 on :data:`LORA_TARGETS`); its ``modules_to_save`` gets the
-      DEM and gate added.
+      DEM and gate added, and its ``exclude_modules`` too (:data:`DUAL_VIEW_EXCLUDED`).
 
-    Returns the model to train (the PEFT model for ``"warm_start_lora"``)."""
+    On a ``peft.PeftModel``, ``"stage1"`` and ``"warm_start"`` train PEFT's copies of the DEM and gate
+    (its originals stay frozen) and freeze the LoRA. Returns the model to train (the PEFT model for
+    ``"warm_start_lora"``)."""
+    from dualview.adapters._host import unwrap_dem
+
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if preset == "warm_start_lora" and peft_base(model) is not None:
+        raise ValueError(
+            "freeze(model, 'warm_start_lora'): model is already a peft.PeftModel (PEFT cannot wrap it again); "
+            "pass the dual-view host, or load a saved one to train on with "
+            "PeftModel.from_pretrained(host, folder, is_trainable=True)"
+        )
     own = dual_view_modules(model)
     model.requires_grad_(False)
     for module in own:
-        module.requires_grad_(True)
+        unwrap_dem(module).requires_grad_(True)  # under PEFT its trained copy, not its frozen original
     if preset == "stage1":
-        projector_of(model).requires_grad_(True)
+        unwrap_dem(projector_of(model)).requires_grad_(True)
     if preset != "warm_start_lora":
         return model
     try:
@@ -293,6 +409,7 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
     elif not isinstance(lora, peft.LoraConfig):
         raise TypeError(f"lora must be a peft.LoraConfig, got {type(lora).__name__}")
     lora.modules_to_save = sorted(set(lora.modules_to_save or []) | set(names))
+    lora.exclude_modules = _exclude_dual_view(lora.exclude_modules)
     return peft.get_peft_model(model, lora)
 
 
@@ -309,6 +426,7 @@ def _read_json(path: Path, *, what: str) -> dict:
 
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PRESETS", "adapter_for", "adapters", "apply", "dual_view_host", "freeze",
-    "from_pretrained", "load", "save_adapter", "trainable_parameters", "unapply",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DUAL_VIEW_EXCLUDED", "PEFT_CONFIG", "PRESETS", "adapter_for", "adapters",
+    "apply", "dual_view_host", "freeze", "from_pretrained", "load", "peft_base", "save_adapter", "trainable_parameters",
+    "unapply",
 ]

@@ -214,10 +214,12 @@ def test_peft_lora_and_dual_view_train_save_and_load_together(tmp_path):
     fresh = dualview.apply(tiny_model(), **OPTIONS)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, inputs), after, rtol=0, atol=0)
-    # dual view's own adapter-only checkpoint of the PEFT model holds the trained DEM and gate
+    # dual view's adapter checkpoint of the PEFT model holds the trained DEM and gate, and PEFT's adapter:
+    # load gives the PEFT model back (tests/test_peft_lifecycle.py has the rest)
     dualview.save_adapter(model, tmp_path / "dv")
     again = dualview.load(tiny_model(), tmp_path / "dv")
-    assert torch.equal(again.model.spatial_gate.g, gate.g)
+    assert isinstance(again, peft.PeftModel)
+    assert torch.equal(dualview.lifecycle.dual_view_host(again).dualview_gate.g, gate.g)
 
 
 def test_lora_targets_the_language_model_only():
