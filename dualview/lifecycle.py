@@ -163,13 +163,18 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
 def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     """Apply the adapter saved by :func:`save_adapter` in ``folder`` to the PLAIN ``model``, with the
     saved options, and load its weights strictly: missing or unexpected keys, shapes that differ,
-    non-floating-point tensors and a weight file outside the folder are refused (one ValueError
-    naming the file); on any error the model is left plain. Returns the model."""
-    from dualview.checkpoints import Origin, _inside_folder, check_dem_state, read_tensors
+    non-floating-point tensors, and a weight or config file outside the folder (a name with ``..``,
+    an absolute path, or a symlink that resolves out of the folder other than the Hugging Face
+    cache's ``snapshots/<rev>/<file>`` -> ``blobs/<hash>``) are refused (one ValueError naming the
+    file); on any error the model is left as it was, ``config.dualview`` included. Returns the model."""
+    from dualview.adapters._common import CONFIG_KEY
+    from dualview.checkpoints import _inside_folder, check_resolves_inside, read_tensors
 
     folder = Path(folder)
     meta_path = folder / ADAPTER_CONFIG
-    meta = _read_json(meta_path, what="dual-view adapter config (written by dualview.save_adapter)")
+    what = "dual-view adapter config (written by dualview.save_adapter)"
+    check_resolves_inside(meta_path, folder, what=what)
+    meta = _read_json(meta_path, what=what)
     for key, kind in (("adapter", str), ("options", dict), ("weights", str)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{str(meta_path)!r}: '{key}' must be a {kind.__name__}, got {meta.get(key)!r}")
@@ -186,30 +191,57 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
             f"{str(meta_path)!r}: 'weights' must name a .safetensors file inside {str(folder)!r}, got {meta['weights']!r}"
         )
     weights = folder / meta["weights"]
+    check_resolves_inside(weights, folder, what=f"the weight file named by {str(meta_path)!r}")
     if not weights.is_file():
         raise FileNotFoundError(f"{str(meta_path)!r} names the weight file {str(weights)!r}, which does not exist")
     state = read_tensors(weights)
-    module.apply(model, **meta["options"])
+    # a plain host loaded by its plain class from a whole dual-view folder carries config.dualview; apply
+    # would warn that it starts from an untrained DEM, but the trained one is loaded here
+    carried = getattr(model.config, CONFIG_KEY, _MISSING)
+    if carried is not _MISSING:
+        delattr(model.config, CONFIG_KEY)
     try:
-        host = dual_view_host(model)
-        dem, gate = host.dualview_dem, host.dualview_gate
-        parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
-        unexpected = sorted(k for k in state if not any(k.startswith(p) for p, m in parts.items() if m is not None))
-        if unexpected:
-            raise ValueError(
-                f"checkpoint {str(weights)!r} does not match the adapter of the saved options: unexpected keys {unexpected}"
-            )
-        for prefix, target in parts.items():
-            if target is None:
-                continue
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            check_dem_state(sub, target, origin=Origin(weights, prefix),
-                            model=f"the {prefix.rstrip('.')} of the saved options")
-            target.load_state_dict(sub)
+        module.apply(model, **meta["options"])  # a failure leaves the plain model (apply rolls back)
+    except Exception:
+        _put_back(model.config, CONFIG_KEY, carried)
+        raise
+    try:
+        _load_adapter_state(model, state, weights)
     except Exception:
         module.unapply(model)
+        _put_back(model.config, CONFIG_KEY, carried)
         raise
     return model
+
+
+_MISSING = object()
+
+
+def _put_back(config: Any, key: str, value: Any) -> None:
+    """``config.<key>`` as it was before a failed :func:`load` (``_MISSING``: it had none)."""
+    if hasattr(config, key):
+        delattr(config, key)
+    if value is not _MISSING:
+        setattr(config, key, value)
+
+
+def _load_adapter_state(model: nn.Module, state: dict, weights: Path) -> None:
+    """``state`` (read from ``weights``) into the DEM and gate just applied, strictly."""
+    from dualview.checkpoints import Origin, check_dem_state
+
+    host = dual_view_host(model)
+    parts = {DEM_PREFIX: host.dualview_dem, GATE_PREFIX: host.dualview_gate}
+    unexpected = sorted(k for k in state if not any(k.startswith(p) for p, m in parts.items() if m is not None))
+    if unexpected:
+        raise ValueError(
+            f"checkpoint {str(weights)!r} does not match the adapter of the saved options: unexpected keys {unexpected}"
+        )
+    for prefix, target in parts.items():
+        if target is None:
+            continue
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        check_dem_state(sub, target, origin=Origin(weights, prefix), model=f"the {prefix.rstrip('.')} of the saved options")
+        target.load_state_dict(sub)
 
 
 # ---- training helpers -------------------------------------------------------------------------------
