@@ -113,8 +113,14 @@ def unapply(model: nn.Module) -> nn.Module:
 def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     """Load a WHOLE model saved with ``save_pretrained`` from an adapted one: the adapter is chosen
     from its config.json (``architectures``), which must hold the ``dualview`` options; ``kwargs``
-    go to the adapter's ``from_pretrained`` (dtype, device_map, ...)."""
-    config = _read_json(Path(path) / "config.json", what="config.json of a saved model")
+    go to the adapter's ``from_pretrained`` (dtype, device_map, subfolder, ...)."""
+    folder = Path(path) / (kwargs.get("subfolder") or "")
+    if not (folder / "config.json").is_file() and (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(
+            f"{str(folder)!r} holds a dual-view adapter ({ADAPTER_CONFIG}, written by dualview.save_adapter), not a "
+            f"whole model: load the plain host with its class's from_pretrained, then dualview.load(model, {str(folder)!r})"
+        )
+    config = _read_json(folder / "config.json", what="config.json of a saved model")
     if "dualview" not in config:
         raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config.json has no 'dualview' entry")
     archs = config.get("architectures") or []
@@ -136,10 +142,12 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     """Write only dual view's own state: ``dualview_adapter.safetensors`` (the DEM under
     ``spatial_embed.*``, the gate under ``spatial_gate.*`` with ``init="identity"``) and
     ``dualview_adapter.json`` (adapter name, dualview version, host class, options). Returns the folder.
-    :func:`load` puts it on a plain host."""
+    Both files are written all or nothing (:func:`dualview._output.write_files_atomically`): a new
+    folder appears complete, an existing one keeps its other files. :func:`load` puts it on a plain host."""
     from safetensors.torch import save_file
 
     from dualview import __version__
+    from dualview._output import write_files_atomically
     from dualview.adapters._common import recorded_options
 
     host = dual_view_host(model)
@@ -147,17 +155,17 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     state = {DEM_PREFIX + k: v for k, v in dem.state_dict().items()}
     if gate is not None:
         state.update({GATE_PREFIX + k: v for k, v in gate.state_dict().items()})
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     plain = getattr(type(model), "dualview_plain", type(model))
     meta = {
         "format": FORMAT, "adapter": type(host).dualview_adapter, "dualview_version": __version__,
         "host": plain.__name__, "weights": ADAPTER_WEIGHTS, "options": recorded_options(host.config),
     }
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return folder
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    return write_files_atomically(folder, {
+        ADAPTER_WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+        ADAPTER_CONFIG: lambda path: path.write_text(text),
+    }, name="folder")
 
 
 def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
