@@ -369,7 +369,7 @@ def attach(
         hint = f": use dualview.adapters.{fits}" if fits else ""
         raise TypeError(
             f"dualview.adapters.{subclass.dualview_adapter} adapts {plain.__name__} models, got "
-            f"{type(host).__name__}{hint}"
+            f"{type(host).__name__}{hint or subclass_refused(type(host), plain)}"
         )
     swap_class(host, subclass)
     parent = dem_parent if dem_parent is not None else host
@@ -378,6 +378,17 @@ def attach(
     if gate is not None:
         parent.add_module(GATE_ATTR, gate)
     record_options(config, options)
+
+
+def subclass_refused(cls: type, plain: type) -> str:
+    """Why a subclass ``cls`` of the host class ``plain`` is refused where dual view swaps that module's
+    own class (``""`` when ``cls`` is no subclass of it)."""
+    if not issubclass(cls, plain):
+        return ""
+    return (
+        f" (a subclass of {plain.__name__}: dual view swaps this module's class for a subclass of {plain.__name__}, "
+        f"which would drop {cls.__name__}'s own methods; apply it to a plain {plain.__name__})"
+    )
 
 
 def warn_dropped_dual_view(cls_name: str) -> None:

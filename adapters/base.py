@@ -60,8 +60,6 @@ class HostAdapter:
     fixed_why: ClassVar[str] = ""
     follows: ClassVar[dict[str, str]] = {}
     """Option -> host config attribute it follows at every call (recorded as None)."""
-    exact_host: ClassVar[bool] = True
-    """Refuse subclasses of :attr:`hosts` (another transformers host may subclass this one)."""
 
     registry: ClassVar[dict[str, type["HostAdapter"]]] = {}
     """Adapter name -> subclass, filled by defining a subclass."""
@@ -120,9 +118,10 @@ class HostAdapter:
 
     @classmethod
     def check_type(cls, model: nn.Module) -> None:
-        """A TypeError unless ``model`` is one of :attr:`hosts`, naming the adapter that fits."""
-        fits = isinstance(model, cls.hosts) if not cls.exact_host else type(model) in cls.hosts
-        if fits:
+        """A TypeError unless ``model`` is one of :attr:`hosts` or a subclass of one, naming the adapter
+        that fits. A subclass keeps its own class and methods: dual view swaps the class of its inner
+        model only, which must be the host's own (checked by :func:`._host.attach`)."""
+        if isinstance(model, cls.hosts):
             return
         other = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
         hint = f"; use dualview.adapters.{other}" if other and other != cls.name else ""

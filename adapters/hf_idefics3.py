@@ -183,9 +183,12 @@ def _parts(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
         return None, model
     fits = _host.adapter_for(type(getattr(model, "model", model)))
     hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
+    # a subclass: apply swaps the class of the model given (outer or bare inner), see subclass_refused
+    base = next((cls for cls in (*_OUTER, *_INNER) if isinstance(model, cls)), None)
     raise TypeError(
         "model must be a transformers Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, "
         f"Idefics3Model or SmolVLMModel, got {type(model).__name__}{hint}"
+        + (_host.subclass_refused(type(model), base) if base is not None else "")
     )
 
 

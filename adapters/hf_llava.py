@@ -68,7 +68,6 @@ class LlavaAdapter(LlavaFamilyAdapter):
     is free (default: the released INF-LLaVA, 3x3 squashed, 576 tokens)."""
 
     name, hosts, dual_view_class = ADAPTER, HOSTS, DualViewLlavaModel
-    exact_host = False
 
 
 apply, unapply, encoder_of, budget, from_pretrained = (

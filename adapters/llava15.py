@@ -273,6 +273,7 @@ class Llava15Adapter(HostAdapter):
             raise TypeError(
                 f"dualview.adapters.llava15 adapts {sorted(c.dualview_plain.__name__ for c in SUBCLASSES.values())}, "
                 f"got {type(inner).__name__} (config.model_type={getattr(inner.config, 'model_type', None)!r})"
+                + (_host.subclass_refused(type(inner), subclass.dualview_plain) if subclass is not None else "")
             )
         return subclass
 

@@ -5,15 +5,17 @@ The file is written to a temporary file in the output's own folder, then moved o
 none), never a half-written one. The temporary file is created with mode ``0o666`` minus the umask
 (``0o644`` under the usual umask 022), as ``open()`` would create the output, not ``0o600`` as
 ``tempfile`` does. An output that resolves to one of the inputs (the same path, a symlink or a hard
-link to it) is refused before anything is read or written.
+link to it) is refused before anything is read or written. A folder of several files is written
+the same way (:func:`write_files_atomically`): all its files or none.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Mapping, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,3 +88,49 @@ def write_atomically(output: PathLike, write: Callable[[Path], None], *, name: s
         reason = e.strerror or str(e) or type(e).__name__
         raise OutputError(f"{name} {str(output)!r} could not be written: {reason}") from None
     return target
+
+
+def _write_new_file(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)`` of a new ``path`` (never someone else's file: O_EXCL), which keeps the mode
+    ``open()`` gives a new file: a writer that replaces the file (safetensors writes ``0o600``) does not
+    choose it."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = path.stat().st_mode & 0o777
+    write(path)
+    os.chmod(path, mode)
+
+
+def write_files_atomically(folder: PathLike, files: Mapping[str, Callable[[Path], None]], *, name: str = "folder") -> Path:
+    """Write the files of ``folder`` that ``files`` names (file name -> ``write(path)``) all or none;
+    returns the folder. They are written in a new temporary folder (beside ``folder``, or inside it
+    when it exists), which is then renamed to ``folder``, or whose files replace (``os.replace``)
+    those of the same names in it; other files of an existing folder are kept. A failed or
+    interrupted write leaves no half folder and the old files. Every file gets the mode ``open()``
+    gives a new file, the folder the mode ``mkdir`` gives. An OSError is one :class:`OutputError`
+    naming ``folder`` (``name`` says what it is)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{name} {str(folder)!r} is an existing file, not a folder: give the path of a folder to write")
+    targets = {file: target_path(folder / file, name=f"{name} {str(folder)!r}: the file") for file in files}
+    exists = folder.is_dir()
+    tmp = (folder if exists else folder.absolute().parent) / f".{folder.name or 'folder'}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            for file, write in files.items():
+                _write_new_file(tmp / file, write)
+            if exists:
+                for file in files:
+                    os.replace(tmp / file, targets[file])
+            else:
+                tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    except OutputError:
+        raise
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise OutputError(f"{name} {str(folder)!r} could not be written: {reason}") from None
+    return folder

@@ -104,6 +104,35 @@ def _inside_folder(name: object) -> bool:
     return not (posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts)
 
 
+HUB_REPO_PREFIX = "models--"
+"""The Hugging Face hub cache keeps a model repository in ``models--<owner>--<name>/``: its
+``snapshots/<revision>/<file>`` are symlinks to ``../../blobs/<hash>`` of that same folder."""
+
+
+def resolves_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, a file of ``folder``, is inside ``folder`` once its symlinks are resolved, or
+    is a file of the Hugging Face hub cache's own layout: ``folder`` under ``models--*/snapshots/<rev>/``
+    and ``path`` linking to a blob of that same ``models--*/blobs/``. Any other link out is not."""
+    target, root = path.resolve(), folder.resolve()
+    if target.is_relative_to(root):
+        return True
+    snapshot = next((p for p in (root, *root.parents) if p.parent.name == "snapshots"), None)
+    if snapshot is None:
+        return False
+    repo = snapshot.parent.parent
+    return repo.name.startswith(HUB_REPO_PREFIX) and target.parent == repo / "blobs"
+
+
+def check_resolves_inside(path: Path, folder: Path, *, what: str) -> None:
+    """A ValueError naming ``path`` and where it leads when it links out of ``folder`` (:func:`resolves_inside`)."""
+    if not resolves_inside(path, folder):
+        raise ValueError(
+            f"{what} {str(path)!r} is a link to {str(path.resolve())!r}, outside the folder {str(folder)!r}: refused "
+            f"(links are followed inside the folder, and in the Hugging Face cache from snapshots/<revision>/ to "
+            f"the blobs/ of the same {HUB_REPO_PREFIX}* folder)"
+        )
+
+
 def read_index(index: Path) -> dict[str, str]:
     """The ``weight_map`` (key -> shard file name) of a shard index, every name checked to stay in
     the index's folder and to exist there."""

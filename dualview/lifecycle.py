@@ -21,6 +21,8 @@ import importlib
 import json
 import pkgutil
 import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -135,8 +137,14 @@ def unapply(model: nn.Module) -> nn.Module:
 def from_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
     """Load a WHOLE model saved with ``save_pretrained`` from an adapted one: the adapter is chosen
     from its config.json (``architectures``), which must hold the ``dualview`` options; ``kwargs``
-    go to the adapter's ``from_pretrained`` (dtype, device_map, ...)."""
-    config = _read_json(Path(path) / "config.json", what="config.json of a saved model")
+    go to the adapter's ``from_pretrained`` (dtype, device_map, subfolder, ...)."""
+    folder = Path(path) / (kwargs.get("subfolder") or "")
+    if not (folder / "config.json").is_file() and (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(
+            f"{str(folder)!r} holds a dual-view adapter ({ADAPTER_CONFIG}, written by dualview.save_adapter), not a "
+            f"whole model: load the plain host with its class's from_pretrained, then dualview.load(model, {str(folder)!r})"
+        )
+    config = _read_json(folder / "config.json", what="config.json of a saved model")
     if "dualview" not in config:
         raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config.json has no 'dualview' entry")
     archs = config.get("architectures") or []
@@ -159,11 +167,14 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     ``spatial_embed.*``, the gate under ``spatial_gate.*`` with ``init="identity"``) and
     ``dualview_adapter.json`` (adapter name, dualview version, host class, options). Returns the folder.
     :func:`load` puts it on a plain host. Of a ``peft.PeftModel`` (``freeze(model, "warm_start_lora")``)
-    PEFT's adapter is saved too (``model.save_pretrained(folder)``: the LoRA, and the DEM and gate as
-    ``modules_to_save``), so that :func:`load` gives the same PEFT model back."""
+    PEFT's adapter is saved too (``model.save_pretrained``: the LoRA, and the DEM and gate as
+    ``modules_to_save``), so that :func:`load` gives the same PEFT model back. All files are written
+    all or nothing (:func:`dualview._output.write_files_atomically`): a new folder appears complete,
+    an existing one keeps its other files."""
     from safetensors.torch import save_file
 
     from dualview import __version__
+    from dualview._output import write_files_atomically
     from dualview.adapters._common import recorded_options
 
     host = dual_view_host(model)
@@ -171,10 +182,7 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     state = {DEM_PREFIX + k: v for k, v in dem.state_dict().items()}
     if gate is not None:
         state.update({GATE_PREFIX + k: v for k, v in gate.state_dict().items()})
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     base = peft_base(model)
     outer = type(model if base is None else base)
     plain = getattr(outer, "dualview_plain", outer)
@@ -182,27 +190,40 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
         "format": FORMAT, "adapter": type(host).dualview_adapter, "dualview_version": __version__,
         "host": plain.__name__, "weights": ADAPTER_WEIGHTS, "options": recorded_options(host.config),
     }
-    if base is not None:
-        model.save_pretrained(str(folder))  # PEFT's adapter_config.json + adapter_model.safetensors
-        meta["peft"] = True
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return folder
+    files = {ADAPTER_WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"})}
+    with tempfile.TemporaryDirectory() as peft_folder:
+        if base is not None:  # PEFT's adapter_config.json + adapter_model.safetensors, in the same one write
+            model.save_pretrained(peft_folder)
+            files.update({f.name: partial(_copy_file, f) for f in Path(peft_folder).iterdir() if f.is_file()})
+            meta["peft"] = True
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        files[ADAPTER_CONFIG] = lambda path: path.write_text(text)
+        return write_files_atomically(folder, files, name="folder")
+
+
+def _copy_file(source: Path, path: Path) -> None:
+    path.write_bytes(source.read_bytes())
 
 
 def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     """Apply the adapter saved by :func:`save_adapter` in ``folder`` to the PLAIN ``model``, with the
     saved options, and load its weights strictly: missing or unexpected keys, shapes that differ,
-    non-floating-point tensors and a weight file outside the folder are refused (one ValueError
-    naming the file); on any error the model is left plain. Returns the model; for a folder saved
-    from a ``peft.PeftModel``, ``peft.PeftModel.from_pretrained(model, folder)`` of it (LoRA, DEM and
-    gate as saved)."""
-    from dualview.checkpoints import Origin, _inside_folder, check_dem_state, read_tensors
+    non-floating-point tensors, and a weight or config file outside the folder (a name with ``..``,
+    an absolute path, or a symlink that resolves out of the folder other than the Hugging Face
+    cache's ``snapshots/<rev>/<file>`` -> ``blobs/<hash>``) are refused (one ValueError naming the
+    file); on any error the model is left as it was, ``config.dualview`` included. Returns the model;
+    for a folder saved from a ``peft.PeftModel``, ``peft.PeftModel.from_pretrained(model, folder)`` of
+    it (LoRA, DEM and gate as saved)."""
+    from dualview.adapters._common import CONFIG_KEY
+    from dualview.checkpoints import _inside_folder, check_resolves_inside, read_tensors
 
     _refuse_peft_wrapper(model, "load")
     folder = Path(folder)
     meta_path = folder / ADAPTER_CONFIG
     _refuse_peft_only_folder(folder)
-    meta = _read_json(meta_path, what="dual-view adapter config (written by dualview.save_adapter)")
+    what = "dual-view adapter config (written by dualview.save_adapter)"
+    check_resolves_inside(meta_path, folder, what=what)
+    meta = _read_json(meta_path, what=what)
     for key, kind in (("adapter", str), ("options", dict), ("weights", str)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{str(meta_path)!r}: '{key}' must be a {kind.__name__}, got {meta.get(key)!r}")
@@ -225,34 +246,61 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
             f"{str(meta_path)!r}: 'weights' must name a .safetensors file inside {str(folder)!r}, got {meta['weights']!r}"
         )
     weights = folder / meta["weights"]
+    check_resolves_inside(weights, folder, what=f"the weight file named by {str(meta_path)!r}")
     if not weights.is_file():
         raise FileNotFoundError(f"{str(meta_path)!r} names the weight file {str(weights)!r}, which does not exist")
     state = read_tensors(weights)
-    module.apply(model, **meta["options"])
+    # a plain host loaded by its plain class from a whole dual-view folder carries config.dualview; apply
+    # would warn that it starts from an untrained DEM, but the trained one is loaded here
+    carried = getattr(model.config, CONFIG_KEY, _MISSING)
+    if carried is not _MISSING:
+        delattr(model.config, CONFIG_KEY)
     try:
-        host = dual_view_host(model)
-        dem, gate = host.dualview_dem, host.dualview_gate
-        parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
-        unexpected = sorted(k for k in state if not any(k.startswith(p) for p, m in parts.items() if m is not None))
-        if unexpected:
-            raise ValueError(
-                f"checkpoint {str(weights)!r} does not match the adapter of the saved options: unexpected keys {unexpected}"
-            )
-        for prefix, target in parts.items():
-            if target is None:
-                continue
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            check_dem_state(sub, target, origin=Origin(weights, prefix),
-                            model=f"the {prefix.rstrip('.')} of the saved options")
-            target.load_state_dict(sub)
+        module.apply(model, **meta["options"])  # a failure leaves the plain model (apply rolls back)
+    except Exception:
+        _put_back(model.config, CONFIG_KEY, carried)
+        raise
+    try:
+        _load_adapter_state(model, state, weights)
         if meta.get("peft"):
             import peft
 
             return peft.PeftModel.from_pretrained(model, str(folder))
     except Exception:
         module.unapply(model)
+        _put_back(model.config, CONFIG_KEY, carried)
         raise
     return model
+
+
+_MISSING = object()
+
+
+def _put_back(config: Any, key: str, value: Any) -> None:
+    """``config.<key>`` as it was before a failed :func:`load` (``_MISSING``: it had none)."""
+    if hasattr(config, key):
+        delattr(config, key)
+    if value is not _MISSING:
+        setattr(config, key, value)
+
+
+def _load_adapter_state(model: nn.Module, state: dict, weights: Path) -> None:
+    """``state`` (read from ``weights``) into the DEM and gate just applied, strictly."""
+    from dualview.checkpoints import Origin, check_dem_state
+
+    host = dual_view_host(model)
+    parts = {DEM_PREFIX: host.dualview_dem, GATE_PREFIX: host.dualview_gate}
+    unexpected = sorted(k for k in state if not any(k.startswith(p) for p, m in parts.items() if m is not None))
+    if unexpected:
+        raise ValueError(
+            f"checkpoint {str(weights)!r} does not match the adapter of the saved options: unexpected keys {unexpected}"
+        )
+    for prefix, target in parts.items():
+        if target is None:
+            continue
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        check_dem_state(sub, target, origin=Origin(weights, prefix), model=f"the {prefix.rstrip('.')} of the saved options")
+        target.load_state_dict(sub)
 
 
 # ---- PEFT wrappers ------------------------------------------------------------------------------------
