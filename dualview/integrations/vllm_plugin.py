@@ -20,10 +20,17 @@ the projector, unpad and ``image_newline`` packing are vLLM's. That is exactly w
 :func:`dualview.adapters.hf_llava_next.anyres_dual_view` computes (called here, not re-implemented),
 so the number of image tokens is plain LLaVA-NeXT's and vLLM's own multi-modal processor stays
 valid. The DEM is the submodule ``spatial_embed``, built from ``config.dualview`` and loaded from the
-checkpoint's ``model.spatial_embed.*`` keys (strictly: vLLM refuses a checkpoint without them).
-Checkpoints written by transformers 5 name the vision tower ``vision_tower.embeddings.*`` where
-vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts either (a checkpoint holding a
-tower weight under both names is refused, not loaded twice).
+checkpoint's ``model.spatial_embed.*`` keys (strictly: vLLM refuses a checkpoint without them); under
+``init="identity"`` the gate ``spatial_gate`` likewise, from ``model.spatial_gate.*``, and run as the
+adapter runs it. Checkpoints written by transformers 5 name the vision tower ``vision_tower.embeddings.*``
+where vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts either. A weight held
+under two names that load into one parameter (the tower's two layouts, ``model.spatial_embed.X`` and
+``spatial_embed.X``) is refused, not loaded twice, and so is a DEM / gate weight whose name or shape the
+config's options do not build (:func:`checked_weights`, the key and both shapes named).
+
+:func:`register` also registers vLLM's plain ``LlavaNextForConditionalGeneration`` again, as a subclass
+that only refuses a dual-view folder whose config.json still names the plain architecture, saying how
+to mark it (:func:`check_plain_config`); vLLM alone would fail with "no module or parameter named 'model'".
 
 This module imports without vLLM; the model class is built on first access (vLLM's registry
 imports it by name: ``dualview.integrations.vllm_plugin:DualViewLlavaNextForConditionalGeneration``).
@@ -204,8 +211,14 @@ def checked_weights(weights: Any, dual_view: Mapping[str, tuple]) -> Any:
 def dual_view_shapes(module: Any) -> dict:
     """The DEM's and the gate's state-dict names on ``module`` (which holds them as ``spatial_embed`` /
     ``spatial_gate``: the plug-in's model, the adapter's inner model) -> shapes."""
-    return {f"{attr}.{key}": tuple(tensor.shape) for attr in (DEM_ATTR, GATE_ATTR) if attr in module._modules
-            for key, tensor in module._modules[attr].state_dict().items()}
+    held = {attr: _stood_for(module._modules[attr]) for attr in (DEM_ATTR, GATE_ATTR) if attr in module._modules}
+    return {f"{attr}.{key}": tuple(tensor.shape) for attr, sub in held.items() for key, tensor in sub.state_dict().items()}
+
+
+def _stood_for(module: Any) -> Any:
+    """``module``, or the module a vLLM ``StageMissingLayer`` stands for (a tower module skipped when images
+    are off: built on "meta", kept in its ``__dict__["module"]``, its checkpoint weights dropped)."""
+    return vars(module).get("module") or module
 
 
 def _check_dual_view_weight(name: str, target: str, shape: tuple, dual_view: Mapping[str, tuple]) -> None:
@@ -284,8 +297,10 @@ def _llava_next_class() -> type:
             dim = vision.hidden_size * len(feature_layers(config.vision_feature_layer))
             towers = list(self._tower_model_names)
             with self._mark_tower_model(vllm_config, "image"):  # skipped with the tower when images are off
-                self.spatial_embed = _host.new_dem(options, dim, (side, side), like=self.multi_modal_projector)
-                gate = _host.new_gate(options, self.spatial_embed)  # init="identity": the adapter's spatial_gate
+                # with images off the projector is a StageMissingLayer: the DEM is made on "meta" beside it
+                dem = _host.new_dem(options, dim, (side, side), like=_stood_for(self.multi_modal_projector))
+                gate = _host.new_gate(options, dem)  # init="identity": the adapter's spatial_gate
+                self.spatial_embed = dem
                 if gate is not None:
                     self.spatial_gate = gate
             self._tower_model_names = towers + list(self._tower_model_names)

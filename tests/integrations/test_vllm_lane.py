@@ -5,6 +5,7 @@ tokens must equal the transformers adapted model's. Skipped where vLLM is not in
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -31,10 +32,10 @@ def folder(tmp_path_factory):
     return path
 
 
-def engine(folder, **kwargs):
+def engine(folder, images: int = 1):
     return vllm.LLM(
         model=str(folder), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
-        limit_mm_per_prompt={"image": 1}, seed=0, kv_cache_memory_bytes=64 * 2**20, **kwargs,
+        limit_mm_per_prompt={"image": images}, seed=0, kv_cache_memory_bytes=64 * 2**20,
     )
 
 
@@ -138,6 +139,17 @@ def test_an_identity_init_model_is_served_with_its_gate(tmp_path):
     (served,) = llm.apply_model(lambda m: m.spatial_gate.g.detach().cpu().clone())
     assert torch.equal(served, model.model.spatial_gate.g)
     check_served_as_adapted(tmp_path, llm)
+    del llm
+    text_only = engine(tmp_path, images=0)  # the DEM and gate skipped with the tower, their weights still checked
+    (kinds,) = text_only.apply_model(lambda m: (type(m.spatial_embed).__name__, type(m.spatial_gate).__name__))
+    assert kinds == ("StageMissingLayer", "StageMissingLayer")
+    text = "user : what is in the picture ? assistant :"
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
+    (out,) = text_only.generate([text], params, use_tqdm=False)
+    inputs = tiny.processor()(text=text, return_tensors="pt")
+    with torch.no_grad():
+        hf = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert list(out.outputs[0].token_ids) == hf[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def test_a_dual_view_folder_not_marked_for_the_plugin_is_refused_with_the_fix(tmp_path):
@@ -150,9 +162,15 @@ def test_a_dual_view_folder_not_marked_for_the_plugin_is_refused_with_the_fix(tm
 
 def test_a_plain_llava_next_folder_is_still_served_by_vllms_own_model(tmp_path):
     """The plug-in registers vLLM's plain LLaVA-NeXT again, guarded: a plain checkpoint is served as before."""
+    from safetensors.torch import load_file, save_file
+
     model = tiny.model(seed=0, dual_view=False)
     model.save_pretrained(tmp_path)
     tiny.processor().save_pretrained(tmp_path)
+    # llava-hf's layout (vision_tower.vision_model.*): vLLM's plain class does not read transformers 5's
+    weights = {re.sub(r"^(model\.)?vision_tower\.(?!vision_model\.)", r"\g<0>vision_model.", k): v
+               for k, v in load_file(tmp_path / "model.safetensors").items()}
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     llm = engine(tmp_path)
     (name,) = llm.apply_model(lambda m: type(m).__name__)
     assert name == vllm_plugin.GUARDS["LlavaNextForConditionalGeneration"]
