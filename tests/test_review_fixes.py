@@ -118,7 +118,7 @@ def test_a_tower_weight_under_both_layouts_is_refused_not_overwritten():
     one = torch.zeros(1)
     plain = [("vision_tower.vision_model.embeddings.patch_embedding.weight", one),
              ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", one), ("model.spatial_embed.ln_fuse.weight", one)]
-    assert [n for n, _ in vllm_plugin.one_name_per_tower_weight(iter(plain))] == [n for n, _ in plain]
+    assert [n for n, _ in vllm_plugin.checked_weights(iter(plain), {"spatial_embed.ln_fuse.weight": (1,)})] == [n for n, _ in plain]
     both = plain + [("model.vision_tower.embeddings.patch_embedding.weight", one)]
     with pytest.raises(ValueError, match="vision_tower.vision_model.embeddings.patch_embedding.weight' twice"):
-        list(vllm_plugin.one_name_per_tower_weight(iter(both)))
+        list(vllm_plugin.checked_weights(iter(both), {"spatial_embed.ln_fuse.weight": (1,)}))

@@ -20,10 +20,17 @@ the projector, unpad and ``image_newline`` packing are vLLM's. That is exactly w
 :func:`dualview.adapters.hf_llava_next.anyres_dual_view` computes (called here, not re-implemented),
 so the number of image tokens is plain LLaVA-NeXT's and vLLM's own multi-modal processor stays
 valid. The DEM is the submodule ``spatial_embed``, built from ``config.dualview`` and loaded from the
-checkpoint's ``model.spatial_embed.*`` keys (strictly: vLLM refuses a checkpoint without them).
-Checkpoints written by transformers 5 name the vision tower ``vision_tower.embeddings.*`` where
-vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts either (a checkpoint holding a
-tower weight under both names is refused, not loaded twice).
+checkpoint's ``model.spatial_embed.*`` keys (strictly: vLLM refuses a checkpoint without them); under
+``init="identity"`` the gate ``spatial_gate`` likewise, from ``model.spatial_gate.*``, and run as the
+adapter runs it. Checkpoints written by transformers 5 name the vision tower ``vision_tower.embeddings.*``
+where vLLM's module is ``vision_tower.vision_model.*``: the weight mapper accepts either. A weight held
+under two names that load into one parameter (the tower's two layouts, ``model.spatial_embed.X`` and
+``spatial_embed.X``) is refused, not loaded twice, and so is a DEM / gate weight whose name or shape the
+config's options do not build (:func:`checked_weights`, the key and both shapes named).
+
+:func:`register` also registers vLLM's plain ``LlavaNextForConditionalGeneration`` again, as a subclass
+that only refuses a dual-view folder whose config.json still names the plain architecture, saying how
+to mark it (:func:`check_plain_config`); vLLM alone would fail with "no module or parameter named 'model'".
 
 This module imports without vLLM; the model class is built on first access (vLLM's registry
 imports it by name: ``dualview.integrations.vllm_plugin:DualViewLlavaNextForConditionalGeneration``).
@@ -37,24 +44,46 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Optional, Union
 
 from dualview.adapters._common import CONFIG_KEY, DualViewOptions, recorded_options
+from dualview.adapters._host import DEM_ATTR, GATE_ATTR
 
 LLAVA_NEXT = "DualViewLlavaNextForConditionalGeneration"
 ARCHITECTURES = {LLAVA_NEXT: "LlavaNextForConditionalGeneration"}
 """The plug-in's architectures -> the transformers host architecture each one serves."""
+GUARDS = {host: f"Guarded{host}" for host in ARCHITECTURES.values()}
+"""The served hosts' architectures -> vLLM's plain class of each, subclassed only to refuse a dual-view
+checkpoint whose config.json still names the host (see :func:`check_plain_config`)."""
 
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: register the dual-view architectures with vLLM
-    (lazily, by name: nothing of vLLM's model code is imported here). Idempotent."""
+    (lazily, by name: nothing of vLLM's model code is imported here), and the hosts' architectures as
+    their guarded plain classes. Idempotent."""
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
     for arch in ARCHITECTURES:
         if arch not in supported:
             ModelRegistry.register_model(arch, f"{__name__}:{arch}")
+    for host, guard in GUARDS.items():
+        ModelRegistry.register_model(host, f"{__name__}:{guard}")
+
+
+def check_plain_config(config: Any, architecture: str) -> None:
+    """A ValueError for a config saved from a dual-view model (it has a ``dualview`` entry) that names the
+    plain ``architecture``: vLLM's plain class would fail on the DEM weights ("no module or parameter
+    named 'model'") and could never serve dual view. Any other config passes."""
+    if getattr(config, CONFIG_KEY, None) is None:
+        return
+    served = _served_as([architecture], f"architecture {architecture!r}")
+    raise ValueError(
+        f"this checkpoint was saved from a dual-view model (its config.json has a '{CONFIG_KEY}' entry) but names the "
+        f"architecture {architecture!r}, which vLLM serves without dual view: mark the folder for the plug-in with "
+        f"dualview.integrations.vllm_plugin.mark_for_vllm(folder) (or save it with vllm_plugin.save_pretrained), or "
+        f"pass --hf-overrides '{{\"architectures\": [\"{served}\"]}}' (vllm.LLM(..., hf_overrides=...))"
+    )
 
 
 def _check_options(entry: Any, where: str) -> None:
@@ -138,24 +167,73 @@ def save_pretrained(model: Any, folder: Union[str, Path], **kwargs: Any) -> Path
 _TOWER_NAME = re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?")
 """A vision-tower weight in either layout: llava-hf's ``vision_tower.vision_model.*`` or transformers 5's
 ``model.vision_tower.*`` (no ``vision_model.`` level); both load into vLLM's ``vision_tower.vision_model.*``."""
+_DUAL_VIEW_NAME = re.compile(rf"^(model\.)?({DEM_ATTR}|{GATE_ATTR})\.")
+"""A DEM or gate weight: the adapter saves ``model.spatial_embed.*`` / ``model.spatial_gate.*``; vLLM's
+model holds them as ``spatial_embed.*`` / ``spatial_gate.*``, and a bare name loads there too."""
+DUAL_VIEW_PREFIXES = {f"model.{DEM_ATTR}.": f"{DEM_ATTR}.", f"model.{GATE_ATTR}.": f"{GATE_ATTR}."}
+"""The adapter's checkpoint prefixes of the DEM and the gate -> the plug-in model's (vLLM's weight mapper)."""
 
 
-def one_name_per_tower_weight(weights: Any) -> Any:
-    """``weights`` ((name, tensor) pairs, as vLLM's loader takes them) passed on one by one; a vision-tower
-    weight present under both layouts' names (they load into the same parameter, the later would silently
-    win) is a ValueError naming both."""
+def served_name(name: str) -> Optional[str]:
+    """The plug-in model's parameter that the checkpoint weight ``name`` loads into, for the weights
+    saved under two names (the vision tower's layouts, the DEM's and gate's prefixed and bare names);
+    None for any other weight (the host's own, which vLLM's mapper places)."""
+    match = _TOWER_NAME.match(name)
+    if match:
+        return "vision_tower.vision_model." + name[match.end():]
+    match = _DUAL_VIEW_NAME.match(name)
+    if match:
+        return f"{match.group(2)}." + name[match.end():]
+    return None
+
+
+def checked_weights(weights: Any, dual_view: Mapping[str, tuple]) -> Any:
+    """``weights`` ((name, tensor) pairs, as vLLM's loader takes them) passed on one by one, checked
+    against ``dual_view`` (the served DEM's and gate's parameter names, e.g. ``spatial_embed.pos``, ->
+    shapes). A ValueError naming the checkpoint key for: a weight present under two names that load into
+    one parameter (the later would silently win, where transformers keeps the first: two engines, two
+    models); a DEM / gate weight the served model has no parameter for; one of another shape."""
     seen: dict = {}
     for name, tensor in weights:
-        match = _TOWER_NAME.match(name)
-        if match:
-            target = "vision_tower.vision_model." + name[match.end():]
+        target = served_name(name)
+        if target is not None:
             if target in seen:
                 raise ValueError(
-                    f"checkpoint holds the vision-tower weight {target!r} twice, as {seen[target]!r} and {name!r} "
-                    f"(llava-hf's and transformers 5's layouts): keep one layout in the checkpoint"
+                    f"checkpoint holds the weight {target!r} twice, as {seen[target]!r} and {name!r} (both load into "
+                    f"one parameter of the served model): keep one name in the checkpoint"
                 )
             seen[target] = name
+            if _DUAL_VIEW_NAME.match(name):
+                _check_dual_view_weight(name, target, tuple(tensor.shape), dual_view)
         yield name, tensor
+
+
+def dual_view_shapes(module: Any) -> dict:
+    """The DEM's and the gate's state-dict names on ``module`` (which holds them as ``spatial_embed`` /
+    ``spatial_gate``: the plug-in's model, the adapter's inner model) -> shapes."""
+    held = {attr: _stood_for(module._modules[attr]) for attr in (DEM_ATTR, GATE_ATTR) if attr in module._modules}
+    return {f"{attr}.{key}": tuple(tensor.shape) for attr, sub in held.items() for key, tensor in sub.state_dict().items()}
+
+
+def _stood_for(module: Any) -> Any:
+    """``module``, or the module a vLLM ``StageMissingLayer`` stands for (a tower module skipped when images
+    are off: built on "meta", kept in its ``__dict__["module"]``, its checkpoint weights dropped)."""
+    return vars(module).get("module") or module
+
+
+def _check_dual_view_weight(name: str, target: str, shape: tuple, dual_view: Mapping[str, tuple]) -> None:
+    """The checkpoint's DEM / gate weight ``name`` fits the served model's parameter ``target``."""
+    if target not in dual_view:
+        raise ValueError(
+            f"checkpoint weight {name!r} has no parameter {target!r} in the dual-view model built from its config's "
+            f"'{CONFIG_KEY}' options (which has {sorted(dual_view)}): the config does not match the weights"
+        )
+    if shape != tuple(dual_view[target]):
+        raise ValueError(
+            f"checkpoint weight {name!r} has shape {shape}, but the dual-view model built from its config's "
+            f"'{CONFIG_KEY}' options has {target!r} of shape {tuple(dual_view[target])}: the config does not match "
+            f"the weights"
+        )
 
 
 def served_options(config: Any) -> DualViewOptions:
@@ -180,6 +258,10 @@ def __getattr__(name: str) -> Any:
         cls = _llava_next_class()
         globals()[name] = cls
         return cls
+    if name == GUARDS[ARCHITECTURES[LLAVA_NEXT]]:
+        cls = _guarded_llava_next_class()
+        globals()[name] = cls
+        return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -200,11 +282,11 @@ def _llava_next_class() -> type:
         hf_to_vllm_mapper = WeightsMapper(
             # transformers 5 saves the tower without its `vision_model.` level; llava-hf checkpoints have it
             orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."},
-            orig_to_new_prefix={"model.spatial_embed.": "spatial_embed.", **plain_mapper.orig_to_new_prefix},
+            orig_to_new_prefix={**DUAL_VIEW_PREFIXES, **plain_mapper.orig_to_new_prefix},
         )
 
         def load_weights(self, weights: Any) -> Any:
-            return super().load_weights(one_name_per_tower_weight(weights))
+            return super().load_weights(checked_weights(weights, dual_view_shapes(self)))
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -215,7 +297,12 @@ def _llava_next_class() -> type:
             dim = vision.hidden_size * len(feature_layers(config.vision_feature_layer))
             towers = list(self._tower_model_names)
             with self._mark_tower_model(vllm_config, "image"):  # skipped with the tower when images are off
-                self.spatial_embed = _host.new_dem(options, dim, (side, side), like=self.multi_modal_projector)
+                # with images off the projector is a StageMissingLayer: the DEM is made on "meta" beside it
+                dem = _host.new_dem(options, dim, (side, side), like=_stood_for(self.multi_modal_projector))
+                gate = _host.new_gate(options, dem)  # init="identity": the adapter's spatial_gate
+                self.spatial_embed = dem
+                if gate is not None:
+                    self.spatial_gate = gate
             self._tower_model_names = towers + list(self._tower_model_names)
 
         @property
@@ -240,7 +327,8 @@ def _llava_next_class() -> type:
                 return feats
 
             return _host.encoder_from(self.dualview_options, tower, self.spatial_embed,
-                                      crop_size=vision.image_size, patch_size=vision.patch_size)
+                                      crop_size=vision.image_size, patch_size=vision.patch_size,
+                                      gate=getattr(self, GATE_ATTR, None))
 
         def _process_image_pixels(self, inputs: Any) -> tuple[torch.Tensor, ...]:
             """Per image (1 + R*C, h*w, text_dim): the base image's and the DEM-fused tiles' projected
@@ -258,3 +346,19 @@ def _llava_next_class() -> type:
 
     DualViewLlavaNextForConditionalGeneration.__qualname__ = LLAVA_NEXT  # pickled by name, as registered
     return DualViewLlavaNextForConditionalGeneration
+
+
+def _guarded_llava_next_class() -> type:
+    from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+
+    host, name = ARCHITECTURES[LLAVA_NEXT], GUARDS[ARCHITECTURES[LLAVA_NEXT]]
+
+    class Guarded(LlavaNextForConditionalGeneration):
+        """vLLM's plain LLaVA-NeXT, which refuses a dual-view checkpoint not marked for the plug-in."""
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            check_plain_config(vllm_config.model_config.hf_config, host)
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    Guarded.__name__ = Guarded.__qualname__ = name  # pickled by name, as registered
+    return Guarded

@@ -110,3 +110,81 @@ def test_the_lmms_eval_loader_refuses_a_host_of_another_kind(saved):
         loader.from_pretrained(folder)
     with pytest.raises(ValueError, match="evaluates llava_next models"):
         lmms_eval_models.DualViewLoader("dualview_llava_next", "llava").from_pretrained(folder)
+
+
+# The vLLM weight-name mapping and checks (vllm_plugin.checked_weights runs in the plug-in's load_weights):
+# pure functions, checked here without vLLM against the names the adapter saves.
+
+DEM_KEY = "spatial_embed.ln_fuse.weight"
+
+
+@pytest.fixture(scope="module")
+def saved_identity(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dualview-llava-next-identity")
+    model = tiny.model(seed=0, init="identity")
+    vllm_plugin.save_pretrained(model, folder)
+    return folder, model
+
+
+def test_served_names_place_both_layouts_of_a_weight_on_one_parameter():
+    tower = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    for name in (tower, "model." + tower, "model.vision_tower.encoder.layers.0.mlp.fc1.weight"):
+        assert vllm_plugin.served_name(name) == tower
+    for name in ("model.spatial_embed.pos.0", "spatial_embed.pos.0"):
+        assert vllm_plugin.served_name(name) == "spatial_embed.pos.0"
+    for name in ("model.spatial_gate.g", "spatial_gate.g"):
+        assert vllm_plugin.served_name(name) == "spatial_gate.g"
+    for name in ("model.language_model.layers.0.mlp.up_proj.weight", "lm_head.weight", "model.image_newline",
+                 "model.spatial_embedding.x", "model.my_spatial_embed.x"):
+        assert vllm_plugin.served_name(name) is None
+
+
+def test_the_saved_dem_and_gate_keys_map_onto_the_plugin_models_parameters(saved_identity):
+    """What vLLM's weight mapper (DUAL_VIEW_PREFIXES) and checked_weights see of a saved identity-init folder:
+    every DEM / gate key lands on the parameter of the same name and shape in the model (the plug-in model
+    holds the DEM and gate as the adapter's inner model does), and the checks pass all weights through."""
+    folder, model = saved_identity
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "model.safetensors")
+    shapes = vllm_plugin.dual_view_shapes(model.model)
+    assert {"spatial_gate.g", DEM_KEY} <= shapes.keys()
+    mapped = {}
+    for name, tensor in weights.items():
+        prefix = next((p for p in vllm_plugin.DUAL_VIEW_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            target = vllm_plugin.DUAL_VIEW_PREFIXES[prefix] + name[len(prefix):]
+            assert target == vllm_plugin.served_name(name)
+            mapped[target] = tuple(tensor.shape)
+    assert mapped == shapes
+    assert [n for n, _ in vllm_plugin.checked_weights(iter(weights.items()), shapes)] == list(weights)
+
+
+def test_a_dem_or_gate_weight_under_both_names_is_refused_not_overwritten():
+    one = torch.zeros(4)
+    shapes = {DEM_KEY: (4,), "spatial_gate.g": (4,)}
+    for target in shapes:
+        both = [("model." + target, one), ("model.language_model.norm.weight", one), (target, one)]
+        with pytest.raises(ValueError, match=rf"'{target}' twice, as 'model\.{target}' and '{target}'"):
+            list(vllm_plugin.checked_weights(iter(both), shapes))
+
+
+def test_a_dem_weight_of_another_shape_or_unknown_to_the_config_names_the_key_and_shapes():
+    shapes = {DEM_KEY: (4,)}
+    wrong = [("model." + DEM_KEY, torch.zeros(6))]
+    with pytest.raises(ValueError, match=r"'model\.spatial_embed\.ln_fuse\.weight' has shape \(6,\).*"
+                                         r"'spatial_embed\.ln_fuse\.weight' of shape \(4,\)"):
+        list(vllm_plugin.checked_weights(iter(wrong), shapes))
+    gate = [("model.spatial_gate.g", torch.zeros(4))]  # a gate in a checkpoint whose options say init="released"
+    with pytest.raises(ValueError, match=r"'model\.spatial_gate\.g' has no parameter 'spatial_gate\.g'"):
+        list(vllm_plugin.checked_weights(iter(gate), shapes))
+
+
+def test_a_dual_view_config_naming_the_plain_architecture_is_refused_with_the_fix(saved):
+    folder, model = saved
+    config = type(model.config).from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"mark_for_vllm\(folder\).*--hf-overrides .*"
+                                         r"\"architectures\": \[\"DualViewLlavaNextForConditionalGeneration\"\]"):
+        vllm_plugin.check_plain_config(config, "LlavaNextForConditionalGeneration")
+    del config.dualview
+    vllm_plugin.check_plain_config(config, "LlavaNextForConditionalGeneration")  # a plain model passes

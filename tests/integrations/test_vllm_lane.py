@@ -5,6 +5,7 @@ tokens must equal the transformers adapted model's. Skipped where vLLM is not in
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -31,12 +32,16 @@ def folder(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def llm(folder):
+def engine(folder, images: int = 1):
     return vllm.LLM(
         model=str(folder), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
-        limit_mm_per_prompt={"image": 1}, seed=0, kv_cache_memory_bytes=64 * 2**20,
+        limit_mm_per_prompt={"image": images}, seed=0, kv_cache_memory_bytes=64 * 2**20,
     )
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return engine(folder)
 
 
 def hf_greedy(model, image) -> list[int]:
@@ -67,6 +72,11 @@ def test_the_plugin_registers_the_architecture_and_the_folder_names_it(folder):
 
 
 def test_vllm_greedy_tokens_equal_the_adapted_transformers_model(folder, llm):
+    check_served_as_adapted(folder, llm)
+
+
+def check_served_as_adapted(folder, llm):
+    """vLLM's greedy tokens on SIZES' images are the adapted transformers model's (and not the plain one's)."""
     images = [tiny.image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     calls = []
 
@@ -118,3 +128,64 @@ def test_padded_5d_pixel_values_give_what_the_per_image_list_gives(llm):
     assert [t.shape[0] for t in listed] == [5, 4]
     for a, b in zip(listed, stacked):
         torch.testing.assert_close(a, b)
+
+
+def test_an_identity_init_model_is_served_with_its_gate(tmp_path):
+    """init="identity": the gate (spatial_gate, g trained away from 0) is built, loaded and run by the plug-in."""
+    model = tiny.model(seed=1, init="identity")
+    vllm_plugin.save_pretrained(model, tmp_path)
+    tiny.processor().save_pretrained(tmp_path)
+    llm = engine(tmp_path)
+    (served,) = llm.apply_model(lambda m: m.spatial_gate.g.detach().cpu().clone())
+    assert torch.equal(served, model.model.spatial_gate.g)
+    check_served_as_adapted(tmp_path, llm)
+    del llm
+    text_only = engine(tmp_path, images=0)  # the DEM and gate skipped with the tower, their weights still checked
+    (kinds,) = text_only.apply_model(lambda m: (type(m.spatial_embed).__name__, type(m.spatial_gate).__name__))
+    assert kinds == ("StageMissingLayer", "StageMissingLayer")
+    text = "user : what is in the picture ? assistant :"
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
+    (out,) = text_only.generate([text], params, use_tqdm=False)
+    inputs = tiny.processor()(text=text, return_tensors="pt")
+    with torch.no_grad():
+        hf = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert list(out.outputs[0].token_ids) == hf[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_a_dual_view_folder_not_marked_for_the_plugin_is_refused_with_the_fix(tmp_path):
+    tiny.model(seed=0).save_pretrained(tmp_path)  # config.json names LlavaNextForConditionalGeneration
+    tiny.processor().save_pretrained(tmp_path)
+    with pytest.raises(Exception, match=r"mark_for_vllm\(folder\).*--hf-overrides") as caught:
+        engine(tmp_path)
+    assert "no module or parameter named" not in str(caught.value)
+
+
+def test_a_plain_llava_next_folder_is_still_served_by_vllms_own_model(tmp_path):
+    """The plug-in registers vLLM's plain LLaVA-NeXT again, guarded: a plain checkpoint is served as before."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny.model(seed=0, dual_view=False)
+    model.save_pretrained(tmp_path)
+    tiny.processor().save_pretrained(tmp_path)
+    # llava-hf's layout (vision_tower.vision_model.*): vLLM's plain class does not read transformers 5's
+    weights = {re.sub(r"^(model\.)?vision_tower\.(?!vision_model\.)", r"\g<0>vision_model.", k): v
+               for k, v in load_file(tmp_path / "model.safetensors").items()}
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    llm = engine(tmp_path)
+    (name,) = llm.apply_model(lambda m: type(m).__name__)
+    assert name == vllm_plugin.GUARDS["LlavaNextForConditionalGeneration"]
+    images = [tiny.image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    for image, tokens in zip(images, vllm_greedy(llm, images)):
+        assert tokens == hf_greedy(model, image)
+
+
+def test_a_dem_weight_under_both_names_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    vllm_plugin.save_pretrained(tiny.model(seed=0), tmp_path)
+    tiny.processor().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["spatial_embed.ln_fuse.weight"] = weights["model.spatial_embed.ln_fuse.weight"] + 1
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match=r"'spatial_embed\.ln_fuse\.weight' twice, as 'model\.spatial_embed"):
+        engine(tmp_path)

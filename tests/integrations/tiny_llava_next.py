@@ -29,9 +29,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def model(seed: int = 0, *, dual_view: bool = True, num_heads: int = 2):
+def model(seed: int = 0, *, dual_view: bool = True, num_heads: int = 2, init: str = "released"):
     """A 2-layer CLIP (crop 56) + 2-layer Llama (head size 32) LlavaNextForConditionalGeneration, float32,
-    random weights; with ``dual_view`` the DEM is applied by ``dualview.adapters.hf_llava_next``."""
+    random weights; with ``dual_view`` the DEM is applied by ``dualview.adapters.hf_llava_next`` (with
+    ``init``; under "identity" the gate's ``g`` is drawn in [0.25, 1), as after training: at 0 the
+    model would answer as the plain one)."""
     import transformers
 
     from dualview.adapters import hf_llava_next
@@ -53,8 +55,11 @@ def model(seed: int = 0, *, dual_view: bool = True, num_heads: int = 2):
     torch.manual_seed(seed)
     host = transformers.LlavaNextForConditionalGeneration(config).eval()
     if dual_view:
-        hf_llava_next.apply(host, num_heads=num_heads)
+        hf_llava_next.apply(host, num_heads=num_heads, init=init)
         louder_dem(host)
+        if init == "identity":
+            with torch.no_grad():
+                host.model.spatial_gate.g.uniform_(0.25, 1.0)
     return host
 
 

@@ -46,6 +46,8 @@ ONEVISION_TESTS = ("tests/test_adapter_hf_llava_onevision.py",)
 INTERNVL_TESTS = ("tests/test_adapter_hf_internvl.py",)
 IDEFICS3_TESTS = ("tests/test_adapter_hf_idefics3.py",)
 LLAVA15_TESTS = ("tests/test_adapter_llava15.py",)
+INTEGRATIONS_TESTS = ("tests/integrations/test_integrations.py",)
+VLLM = "dualview/integrations/vllm_plugin.py"
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,27 @@ MUTANTS: list[Mutant] = [
        "    LlavaNextAdapter.options(config, dict(recorded))\n", "",
        "the vLLM plug-in serves a config whose AnyRes-fixed option was edited by hand",
        tests=("tests/integrations/test_integrations.py",)),
+    # the vLLM plug-in's weight names and checks (pure functions, tested without vLLM)
+    _m("vllm-dem-bare-name-unseen", VLLM, r'rf"^(model\.)?({DEM_ATTR}|{GATE_ATTR})\."',
+       r'rf"^model\.({DEM_ATTR}|{GATE_ATTR})\."',
+       "vLLM: a DEM weight under both model.spatial_embed.X and spatial_embed.X loads twice (the later wins)",
+       tests=INTEGRATIONS_TESTS),
+    _m("vllm-gate-prefix-unmapped", VLLM, ', f"model.{GATE_ATTR}.": f"{GATE_ATTR}."}', "}",
+       "vLLM: the gate's checkpoint name model.spatial_gate.* is not mapped onto the plug-in's spatial_gate",
+       tests=INTEGRATIONS_TESTS),
+    _m("vllm-dem-shape-unchecked", VLLM, "if shape != tuple(dual_view[target]):", "if False:",
+       "vLLM: a DEM weight of another shape reaches vLLM's loader (a bare AssertionError)", tests=INTEGRATIONS_TESTS),
+    _m("vllm-tower-level-kept", VLLM, r'_TOWER_NAME = re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?")',
+       r'_TOWER_NAME = re.compile(r"^(model\.)?vision_tower\.")',
+       "vLLM: llava-hf's tower names (with vision_model.) are not matched with transformers 5's",
+       tests=INTEGRATIONS_TESTS),
+    _m("vllm-shapes-without-gate", VLLM, "for attr in (DEM_ATTR, GATE_ATTR) if attr in module._modules}",
+       "for attr in (DEM_ATTR,) if attr in module._modules}",
+       "vLLM: the served gate's weights are not checked (an identity-init checkpoint is refused)",
+       tests=INTEGRATIONS_TESTS),
+    _m("vllm-unmarked-config-passes", VLLM, "    if getattr(config, CONFIG_KEY, None) is None:\n        return\n",
+       "    return\n", "vLLM: a dual-view folder naming the plain architecture fails later, without the fix",
+       tests=INTEGRATIONS_TESTS),
     # Idefics3 / SmolVLM: the processors' resize chain and grid
     _m("idf-even-height", IDFP, "        height += height % 2\n", "",
        "Idefics3: the short edge not rounded up to even", tests=IDEFICS3_TESTS),
