@@ -165,6 +165,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     saved options, and load its weights strictly: missing or unexpected keys, shapes that differ,
     non-floating-point tensors and a weight file outside the folder are refused (one ValueError
     naming the file); on any error the model is left plain. Returns the model."""
+    from dualview.adapters._common import DualViewOptions
     from dualview.checkpoints import Origin, _inside_folder, check_dem_state, read_tensors
 
     folder = Path(folder)
@@ -175,6 +176,10 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
             raise ValueError(f"{str(meta_path)!r}: '{key}' must be a {kind.__name__}, got {meta.get(key)!r}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(meta_path)!r}: format {meta.get('format')!r} is not one this dualview reads ({FORMAT})")
+    try:  # every saved option's type and range (a hand-edited eps "x"), before the model changes
+        DualViewOptions.from_kwargs(**meta["options"])
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{str(meta_path)!r}: 'options': {e}") from None
     name, module = adapter_for(model)
     if meta["adapter"] != name:
         raise ValueError(
