@@ -12,7 +12,14 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from dualview import DEM
+from dualview import grid as G
+from dualview._checks import (
+    check_bool, check_choice, check_number, check_out_size, check_pinpoints, check_positive_int, check_tower_batch_size,
+)
 from dualview.checkpoints import Origin, check_dem_state, read_tensors, strip_prefix, weight_files
+from dualview.cropping import FITS
+from dualview.encoder import THUMBNAIL_FUSIONS
+from dualview.enhance import DIRECTIONS, FUSIONS, RESAMPLES
 from dualview.gate import GATE_INITS, DualViewGate
 
 CONFIG_KEY = "dualview"
@@ -41,25 +48,35 @@ class DualViewOptions:
     init: str = "released"  # "identity": a gate (spatial_gate, g = 0) keeps the host's features at initialisation
     fast: bool = True  # DEM(fast=...): the fast path (same output as the paper's steps as written)
 
+    def __post_init__(self) -> None:
+        """Every option's type and range, checked when the options are made (at ``apply``, and from a
+        config read back, before the model changes): one ValueError naming the option, the expected
+        and the actual value. Sequences become tuples; what needs the host (the grid's pinpoints as
+        multiples of its crop, num_heads dividing its width) is checked when the encoder is built."""
+        self.grid = G.grid_spec(self.grid)
+        check_choice(self.fit, "fit", FITS)
+        check_positive_int(self.max_tiles, "max_tiles")
+        if self.pinpoints is not None:
+            check_pinpoints(self.pinpoints)
+        check_positive_int(self.num_heads, "num_heads")
+        self.out_size = check_out_size(self.out_size, allow_tower=True)
+        check_choice(self.directions, "directions", DIRECTIONS)
+        check_choice(self.fusion, "fusion", FUSIONS)
+        check_choice(self.resample, "resample", RESAMPLES)
+        check_choice(self.thumbnail_fusion, "thumbnail_fusion", THUMBNAIL_FUSIONS)
+        check_tower_batch_size(self.tower_batch_size)
+        check_positive_int(self.ffn_hidden, "ffn_hidden", allow_none=True)
+        self.eps = check_number(self.eps, "eps", positive=True)
+        check_choice(self.init, "init", GATE_INITS)
+        check_bool(self.fast, "fast")
+
     @classmethod
     def from_kwargs(cls, **options: Any) -> "DualViewOptions":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown dual-view option(s) {unknown}; known: {sorted(known)}")
-        opts = cls(**options)
-        if isinstance(opts.grid, list):
-            opts.grid = tuple(opts.grid)
-        if isinstance(opts.out_size, list):
-            opts.out_size = tuple(opts.out_size)
-        if opts.init not in GATE_INITS:
-            raise ValueError(f"init must be one of {GATE_INITS}, got {opts.init!r}")
-        if not isinstance(opts.fast, bool):
-            raise ValueError(f"fast must be a bool, got {opts.fast!r}")
-        size = opts.tower_batch_size
-        if size is not None and size != "all" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"tower_batch_size must be a positive int, 'all' or None (automatic), got {size!r}")
-        return opts
+        return cls(**options)
 
     def to_dict(self) -> dict:
         """JSON-able (tuples become lists), for ``config.json``."""

@@ -4,6 +4,8 @@ came; inside the modules the shapes are trusted."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional
 
 import torch
@@ -40,9 +42,58 @@ def check_grid(grid: object, name: str = "grid", *, max_side: Optional[int] = MA
     return int(grid[0]), int(grid[1])
 
 
-def check_positive_int(value: object, name: str) -> int:
+def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> Optional[int]:
+    """``value`` if it is an int > 0 (a bool or a float is refused), or None where ``allow_none``."""
+    if allow_none and value is None:
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is True or False: a truthy string (``"no"``) or an int is refused, not read as a flag."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_number(value: object, name: str, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, a string or a tensor), > 0
+    where ``positive``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return float(value)
+
+
+def check_out_size(value: object, name: str = "out_size", *, allow_tower: bool = False) -> object:
+    """A DEM's output map: None (the full map), an int ``n`` (``(n, n)``) or an ``(out_h, out_w)``
+    pair of positive ints, returned as a tuple; ``"tower"`` too (kept) where ``allow_tower`` (the
+    adapters' option: the tower's token grid)."""
+    if value is None or (allow_tower and value == "tower"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if isinstance(value, (tuple, list)):
+        return check_size(value, name)
+    tower = "'tower' (the tower's token grid), " if allow_tower else ""
+    raise ValueError(f"{name} must be {tower}a positive int, an (out_h, out_w) pair of positive ints or None, got {value!r}")
+
+
+def check_pinpoints(value: object, name: str = "pinpoints") -> list[tuple[int, int]]:
+    """LLaVA-NeXT's ``image_grid_pinpoints``: a non-empty list of ``(height, width)`` pairs of positive ints."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name} must be a non-empty list of (height, width), got {value!r}")
+    return [check_size(point, f"{name} entry") for point in value]
+
+
+def check_tower_batch_size(value: object, name: str = "tower_batch_size") -> object:
+    """None (automatic chunks), ``"all"`` (one call) or a positive int (crops per tower call)."""
+    if value is None or value == "all":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, None (automatic) or 'all', got {value!r}")
     return value
 
 

@@ -12,9 +12,10 @@ from torch import nn
 
 from . import grid as G
 from . import layout
-from ._checks import check_choice, check_float_tensor, check_grid, check_positive_int, check_size
+from ._checks import check_bool, check_choice, check_float_tensor, check_number, check_positive_int, check_size
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest-exact", "area")
+FITS = ("pad", "squash")
 
 
 def resize(images: torch.Tensor, size: G.Size, mode: str, antialias: bool) -> torch.Tensor:
@@ -128,18 +129,18 @@ class DCM(nn.Module):
     ) -> None:
         super().__init__()
         self.crop_size = check_positive_int(crop_size, "crop_size")
-        check_choice(fit, "fit", ("pad", "squash"))
+        check_choice(fit, "fit", FITS)
         check_choice(interpolation, "interpolation", INTERPOLATIONS)
         self.channels = check_positive_int(channels, "channels")
         self.fit = fit
-        self.thumbnail = bool(thumbnail)
+        self.thumbnail = check_bool(thumbnail, "thumbnail")
         self.interpolation = interpolation
-        self.antialias = bool(antialias)
-        self.pad_value = float(pad_value)
-        self.allow_small = bool(allow_small)
-        self.check_finite = bool(check_finite)
-        if isinstance(grid, str):  # what the command line takes: "auto" or "RxC"
-            grid = G.parse_grid(grid)
+        self.antialias = check_bool(antialias, "antialias")
+        self.pad_value = check_number(pad_value, "pad_value")
+        self.allow_small = check_bool(allow_small, "allow_small")
+        self.check_finite = check_bool(check_finite, "check_finite")
+        check_positive_int(max_tiles, "max_tiles")  # checked with any grid, not only "auto" (where it is read)
+        grid = G.grid_spec(grid)  # "auto", "RxC" (the command line's) or (rows, cols)
         if grid == "auto":
             self.grid: G.GridSpec = "auto"
             self.candidates = (
@@ -150,7 +151,7 @@ class DCM(nn.Module):
         else:
             if pinpoints is not None:
                 raise ValueError(f"pinpoints need grid='auto', got grid={grid!r}")
-            self.grid = check_grid(grid)
+            self.grid = grid
             self.candidates = [self.grid]
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ from . import grid as G
 from .budget import Budget, dual_view_budget
 from ._checks import check_size
 from . import layout
-from ._checks import check_choice
+from ._checks import check_choice, check_positive_int, check_tower_batch_size
 from .cropping import DCM, DualCrops
 from .enhance import DEM
 from .gate import GATE_INITS, DualViewGate
@@ -21,6 +21,7 @@ from .tiled import TiledImage, encode_tiled
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 """Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
+THUMBNAIL_FUSIONS = ("mean", "concat", "none")
 
 
 class DualViewEncoder(nn.Module):
@@ -88,7 +89,7 @@ class DualViewEncoder(nn.Module):
             raise TypeError(f"dcm must be a dualview.DCM, got {type(dcm).__name__}")
         if not isinstance(dem, DEM):
             raise TypeError(f"dem must be a dualview.DEM, got {type(dem).__name__}")
-        check_choice(thumbnail_fusion, "thumbnail_fusion", ("mean", "concat", "none"))
+        check_choice(thumbnail_fusion, "thumbnail_fusion", THUMBNAIL_FUSIONS)
         if thumbnail_fusion != "none" and not dcm.thumbnail:
             raise ValueError(f"thumbnail_fusion={thumbnail_fusion!r} needs DCM(thumbnail=True)")
         if thumbnail_fusion == "mean" and dem.out_size is None:
@@ -96,7 +97,8 @@ class DualViewEncoder(nn.Module):
                 "thumbnail_fusion='mean' averages the thumbnail's h*w tokens with DEM's: it needs "
                 "DEM(out_size=(h, w)), got out_size=None; use 'concat' or 'none' for the full map"
             )
-        _check_tower_batch_size(tower_batch_size)
+        check_tower_batch_size(tower_batch_size)
+        check_positive_int(patch_size, "patch_size", allow_none=True)
         gate = _check_gate(init, gate, dem, thumbnail_fusion)
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
@@ -241,7 +243,7 @@ class DualViewEncoder(nn.Module):
 
     def tower_chunks(self, crops: int) -> list[int]:
         """The crop count of each tower call for ``crops`` crops (see ``tower_batch_size``)."""
-        _check_tower_batch_size(self.tower_batch_size)
+        check_tower_batch_size(self.tower_batch_size)
         if self.tower_batch_size == "all" or crops == 0:
             return [crops]
         if self.tower_batch_size is not None:
@@ -352,13 +354,6 @@ def even_chunks(crops: int, tokens_per_crop: int, max_tokens: int) -> list[int]:
     calls = min(crops, math.ceil(crops * tokens_per_crop / max_tokens))
     size, bigger = divmod(crops, calls)
     return [size + 1] * bigger + [size] * (calls - bigger)
-
-
-def _check_tower_batch_size(value: object) -> None:
-    if value is None or value == "all":
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"tower_batch_size must be a positive int, None (automatic) or 'all', got {value!r}")
 
 
 def _check_gate(init: str, gate: Optional[DualViewGate], dem: DEM, thumbnail_fusion: str) -> Optional[DualViewGate]:

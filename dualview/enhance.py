@@ -19,7 +19,7 @@ from torch import nn
 from . import grid as G
 from ._checks import check_grid, check_positive_int, check_size
 from . import layout
-from ._checks import check_choice, check_float_tensor, check_same_shape
+from ._checks import check_bool, check_choice, check_float_tensor, check_number, check_out_size, check_same_shape
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 Directions = Literal["both", "local_to_global", "global_to_local"]
 Fusion = Literal["linear_concat", "add", "conv3x3"]
 Resample = Optional[Literal["bilinear", "avgpool"]]
+DIRECTIONS = ("both", "local_to_global", "global_to_local")
+FUSIONS = ("linear_concat", "add", "conv3x3")
+RESAMPLES = ("bilinear", "avgpool", None)
 
 
 class CrossAttention(nn.Module):
@@ -252,19 +255,18 @@ class DEM(nn.Module):
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(num_heads, "num_heads")
-        check_choice(directions, "directions", ("both", "local_to_global", "global_to_local"))
-        check_choice(fusion, "fusion", ("linear_concat", "add", "conv3x3"))
-        check_choice(resample, "resample", ("bilinear", "avgpool", None))
+        check_choice(directions, "directions", DIRECTIONS)
+        check_choice(fusion, "fusion", FUSIONS)
+        check_choice(resample, "resample", RESAMPLES)
+        check_positive_int(ffn_hidden, "ffn_hidden", allow_none=True)  # with any fusion, not only where it is read
+        eps = check_number(eps, "eps", positive=True)
+        check_bool(fused_attn, "fused_attn")
         self.dim = dim
-        if isinstance(out_size, int) and not isinstance(out_size, bool):
-            out_size = (out_size, out_size)  # a square map, as a command line's single number means
-        if out_size is not None and not isinstance(out_size, (tuple, list)):
-            raise ValueError(f"out_size must be an int, an (out_h, out_w) pair of positive ints or None, got {out_size!r}")
-        self.out_size = None if out_size is None else check_size(tuple(out_size), "out_size")
+        self.out_size = check_out_size(out_size)  # an int n is a square map (n, n), as a command line means
         self.directions = directions
         self.fusion = fusion
         self.resample = resample
-        self.fast = fast
+        self.fast = check_bool(fast, "fast")
         self.attention = CrossAttention(dim, num_heads, eps=eps, fused_attn=fused_attn, device=device, dtype=dtype)
         if fusion == "linear_concat":
             if dim % 2:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence, Union
 
-from ._checks import MAX_GRID_SIDE, check_grid, check_positive_int, check_size
+from ._checks import MAX_GRID_SIDE, check_grid, check_pinpoints, check_positive_int
 
 Grid = tuple[int, int]
 """``(rows, cols)`` of sub-images."""
@@ -48,6 +48,11 @@ def parse_grid(text: str) -> GridSpec:
     return check_grid((int(parts[0]), int(parts[1])))
 
 
+def grid_spec(value: object) -> GridSpec:
+    """A grid as a user chooses it: ``"auto"``, ``"RxC"`` text or ``(rows, cols)`` (a tuple back)."""
+    return parse_grid(value) if isinstance(value, str) else check_grid(value)
+
+
 def candidate_grids(max_tiles: int) -> list[Grid]:
     """Every grid with ``rows * cols <= max_tiles``, ordered by tile count, then rows.
 
@@ -62,11 +67,9 @@ def candidate_grids(max_tiles: int) -> list[Grid]:
 
 def grids_from_pinpoints(pinpoints: Sequence[Sequence[int]], crop_size: int) -> list[Grid]:
     """LLaVA-NeXT ``image_grid_pinpoints`` ((height, width) in pixels) as grids of ``crop_size`` tiles."""
-    if not isinstance(pinpoints, (list, tuple)) or not pinpoints:
-        raise ValueError(f"pinpoints must be a non-empty list of (height, width), got {pinpoints!r}")
     grids = []
-    for point in pinpoints:
-        height, width = check_size(tuple(point) if isinstance(point, list) else point, "pinpoints entry")
+    for point in check_pinpoints(pinpoints):
+        height, width = point
         if height % crop_size or width % crop_size:
             raise ValueError(
                 f"pinpoints entry {point!r} must be a multiple of crop_size={crop_size} on both sides"

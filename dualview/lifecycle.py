@@ -214,7 +214,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     file); on any error the model is left as it was, ``config.dualview`` included. Returns the model;
     for a folder saved from a ``peft.PeftModel``, ``peft.PeftModel.from_pretrained(model, folder)`` of
     it (LoRA, DEM and gate as saved)."""
-    from dualview.adapters._common import CONFIG_KEY
+    from dualview.adapters._common import CONFIG_KEY, DualViewOptions
     from dualview.checkpoints import _inside_folder, check_resolves_inside, read_tensors
 
     _refuse_peft_wrapper(model, "load")
@@ -235,6 +235,10 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
         )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(meta_path)!r}: format {meta.get('format')!r} is not one this dualview reads ({FORMAT})")
+    try:  # every saved option's type and range (a hand-edited eps "x"), before the model changes
+        DualViewOptions.from_kwargs(**meta["options"])
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{str(meta_path)!r}: 'options': {e}") from None
     name, module = adapter_for(model)
     if meta["adapter"] != name:
         raise ValueError(
