@@ -4,6 +4,8 @@
     python examples/towers_example.py --real    # openai/clip-vit-large-patch14-336,
                                                 # google/siglip-so400m-patch14-384,
                                                 # timm vit_large_patch14_clip_336.openai (downloads)
+
+Needs the ``hf`` and ``timm`` extras (``pip install "dualview[hf,timm]"``); the other examples need ``hf`` only.
 """
 
 from __future__ import annotations

