@@ -191,12 +191,14 @@ def test_the_version_is_not_one_the_changelog_already_released():
     # issue 30: the Unreleased section moves and renames modules, and the version was still 0.1.0
     from packaging.version import Version
 
-    headings = re.findall(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
-    released = [Version(h) for h in headings if h != "Unreleased"]
-    if headings[0] == "Unreleased":
-        assert Version(dualview.__version__) > max(released), (dualview.__version__, headings)
-    else:  # the newest section is this version's
-        assert Version(headings[0]) == Version(dualview.__version__)
+    text = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", text, re.M)
+    newest = max(Version(h) for h in headings if h != "Unreleased")
+    unreleased = re.search(r"^## \[Unreleased\]\n(.*?)^## \[", text, re.M | re.S)
+    if unreleased and unreleased.group(1).strip():  # changes since the newest section: not that version's code
+        assert Version(dualview.__version__) > newest, (dualview.__version__, headings)
+    else:  # the code is the newest section's
+        assert Version(dualview.__version__) == newest, (dualview.__version__, headings)
 
 
 def test_an_adapter_saved_by_dualview_0_1_0_still_loads(tmp_path):
