@@ -115,6 +115,8 @@ def test_convert_inf_llava_sharded_folder_reproduces_the_fixture(tmp_path):
         (["show", "{tmp}/wide.png", "--crop-size", "2016", "-o", "{tmp}/crops.png"],
          "--grid auto (the grid 1x5 for this image) at --crop-size 2016"),
         (["show", "{tmp}", "-o", "{tmp}/crops.png"], "image '{tmp}' is a folder: give an image file"),
+        (["show", "{tmp}/float.tif", "-o", "{tmp}/crops.png"],
+         "image '{tmp}/float.tif': a PIL image of mode 'F' must hold values in [0, 1], got [0, 255]"),
         (["show", "{tmp}/small.png", "-o", "{tmp}/crops.png"],
          "image '{tmp}/small.png' (48x64, HxW) is smaller than --crop-size 336 on both sides (dual view cuts crops "
          "from an image at least one crop high or wide): upscale it to at least 336 pixels high or wide, "
@@ -132,6 +134,7 @@ def test_failures_are_one_line_with_a_non_zero_exit(tmp_path, args, message):
     Image.new("RGB", (9000, 500)).save(tmp_path / "wide.png")
     Image.new("RGB", (64, 48)).save(tmp_path / "small.png")
     Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    Image.frombytes("F", (400, 1), torch.linspace(0, 255, 400).numpy().tobytes()).save(tmp_path / "float.tif")
     save_file({"model.layers.0.weight": torch.zeros(2)}, tmp_path / "plain.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     import pickle

@@ -86,6 +86,8 @@ def load_image(path: Path) -> torch.Tensor:
         raise ValueError(_bomb_message(path, Image.MAX_IMAGE_PIXELS)) from None
     except UnidentifiedImageError:
         raise ValueError(f"{str(path)!r} is not an image PIL can read") from None
+    except ValueError as e:  # pixels to_unit_range refuses (a float image off [0, 1], NaN, ...)
+        raise ValueError(f"image {str(path)!r}: {e}") from None
     except OSError as e:
         raise ValueError(f"image {str(path)!r} could not be read: {e}") from None
 
