@@ -171,6 +171,7 @@ def test_bad_command_line_is_a_usage_error():
         (["budget", "--size", "100x100", "--crop-size", "-3"], "--crop-size"),
         (["show", "--max-tiles", "x"], "--max-tiles"),
         (["bench", "--grids", "2x2,auto"], "--grids"),
+        (["convert-inf-llava", "ckpt", "-o", "dem.safetensors", "--num-heads", "0"], "--num-heads"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--crop", "100000"], "--crop"),
     ],
@@ -592,3 +593,35 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     assert cli.main([command, str(tmp_path / source), "-o", out]) == 1
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"dualview {command}: error: -o {out!r} could not be written: '/proc' takes no new file (")
+
+
+def test_convert_takes_num_heads_and_marks_the_released_value_as_assumed(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    trained = DEM(16, num_heads=4).eval()  # four heads: the weights look the same as with eight
+    save_file({f"model.spatial_embed.{k}": v for k, v in trained.state_dict().items()}, tmp_path / "ckpt.safetensors")
+    local, glob = torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
+    with torch.no_grad():
+        expected = trained(local, glob, (2, 2))
+
+    def metadata(path):
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+
+    given = dualview("convert-inf-llava", tmp_path / "ckpt.safetensors", "-o", tmp_path / "four.safetensors",
+                     "--num-heads", "4")
+    assert given.stdout.strip().endswith("; num_heads 4")
+    assert (metadata(tmp_path / "four.safetensors")["num_heads"], metadata(tmp_path / "four.safetensors")["num_heads_from"]) == ("4", "given")
+    dem = load_converted(tmp_path / "four.safetensors")[0]
+    assert dem.num_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(dem(local, glob, (2, 2)), expected, atol=0, rtol=0)
+
+    assumed = dualview("convert-inf-llava", tmp_path / "ckpt.safetensors", "-o", tmp_path / "eight.safetensors")
+    assert "num_heads 8 assumed (the released value; the weights cannot tell it: pass --num-heads" in assumed.stdout
+    assert (metadata(tmp_path / "eight.safetensors")["num_heads"], metadata(tmp_path / "eight.safetensors")["num_heads_from"]) == ("8", "assumed")
+
+    line = one_line_error(dualview("convert-inf-llava", tmp_path / "ckpt.safetensors", "-o", tmp_path / "three.safetensors",
+                                   "--num-heads", "3", ok=False), "convert-inf-llava")
+    assert "--num-heads 3 does not divide the DEM's dim 16 (" in line and not (tmp_path / "three.safetensors").exists()

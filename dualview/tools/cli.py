@@ -3,7 +3,7 @@ INF-LLaVA checkpoints, run the CPU benchmark.
 
     dualview show [IMAGE] [--grid auto|RxC] [--crop-size 336] [--max-tiles N] -o crops.png|.jpg|...|DIR
     dualview budget --size HxW [--grid ...] [--json]
-    dualview convert-inf-llava SOURCE -o dem.safetensors
+    dualview convert-inf-llava SOURCE -o dem.safetensors [--num-heads N]
     dualview bench [--device ...] [--grids 2x2,3x3] [--out DIR] ...   (the options of python -m dualview.bench)
     dualview upstream {llava,llava-next} FORK_DIR [--check]
 
@@ -168,9 +168,14 @@ def cmd_convert(args) -> None:
     require("safetensors", extra="hf", feature="dualview convert-inf-llava")
     from .convert import convert_inf_llava
 
-    summary = convert_inf_llava(Path(args.source), Path(args.output), output_name="-o")
+    summary = convert_inf_llava(Path(args.source), Path(args.output), num_heads=args.num_heads, output_name="-o",
+                                num_heads_name="--num-heads")
+    heads = (f"num_heads {summary['num_heads']} assumed (the released value; the weights cannot tell it: "
+             "pass --num-heads if this DEM was trained with another)" if summary["num_heads_assumed"]
+             else f"num_heads {summary['num_heads']}")
     print(f"wrote {args.output}: DEM dim {summary['dim']} ({summary['dem_tensors']} tensors)"
-          + (f", projector ({summary['projector_tensors']} tensors)" if summary["projector_tensors"] else ""))
+          + (f", projector ({summary['projector_tensors']} tensors)" if summary["projector_tensors"] else "")
+          + f"; {heads}")
 
 
 def cmd_bench(args) -> None:
@@ -214,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="checkpoint folder (sharded .safetensors / .bin) or one file (mm_projector.bin)")
     convert.add_argument("-o", "--output", required=True, type=safetensors_output_arg,
                          help="the .safetensors file to write (never one of the files read; written atomically)")
+    convert.add_argument("--num-heads", type=positive_int, default=None,
+                         help="the DEM's attention heads, which its weights cannot tell (default: the released 8, "
+                              "marked as assumed in the file's metadata)")
     convert.set_defaults(run=cmd_convert)
 
     from ..bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`
