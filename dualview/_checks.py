@@ -144,3 +144,34 @@ def require(*modules: str, extra: str, feature: str) -> None:
                 f"{feature} needs {module}, which is not installed: install dualview[{extra}] "
                 f"(pip install '.[{extra}]' in the dualview checkout), or pip install {PIP_NAMES.get(module, module)}"
             ) from None
+
+
+# The limits of every command line (dualview show / budget / bench, the demo): one set, checked by
+# the argparse types below, so that a value one command refuses no other accepts.
+PATCH_SIZE = 14
+"""The patch size of the towers the commands build or assume (CLIP ViT-L/14); ``budget`` has ``--patch-size``."""
+MIN_CROP_SIZE = 14
+MAX_CROP_SIZE = 2016
+"""Largest crop size: 144x144 = 20736 tokens per crop at patch 14 (CLIP-336 has 576)."""
+
+
+def crop_size_rule(patch_size: Optional[int] = PATCH_SIZE) -> str:
+    """What a crop size must be, in words: ``an int in 14..2016, a multiple of the patch size 14``."""
+    multiple = f", a multiple of the patch size {patch_size}" if patch_size else ""
+    return f"an int in {MIN_CROP_SIZE}..{MAX_CROP_SIZE}{multiple}"
+
+
+def crop_size_option(patch_size: Optional[int] = PATCH_SIZE):
+    """An argparse ``type`` for a crop size (``--crop-size``, the benchmark's ``--crop``): an int in
+    :data:`MIN_CROP_SIZE`..:data:`MAX_CROP_SIZE`, a multiple of ``patch_size`` (None: a command with
+    its own ``--patch-size`` checks that after parsing), else a usage error (exit 2) that argparse
+    prefixes with the option's name."""
+    import argparse  # only the command lines need it
+
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else 0
+        if not MIN_CROP_SIZE <= value <= MAX_CROP_SIZE or (patch_size and value % patch_size):
+            raise argparse.ArgumentTypeError(f"must be {crop_size_rule(patch_size)}, got {text!r}")
+        return value
+
+    return parse

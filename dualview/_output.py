@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,9 +60,23 @@ def check_writable(output: Path, *, name: str = "output") -> Path:
     ancestor = next((p for p in target.absolute().parents if p.exists()), None)
     if ancestor is None or not ancestor.is_dir():
         raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} is not writable")
+    reason = cannot_create_in(ancestor)
+    if reason:
+        raise OutputError(f"{name} {str(output)!r} could not be written: {str(ancestor)!r} takes no new file ({reason})")
     return target
+
+
+def cannot_create_in(folder: Path) -> Optional[str]:
+    """Why no file can be created in ``folder`` (the OS's reason), or None. Tried for real, with a
+    probe file created and removed at once: ``os.access`` reads the permission bits, which root
+    ignores and a read-only or virtual file system (``/proc``, ``/sys``) overrides."""
+    probe = folder / f".dualview-probe.{secrets.token_hex(4)}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    probe.unlink()
+    return None
 
 
 def write_atomically(output: PathLike, write: Callable[[Path], None], *, name: str = "output") -> Path:

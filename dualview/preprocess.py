@@ -67,16 +67,19 @@ def to_unit_range(image: Any) -> torch.Tensor:
     """``image`` as float32 ``(3, H, W)`` in [0, 1] (``(..., 3, H, W)`` for a batched tensor).
 
     ``image``: a PIL image (any mode, converted to RGB; 16-bit greyscale, modes ``I;16*`` and
-    ``I`` as PIL opens 16-bit PNG / TIFF files, is scaled from [0, 65535], not clipped at 255), a
+    ``I`` as PIL opens 16-bit PNG / TIFF files, is scaled from [0, 65535], not clipped at 255; 32-bit
+    float greyscale, mode ``F``, must hold values in [0, 1], as a float tensor), a
     uint8 array ``(H, W, 3)`` (numpy, as PIL and OpenCV lay them out), a uint8 tensor
     ``(..., 3, H, W)`` (as torchvision reads them), or a float tensor ``(..., 3, H, W)`` already in
-    [0, 1]. An image without pixels (zero width or height) is a ValueError."""
+    [0, 1]. An image without pixels (zero width or height), or with NaN or infinite values, is a ValueError."""
     if hasattr(image, "convert") and hasattr(image, "size") and hasattr(image, "mode"):  # PIL, without importing it
         width, height = image.size
         if width == 0 or height == 0:
             raise ValueError(f"image must have at least one pixel, got a PIL image of (H, W)=({height}, {width})")
         if image.mode == "I" or image.mode.startswith("I;16"):
             return _sixteen_bit(image)
+        if image.mode == "F":
+            return _float_image(image)
         rgb = image.convert("RGB")
         data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float().div_(255)
@@ -94,13 +97,28 @@ def to_unit_range(image: Any) -> torch.Tensor:
         return image.float().div_(255)
     if not image.is_floating_point():
         raise TypeError(f"an image tensor must be uint8 or floating point in [0, 1], got dtype {image.dtype}")
-    low, high = float(image.min()), float(image.max())
-    if low < 0 or high > 1:
-        raise ValueError(
-            f"a float image tensor must hold values in [0, 1], got [{low:.3g}, {high:.3g}]: already normalised? "
-            "pass it to the encoder as it is"
-        )
+    _check_unit_range(image, "a float image tensor", "already normalised? pass it to the encoder as it is")
     return image.float()
+
+
+def _check_unit_range(values: torch.Tensor, what: str, hint: str) -> None:
+    """A ValueError naming ``what`` unless every value is a number in [0, 1] (NaN compares false
+    with both bounds: counted apart)."""
+    nonfinite = int((~torch.isfinite(values)).sum())
+    if nonfinite:
+        raise ValueError(f"{what} must hold values in [0, 1], got {nonfinite} NaN or infinite value(s)")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"{what} must hold values in [0, 1], got [{low:.3g}, {high:.3g}]: {hint}")
+
+
+def _float_image(image: Any) -> torch.Tensor:
+    """A 32-bit float greyscale PIL image (mode ``F``) -> (3, H, W) float32, its values taken as
+    they are, in [0, 1] as a float tensor's. PIL's own ``convert("RGB")`` reads them on [0, 255]:
+    an image in [0, 1] would come out black."""
+    data = torch.frombuffer(bytearray(image.tobytes("raw", "F")), dtype=torch.float32).view(image.height, image.width)
+    _check_unit_range(data, "a PIL image of mode 'F'", "scale it to [0, 1] (or convert it to 8 bits) first")
+    return data.expand(3, -1, -1).contiguous()
 
 
 SIXTEEN_BIT_MAX = 65535

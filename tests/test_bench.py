@@ -86,6 +86,12 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path):
     assert all(r["extra_peak_memory_mb"] >= 0 and r["peak_memory_mb"] > 0 for r in data["rows"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["kernels"]["dem_tflops"] > 0
+    # the kernel checks run at the last of --grids, and say so
+    tokens, dim = 2 * 2, run.TOWERS["tiny"]["hidden_size"]
+    fused = DEM(dim, out_size=(2, 2)).fused_tokens((2, 2), (2, 2))
+    assert result["kernels"]["grid"] == "2x2"
+    assert result["kernels"]["dem_gflop"] == measure.dem_flops(1, (2, 2), tokens, dim, fused_tokens=fused) / 1e9
+    assert "DEM at 2x2: " in table and "DCM crop copy at 2x2 " in table and "3x3" not in table
 
 
 def test_device_checks_pass_on_the_cpu_and_write_their_json(tmp_path):

@@ -112,8 +112,18 @@ def test_convert_inf_llava_sharded_folder_reproduces_the_fixture(tmp_path):
          "-o '{tmp}/text.png/o.safetensors' could not be written: "),
         (["show", "-o", "{tmp}/text.png/crops.png"], "-o '{tmp}/text.png/crops.png' could not be written: "),
         (["show", "--grid", "32x32", "-o", "{tmp}/crops.png"], "--grid 32x32 at --crop-size 336 makes a 10752x10752 canvas"),
-        (["show", "--crop-size", "100000", "-o", "{tmp}/crops.png"],
-         "--grid auto (the grid 1x1 for this image) at --crop-size 100000"),
+        (["show", "{tmp}/wide.png", "--crop-size", "2016", "-o", "{tmp}/crops.png"],
+         "--grid auto (the grid 1x5 for this image) at --crop-size 2016"),
+        (["show", "{tmp}", "-o", "{tmp}/crops.png"], "image '{tmp}' is a folder: give an image file"),
+        (["show", "{tmp}/float.tif", "-o", "{tmp}/crops.png"],
+         "image '{tmp}/float.tif': a PIL image of mode 'F' must hold values in [0, 1], got [0, 255]"),
+        (["show", "{tmp}/small.png", "-o", "{tmp}/crops.png"],
+         "image '{tmp}/small.png' (48x64, HxW) is smaller than --crop-size 336 on both sides (dual view cuts crops "
+         "from an image at least one crop high or wide): upscale it to at least 336 pixels high or wide, "
+         "or choose --crop-size 56 or less"),
+        (["show", "{tmp}/one.png", "-o", "{tmp}/crops.png"],
+         "image '{tmp}/one.png' (1x1, HxW) is smaller than --crop-size 336 on both sides (dual view cuts crops "
+         "from an image at least one crop high or wide): upscale it to at least 336 pixels high or wide"),
         (["convert-inf-llava", "{tmp}/plain.safetensors", "-o", "{tmp}"], "is a folder: give the file to write"),
         (["convert-inf-llava", "{tmp}/noindex", "-o", "{tmp}/o.safetensors"], "has no 'weight_map'"),
         (["convert-inf-llava", "{tmp}/int.safetensors", "-o", "{tmp}/o.safetensors"], "key 'model.spatial_embed.ln_fuse.weight': dtype int32"),
@@ -121,6 +131,10 @@ def test_convert_inf_llava_sharded_folder_reproduces_the_fixture(tmp_path):
 )
 def test_failures_are_one_line_with_a_non_zero_exit(tmp_path, args, message):
     (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (9000, 500)).save(tmp_path / "wide.png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "small.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    Image.frombytes("F", (400, 1), torch.linspace(0, 255, 400).numpy().tobytes()).save(tmp_path / "float.tif")
     save_file({"model.layers.0.weight": torch.zeros(2)}, tmp_path / "plain.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     import pickle
@@ -134,6 +148,7 @@ def test_failures_are_one_line_with_a_non_zero_exit(tmp_path, args, message):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0]
+    assert "allow_small" not in lines[0]  # an option of DCM, not of the command
     assert lines[0].startswith(f"dualview {args[0]}: error:")
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "crops.png").exists()
 
@@ -156,6 +171,7 @@ def test_bad_command_line_is_a_usage_error():
         (["budget", "--size", "100x100", "--crop-size", "-3"], "--crop-size"),
         (["show", "--max-tiles", "x"], "--max-tiles"),
         (["bench", "--grids", "2x2,auto"], "--grids"),
+        (["convert-inf-llava", "ckpt", "-o", "dem.safetensors", "--num-heads", "0"], "--num-heads"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--crop", "100000"], "--crop"),
     ],
@@ -178,6 +194,26 @@ def test_a_bad_number_is_a_usage_error_naming_the_option(args, option):
         (["bench", "--grids", "2x2,0x3"], "argument --grids: must be comma-separated RxC grids with R and C in 1..32, "
                                           "like 2x2,3x3 (not 'auto'), got '0x3' in '2x2,0x3'"),
         (["bench", "--device", "tpu"], "argument --device: must be a torch device like cpu, cuda or cuda:1, got 'tpu'"),
+        (["bench", "--tower-batch-size", "foo"], "argument --tower-batch-size: must be 'auto', 'all' or an int >= 1, "
+                                                 "got 'foo'"),
+        # one set of limits for every command: crop sizes 14..2016, multiples of the patch size
+        (["show", "--crop-size", "13"], "argument --crop-size: must be an int in 14..2016, a multiple of the patch "
+                                        "size 14, got '13'"),
+        (["show", "--crop-size", "100"], "argument --crop-size: must be an int in 14..2016, a multiple of the patch "
+                                         "size 14, got '100'"),
+        (["bench", "--crop", "15"], "argument --crop: must be an int in 14..2016, a multiple of the patch size 14, got '15'"),
+        (["budget", "--size", "100x100", "--crop-size", "13"], "argument --crop-size: must be an int in 14..2016, got '13'"),
+        (["budget", "--size", "100x100", "--crop-size", "100002"],
+         "argument --crop-size: must be an int in 14..2016, got '100002'"),
+        (["budget", "--size", "100x100", "--crop-size", "15"],
+         "argument --crop-size: must be a multiple of --patch-size 14, got 15"),
+        (["budget", "--size", "100x100", "--crop-size", "28", "--patch-size", "16"],
+         "argument --crop-size: must be a multiple of --patch-size 16, got 28"),
+        (["budget", "--size", "10x10", "--grid", "32x32"],
+         "--size 10x10 is smaller than --crop-size 336 on both sides (dual view cuts crops from an image at least "
+         "one crop high or wide): give a --size at least 336 pixels high or wide"),
+        (["budget", "--size", "10x30", "--crop-size", "56"], "give a --size at least 56 pixels high or wide, "
+                                                             "or choose --crop-size 28 or less"),
         (["show", "-o", "x.gif"], "argument -o/--output: must end in one of .png, .jpg"),
         (["convert-inf-llava", "ckpt", "-o", "dem.bin"],
          "argument -o/--output: must be a .safetensors file (the converted checkpoint is safetensors"),
@@ -527,3 +563,65 @@ def test_show_draws_a_16_bit_png_from_its_full_range(tmp_path):
     with Image.open(out) as shown:  # the panels show the ramp: many mid-grey pixels (a white image: ~1%)
         gray = np.asarray(shown.convert("L"))
     assert ((gray > 60) & (gray < 200)).mean() > 0.08
+
+
+def test_a_failed_write_of_show_names_the_output(tmp_path):
+    from dualview.tools.show import render
+
+    (tmp_path / "file").write_text("x")  # a path under a file: the folder cannot be created
+    out = tmp_path / "file" / "crops.png"
+    with pytest.raises(OSError) as info:
+        render(torch.rand(3, 56, 56), out, crop_size=28, grid=(2, 2), max_tiles=4, title="t", name="-o")
+    assert str(info.value).startswith(f"-o {str(out)!r} could not be written: ")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: a folder that takes no file, root or not")
+@pytest.mark.parametrize("command", ["show", "convert-inf-llava"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    from dualview.tools import cli, convert, show
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(show, "render", no_work)
+    monkeypatch.setattr(show, "load_image", no_work)
+    monkeypatch.setattr(convert, "read_tensors", no_work)
+    Image.new("RGB", (400, 400)).save(tmp_path / "in.png")
+    save_file({"model.spatial_embed.x": torch.zeros(2)}, tmp_path / "in.safetensors")
+    source, out = ("in.png", "x.png") if command == "show" else ("in.safetensors", "x.safetensors")
+    out = f"/proc/dualview-{out}"
+    assert cli.main([command, str(tmp_path / source), "-o", out]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"dualview {command}: error: -o {out!r} could not be written: '/proc' takes no new file (")
+
+
+def test_convert_takes_num_heads_and_marks_the_released_value_as_assumed(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    trained = DEM(16, num_heads=4).eval()  # four heads: the weights look the same as with eight
+    save_file({f"model.spatial_embed.{k}": v for k, v in trained.state_dict().items()}, tmp_path / "ckpt.safetensors")
+    local, glob = torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
+    with torch.no_grad():
+        expected = trained(local, glob, (2, 2))
+
+    def metadata(path):
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+
+    given = dualview("convert-inf-llava", tmp_path / "ckpt.safetensors", "-o", tmp_path / "four.safetensors",
+                     "--num-heads", "4")
+    assert given.stdout.strip().endswith("; num_heads 4")
+    assert (metadata(tmp_path / "four.safetensors")["num_heads"], metadata(tmp_path / "four.safetensors")["num_heads_from"]) == ("4", "given")
+    dem = load_converted(tmp_path / "four.safetensors")[0]
+    assert dem.num_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(dem(local, glob, (2, 2)), expected, atol=0, rtol=0)
+
+    assumed = dualview("convert-inf-llava", tmp_path / "ckpt.safetensors", "-o", tmp_path / "eight.safetensors")
+    assert "num_heads 8 assumed (the released value; the weights cannot tell it: pass --num-heads" in assumed.stdout
+    assert (metadata(tmp_path / "eight.safetensors")["num_heads"], metadata(tmp_path / "eight.safetensors")["num_heads_from"]) == ("8", "assumed")
+
+    line = one_line_error(dualview("convert-inf-llava", tmp_path / "ckpt.safetensors", "-o", tmp_path / "three.safetensors",
+                                   "--num-heads", "3", ok=False), "convert-inf-llava")
+    assert "--num-heads 3 does not divide the DEM's dim 16 (" in line and not (tmp_path / "three.safetensors").exists()

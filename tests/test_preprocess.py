@@ -116,3 +116,27 @@ def test_32_bit_values_beyond_16_bits_are_refused_not_clipped():
 def test_a_pil_image_without_pixels_is_refused():
     with pytest.raises(ValueError, match=r"image must have at least one pixel, got a PIL image of \(H, W\)=\(0, 5\)"):
         to_unit_range(Image.new("RGB", (5, 0)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_infinite_pixels_are_refused(bad):
+    image = torch.rand(2, 3, 4, 5)
+    image[1, 2, 3, 4] = bad
+    with pytest.raises(ValueError, match=r"a float image tensor must hold values in \[0, 1\], got 1 NaN or infinite"):
+        to_pixels(image)
+    greyscale = np.random.default_rng(0).random((4, 5), dtype=np.float32)
+    greyscale[0, 1] = bad
+    with pytest.raises(ValueError, match=r"a PIL image of mode 'F' must hold values in \[0, 1\], got 1 NaN or infinite"):
+        to_pixels(Image.fromarray(greyscale, mode="F"))
+
+
+def test_a_float_pil_image_in_the_unit_range_keeps_its_values():
+    values = np.random.default_rng(0).random((4, 5), dtype=np.float32)  # a 32-bit float greyscale image
+    image = Image.fromarray(values, mode="F")
+    assert image.mode == "F"
+    expected = torch.from_numpy(values).expand(3, -1, -1)
+    torch.testing.assert_close(to_unit_range(image), expected, atol=0, rtol=0)
+    mean, std = NORMALISATION["clip"]
+    torch.testing.assert_close(to_pixels(image), (expected - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+    with pytest.raises(ValueError, match=r"mode 'F' must hold values in \[0, 1\], got \[0, 200\]: scale it"):
+        to_unit_range(Image.fromarray(np.array([[0, 200]], np.float32), mode="F"))  # on [0, 255]: refused

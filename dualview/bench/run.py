@@ -12,7 +12,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
 import platform
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 
 from dualview import DCM, DEM, DualViewEncoder, layout
 from dualview import grid as G
-from dualview._checks import MAX_GRID_SIDE
+from dualview._checks import MAX_GRID_SIDE, crop_size_option, crop_size_rule
+from dualview._output import cannot_create_in
 from dualview.budget import anyres_budget
 from dualview.encoder import AUTO_CHUNK_TOKENS
 from dualview.sample import demo_image
@@ -209,16 +209,18 @@ def profile(fn, inputs: tuple, device: torch.device, path: Path) -> None:
 
 
 def kernel_checks(args, device, dtype, dem, dim: int, tokens: int) -> dict:
-    """DEM's FLOP/s against a plain matmul, and DCM's crop copy against a plain copy, at 3x3."""
-    grid = (3, 3)
-    local = torch.randn(args.batch, 9, tokens, dim, device=device, dtype=dtype)
+    """DEM's FLOP/s against a plain matmul, and DCM's crop copy against a plain copy, at the last
+    of ``--grids`` (3x3 by default)."""
+    grid = args.grids[-1]
+    tiles = grid[0] * grid[1]
+    local = torch.randn(args.batch, tiles, tokens, dim, device=device, dtype=dtype)
     glob = torch.randn_like(local)
     t_dem = measure.time_it(lambda: dem(local, glob, grid), device, args.warmup, args.repeats)
     side = math.isqrt(tokens)
     flops = measure.dem_flops(args.batch, grid, tokens, dim, fused_tokens=dem.fused_tokens(grid, (side, side)))
-    matmul = measure.matmul_flops_per_s(2 * args.batch * 9 * tokens, dim, dim, device, dtype, args.repeats)
-    parts = dem_parts(args, device, dtype, dem, dim, tokens)
-    canvas = torch.randn(args.batch, 3, 3 * args.crop, 3 * args.crop, device=device, dtype=dtype)
+    matmul = measure.matmul_flops_per_s(2 * args.batch * tiles * tokens, dim, dim, device, dtype, args.repeats)
+    parts = dem_parts(args, device, dtype, dem, dim, tokens, tiles)
+    canvas = torch.randn(args.batch, 3, grid[0] * args.crop, grid[1] * args.crop, device=device, dtype=dtype)
     nbytes = canvas.numel() * canvas.element_size()
 
     def crops(c: torch.Tensor):
@@ -229,17 +231,18 @@ def kernel_checks(args, device, dtype, dem, dim: int, tokens: int) -> dict:
     crop_bw = measure.copy_bandwidth(lambda: crop_fn(canvas), 2 * nbytes, device, args.repeats)
     copy_bw = measure.copy_bandwidth(lambda: (canvas.clone(), canvas.clone()), 2 * nbytes, device, args.repeats)
     return dict(
-        dem_ms=t_dem.median_s * 1e3, dem_gflop=flops / 1e9, dem_tflops=flops / t_dem.median_s / 1e12,
+        grid=f"{grid[0]}x{grid[1]}", dem_ms=t_dem.median_s * 1e3, dem_gflop=flops / 1e9, dem_tflops=flops / t_dem.median_s / 1e12,
         matmul_tflops=matmul / 1e12, dem_fraction_of_matmul=flops / t_dem.median_s / matmul, **parts,
         dcm_crop_gbps=crop_bw / 1e9, plain_copy_gbps=copy_bw / 1e9, dcm_fraction_of_copy=crop_bw / copy_bw,
         dcm_crop_compiled=args.compile,
     )
 
 
-def dem_parts(args, device, dtype, dem: DEM, dim: int, tokens: int) -> dict:
-    """Where DEM's time goes at 3x3: its shared attention block over both directions' sequences,
-    and inside it the attention core (SDPA) alone; the rest of DEM is gathers, fusion and resampling."""
-    seqs, heads = 2 * args.batch * 9, dem.num_heads
+def dem_parts(args, device, dtype, dem: DEM, dim: int, tokens: int, tiles: int) -> dict:
+    """Where DEM's time goes at a grid of ``tiles`` sub-images: its shared attention block over both
+    directions' sequences, and inside it the attention core (SDPA) alone; the rest of DEM is
+    gathers, fusion and resampling."""
+    seqs, heads = 2 * args.batch * tiles, dem.num_heads
     q = torch.randn(seqs, tokens, dim, device=device, dtype=dtype)
     kv = torch.randn_like(q)
     attention = dem.attention
@@ -348,7 +351,7 @@ def markdown(result: dict) -> str:
     rest = k["dem_ms"] - k["dem_attention_block_ms"]
     lines += [
         "",
-        f"DEM at 3x3: {k['dem_ms']:.2f} ms, {k['dem_gflop']:.2f} GFLOP, {k['dem_tflops']:.3f} TFLOP/s = "
+        f"DEM at {k.get('grid', '3x3')}: {k['dem_ms']:.2f} ms, {k['dem_gflop']:.2f} GFLOP, {k['dem_tflops']:.3f} TFLOP/s = "
         f"{k['dem_fraction_of_matmul']:.0%} of a plain matmul's {k['matmul_tflops']:.3f} TFLOP/s. "
         f"Inside it: the attention block (both directions, projections + SDPA + LayerNorm) {k['dem_attention_block_ms']:.2f} ms "
         f"at {k['dem_attention_block_tflops']:.1f} TFLOP/s, of which SDPA alone {k['dem_sdpa_ms']:.2f} ms at {k['dem_sdpa_tflops']:.1f} TFLOP/s; "
@@ -357,7 +360,7 @@ def markdown(result: dict) -> str:
         + ("" if not k["dem_sdpa_tflops_by_backend"] else " SDPA by backend (TFLOP/s): " + ", ".join(
             f"{name} {'n/a' if v is None else f'{v:.1f}'}" for name, v in k["dem_sdpa_tflops_by_backend"].items())),
         "",
-        f"DCM crop copy{' (compiled)' if k['dcm_crop_compiled'] else ''} {k['dcm_crop_gbps']:.1f} GB/s = "
+        f"DCM crop copy at {k.get('grid', '3x3')}{' (compiled)' if k['dcm_crop_compiled'] else ''} {k['dcm_crop_gbps']:.1f} GB/s = "
         f"{k['dcm_fraction_of_copy']:.0%} of a plain copy's {k['plain_copy_gbps']:.1f} GB/s.",
         "",
         "| target | measured | met |",
@@ -420,8 +423,6 @@ def _device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"must be a torch device like cpu, cuda or cuda:1, got {text!r}") from None
 
 
-MAX_CROP = 2016
-"""Largest ``--crop``: 144x144 = 20736 tokens per crop at patch 14 (CLIP-336 has 576)."""
 MAX_PIXELS = 2**28
 """Largest number of crop pixels one scheme sends through the tower (``batch * (1 + 2*R*C) * crop^2``,
 about 3 GB in float32): checked before anything is allocated."""
@@ -463,10 +464,10 @@ def check_args(args) -> None:
     out = args.out
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {str(out)!r} exists and is not a folder: give a folder for bench.json, bench.md, bench.png")
-    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
-        raise BenchError(f"--out {str(out)!r} is not writable")
+    if out.exists() and cannot_create_in(out):
+        raise BenchError(f"--out {str(out)!r} is not writable: {cannot_create_in(out)}")
     parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if not out.exists() and (parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+    if not out.exists() and (parent is None or not parent.is_dir() or cannot_create_in(parent)):
         raise BenchError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is not a writable folder")
 
 
@@ -485,9 +486,13 @@ def _count(minimum: int, maximum: Optional[int] = None):
 
 
 def _tower_batch_size(text: str):
+    """``--tower-batch-size``: ``auto`` (None), ``all`` or a positive int, else a usage error naming all three."""
     if text in ("auto", "all"):
         return None if text == "auto" else "all"
-    return _count(1)(text)
+    try:
+        return _count(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto', 'all' or an int >= 1, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -499,8 +504,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tower", default="vit-l" if gpu else "small", choices=sorted(TOWERS))
     p.add_argument("--llm", default="llama-7b" if gpu else "small", choices=sorted(LLMS))
     p.add_argument("--batch", type=_count(1), default=8 if gpu else 1)
-    p.add_argument("--crop", type=_count(14, MAX_CROP), default=336,
-                   help=f"crop size s (a multiple of the patch size 14, at most {MAX_CROP})")
+    p.add_argument("--crop", type=crop_size_option(), default=336, help=f"crop size s: {crop_size_rule()}")
     p.add_argument("--grids", type=_grids, default=_grids("2x2,3x3"), help="comma-separated RxC (default 2x2,3x3)")
     p.add_argument("--warmup", type=_count(0), default=3 if gpu else 2)
     p.add_argument("--repeats", type=_count(1), default=10 if gpu else 5)

@@ -3,7 +3,7 @@ INF-LLaVA checkpoints, run the CPU benchmark.
 
     dualview show [IMAGE] [--grid auto|RxC] [--crop-size 336] [--max-tiles N] -o crops.png|.jpg|...|DIR
     dualview budget --size HxW [--grid ...] [--json]
-    dualview convert-inf-llava SOURCE -o dem.safetensors
+    dualview convert-inf-llava SOURCE -o dem.safetensors [--num-heads N]
     dualview bench [--device ...] [--grids 2x2,3x3] [--out DIR] ...   (the options of python -m dualview.bench)
     dualview upstream {llava,llava-next} FORK_DIR [--check]
 
@@ -25,8 +25,7 @@ from pathlib import Path
 
 from .. import __version__
 from .. import grid as G
-from .._checks import MAX_GRID_SIDE
-from .._checks import MissingDependency, require
+from .._checks import MAX_GRID_SIDE, MIN_CROP_SIZE, PATCH_SIZE, MissingDependency, crop_size_option, crop_size_rule, require
 from .._output import check_not_input, check_writable
 
 EXIT_ERROR = 1
@@ -105,6 +104,29 @@ def safetensors_output_arg(text: str) -> str:
     return text
 
 
+def small_image_error(size: G.Size, crop_size: int, what: str, fix: str) -> str | None:
+    """Why an image of ``size`` (``what``, as the user gave it) cannot be cut at ``crop_size`` (DCM
+    refuses an image smaller than one crop on both sides), with what the user can do on the command
+    line: ``fix`` the image, or lower ``--crop-size`` to one the image covers; None when it can."""
+    if max(size) >= crop_size:
+        return None
+    fitting = max(size) // PATCH_SIZE * PATCH_SIZE  # the largest crop size (a multiple of the patch) it covers
+    smaller = f", or choose --crop-size {fitting} or less" if fitting >= MIN_CROP_SIZE else ""
+    return (
+        f"{what} is smaller than --crop-size {crop_size} on both sides (dual view cuts crops from an image "
+        f"at least one crop high or wide): {fix} at least {crop_size} pixels high or wide{smaller}"
+    )
+
+
+def check_budget_usage(args) -> str | None:
+    """What the parser cannot check alone, as a usage error: --crop-size against --patch-size and --size."""
+    if args.crop_size % args.patch_size:
+        return (f"argument --crop-size: must be a multiple of --patch-size {args.patch_size}, "
+                f"got {args.crop_size}")
+    height, width = args.size
+    return small_image_error(args.size, args.crop_size, f"--size {height}x{width}", "give a --size")
+
+
 def cmd_show(args) -> None:
     require(*VIZ, extra="viz", feature="dualview show")
     from ..sample import demo_image
@@ -119,6 +141,11 @@ def cmd_show(args) -> None:
         check_not_input(output, [Path(args.image)], name="-o")
     image = load_image(Path(args.image)) if args.image else demo_image()
     name = args.image or "embedded demo image"
+    height, width = image.shape[1:]
+    problem = small_image_error((height, width), args.crop_size, f"image {name!r} ({height}x{width}, HxW)",
+                                "upscale it to")
+    if problem:
+        raise CommandError(problem)
     render(image, output, crop_size=args.crop_size, grid=grid, max_tiles=args.max_tiles,
            title=f"dual view of {name}: crop {args.crop_size}, grid {args.grid}", fmt=fmt, name="-o")
     print(f"wrote {output} ({describe(fmt)})")
@@ -141,9 +168,14 @@ def cmd_convert(args) -> None:
     require("safetensors", extra="hf", feature="dualview convert-inf-llava")
     from .convert import convert_inf_llava
 
-    summary = convert_inf_llava(Path(args.source), Path(args.output), output_name="-o")
+    summary = convert_inf_llava(Path(args.source), Path(args.output), num_heads=args.num_heads, output_name="-o",
+                                num_heads_name="--num-heads")
+    heads = (f"num_heads {summary['num_heads']} assumed (the released value; the weights cannot tell it: "
+             "pass --num-heads if this DEM was trained with another)" if summary["num_heads_assumed"]
+             else f"num_heads {summary['num_heads']}")
     print(f"wrote {args.output}: DEM dim {summary['dim']} ({summary['dem_tensors']} tensors)"
-          + (f", projector ({summary['projector_tensors']} tensors)" if summary["projector_tensors"] else ""))
+          + (f", projector ({summary['projector_tensors']} tensors)" if summary["projector_tensors"] else "")
+          + f"; {heads}")
 
 
 def cmd_bench(args) -> None:
@@ -160,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def grid_options(p):
+    def grid_options(p, patch_size=PATCH_SIZE):
         p.add_argument("--grid", default="auto", type=grid_arg,
                        help="'auto' (LLaVA-NeXT's AnyRes choice) or RxC, e.g. 3x3")
-        p.add_argument("--crop-size", type=positive_int, default=336, help="vision tower input size s (default 336)")
+        p.add_argument("--crop-size", type=crop_size_option(patch_size), default=336,
+                       help=f"vision tower input size s (default 336): {crop_size_rule(patch_size)}"
+                            + ("" if patch_size else ", a multiple of --patch-size"))
         p.add_argument("--max-tiles", type=positive_int, default=9, help="largest R*C for --grid auto (default 9)")
 
     show = sub.add_parser("show", help="draw the image, its grid, the local and the global crops, and the budgets")
@@ -176,15 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     budget = sub.add_parser("budget", help="tower passes and LLM tokens per image, scheme by scheme")
     budget.add_argument("--size", required=True, type=size_arg, help="image size HxW, e.g. 1000x1800")
-    grid_options(budget)
+    grid_options(budget, patch_size=None)  # --crop-size against --patch-size: check_budget_usage
     budget.add_argument("--patch-size", type=positive_int, default=14, help="vision tower patch size (default 14)")
     budget.add_argument("--json", action="store_true", help="print JSON")
-    budget.set_defaults(run=cmd_budget)
+    budget.set_defaults(run=cmd_budget, usage=check_budget_usage, usage_error=budget.error)
 
     convert = sub.add_parser("convert-inf-llava", help="extract the DEM (and projector) of an INF-LLaVA checkpoint")
     convert.add_argument("source", help="checkpoint folder (sharded .safetensors / .bin) or one file (mm_projector.bin)")
     convert.add_argument("-o", "--output", required=True, type=safetensors_output_arg,
                          help="the .safetensors file to write (never one of the files read; written atomically)")
+    convert.add_argument("--num-heads", type=positive_int, default=None,
+                         help="the DEM's attention heads, which its weights cannot tell (default: the released 8, "
+                              "marked as assumed in the file's metadata)")
     convert.set_defaults(run=cmd_convert)
 
     from ..bench.run import DESCRIPTION, add_arguments  # one parser for `dualview bench` and `python -m dualview.bench`
@@ -201,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    problem = args.usage(args) if hasattr(args, "usage") else None
+    if problem:
+        args.usage_error(problem)  # exit 2, as the parser's own errors
     try:
         args.run(args)
     except (CommandError, MissingDependency, ValueError, TypeError, FileNotFoundError, OSError) as e:

@@ -4,11 +4,11 @@ projector (``mm_projector.*``), with the DEM's configuration in the metadata."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-from .._checks import require
+from .._checks import check_positive_int, require
 from .._output import check_not_input, check_writable, write_atomically
 from ..checkpoints import (
     DEM_DIM_KEY, DEM_MARK, PROJECTOR_MARK, WEIGHT_DTYPES, Origin, check_dem_state, checkpoint_files, dem_dim,
@@ -17,8 +17,11 @@ from ..checkpoints import (
 from ..enhance import DEM
 
 FORMAT = "dualview-inf-llava/1"
-# What the released SpatialEmbed is; num_heads cannot be read off the weights.
+# What the released SpatialEmbed is; num_heads cannot be read off the weights (the converter takes
+# it as given, else assumes the released 8 and says so in the metadata: NUM_HEADS_FROM).
 RELEASED = {"num_heads": 8, "out_size": (24, 24), "directions": "both", "fusion": "linear_concat", "resample": "bilinear"}
+NUM_HEADS_FROM = "num_heads_from"
+"""Metadata entry: ``given`` (the caller said), or ``assumed`` (the released value: the weights cannot tell)."""
 
 
 OUTPUT_SUFFIX = ".safetensors"
@@ -39,19 +42,33 @@ def check_output_name(output: Union[str, Path], name: str = "output") -> Path:
     return output
 
 
-def convert_inf_llava(source: Union[str, Path], output: Union[str, Path], *, output_name: str = "output") -> dict:
+def convert_inf_llava(
+    source: Union[str, Path],
+    output: Union[str, Path],
+    *,
+    num_heads: Optional[int] = None,
+    output_name: str = "output",
+    num_heads_name: str = "num_heads",
+) -> dict:
     """Read ``source`` (a checkpoint folder, sharded or not, or one weight file such as the
     pretraining stage's ``mm_projector.bin``) safely and write ``output`` (a ``.safetensors`` file).
-    Returns a summary.
+    Returns a summary (``num_heads``, and ``num_heads_assumed``).
+
+    ``num_heads``: the DEM's attention heads, which its weights cannot tell; None assumes the
+    released 8, and the metadata says so (``num_heads_from``: ``assumed``, else ``given``).
 
     ``output`` is never one of the files read (the same path, a symlink or a hard link to one is
     refused before anything is read) and is written atomically (a temporary file in its folder,
     then ``os.replace``), with the ordinary file mode (``0o666`` minus the umask). ``output_name``
-    is how the caller names the output in error messages (the command: ``-o``)."""
+    and ``num_heads_name`` are how the caller names them in error messages (the command: ``-o``,
+    ``--num-heads``)."""
     require("safetensors", extra="hf", feature="converting an INF-LLaVA checkpoint")
     from safetensors.torch import save
 
     source, output = Path(source), Path(output)
+    if num_heads is not None:
+        check_positive_int(num_heads, num_heads_name)
+    options = {**RELEASED, "num_heads": RELEASED["num_heads"] if num_heads is None else num_heads}
     # checked first: nothing is read before a command line mistake is reported
     if output.is_dir():
         raise ValueError(
@@ -70,7 +87,14 @@ def convert_inf_llava(source: Union[str, Path], output: Union[str, Path], *, out
     origin = Origin(source, dem_prefix)
     if DEM_DIM_KEY not in dem_state:
         raise ValueError(f"{origin.key(DEM_DIM_KEY)} is missing: the DEM's weights are incomplete")
-    dem = DEM(dem_dim(dem_state, origin), **RELEASED)
+    dim = dem_dim(dem_state, origin)
+    if dim % options["num_heads"]:
+        given = "" if num_heads is not None else f" (assumed, the released value: pass {num_heads_name})"
+        raise ValueError(
+            f"{num_heads_name} {options['num_heads']}{given} does not divide the DEM's dim {dim} "
+            f"({origin.key(DEM_DIM_KEY)}): give the number of heads the DEM was trained with"
+        )
+    dem = DEM(dim, **options)
     check_dem_state(dem_state, dem, origin=origin, model="the released INF-LLaVA DEM")  # keys, dtypes, shapes
     projector_prefix = find_prefix(tensors, PROJECTOR_MARK)
     projector = strip_prefix(tensors, PROJECTOR_MARK)
@@ -81,11 +105,13 @@ def convert_inf_llava(source: Union[str, Path], output: Union[str, Path], *, out
             )
     out = {f"{DEM_MARK}{k}": v.contiguous() for k, v in dem_state.items()}
     out.update({f"{PROJECTOR_MARK}{k}": v.contiguous() for k, v in projector.items()})
-    metadata = {"format": FORMAT, "dim": str(dem.dim), "source": str(source)}
-    metadata.update({k: "x".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in RELEASED.items()})
+    metadata = {"format": FORMAT, "dim": str(dem.dim), "source": str(source),
+                NUM_HEADS_FROM: "assumed" if num_heads is None else "given"}
+    metadata.update({k: "x".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in options.items()})
     data = save(out, metadata=metadata)  # bytes: the file is written below, atomically, with the usual mode
     write_atomically(output, lambda tmp: tmp.write_bytes(data), name=output_name)
-    return {"dim": dem.dim, "dem_tensors": len(dem_state), "projector_tensors": len(projector)}
+    return {"dim": dem.dim, "dem_tensors": len(dem_state), "projector_tensors": len(projector),
+            "num_heads": dem.num_heads, "num_heads_assumed": num_heads is None}
 
 
 def _metadata_value(meta: dict, key: str, path: Path, parse):

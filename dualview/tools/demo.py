@@ -54,26 +54,14 @@ class CallCounter(torch.nn.Module):
         return self.tower(pixels)
 
 
-MAX_CROP_SIZE = 2016
-"""Largest ``--crop-size``: the tiny CLIP then has 144x144 = 20736 positions (CLIP-336: 576)."""
-
-
-def _crop_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 14 <= value <= MAX_CROP_SIZE:
-        raise argparse.ArgumentTypeError(f"must be an int in 14..{MAX_CROP_SIZE}, got {text!r}")
-    return value
-
-
 def main(argv=None) -> None:
+    from .._checks import crop_size_option, crop_size_rule
     from .cli import grid_arg, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m dualview.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="auto", type=grid_arg, help="'auto' (AnyRes choice, up to --max-tiles) or RxC")
-    parser.add_argument("--crop-size", type=_crop_size, default=336, help=f"vision tower input size (14..{MAX_CROP_SIZE})")
+    parser.add_argument("--crop-size", type=crop_size_option(), default=336,
+                        help=f"vision tower input size: {crop_size_rule()}")
     parser.add_argument("--max-tiles", type=positive_int, default=9)
     parser.add_argument("--fit", choices=("pad", "squash"), default="pad")
     args = parser.parse_args(argv)

@@ -72,6 +72,8 @@ def load_image(path: Path) -> torch.Tensor:
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if path.is_dir():
+        raise ValueError(f"image {str(path)!r} is a folder: give an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
@@ -84,6 +86,8 @@ def load_image(path: Path) -> torch.Tensor:
         raise ValueError(_bomb_message(path, Image.MAX_IMAGE_PIXELS)) from None
     except UnidentifiedImageError:
         raise ValueError(f"{str(path)!r} is not an image PIL can read") from None
+    except ValueError as e:  # pixels to_unit_range refuses (a float image off [0, 1], NaN, ...)
+        raise ValueError(f"image {str(path)!r}: {e}") from None
     except OSError as e:
         raise ValueError(f"image {str(path)!r} could not be read: {e}") from None
 
@@ -164,10 +168,10 @@ def render(
         (mosaic(crops.local_view[0], rows, cols, gap), f"local view: {rows * cols} contiguous tiles (detail)"),
         (mosaic(crops.global_view[0], rows, cols, gap), f"global view: {rows * cols} strided samples canvas[a::{rows}, b::{cols}]"),
     ]
-    for i, (pixels, name) in enumerate(panels):
+    for i, (pixels, panel_title) in enumerate(panels):
         ax = fig.add_subplot(places[i])
         ax.imshow(pixels.clamp(0, 1).permute(1, 2, 0).numpy())
-        ax.set_title(name, fontsize=10)
+        ax.set_title(panel_title, fontsize=10)
         ax.axis("off")
         if i == 0:  # the tile borders on the canvas, and the content box
             for r in range(1, rows):
