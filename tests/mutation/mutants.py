@@ -488,7 +488,7 @@ MUTANTS: list[Mutant] = [
 # the host mechanism, the lifecycle (issue 30): initial / reset values, dtypes, refusal paths, loaders
 GATE_TESTS = ("tests/test_gate.py", "tests/test_tiled.py")
 TILED_TESTS = ("tests/test_tiled.py", "tests/test_gate.py")
-MECHANISM_TESTS = ("tests/test_adapter_mechanism.py",)
+APPLY_TESTS = ("tests/test_adapter_apply.py",)
 LIFECYCLE_TESTS = ("tests/test_lifecycle.py",)
 GATE = "dualview/gate.py"
 BASE = "adapters/base.py"
@@ -531,11 +531,11 @@ MUTANTS += [
     _m("base-exact-host-subclass", BASE,
        "fits = isinstance(model, cls.hosts) if not cls.exact_host else type(model) in cls.hosts",
        "fits = isinstance(model, cls.hosts)", "an exact-host adapter takes a subclass of its host class",
-       tests=MECHANISM_TESTS),
+       tests=APPLY_TESTS),
     _m("base-processor-refusal", BASE, "if processor is not None and not cls.processor_tiles:",
        "if processor is not None and cls.processor_tiles:",
        "budget refuses a processor where the processor picks the grid, and takes one where it does not",
-       tests=MECHANISM_TESTS),
+       tests=APPLY_TESTS),
     _m("base-prepare-twice", BASE, "    if type(processor) in prepared.values():\n        return processor\n", "",
        "a prepared processor given again is refused (its class is not a plain one)",
        tests=INTERNVL_TESTS),
@@ -543,7 +543,7 @@ MUTANTS += [
     _m("hflp-no-pad", HFLP, "do_pad=True, size=", "do_pad=False, size=",
        "the LLaVA processor squashes the image instead of padding it to square", tests=HF_LLAVA_TESTS),
     _m("hflp-fixed-grid-unchecked", HFLP, '    if grid == "auto":\n        raise', "    if False:\n        raise",
-       "prepare_processor takes grid='auto' (no canvas to resize to)", tests=HF_LLAVA_TESTS + MECHANISM_TESTS),
+       "prepare_processor takes grid='auto' (no canvas to resize to)", tests=APPLY_TESTS + HF_LLAVA_TESTS),
     # hf_internvl_processing.py
     _m("ivlp-patch-side-one-axis", IVLP, " or tuple(pixel_values.shape[-2:]) != (s, s):", ":",
        "InternVL reads the tile side from the last axis only: non-square patches pass", tests=INTERNVL_TESTS),
@@ -573,12 +573,12 @@ MUTANTS += [
        "Idefics3: a very tall image's short edge rescaled to 0 pixels", tests=IDEFICS3_TESTS),
     # _host.py
     _m("host-dem-float32", HOST, 'device="meta", dtype=dtype)', 'device="meta")',
-       "a DEM made inside a half-precision model is float32", tests=MECHANISM_TESTS),
+       "a DEM made inside a half-precision model is float32", tests=APPLY_TESTS),
     _m("host-gate-float32", HOST, 'init="identity", device=ref.device, dtype=ref.dtype)',
        'init="identity", device=ref.device)', "the gate made beside a half-precision DEM is float32",
-       tests=MECHANISM_TESTS),
+       tests=APPLY_TESTS),
     _m("host-released-gate-accepted", HOST, '    if gate.init != "identity":\n', "    if False:\n",
-       "a released (fixed, parameter-free) gate assigned to spatial_gate is accepted", tests=MECHANISM_TESTS),
+       "a released (fixed, parameter-free) gate assigned to spatial_gate is accepted", tests=APPLY_TESTS),
     _m("host-project-uncast", HOST, "return projector(to_dtype_of(feats, projector))", "return projector(feats)",
        "a DEM in another precision hands the projector its own dtype", tests=HF_LLAVA_TESTS),
     # lifecycle.py
