@@ -290,4 +290,3 @@ def test_every_adapter_has_one_budget_signature_and_refuses_a_processor_its_mode
     assert cost.tokens > 0 and cost.tower_passes >= 2
     with pytest.raises(ValueError, match=f"processor must be None for {adapter.__name__.rsplit('.', 1)[1]}.*got object"):
         adapter.budget(model, (60, 90), processor=object())
-
