@@ -64,10 +64,11 @@ def features(model, inputs, **kwargs):
 # --- the host's tiling, as arithmetic --------------------------------------------------------------
 
 # (33, 132), (99, 132), (132, 99) with tile 33: the short edge is resized to an odd multiple of the tile,
-# which the processors round up to even, one pixel past the tile (one more row or column)
+# which the processors round up to even, one pixel past the tile (one more row or column); (1, 1500):
+# the short edge rescaled below one pixel is kept at one
 GRID_SIZES = [(4, 4), (5, 7), (31, 32), (32, 32), (33, 32), (50, 90), (90, 50), (64, 96), (128, 128), (129, 40),
               (10, 200), (200, 10), (300, 301), (17, 1000), (1000, 17), (97, 65), (365, 364), (4, 257), (64, 32),
-              (33, 132), (99, 132), (132, 99)]
+              (33, 132), (99, 132), (132, 99), (1, 1500), (1500, 1)]
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])

@@ -171,6 +171,19 @@ def test_token_counts_are_the_hosts_for_every_size():
         assert cost.tower_passes == (2 * rows * cols + 1 if patches > 1 else 1)
 
 
+def test_image_sizes_follow_the_tiling_kwargs_of_the_call():
+    """Images kwargs given to the call (max_patches, min_patches) win over the image processor's own, as
+    the host tiles with them: image_sizes are the canvases of the grids the call made."""
+    processor = prepared()
+    sizes = [(40, 90), (300, 40)]
+    for kwargs in (dict(max_patches=2), dict(min_patches=3, max_patches=4)):
+        out = M.batch(processor, sizes, **kwargs)
+        grids = [adapter.tile_grid(size, tile_size=(S, S), **{"min_patches": M.MIN_PATCHES, **kwargs}) for size in sizes]
+        assert grids != [grid_of(size) for size in sizes], kwargs
+        assert out["image_sizes"].tolist() == [[r * S, c * S] for r, c in grids], kwargs
+        assert out["pixel_values"].shape[0] == sum(adapter.patches_per_image(g) for g in grids)
+
+
 def test_image_sizes_follow_pixel_values_through_multi_image_prompts_and_videos():
     processor = prepared()
     frames = 3
@@ -381,6 +394,8 @@ def test_image_sizes_that_do_not_fit_pixel_values_are_refused():
         image_features(model, {**inputs, "image_sizes": torch.tensor([[40, 90], [100, 100]])})
     with pytest.raises(ValueError, match="image_sizes entry"):
         image_features(model, {**inputs, "image_sizes": torch.tensor([[0, 56], [56, 56]])})
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(\d+, 3, 14, 28\)"):  # tiles of S x S, both sides
+        image_features(model, {**inputs, "pixel_values": inputs["pixel_values"][:, :, :S // 2]})
     with pytest.raises(ValueError, match=r"\(patches, 3, s, s\)"):
         image_features(model, {**inputs, "pixel_values": inputs["pixel_values"][None]})
 

@@ -15,6 +15,7 @@ from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMi
 from llava.model.language_model.llava_mpt import LlavaMptForCausalLM
 from safetensors.torch import load_file, save_file
 
+import dualview
 from dualview.adapters import llava15
 from dualview.adapters._host import dem_settings
 from dualview.adapters._common import DualViewOptions, recorded_options
@@ -181,6 +182,12 @@ def test_save_pretrained_and_from_pretrained_keep_dem_and_options(tower_28, tmp_
 
     again = llava15.from_pretrained(tmp_path)
     assert recorded_options(again.config) == saved
+    # the one entry point resolves the saved dual-view class (architectures: DualViewLlava...) to this adapter
+    archs = json.loads((tmp_path / "config.json").read_text())["architectures"]
+    assert archs == ["DualViewLlavaLlamaForCausalLM"]
+    resolved = dualview.from_pretrained(tmp_path)
+    assert type(resolved) is type(again) and type(resolved.get_model()) is type(again.get_model())
+    assert all(torch.equal(a, b) for a, b in zip(resolved.state_dict().values(), again.state_dict().values()))
     dem, dem_again = model.get_model().spatial_embed, again.get_model().spatial_embed
     assert dem_again is llava15.encoder_of(again).dem and dem_again.num_heads == 4 and dem_again.out_size == (3, 3)
     assert all(torch.equal(a, b) for a, b in zip(dem.state_dict().values(), dem_again.state_dict().values()))

@@ -151,6 +151,16 @@ def test_resize_and_s2_budgets(feat):
     assert (s2.grid, s2.canvas_size, s2.tower_passes, s2.tokens) == ((3, 3), (1008, 1008), 1 + 4 + 9, h * w)
 
 
+def test_compare_defaults_to_the_dcms_tile_cap():
+    """``compare`` without ``max_tiles`` chooses among the grids a default ``DCM`` considers (9 tiles):
+    a 1:12 strip gets a 1x9 grid, not 1x12."""
+    size = (336, 12 * 336)
+    assert DCM(336, "auto").grid_for(size) == (1, 9)
+    rows = {b.scheme: b for b in B.compare(size)}
+    assert [rows[s].grid for s in ("anyres", "dual_view", "dual_view_full")] == [(1, 9)] * 3
+    assert rows["dual_view"].tower_passes == 2 * 9 + 1
+
+
 @pytest.mark.parametrize("grid", [(2, 3), (3, 1), (1, 32), (32, 32)])
 @pytest.mark.parametrize("feat", [(24, 24), (2, 3)])
 def test_dual_view_budget_on_non_square_grids_and_maps(grid, feat):

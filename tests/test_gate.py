@@ -23,6 +23,32 @@ def test_gate_is_host_plus_g_times_the_difference_and_identity_at_zero():
     assert gate(host.bfloat16(), dual.bfloat16()).dtype == torch.bfloat16
 
 
+def test_a_float32_g_blends_bfloat16_features_in_float32_rounded_once():
+    """``g`` is used in the inputs' precision only where that is wider: a float32 ``g`` (1/3 is not a
+    bfloat16 number) blends bfloat16 features in float32 and the result is rounded to bfloat16 once."""
+    torch.manual_seed(0)
+    host, dual = torch.randn(64, 8).bfloat16(), torch.randn(64, 8).bfloat16()
+    gate = DualViewGate(8)
+    with torch.no_grad():
+        gate.g.fill_(1 / 3)
+    want = (host.float() + torch.full((8,), 1 / 3) * (dual - host).float()).bfloat16()
+    got = gate(host, dual)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    in_bf16 = host + gate.g.detach().bfloat16() * (dual - host)  # g rounded to bfloat16 first: another answer
+    assert not torch.equal(in_bf16, want)
+
+
+def test_g_is_made_in_the_dtype_asked_for_and_reset_to_its_initial_value():
+    assert DualViewGate(4, dtype=torch.bfloat16).g.dtype == torch.bfloat16
+    assert DualViewGate(4, init="released", dtype=torch.float16).g.dtype == torch.float16
+    for init, start in (("identity", 0.0), ("released", 0.5)):
+        gate = DualViewGate(4, init=init)
+        with torch.no_grad():
+            gate.g.uniform_(-1, 1)
+        gate.reset_parameters()
+        assert torch.equal(gate.g, torch.full((4,), start)), init
+
+
 def test_released_gate_is_the_released_mean_bit_for_bit_and_adds_no_state():
     host, dual = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
     gate = DualViewGate(6, init="released")
@@ -37,6 +63,11 @@ def test_gate_errors_name_the_argument():
         DualViewGate(0)
     with pytest.raises(ValueError, match=r"one shape \(\.\.\., 4\), got host \(2, 4\) and dual \(2, 3\)"):
         DualViewGate(4)(torch.zeros(2, 4), torch.zeros(2, 3))
+    # one shape, every axis: nothing broadcasts (a (1, 4) host against (3, 4), one channel against g's 4)
+    with pytest.raises(ValueError, match=r"got host \(1, 4\) and dual \(3, 4\)"):
+        DualViewGate(4)(torch.zeros(1, 4), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"DualViewGate\(dim=4\) .* got host \(2, 1\) and dual \(2, 1\)"):
+        DualViewGate(4)(torch.zeros(2, 1), torch.zeros(2, 1))
     with pytest.raises(TypeError, match="two tensors"):
         DualViewGate(4)(torch.zeros(2, 4), None)
 

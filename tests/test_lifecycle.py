@@ -120,6 +120,57 @@ def test_save_adapter_writes_a_small_file_and_load_is_strict(tmp_path):
         dualview.load(tiny_model(), tmp_path / "nothing")
 
 
+def _saved(folder, init):
+    """An adapter-only checkpoint of a trained model with ``init``: (its weights, its config)."""
+    from safetensors.torch import load_file
+
+    model = dualview.apply(tiny_model(), **{**OPTIONS, "init": init})
+    with torch.no_grad():
+        for p in model.model.spatial_embed.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    dualview.save_adapter(model, folder)
+    return load_file(str(folder / ADAPTER_WEIGHTS)), json.loads((folder / ADAPTER_CONFIG).read_text())
+
+
+def _refused(folder, match, *, tensors=None, meta=None, raw_weights=None, raw_meta=None):
+    """``dualview.load`` of ``folder`` written from these parts is one ValueError matching ``match``, and
+    the plain model it was given stays plain."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    if raw_weights is not None:
+        (folder / ADAPTER_WEIGHTS).write_bytes(raw_weights)
+    elif tensors is not None:
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS))
+    (folder / ADAPTER_CONFIG).write_text(raw_meta if raw_meta is not None else json.dumps(meta))
+    plain = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        dualview.load(plain, folder)
+    assert type(plain.model) is transformers.LlavaModel and not hasattr(plain.config, "dualview")
+    assert not hasattr(plain.model, "spatial_embed")
+
+
+def test_load_refuses_what_an_adapter_checkpoint_must_not_hold_and_leaves_the_model_plain(tmp_path):
+    state, meta = _saved(tmp_path / "released", "released")
+    assert not any(k.startswith("spatial_gate.") for k in state)
+    # init="released" has no gate: a gate weight in its checkpoint is not silently dropped
+    _refused(tmp_path / "gate", r"unexpected keys \['spatial_gate.g'\]", tensors={**state, "spatial_gate.g": torch.zeros(32)},
+             meta=meta)
+    # the weights are read from a .safetensors file only (a .bin is a pickle), even inside the folder
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "dualview_adapter.bin")
+    (tmp_path / "bin" / ADAPTER_CONFIG).write_text(json.dumps({**meta, "weights": "dualview_adapter.bin"}))
+    plain = tiny_model()
+    with pytest.raises(ValueError, match=r"'weights' must name a .safetensors file inside .*'dualview_adapter.bin'"):
+        dualview.load(plain, tmp_path / "bin")
+    assert type(plain.model) is transformers.LlavaModel
+    # an unreadable weight file fails before dual view is applied
+    _refused(tmp_path / "garbage", r"is not a readable safetensors file", raw_weights=b"not safetensors", meta=meta)
+    _refused(tmp_path / "format", r"format 2 is not one this dualview reads \(1\)", tensors=state,
+             meta={**meta, "format": 2})
+    _refused(tmp_path / "list", r"must hold a JSON object, got list", tensors=state, raw_meta="[]")
+
+
 def test_whole_model_save_pretrained_keeps_working_and_dualview_from_pretrained_resolves_it(tmp_path):
     model = trained(dualview.apply(tiny_model(), **OPTIONS))
     inputs = _inputs(((40, 70),))

@@ -162,6 +162,18 @@ def test_precision_pass_through_keeps_the_towers_and_the_dem_runs_in_its_own():
     assert torch.equal(out[:1], base)
 
 
+def test_identity_gate_gives_the_towers_precision_and_features_with_a_dem_in_another():
+    """Under init="identity" the tiles come back in the tower's dtype, its own features at g = 0, whatever
+    the DEM's precision (the gate blends in the features' dtype, not the DEM's)."""
+    tower = PatchTower(dim=D, patch_size=P).to(torch.bfloat16)
+    encoder = make_encoder(init="identity", tower=tower, dem_dtype=torch.float32)
+    im = image((2, 2), 1, 1, 0)
+    with torch.no_grad():
+        out = encoder.encode_tiled([TiledImage(im.patches.bfloat16(), im.grid, im.tiles_at)])[0]
+        plain = tower(im.patches.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
+
+
 def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="patches must be"):
         TiledImage(torch.rand(2, S, S))
@@ -169,6 +181,10 @@ def test_bad_inputs_name_the_argument():
         TiledImage(torch.rand(4, 3, S, S), (2, 2), 1)
     with pytest.raises(ValueError, match="masks must be"):
         TiledImage(torch.rand(4, 3, S, S), (2, 2), masks=torch.ones(4, S, S + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"masks must be \(P, s, s\) = \(4, 28, 28\), got \(3, 28, 28\)"):
+        TiledImage(torch.rand(4, 3, S, S), (2, 2), masks=torch.ones(3, S, S, dtype=torch.bool))
+    with pytest.raises(ValueError, match="tiles_at=-1 with grid"):  # no wrapping around the patches
+        TiledImage(torch.rand(4, 3, S, S), (2, 2), -1)
     encoder = make_encoder()
     with pytest.raises(ValueError, match="every image of a call or for none"):
         encoder.encode_tiled([TiledImage(torch.rand(1, 3, S, S), masks=torch.ones(1, S, S, dtype=torch.bool)),

@@ -506,3 +506,118 @@ MUTANTS: list[Mutant] = [
        "TiledImage(frames[at], grid, tiles_at=1, masks=masks[at]) if grid[0]",
        "Idefics3: tiles read one frame late (the global image is last)", tests=IDEFICS3_TESTS),
 ]
+
+# ---- the code added last: the gate, the tiled engine's checks, the adapters' base and processors,
+# the host mechanism, the lifecycle (issue 30): initial / reset values, dtypes, refusal paths, loaders
+GATE_TESTS = ("tests/test_gate.py", "tests/test_tiled.py")
+TILED_TESTS = ("tests/test_tiled.py", "tests/test_gate.py")
+APPLY_TESTS = ("tests/test_adapter_apply.py",)
+LIFECYCLE_TESTS = ("tests/test_lifecycle.py",)
+GATE = "dualview/gate.py"
+BASE = "adapters/base.py"
+HOST = "adapters/_host.py"
+LIFE = "dualview/lifecycle.py"
+
+MUTANTS += [
+    # gate.py
+    _m("gate-reset-identity", GATE, "self.g.fill_(0.0 if", "self.g.fill_(0.5 if",
+       "reset_parameters puts an identity gate at 0.5, not back at 0", tests=GATE_TESTS),
+    _m("gate-blend-in-input-dtype", GATE,
+       "g = self.g if self.g.dtype == torch.promote_types(self.g.dtype, host.dtype) else self.g.to(host.dtype)",
+       "g = self.g.to(host.dtype)", "a float32 g is cast to bf16 inputs' dtype before the blend (rounded twice)",
+       tests=GATE_TESTS),
+    _m("gate-shape-last-axis", GATE, "if host.shape != dual.shape or", "if host.shape[-1:] != dual.shape[-1:] or",
+       "the gate compares only the channel axis of host and dual (a (1, D) host broadcasts)", tests=GATE_TESTS),
+    _m("gate-dim-unchecked", GATE, " or host.shape[-1:] != (self.dim,):", ":",
+       "the gate takes features of another channel count (g broadcasts over one channel)", tests=GATE_TESTS),
+    _m("gate-dtype-ignored", GATE, "self.g = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))",
+       "self.g = nn.Parameter(torch.zeros(dim, device=device))", "DualViewGate(dtype=...) makes a float32 g anyway",
+       tests=GATE_TESTS),
+    # tiled.py
+    _m("tiled-masks-count-unchecked", TILED,
+       "if self.masks is not None and tuple(self.masks.shape) != (patches.shape[0], *patches.shape[-2:]):",
+       "if self.masks is not None and tuple(self.masks.shape[-2:]) != tuple(patches.shape[-2:]):",
+       "TiledImage checks its masks' pixel sides, not their count", tests=TILED_TESTS),
+    _m("tiled-tiles-at-negative", TILED, "if not (0 <= self.tiles_at and self.tiles_at + rows * cols",
+       "if not (self.tiles_at + rows * cols", "TiledImage accepts tiles_at=-1 (the tiles wrap around)",
+       tests=TILED_TESTS),
+    _m("tiled-dem-output-dtype", TILED, "(rows, cols), (h, w)).to(feats)", "(rows, cols), (h, w))",
+       "the DEM's output is not cast back to the features' dtype", tests=TILED_TESTS),
+    _m("tiled-gate-in-dem-dtype", TILED, "windows = encoder.gate(local, windows)",
+       "windows = encoder.gate(local.to(ref.dtype), windows.to(ref.dtype))",
+       "the identity gate blends in the DEM's precision: the host's tiles come back in another dtype",
+       tests=TILED_TESTS),
+    # budget.py
+    _m("compare-max-tiles-default", BUDGET, "    max_tiles: int = 9,\n", "    max_tiles: int = 12,\n",
+       "compare()'s default tile cap is 12, not the DCM's 9", tests=("tests/test_budgets.py", "tests/test_grid.py")),
+    # base.py
+    _m("base-exact-host-subclass", BASE,
+       "fits = isinstance(model, cls.hosts) if not cls.exact_host else type(model) in cls.hosts",
+       "fits = isinstance(model, cls.hosts)", "an exact-host adapter takes a subclass of its host class",
+       tests=APPLY_TESTS),
+    _m("base-processor-refusal", BASE, "if processor is not None and not cls.processor_tiles:",
+       "if processor is not None and cls.processor_tiles:",
+       "budget refuses a processor where the processor picks the grid, and takes one where it does not",
+       tests=APPLY_TESTS),
+    _m("base-prepare-twice", BASE, "    if type(processor) in prepared.values():\n        return processor\n", "",
+       "a prepared processor given again is refused (its class is not a plain one)",
+       tests=INTERNVL_TESTS),
+    # hf_llava_processing.py
+    _m("hflp-no-pad", HFLP, "do_pad=True, size=", "do_pad=False, size=",
+       "the LLaVA processor squashes the image instead of padding it to square", tests=HF_LLAVA_TESTS),
+    _m("hflp-fixed-grid-unchecked", HFLP, '    if grid == "auto":\n        raise', "    if False:\n        raise",
+       "prepare_processor takes grid='auto' (no canvas to resize to)", tests=APPLY_TESTS + HF_LLAVA_TESTS),
+    # hf_internvl_processing.py
+    _m("ivlp-patch-side-one-axis", IVLP, " or tuple(pixel_values.shape[-2:]) != (s, s):", ":",
+       "InternVL reads the tile side from the last axis only: non-square patches pass", tests=INTERNVL_TESTS),
+    _m("ivlp-call-kwargs-ignored", IVLP, "        value = kwargs.get(name)\n", "        value = None\n",
+       "InternVL's grid ignores the call's images kwargs (max_patches=...)", tests=INTERNVL_TESTS),
+    _m("ivlp-default-max-patches", IVLP, "DEFAULT_TILING = dict(min_patches=1, max_patches=12,",
+       "DEFAULT_TILING = dict(min_patches=1, max_patches=6,",
+       "InternVL budget without a processor assumes max_patches=6, not InternVL3's 12", tests=INTERNVL_TESTS),
+    _m("ivlp-prepare-before-check", IVLP,
+       "        check_fits(processor, internvl_config(model))\n    return prepare(processor, {InternVLProcessor: DualViewInternVLProcessor})",
+       "        prepare(processor, {InternVLProcessor: DualViewInternVLProcessor})\n"
+       "        check_fits(processor, internvl_config(model))\n    return prepare(processor, {InternVLProcessor: DualViewInternVLProcessor})",
+       "InternVL: a processor that does not fit the model is refused after its class was changed", tests=INTERNVL_TESTS),
+    # hf_idefics3_processing.py
+    _m("idf-prepare-before-check", IDFP, "    check_fits(processor, model)\n    return prepare(processor, _PREPARED)",
+       "    prepared = prepare(processor, _PREPARED)\n    check_fits(prepared, model)\n    return prepared",
+       "Idefics3: a processor that does not fit the model is refused after its class was changed",
+       tests=IDEFICS3_TESTS),
+    _m("idf-video-padding-frames", IDFP, "[[0, 0] if torch.as_tensor(frame).ne(0).any() else [-1, -1] for frame in video]",
+       "[[0, 0] for frame in video]", "Idefics3: a video's all-zero padding frames listed as unsplit images",
+       tests=IDEFICS3_TESTS),
+    _m("idf-fits-tokens-unchecked", IDFP, "if (cut, processor.image_seq_len) != (tile, tokens):", "if cut != tile:",
+       "Idefics3: a processor expanding frames to another token count than the model's is accepted",
+       tests=IDEFICS3_TESTS),
+    _m("idf-rescale-zero-side", IDFP, "        width += width % 2\n    return max(height, 1), max(width, 1)",
+       "        width += width % 2\n    return height, width",
+       "Idefics3: a very tall image's short edge rescaled to 0 pixels", tests=IDEFICS3_TESTS),
+    # _host.py
+    _m("host-dem-float32", HOST, 'device="meta", dtype=dtype)', 'device="meta")',
+       "a DEM made inside a half-precision model is float32", tests=APPLY_TESTS),
+    _m("host-gate-float32", HOST, 'init="identity", device=ref.device, dtype=ref.dtype)',
+       'init="identity", device=ref.device)', "the gate made beside a half-precision DEM is float32",
+       tests=APPLY_TESTS),
+    _m("host-released-gate-accepted", HOST, '    if gate.init != "identity":\n', "    if False:\n",
+       "a released (fixed, parameter-free) gate assigned to spatial_gate is accepted", tests=APPLY_TESTS),
+    _m("host-project-uncast", HOST, "return projector(to_dtype_of(feats, projector))", "return projector(feats)",
+       "a DEM in another precision hands the projector its own dtype", tests=HF_LLAVA_TESTS),
+    # lifecycle.py
+    _m("life-released-gate-keys", LIFE, "for p, m in parts.items() if m is not None)", "for p in parts)",
+       "load takes spatial_gate.* keys for init='released' (no gate) and drops them", tests=LIFECYCLE_TESTS),
+    _m("life-weights-suffix", LIFE, ' or Path(meta["weights"]).suffix != ".safetensors":', ":",
+       "load reads a weights file of another kind than .safetensors (a pickled .bin)", tests=LIFECYCLE_TESTS),
+    _m("life-apply-before-read", LIFE, "    state = read_tensors(weights)\n    module.apply(model, **meta[\"options\"])\n",
+       "    module.apply(model, **meta[\"options\"])\n    state = read_tensors(weights)\n",
+       "load applies dual view before reading the weights: an unreadable file leaves the model adapted",
+       tests=LIFECYCLE_TESTS),
+    _m("life-format-unchecked", LIFE, 'if meta.get("format") != FORMAT:', "if False:",
+       "load reads an adapter config of another format", tests=LIFECYCLE_TESTS),
+    _m("life-json-not-object", LIFE, "    if not isinstance(data, dict):\n", "    if False:\n",
+       "an adapter config holding a JSON list reaches .get", tests=LIFECYCLE_TESTS),
+    _m("life-dualview-architectures", LIFE, ' or by_name.get(arch.removeprefix("DualView"))', "",
+       "dualview.from_pretrained does not resolve a saved DualView* architecture (the vLLM plug-in's, llava's)",
+       tests=LIFECYCLE_TESTS + LLAVA15_TESTS),
+]

@@ -1,0 +1,72 @@
+"""What ``apply`` makes and what it refuses, beside the per-host battery (tests/host_battery.py): the
+host class itself (not a subclass, where the adapter says so), the DEM and gate in the model's
+precision, a gate the host cannot train, a processor where the model decides the budget, a
+processor preparation that cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from dualview.adapters import hf_llava, hf_llava_next
+from dualview.gate import DualViewGate
+
+from . import llava_models as llava
+from . import tiny_models as tiny
+from .llava_next_models import tiny_model
+
+
+def _prompt_inputs(model, size=(40, 70)):
+    processor = hf_llava.prepare_processor(llava.tiny_processor(), model)
+    return dict(processor(images=tiny.pil_image(*size), text=tiny.PROMPT, return_tensors="pt"))
+
+
+def test_an_exact_host_adapter_refuses_a_subclass_of_its_host_and_hf_llava_takes_one():
+    """LLaVA-NeXT's adapter takes LlavaNextForConditionalGeneration itself (another transformers host
+    may subclass it); hf_llava declares subclasses welcome."""
+    model = tiny_model()
+    model.__class__ = type("MyLlavaNext", (transformers.LlavaNextForConditionalGeneration,), {})
+    with pytest.raises(TypeError, match="model must be a transformers LlavaNextForConditionalGeneration, got MyLlavaNext"):
+        hf_llava_next.apply(model, num_heads=2)
+    assert type(model.model) is transformers.LlavaNextModel and "dualview" not in model.config.to_dict()
+    sub = llava.tiny_model()
+    sub.__class__ = type("MyLlava", (transformers.LlavaForConditionalGeneration,), {})
+    assert type(hf_llava.apply(sub, grid=(2, 2)).model).__name__ == "DualViewLlavaModel"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_apply_to_a_half_precision_model_makes_the_dem_and_gate_in_its_precision(dtype):
+    model = hf_llava.apply(llava.tiny_model().to(dtype), grid=(2, 3), num_heads=4, init="identity")
+    own = [*model.model.spatial_embed.parameters(), model.model.spatial_gate.g]
+    assert {p.dtype for p in own} == {dtype} and not model.model.spatial_gate.g.any()
+    inputs = _prompt_inputs(model)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        assert model(**inputs).logits.dtype == dtype
+
+
+def test_a_gate_the_host_cannot_train_is_refused_at_assignment():
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 3), num_heads=4, init="identity")
+    gate, dim = model.model.spatial_gate, model.model.spatial_embed.dim
+    with pytest.raises(ValueError, match=r"spatial_gate must have init='identity' \(a learnable g\), got init='released'"):
+        model.model.spatial_gate = DualViewGate(dim, init="released")
+    with pytest.raises(ValueError, match=rf"spatial_gate must have dim={dim} \(the DEM's\), got dim={dim + 1}"):
+        model.model.spatial_gate = DualViewGate(dim + 1)
+    assert model.model.spatial_gate is gate
+
+
+def test_prepare_processor_needs_a_fixed_grid_and_leaves_the_processor_plain():
+    model = hf_llava.apply(llava.tiny_model(), grid="auto")
+    processor = llava.tiny_processor()
+    image_processor = processor.image_processor
+    with pytest.raises(ValueError, match="prepare_processor needs a fixed grid, got grid='auto'"):
+        hf_llava.prepare_processor(processor, model)
+    assert type(processor) is transformers.LlavaProcessor and processor.image_processor is image_processor
+
+
+def test_budget_refuses_a_processor_where_the_model_decides_the_grid():
+    model = hf_llava.apply(llava.tiny_model(), grid=(2, 3))
+    assert hf_llava.budget(model, (40, 70)) == hf_llava.encoder_of(model).budget((40, 70))
+    with pytest.raises(ValueError, match="processor must be None for hf_llava: the model's options and config decide"):
+        hf_llava.budget(model, (40, 70), processor=llava.tiny_processor())
