@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
+from . import _zero3
+
 ADAPTER_WEIGHTS = "dualview_adapter.safetensors"
 """File name of the DEM (+ gate) weights written by :func:`save_adapter`."""
 ADAPTER_CONFIG = "dualview_adapter.json"
@@ -136,7 +138,8 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     """Write only dual view's own state: ``dualview_adapter.safetensors`` (the DEM under
     ``spatial_embed.*``, the gate under ``spatial_gate.*`` with ``init="identity"``) and
     ``dualview_adapter.json`` (adapter name, dualview version, host class, options). Returns the folder.
-    :func:`load` puts it on a plain host."""
+    :func:`load` puts it on a plain host. Under DeepSpeed ZeRO-3 every rank calls it (the DEM's
+    partitioned weights are gathered, a collective) and rank 0 writes."""
     from safetensors.torch import save_file
 
     from dualview import __version__
@@ -144,13 +147,16 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
 
     host = dual_view_host(model)
     dem, gate = host.dualview_dem, host.dualview_gate  # records the DEM's settings in config.dualview
-    state = {DEM_PREFIX + k: v for k, v in dem.state_dict().items()}
-    if gate is not None:
-        state.update({GATE_PREFIX + k: v for k, v in gate.state_dict().items()})
+    parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
+    parts = {prefix: module for prefix, module in parts.items() if module is not None}
+    with _zero3.gathered(*parts.values()):  # ZeRO-3: the full weights, not the empty local shards
+        state = {prefix + k: v.detach().to("cpu", copy=True).contiguous()
+                 for prefix, module in parts.items() for k, v in module.state_dict().items()}
+    if _zero3.is_partitioned(dem) and not _is_rank_zero():  # every rank gathered; one writes
+        return Path(folder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     plain = getattr(type(model), "dualview_plain", type(model))
     meta = {
         "format": FORMAT, "adapter": type(host).dualview_adapter, "dualview_version": __version__,
@@ -241,10 +247,10 @@ def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str],
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        total += _zero3.numel(param)
+        trainable += _zero3.numel(param) if param.requires_grad else 0
     try:
-        own = {id(p): p.numel() for m in dual_view_modules(model) for p in m.parameters()}
+        own = {id(p): _zero3.numel(p) for m in dual_view_modules(model) for p in m.parameters()}
     except ValueError:  # a plain model
         own = {}
     counts = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1),
@@ -294,6 +300,12 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
         raise TypeError(f"lora must be a peft.LoraConfig, got {type(lora).__name__}")
     lora.modules_to_save = sorted(set(lora.modules_to_save or []) | set(names))
     return peft.get_peft_model(model, lora)
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _read_json(path: Path, *, what: str) -> dict:

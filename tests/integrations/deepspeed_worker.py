@@ -28,8 +28,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: tests.* and dualview
 
+import importlib  # noqa: E402
+
 import deepspeed  # noqa: E402
-import deepspeed.comm.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -38,7 +39,8 @@ from dualview.lifecycle import dual_view_modules  # noqa: E402
 
 # DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce op with g++ (~45 s on 2
 # cores); gloo does every collective here without it
-deepspeed.comm.torch.build_shm_op = lambda: None
+# (deepspeed.comm.torch as an attribute is the torch package: the module is taken from importlib)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 MICRO_BATCH = 2
 LR = 1e-2
@@ -89,9 +91,12 @@ class InternVL:
 
 
 HOSTS = {"llava_next": LlavaNext, "internvl": InternVL}
-# per rank its own images: rank 0 two of one grid, rank 1 two of two other grids (one DEM call per grid,
-# so the ranks call the DEM a different number of times)
-SIZES = {0: [(40, 60), (44, 62)], 1: [(30, 80), (60, 30)]}
+# per rank its own images. ZeRO-3: of the same two grids on both ranks (LLaVA-NeXT 2x2 and 2x1, InternVL 2x3
+# and 2x1): the DEM runs once per grid, and ZeRO-3 gathers its parameters at every call, a collective that
+# every rank must make as often (docs/training.md, "DeepSpeed": ranks with different grid mixes desync).
+# ZeRO-2 gathers nothing in the forward: there rank 1 has two images of one grid (LLaVA-NeXT 2x2, InternVL 2x3)
+SIZES = {3: {0: [(40, 60), (60, 30)], 1: [(44, 62), (58, 29)]},
+         2: {0: [(40, 60), (60, 30)], 1: [(44, 62), (42, 61)]}}
 
 
 def labelled(batch, image_token_id):
@@ -116,14 +121,12 @@ def engine_config(stage):
 def llava_config(stage):
     """The LLaVA forks' scripts/zero2.json / zero3.json ("auto": filled in by the Trainer), plus what CPU
     training with torch's AdamW needs (DeepSpeed would otherwise swap in its compiled CPU Adam)."""
-    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
-    if stage == 2:
-        zero.update(allgather_partitions=True, allgather_bucket_size="auto", reduce_scatter=True,
-                    reduce_bucket_size="auto")
-    else:
-        zero.update(sub_group_size=1e9, reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto",
-                    stage3_param_persistence_threshold="auto", stage3_max_live_parameters=1e9,
-                    stage3_max_reuse_distance=1e9, stage3_gather_16bit_weights_on_model_save=True)
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+            "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9,
+                    stage3_gather_16bit_weights_on_model_save=True)
     return {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
             "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "zero_optimization": zero,
             "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
@@ -170,6 +173,13 @@ def on_all_ranks(value):
     return values
 
 
+def forward_engine(model, config):
+    """An engine to compute losses with (ZeRO-2 wants an optimizer, which no step here uses)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
 def loss_of(engine, batch):
     return engine(**batch).loss
 
@@ -180,10 +190,10 @@ def loss_of(engine, batch):
 def check_engine(host, stage, out, report):
     """Check 1 (engine) and 3 (saves)."""
     rank = dist.get_rank()
-    batch = labelled(host.batch(SIZES[rank]), host.image_token_id)
+    batch = labelled(host.batch(SIZES[stage][rank]), host.image_token_id)
     config = engine_config(stage)
 
-    plain, *_ = deepspeed.initialize(model=host.model(), config=config)
+    plain = forward_engine(host.model(), config)
     with torch.no_grad():
         plain_loss = float(loss_of(plain, host.plain_inputs(batch)))
     del plain
@@ -216,8 +226,10 @@ def check_engine(host, stage, out, report):
         from safetensors.torch import save_file
 
         convert_zero_checkpoint_to_fp32_state_dict(str(out / "checkpoint"), str(out / "fp32"), tag="step2")
+        config = engine.module.config
+        config.architectures = [type(engine.module).__name__]  # what save_pretrained records
         for folder in ("model16", "fp32"):
-            engine.module.config.save_pretrained(out / folder)
+            config.save_pretrained(out / folder)
         save_file({k: v.contiguous() for k, v in after.items()}, str(out / "ref.safetensors"))
     report["engine"] = {
         "plain_loss": on_all_ranks(plain_loss),
@@ -249,7 +261,7 @@ def check_zero_init(host, stage, out, report, engine, batch):
             model = dualview.load(host.cls.from_pretrained(out / "plain"), out / "adapter")
         host_sizes = {n: p.numel() for n, p in model.named_parameters() if part_of(n) != "dual_view"}
         got = {k: v for k, v in gathered(model).items() if part_of(k) == "dual_view"}
-        reloaded, *_ = deepspeed.initialize(model=model, config=config)
+        reloaded = forward_engine(model, config)
         with torch.no_grad():
             loss = float(loss_of(reloaded, batch))
         results[how] = {
@@ -280,7 +292,7 @@ def check_trainer(host, stage, out, report):
     before = gathered(model)
 
     class Samples(Dataset):  # one image per sample, the rank's sizes (the Trainer's sampler spreads them)
-        samples = [host.batch([s]) for s in SIZES[0] + SIZES[1]]
+        samples = [host.batch([s]) for s in SIZES[stage][0] + SIZES[stage][1]]
 
         def __len__(self):
             return len(self.samples)
