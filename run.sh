@@ -10,12 +10,14 @@
 #                                                  # (compat/low.txt) or at the newest releases
 #   bash run.sh lock                               # refresh constraints.txt from the newest releases
 #   bash run.sh test-vllm|test-eval|test-serving   # the vLLM / lmms-eval lanes (docs/serving.md)
+#   bash run.sh test-deepspeed                     # the DeepSpeed ZeRO-2/3 lane (docs/training.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# The serving / evaluation lanes have venvs of their own (lanes/run.sh, docs/serving.md): not .venv.
+# The serving / evaluation / DeepSpeed lanes have venvs of their own (lanes/run.sh): not .venv.
 case "${1:-}" in
   test-vllm) shift; exec bash lanes/run.sh vllm "$@" ;;
+  test-deepspeed) shift; exec bash lanes/run.sh deepspeed "$@" ;;
   test-eval) shift; exec bash lanes/run.sh eval "$@" ;;
   test-serving) shift; exec bash lanes/run.sh all "$@" ;;
 esac
@@ -89,5 +91,5 @@ case "$cmd" in
     { sed -n '1,3p' constraints.txt; cat .venv-lock/freeze.txt; } > constraints.txt.new
     mv constraints.txt.new constraints.txt
     echo "[run.sh] constraints.txt refreshed from .venv-lock (suite passed); review with git diff" >&2 ;;
-  *) echo "usage: bash run.sh demo|test|test-compat low|new|lock|test-vllm|test-eval|test-serving [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo|test|test-compat low|new|lock|test-vllm|test-eval|test-serving|test-deepspeed [args...]" >&2; exit 2 ;;
 esac

@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
+from . import _zero3
+
 ADAPTER_WEIGHTS = "dualview_adapter.safetensors"
 """File name of the DEM (+ gate) weights written by :func:`save_adapter`."""
 ADAPTER_CONFIG = "dualview_adapter.json"
@@ -170,7 +172,8 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     PEFT's adapter is saved too (``model.save_pretrained``: the LoRA, and the DEM and gate as
     ``modules_to_save``), so that :func:`load` gives the same PEFT model back. All files are written
     all or nothing (:func:`dualview._output.write_files_atomically`): a new folder appears complete,
-    an existing one keeps its other files."""
+    an existing one keeps its other files. Under DeepSpeed ZeRO-3 every rank calls it (the DEM's
+    partitioned weights are gathered, a collective) and rank 0 writes."""
     from safetensors.torch import save_file
 
     from dualview import __version__
@@ -179,10 +182,13 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
 
     host = dual_view_host(model)
     dem, gate = host.dualview_dem, host.dualview_gate  # records the DEM's settings in config.dualview
-    state = {DEM_PREFIX + k: v for k, v in dem.state_dict().items()}
-    if gate is not None:
-        state.update({GATE_PREFIX + k: v for k, v in gate.state_dict().items()})
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
+    parts = {prefix: module for prefix, module in parts.items() if module is not None}
+    with _zero3.gathered(*parts.values()):  # ZeRO-3: the full weights, not the empty local shards
+        tensors = {prefix + k: v.detach().to("cpu", copy=True).contiguous()
+                   for prefix, module in parts.items() for k, v in module.state_dict().items()}
+    if _zero3.is_partitioned(dem) and not _is_rank_zero():  # every rank gathered; one writes
+        return Path(folder)
     base = peft_base(model)
     outer = type(model if base is None else base)
     plain = getattr(outer, "dualview_plain", outer)
@@ -397,12 +403,12 @@ def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str],
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        total += _zero3.numel(param)
+        trainable += _zero3.numel(param) if param.requires_grad else 0
     from dualview.adapters._host import unwrap_dem
 
     try:
-        own = {id(p): p.numel() for m in dual_view_modules(model) for p in unwrap_dem(m).parameters()}
+        own = {id(p): _zero3.numel(p) for m in dual_view_modules(model) for p in unwrap_dem(m).parameters()}
     except ValueError:  # a plain model
         own = {}
     counts = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1),
@@ -463,6 +469,12 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
     lora.modules_to_save = sorted(set(lora.modules_to_save or []) | set(names))
     lora.exclude_modules = _exclude_dual_view(lora.exclude_modules)
     return peft.get_peft_model(model, lora)
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _read_json(path: Path, *, what: str) -> dict:

