@@ -21,9 +21,11 @@ from torch import nn
 
 from dualview import DCM, DEM, DualViewEncoder
 from dualview import grid as G
+from dualview._device import placement  # noqa: F401 - the adapters' name for it
 from dualview.gate import DualViewGate
 
 from ._common import CONFIG_KEY, DualViewOptions, record_options, recorded_options
+from .towers import RecordsOutputs
 
 DEM_ATTR = "spatial_embed"
 """Name of the DEM submodule (INF-LLaVA's), on the module whose class is swapped or its inner model."""
@@ -192,22 +194,6 @@ def check_dem_fits(
             f"{where} must have out_size={tuple(expects[1])} (thumbnail_fusion='mean' averages the thumbnail's "
             f"tokens with the DEM's), got out_size={dem.out_size}"
         )
-
-
-def placement(module: nn.Module) -> torch.device:
-    """The device ``module`` computes on: its parameters', or, when ``device_map`` offloaded it (its
-    weights on "meta" behind accelerate's hooks, loaded from "cpu" / "disk" at each call), the
-    hooks' execution device. "meta" only for a module built on meta without hooks."""
-    ref = next(module.parameters())
-    if ref.device.type != "meta":
-        return ref.device
-    for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook
-            device = getattr(one, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
-    return ref.device
 
 
 def dtype_of(module: nn.Module) -> torch.dtype:
@@ -410,8 +396,14 @@ def _inherit_conversion_mapping(cls: type, plain: type) -> None:
 def swap_class(module: nn.Module, cls: type) -> None:
     """``module.__class__ = cls``, keeping accelerate's hooks (``device_map`` loading) on the new
     class's ``forward``: the hook calls the ``_old_forward`` it stored on the instance, bound to the
-    class the module had when it was hooked, and ``generate`` reads the wrapper's signature."""
+    class the module had when it was hooked, and ``generate`` reads the wrapper's signature; and
+    keeping what its ``output_hidden_states`` / ``output_attentions`` record (transformers 5 keeps that
+    per class)."""
+    registry = _recordable_outputs()
+    recorded = registry.get(module) if registry is not None else None
     module.__class__ = cls
+    if recorded:  # the swapped-in class records what the plain one did (e.g. the LM's hidden states)
+        registry[module] = recorded
     if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
         module._old_forward = cls.forward.__get__(module, cls)
         hooked = module.__dict__.get("forward")
@@ -419,6 +411,16 @@ def swap_class(module: nn.Module, cls: type) -> None:
             module.forward = functools.update_wrapper(
                 functools.partial(hooked.func, *hooked.args, **hooked.keywords), module._old_forward
             )
+
+
+def _recordable_outputs() -> Optional[dict]:
+    """transformers 5's registry of what each model class's ``output_hidden_states`` /
+    ``output_attentions`` record (keyed by the class, filled when a model is built), or None."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - transformers 4: no registry
+        return None
+    return _CAN_RECORD_REGISTRY
 
 
 def checked(model: nn.Module, build: Callable[[nn.Module], Any], unapply: Callable[[nn.Module], Any]) -> nn.Module:
@@ -488,11 +490,12 @@ def adapter_for(cls: type) -> Optional[str]:
 # ---- the vision tower's own outputs, for get_image_features(output_hidden_states=..., output_attentions=...)
 
 
-class RecordingTower(nn.Module):
+class RecordingTower(RecordsOutputs, nn.Module):
     """A patch-token tower (``HFVisionTower``) that, when asked, also keeps the transformers vision
     model's ``hidden_states`` / ``attentions`` of every crop it ran (one entry per layer, crops of all
     chunks concatenated in tower-batch order: the order :meth:`DualViewEncoder.encode_crops` gathers
-    them in). Without a request it is the tower itself (layer-truncated where the tower does that)."""
+    them in; image by image where the tiled engine regroups them, :class:`~.towers.RecordsOutputs`).
+    Without a request it is the tower itself (layer-truncated where the tower does that)."""
 
     def __init__(self, tower: nn.Module, *, hidden_states: bool = False, attentions: bool = False) -> None:
         super().__init__()
@@ -509,7 +512,7 @@ class RecordingTower(nn.Module):
             per_chunk = [getattr(o, key, None) for o in self.recorded]
             if wanted and per_chunk and all(p is not None for p in per_chunk):
                 # an entry the tower left empty (None) stays None: nothing to join
-                out[key] = tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_chunk))
+                out[key] = self.in_order(tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_chunk)))
         return out
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

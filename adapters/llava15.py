@@ -113,7 +113,7 @@ class DualViewLlava(_host.DualViewHost):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
-        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
+        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size)
         return self.dualview_project(feats)
 
     def prepare_inputs_for_generation(
