@@ -71,16 +71,17 @@ class DualViewHost:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == DEM_ATTR and isinstance(value, nn.Module):
             self._dualview_check(unwrap_dem(value))  # a wrong DEM is refused before it replaces the right one
-        elif name == DEM_ATTR and DEM_ATTR in self._modules:  # None or another value would replace the DEM
-            raise TypeError(
-                f"{DEM_ATTR} must be a dualview.DEM, got {type(value).__name__}: the registered DEM is kept; to remove "
-                f"dual view call dualview.adapters.{self.dualview_adapter}.unapply(model)"
-            )
+        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
+            check_kept(self, name, value, adapter=self.dualview_adapter)
         if name == GATE_ATTR and isinstance(value, nn.Module):
             check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=self.dualview_adapter)
         super().__setattr__(name, value)
         if name == DEM_ATTR and DEM_ATTR in self._modules:
             self.dualview_dem  # noqa: B018 - record the new DEM's settings in config.dualview
+
+    def __delattr__(self, name: str) -> None:
+        check_kept(self, name, adapter=self.dualview_adapter, deleting=True)
+        super().__delattr__(name)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         self.dualview_dem  # noqa: B018 - the saved options describe the DEM that is saved
@@ -148,6 +149,24 @@ class DualViewHost:
         """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
         return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size,
                             gate=self.dualview_gate)
+
+
+def check_kept(parent: nn.Module, name: str, value: Any = None, *, adapter: str, deleting: bool = False) -> None:
+    """A TypeError when assigning ``value`` (not a module) to ``name`` on ``parent``, or deleting it
+    (``deleting``), would remove the registered DEM (``spatial_embed``) or the gate ``init="identity"``
+    runs (``spatial_gate``): they are kept; :func:`unapply` removes dual view."""
+    if name not in (DEM_ATTR, GATE_ATTR) or parent._modules.get(name) is None:
+        return
+    if name == DEM_ATTR:
+        what, kind = "DEM", "a dualview.DEM"
+    elif name == GATE_ATTR and (recorded_options(parent.config) or {}).get("init") == "identity":
+        what, kind = "gate", "a dualview.gate.DualViewGate (config.dualview['init'] is 'identity')"
+    else:
+        return
+    wrong = f"{name} cannot be deleted" if deleting else f"{name} must be {kind}, got {type(value).__name__}"
+    raise TypeError(
+        f"{wrong}: the registered {what} is kept; to remove dual view call dualview.adapters.{adapter}.unapply(model)"
+    )
 
 
 def check_gate_fits(gate: nn.Module, *, dim: int, adapter: str) -> None:
@@ -454,8 +473,7 @@ def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = N
     swap_class(host, type(host).dualview_plain)
     parent = dem_parent if dem_parent is not None else host
     for attr in (DEM_ATTR, GATE_ATTR):
-        if attr in parent._modules:
-            delattr(parent, attr)
+        parent._modules.pop(attr, None)  # past the refusal of check_kept (llava's inner model keeps its class)
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 

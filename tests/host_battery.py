@@ -353,6 +353,36 @@ class HostBattery:
         self.dem(case, twin).load_state_dict(replacement.state_dict())
         torch.testing.assert_close(logits(twin, inputs), after, rtol=0, atol=0)
 
+    @pytest.mark.parametrize("init", ["released", "identity"])
+    def test_deleting_the_dem_or_gate_is_refused_as_assigning_none(self, init):
+        """``del parent.spatial_embed`` (and ``spatial_gate`` under ``init="identity"``) raises the
+        TypeError that assigning None raises, naming the submodule and ``unapply``; the DEM and gate
+        stay registered and the model runs as before. Under "released" a stray gate may be deleted
+        (what the missing-gate check tells users to do)."""
+        case = self.case()
+        model = case.adapter.apply(case.build(), **{**case.options, "init": init})
+        parent = case.dem_parent(model)
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        kept = {name: parent._modules[name] for name in ("spatial_embed", "spatial_gate") if name in parent._modules}
+        assert set(kept) == ({"spatial_embed", "spatial_gate"} if init == "identity" else {"spatial_embed"})
+        unapply = rf"the registered (DEM|gate) is kept.*dualview\.adapters\.{case.adapter.ADAPTER}\.unapply\(model\)"
+        for name in kept:
+            with pytest.raises(TypeError, match=rf"{name} must be .*got NoneType: {unapply}"):
+                setattr(parent, name, None)
+            with pytest.raises(TypeError, match=rf"{name} cannot be deleted: {unapply}"):
+                delattr(parent, name)
+        assert {name: parent._modules.get(name) for name in kept} == kept
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        if init == "released":  # a stray gate: refused by the forward, and deletable
+            parent.spatial_gate = DualViewGate(self.dem(case, model).dim).to(self.dem(case, model).ln_fuse.weight)
+            with pytest.raises(ValueError, match="delete spatial_gate"):
+                logits(model, inputs)
+            del parent.spatial_gate
+            torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        case.adapter.unapply(model)  # unapply itself removes them
+        assert not any(name in case.dem_parent(model)._modules for name in kept)
+
     def test_a_dem_the_host_cannot_use_is_refused_at_assignment(self, tmp_path):
         """A DEM of the wrong ``dim``, or an ``out_size`` the host cannot take (None under the
         thumbnail mean; another grid than the tower's; any for full-map hosts), is refused when
