@@ -21,6 +21,7 @@ CORE_TESTS = (
     "tests/test_enhance.py",
     "tests/test_encoder.py",
     "tests/test_tiled.py",
+    "tests/test_gate.py",
     "tests/test_reliability.py",
     "tests/test_checkpoints.py",
     "tests/test_reference_dem.py",
