@@ -278,7 +278,7 @@ def anyres_images(
             f"pixel_values must be (images, patches, 3, {crop}, {crop}) or stacked (patches, 3, {crop}, {crop}) "
             f"(vision_config.image_size={crop}), got shape {tuple(pixel_values.shape)}"
         )
-    pixel_values = pixel_values.to(device=next(encoder.dem.parameters()).device)
+    pixel_values = pixel_values.to(device=_host.placement(encoder.dem))
     patches = anyres_patches(pixel_values, [1 + g[0] * g[1] if g else 1 for g in grids])
     return [TiledImage(p, g, tiles_at=1) if g else TiledImage(p) for p, g in zip(patches, grids)]
 

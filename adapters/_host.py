@@ -21,9 +21,11 @@ from torch import nn
 
 from dualview import DCM, DEM, DualViewEncoder
 from dualview import grid as G
+from dualview._device import placement  # noqa: F401 - the adapters' name for it
 from dualview.gate import DualViewGate
 
 from ._common import CONFIG_KEY, DualViewOptions, record_options, recorded_options
+from .towers import RecordsOutputs
 
 DEM_ATTR = "spatial_embed"
 """Name of the DEM submodule (INF-LLaVA's), on the module whose class is swapped or its inner model."""
@@ -69,16 +71,17 @@ class DualViewHost:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == DEM_ATTR and isinstance(value, nn.Module):
             self._dualview_check(unwrap_dem(value))  # a wrong DEM is refused before it replaces the right one
-        elif name == DEM_ATTR and DEM_ATTR in self._modules:  # None or another value would replace the DEM
-            raise TypeError(
-                f"{DEM_ATTR} must be a dualview.DEM, got {type(value).__name__}: the registered DEM is kept; to remove "
-                f"dual view call dualview.adapters.{self.dualview_adapter}.unapply(model)"
-            )
+        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
+            check_kept(self, name, value, adapter=self.dualview_adapter)
         if name == GATE_ATTR and isinstance(value, nn.Module):
             check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=self.dualview_adapter)
         super().__setattr__(name, value)
         if name == DEM_ATTR and DEM_ATTR in self._modules:
             self.dualview_dem  # noqa: B018 - record the new DEM's settings in config.dualview
+
+    def __delattr__(self, name: str) -> None:
+        check_kept(self, name, adapter=self.dualview_adapter, deleting=True)
+        super().__delattr__(name)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         self.dualview_dem  # noqa: B018 - the saved options describe the DEM that is saved
@@ -148,6 +151,24 @@ class DualViewHost:
                             gate=self.dualview_gate)
 
 
+def check_kept(parent: nn.Module, name: str, value: Any = None, *, adapter: str, deleting: bool = False) -> None:
+    """A TypeError when assigning ``value`` (not a module) to ``name`` on ``parent``, or deleting it
+    (``deleting``), would remove the registered DEM (``spatial_embed``) or the gate ``init="identity"``
+    runs (``spatial_gate``): they are kept; :func:`unapply` removes dual view."""
+    if name not in (DEM_ATTR, GATE_ATTR) or parent._modules.get(name) is None:
+        return
+    if name == DEM_ATTR:
+        what, kind = "DEM", "a dualview.DEM"
+    elif name == GATE_ATTR and (recorded_options(parent.config) or {}).get("init") == "identity":
+        what, kind = "gate", "a dualview.gate.DualViewGate (config.dualview['init'] is 'identity')"
+    else:
+        return
+    wrong = f"{name} cannot be deleted" if deleting else f"{name} must be {kind}, got {type(value).__name__}"
+    raise TypeError(
+        f"{wrong}: the registered {what} is kept; to remove dual view call dualview.adapters.{adapter}.unapply(model)"
+    )
+
+
 def check_gate_fits(gate: nn.Module, *, dim: int, adapter: str) -> None:
     """The one check of a gate assigned to (or found at) ``spatial_gate``: a learnable
     ``DualViewGate(dim, init="identity")`` of the DEM's ``dim``; a TypeError / ValueError naming it."""
@@ -192,22 +213,6 @@ def check_dem_fits(
             f"{where} must have out_size={tuple(expects[1])} (thumbnail_fusion='mean' averages the thumbnail's "
             f"tokens with the DEM's), got out_size={dem.out_size}"
         )
-
-
-def placement(module: nn.Module) -> torch.device:
-    """The device ``module`` computes on: its parameters', or, when ``device_map`` offloaded it (its
-    weights on "meta" behind accelerate's hooks, loaded from "cpu" / "disk" at each call), the
-    hooks' execution device. "meta" only for a module built on meta without hooks."""
-    ref = next(module.parameters())
-    if ref.device.type != "meta":
-        return ref.device
-    for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook
-            device = getattr(one, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
-    return ref.device
 
 
 def dtype_of(module: nn.Module) -> torch.dtype:
@@ -421,8 +426,14 @@ def _inherit_conversion_mapping(cls: type, plain: type) -> None:
 def swap_class(module: nn.Module, cls: type) -> None:
     """``module.__class__ = cls``, keeping accelerate's hooks (``device_map`` loading) on the new
     class's ``forward``: the hook calls the ``_old_forward`` it stored on the instance, bound to the
-    class the module had when it was hooked, and ``generate`` reads the wrapper's signature."""
+    class the module had when it was hooked, and ``generate`` reads the wrapper's signature; and
+    keeping what its ``output_hidden_states`` / ``output_attentions`` record (transformers 5 keeps that
+    per class)."""
+    registry = _recordable_outputs()
+    recorded = registry.get(module) if registry is not None else None
     module.__class__ = cls
+    if recorded:  # the swapped-in class records what the plain one did (e.g. the LM's hidden states)
+        registry[module] = recorded
     if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
         module._old_forward = cls.forward.__get__(module, cls)
         hooked = module.__dict__.get("forward")
@@ -430,6 +441,16 @@ def swap_class(module: nn.Module, cls: type) -> None:
             module.forward = functools.update_wrapper(
                 functools.partial(hooked.func, *hooked.args, **hooked.keywords), module._old_forward
             )
+
+
+def _recordable_outputs() -> Optional[dict]:
+    """transformers 5's registry of what each model class's ``output_hidden_states`` /
+    ``output_attentions`` record (keyed by the class, filled when a model is built), or None."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - transformers 4: no registry
+        return None
+    return _CAN_RECORD_REGISTRY
 
 
 def checked(model: nn.Module, build: Callable[[nn.Module], Any], unapply: Callable[[nn.Module], Any]) -> nn.Module:
@@ -463,8 +484,7 @@ def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = N
     swap_class(host, type(host).dualview_plain)
     parent = dem_parent if dem_parent is not None else host
     for attr in (DEM_ATTR, GATE_ATTR):
-        if attr in parent._modules:
-            delattr(parent, attr)
+        parent._modules.pop(attr, None)  # past the refusal of check_kept (llava's inner model keeps its class)
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 
@@ -499,11 +519,12 @@ def adapter_for(cls: type) -> Optional[str]:
 # ---- the vision tower's own outputs, for get_image_features(output_hidden_states=..., output_attentions=...)
 
 
-class RecordingTower(nn.Module):
+class RecordingTower(RecordsOutputs, nn.Module):
     """A patch-token tower (``HFVisionTower``) that, when asked, also keeps the transformers vision
     model's ``hidden_states`` / ``attentions`` of every crop it ran (one entry per layer, crops of all
     chunks concatenated in tower-batch order: the order :meth:`DualViewEncoder.encode_crops` gathers
-    them in). Without a request it is the tower itself (layer-truncated where the tower does that)."""
+    them in; image by image where the tiled engine regroups them, :class:`~.towers.RecordsOutputs`).
+    Without a request it is the tower itself (layer-truncated where the tower does that)."""
 
     def __init__(self, tower: nn.Module, *, hidden_states: bool = False, attentions: bool = False) -> None:
         super().__init__()
@@ -520,7 +541,7 @@ class RecordingTower(nn.Module):
             per_chunk = [getattr(o, key, None) for o in self.recorded]
             if wanted and per_chunk and all(p is not None for p in per_chunk):
                 # an entry the tower left empty (None) stays None: nothing to join
-                out[key] = tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_chunk))
+                out[key] = self.in_order(tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_chunk)))
         return out
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

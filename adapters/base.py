@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 from torch import nn
 
@@ -91,6 +91,13 @@ class HostAdapter:
         """Host checks at :meth:`apply`, before anything changes (e.g. the select strategy)."""
 
     @classmethod
+    def prepare_host(cls, model: nn.Module) -> Callable[[], None]:
+        """After :meth:`check_host`, what the host needs before dual view is installed (e.g. loading a
+        delay-loaded vision tower); returns how to undo it, called when :meth:`apply` fails after it
+        (default: nothing to do)."""
+        return lambda: None
+
+    @classmethod
     def inner_of(cls, model: nn.Module) -> nn.Module:
         """The module whose class is swapped (default: ``model.model``; the inner model itself is taken too)."""
         return getattr(model, "model", model)
@@ -141,19 +148,24 @@ class HostAdapter:
         """Install dual view in place; returns the model. A new DEM (the host's ``_init_weights``, the
         projector's dtype and device) and the gate ``init`` asks for are registered beside the
         projector; the options go to ``config.dualview``. Every option is checked now: an encoder that
-        cannot be built leaves the plain model behind."""
+        cannot be built leaves the plain model behind (what :meth:`prepare_host` did undone)."""
         cls.check_type(model)
         inner, config = cls.inner_of(model), model.config
         opts = cls.options(config, options)
         _host.check_not_applied(inner)
         cls.check_host(model)
-        geometry = cls.geometry_of(inner)
-        parent = cls.dem_parent_of(inner)
-        dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(parent, cls.projector),
-                            init=inner._initialize_weights)
-        _host.attach(inner, cls.dual_view_class_for(inner), options=opts, dem=dem, config=config, dem_parent=parent)
-        cls.wrap(model)
-        return _host.checked(model, cls.encoder_of, cls.unapply)
+        undo = cls.prepare_host(model)
+        try:
+            geometry = cls.geometry_of(inner)
+            parent = cls.dem_parent_of(inner)
+            dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(parent, cls.projector),
+                                init=inner._initialize_weights)
+            _host.attach(inner, cls.dual_view_class_for(inner), options=opts, dem=dem, config=config, dem_parent=parent)
+            cls.wrap(model)
+            return _host.checked(model, cls.encoder_of, cls.unapply)
+        except BaseException:  # the plain model back, as it was before prepare_host
+            undo()
+            raise
 
     @classmethod
     def unapply(cls, model: nn.Module) -> nn.Module:

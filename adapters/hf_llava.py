@@ -55,7 +55,7 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
         thumbnail)."""
         encoder, tower, _ = self.dualview_call(vision_feature_layer, vision_feature_select_strategy, kwargs)
         check_resolution(encoder, pixel_values)
-        feats = encoder(pixel_values)  # (B, tokens, D_vision), in the DEM's dtype
+        feats = encoder(pixel_values)  # (B, tokens, D_vision)
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
         projected = self.dualview_project(feats)
         grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch

@@ -45,13 +45,14 @@ Shims (methods of those subclasses, nothing is patched on llava's classes):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
 import types
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ class DualViewLlava(_host.DualViewHost):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
-        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size), in the DEM's dtype
+        feats = encoder_of(self)(images)  # (B, tokens, mm_hidden_size)
         return self.dualview_project(feats)
 
     def prepare_inputs_for_generation(
@@ -170,9 +171,10 @@ def _expects(inner: nn.Module) -> tuple[int, G.Size]:
 
 
 class DualViewLlavaInner:
-    """llava's inner model (``get_model()``, where ``spatial_embed`` lives) with the check of an
+    """llava's inner model (``get_model()``, where ``spatial_embed`` lives) with the checks of an
     assigned DEM that :class:`~dualview.adapters._host.DualViewHost` gives the hosts it swaps: a DEM
-    the host cannot use is refused before it replaces the registered one."""
+    the host cannot use is refused before it replaces the registered one, and the DEM (or the gate
+    of ``init="identity"``) is neither deleted nor set to None (:func:`~._host.check_kept`)."""
 
     dualview_plain: type
 
@@ -184,9 +186,22 @@ class DualViewLlavaInner:
             recorded = recorded_options(self.config) or {}
             _host.check_dem_fits(dem, adapter=ADAPTER, expects=_expects(self), full_map=False,
                                  thumbnail_fusion=recorded.get("thumbnail_fusion"))
+        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
+            _host.check_kept(self, name, value, adapter=ADAPTER)
         if name == _host.GATE_ATTR and isinstance(value, nn.Module):
             _host.check_gate_fits(_host.unwrap_dem(value), dim=_host.unwrap_dem(self.spatial_embed).dim, adapter=ADAPTER)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        _host.check_kept(self, name, adapter=ADAPTER, deleting=True)
+        super().__delattr__(name)
+
+
+def _unload_tower(tower: nn.Module) -> None:
+    """Undo llava's ``CLIPVisionTower.load_model``: the tower delay-loaded again (its config only)."""
+    del tower.vision_tower
+    del tower.image_processor
+    tower.is_loaded = False
 
 
 def _define_subclasses() -> dict[str, type]:
@@ -279,17 +294,25 @@ class Llava15Adapter(HostAdapter):
 
     @classmethod
     def check_host(cls, model: nn.Module) -> None:
-        cls.dual_view_class_for(model)  # the class check before the tower loads
+        cls.dual_view_class_for(model)
         _check_llava_config(model.config)
-        inner = model.get_model()
-        tower = inner.get_vision_tower()
-        if not tower.is_loaded:  # llava builds the tower with delay_load=True
-            tower.load_model()
-            ref = next(inner.mm_projector.parameters())
-            tower.to(device=ref.device, dtype=ref.dtype)
+        tower = model.get_model().get_vision_tower()  # its config is read without loading it
         dim = int(getattr(model.config, "mm_hidden_size", tower.hidden_size))
         if dim != tower.hidden_size:
             raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
+
+    @classmethod
+    def prepare_host(cls, model: nn.Module) -> Callable[[], None]:
+        """llava builds the tower with delay_load=True: it is loaded (on the projector's device and in
+        its dtype), and unloaded again if ``apply`` fails."""
+        inner = model.get_model()
+        tower = inner.get_vision_tower()
+        if tower.is_loaded:
+            return lambda: None
+        tower.load_model()
+        ref = next(inner.mm_projector.parameters())
+        tower.to(device=ref.device, dtype=ref.dtype)
+        return functools.partial(_unload_tower, tower)
 
     @classmethod
     def geometry_of(cls, inner: nn.Module) -> Geometry:

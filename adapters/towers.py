@@ -324,7 +324,25 @@ def vision_tower(model: nn.Module, **options) -> nn.Module:
     )
 
 
-class MaskedVisionTower(nn.Module):
+class RecordsOutputs:
+    """Mixin of a tower that keeps the vision model's own ``hidden_states`` / ``attentions`` of the crops it
+    runs (in tower-batch order): the tiled engine calls :meth:`regroup` with the order that gives them
+    back image by image (:func:`dualview.tiled.encode_tiled`), so a batch's rows slice like each image's."""
+
+    order: Optional[torch.Tensor] = None
+
+    def regroup(self, order: Sequence[int]) -> None:
+        """Give the recorded outputs back as ``rows[order]`` (indices into the tower batch)."""
+        self.order = torch.as_tensor(list(order), dtype=torch.long)
+
+    def in_order(self, states: tuple) -> tuple:
+        """``states`` (per layer, every crop of the tower batch) in the order :meth:`regroup` set."""
+        if self.order is None:
+            return states
+        return tuple(s if s is None else s.index_select(0, self.order.to(s.device)) for s in states)
+
+
+class MaskedVisionTower(RecordsOutputs, nn.Module):
     """A vision transformer that takes a ``patch_attention_mask`` (Idefics3, SmolVLM) as the tiled engine's
     tower: (N, 3, H, W) pixels and their (N, H, W) pixel masks -> (N, h*w, D), a patch kept if any of its
     pixels is (the host's rule); the ``hidden_states`` / ``attentions`` the call asks for (``kwargs``, passed
@@ -345,9 +363,10 @@ class MaskedVisionTower(nn.Module):
         return out.last_hidden_state
 
     def outputs(self) -> dict:
-        """``hidden_states`` / ``attentions``: per layer, every call's crops in tower-batch order (None when not asked)."""
+        """``hidden_states`` / ``attentions``: per layer, every call's crops (None when not asked), image by image
+        where the tiled engine regrouped them (:class:`RecordsOutputs`), else in tower-batch order."""
         joined = {}
         for key in ("hidden_states", "attentions"):
             parts = [call[key] for call in self.recorded]
-            joined[key] = None if not parts or parts[0] is None else tuple(map(torch.cat, zip(*parts)))
+            joined[key] = None if not parts or parts[0] is None else self.in_order(tuple(map(torch.cat, zip(*parts))))
         return joined

@@ -199,8 +199,10 @@ class DualViewEncoder(nn.Module):
             feats = self._run_tower_host_apart(parts, counts, [role == host for role in roles])
         if feats.shape[-1] != self.dem.dim:
             raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
-        # The tower may run in another precision (e.g. a bf16 CLIP beside a float32 DEM): the DEM's wins.
-        feats = feats.to(self.dem.ln_fuse.weight.dtype)
+        # The tower may run in another precision than the DEM (a bf16 CLIP beside a float32 DEM, or the
+        # reverse): the DEM reads its own dtype; the host's features (the thumbnail, the plain tiles the
+        # gate reads) keep the tower's, so that the identity gate gives them back unrounded.
+        dem_dtype = self.dem.ln_fuse.weight.dtype
         feats = iter(feats.split(counts))
         local, glob, thumb = [], [], []
         for c in crops:
@@ -214,7 +216,8 @@ class DualViewEncoder(nn.Module):
             by_grid[c.grid].append(i)
         out: list[Optional[torch.Tensor]] = [None] * len(crops)
         for grid, idx in by_grid.items():
-            fused = self._step("dem")(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), grid)
+            fused = self._step("dem")(torch.cat([local[i] for i in idx]).to(dem_dtype),
+                                      torch.cat([glob[i] for i in idx]).to(dem_dtype), grid)
             for i, tokens in zip(idx, fused.split([local[i].shape[0] for i in idx])):
                 if self.gate is not None and self.dem.out_size is None:  # full map: host = the plain tiles' map
                     plain = local[i]  # (B, R*C, h*w, D) -> (B, R*h*C*w, D), the DEM's full-map order
@@ -300,8 +303,9 @@ class DualViewEncoder(nn.Module):
     def _fuse_thumbnail(self, dem_tokens: torch.Tensor, thumb: Optional[torch.Tensor]) -> torch.Tensor:
         if self.thumbnail_fusion == "none":
             return dem_tokens
-        if self.thumbnail_fusion == "concat":
-            return torch.cat((thumb, dem_tokens), dim=1)
+        if self.thumbnail_fusion == "concat":  # in the wider of the tower's and the DEM's dtypes
+            dtype = torch.promote_types(thumb.dtype, dem_tokens.dtype)
+            return torch.cat((thumb.to(dtype), dem_tokens.to(dtype)), dim=1)
         if thumb.shape != dem_tokens.shape:
             raise ValueError(
                 f"thumbnail_fusion='mean' needs thumbnail tokens {tuple(thumb.shape)} and DEM tokens "
@@ -309,7 +313,7 @@ class DualViewEncoder(nn.Module):
             )
         if self.gate is not None:  # identity init: host = the thumbnail's tokens
             return self.gate(thumb, dem_tokens)
-        return (thumb + dem_tokens) / 2
+        return (thumb + dem_tokens) / 2  # in the wider of the two dtypes (type promotion)
 
 
 

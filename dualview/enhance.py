@@ -20,6 +20,7 @@ from . import grid as G
 from ._checks import check_grid, check_positive_int, check_size
 from . import layout
 from ._checks import check_bool, check_choice, check_float_tensor, check_number, check_out_size, check_same_shape
+from ._device import placement
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -64,7 +65,7 @@ class CrossAttention(nn.Module):
         w_q, w_k, w_v, w_o = self.linears
         heads = "n t (h d) -> n h t d"
         query = rearrange(w_q(q), heads, h=self.num_heads)
-        if type(w_k) is nn.Linear and type(w_v) is nn.Linear:
+        if _bare_linear(w_k) and _bare_linear(w_v):
             # K and V read the same tokens: one (D -> 2D) matmul instead of two
             kv_proj = F.linear(kv, torch.cat((w_k.weight, w_v.weight)), torch.cat((w_k.bias, w_v.bias)))
         else:  # wrapped layers (LoRA, hooks) run their own forward
@@ -76,6 +77,13 @@ class CrossAttention(nn.Module):
             scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
             out = scores.softmax(dim=-1) @ value
         return self.ln(w_o(rearrange(out, "n h t d -> n t (h d)")) + q)
+
+
+def _bare_linear(layer: nn.Module) -> bool:
+    """``layer`` is an ``nn.Linear`` whose own forward is all that runs on a call: no forward hooks and
+    no forward replaced on the instance (accelerate's offloading hooks load the weights there)."""
+    return (type(layer) is nn.Linear and "forward" not in vars(layer)
+            and not (layer._forward_hooks or layer._forward_pre_hooks))
 
 
 # The readable path cuts a map into its parts with one pattern each; the sub-images go into the
@@ -428,13 +436,13 @@ class DEM(nn.Module):
             raise ValueError("local_feats must hold at least one image, got batch size 0")
         if dim != self.dim:
             raise ValueError(f"local_feats must have D={self.dim} channels (last dim), got shape {tuple(local_feats.shape)}")
-        param = self.ln_fuse.weight
+        dtype, device = self.ln_fuse.weight.dtype, placement(self)  # offloaded by accelerate: its hooks' device
         for name, x in (("local_feats", local_feats), ("global_feats", global_feats)):
-            if x.device != param.device or (x.dtype != param.dtype and not _autocast_accepts(x, local_feats.dtype)):
+            if x.device != device or (x.dtype != dtype and not _autocast_accepts(x, local_feats.dtype)):
                 raise TypeError(
-                    f"{name} must have the DEM's dtype and device ({param.dtype}, {param.device}), "
+                    f"{name} must have the DEM's dtype and device ({dtype}, {device}), "
                     f"got ({x.dtype}, {x.device}): move one of them with .to()"
-                    + ("" if x.device != param.device else "; under torch.autocast, the autocast dtype is accepted too")
+                    + ("" if x.device != device else "; under torch.autocast, the autocast dtype is accepted too")
                 )
         if local_feats.dtype != global_feats.dtype:
             raise TypeError(

@@ -15,10 +15,17 @@ the plain host computes them); the DEM's inputs take the DEM's dtype and device;
 the features' back. Under ``init="identity"`` the host's patches run in tower calls of their own
 (the plain host's batch: a tower need not give bit-equal features in batches of other sizes) and
 the gate blends the tiles' own features with the DEM's, so the gate at 0 gives the host's features.
+
+A tower that keeps its own outputs per crop (the adapters' ``hidden_states`` / ``attentions``) and
+has a ``regroup(order)`` method is told the order that gives them back image by image (each image's
+patches, then its global crops, :func:`image_order`): a batch's rows then slice like each image's.
+The DEM's device is where it computes (:func:`dualview._device.placement`: its hooks' when accelerate
+offloaded it).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ import torch
 
 from . import grid as G
 from ._checks import check_grid
+from ._device import placement
 from . import layout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,20 +114,24 @@ def encode_tiled(encoder: "DualViewEncoder", images: Sequence[TiledImage]) -> li
     glob_masks = ([global_crops(images[i].masks[images[i].tile_slice], images[i].grid) for i in tiled]
                   if host_masks is not None else None)
     feats = _tower_features(encoder, host, glob, host_masks, glob_masks)
+    regroup = getattr(encoder.tower, "regroup", None)
+    if callable(regroup):  # a tower keeping its own outputs per crop gives them back image by image
+        regroup(image_order(counts, {i: g.shape[0] for i, g in zip(tiled, glob)}))
     if feats.shape[-1] != dem.dim:
         raise ValueError(f"the tower returns D={feats.shape[-1]} channels, but the DEM has dim={dem.dim}")
     host_feats, global_feats = feats.split([host.shape[0], feats.shape[0] - host.shape[0]])
     per_image = list(host_feats.split(counts))
     globals_of = dict(zip(tiled, global_feats.split([g.shape[0] for g in glob])))
     h, w = _token_grid(encoder, host.shape[-2:], feats.shape[1])
-    ref = next(dem.parameters())
+    # the device the DEM computes on: its weights' or, offloaded by accelerate (weights on "meta"), its hooks'
+    device, dtype = placement(dem), next(dem.parameters()).dtype
     by_grid: dict[G.Grid, list[int]] = defaultdict(list)  # images that share a grid form one DEM batch
     for i in tiled:
         by_grid[tuple(images[i].grid)].append(i)
     for (rows, cols), members in by_grid.items():
         local = torch.stack([per_image[i][images[i].tile_slice] for i in members])  # (B, R*C, h*w, D)
         glob_feats = torch.stack([globals_of[i] for i in members])
-        fused = dem(local.to(device=ref.device, dtype=ref.dtype), glob_feats.to(device=ref.device, dtype=ref.dtype),
+        fused = dem(local.to(device=device, dtype=dtype), glob_feats.to(device=device, dtype=dtype),
                     (rows, cols), (h, w)).to(feats)  # (B, R*h*C*w, D), the canvas map row-major
         windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
         if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
@@ -128,6 +140,17 @@ def encode_tiled(encoder: "DualViewEncoder", images: Sequence[TiledImage]) -> li
             at = images[i].tile_slice
             per_image[i] = torch.cat((per_image[i][:at.start], tiles, per_image[i][at.stop:]))
     return per_image
+
+
+def image_order(counts: Sequence[int], globals_of: dict[int, int]) -> list[int]:
+    """The rows of the tower batch (every image's ``counts[i]`` patches, then the ``globals_of[i]``
+    global crops of each tiled image) image by image: each image's patches, then its global crops."""
+    order, glob_at = [], sum(counts)
+    for i, (start, count) in enumerate(zip(itertools.accumulate([0, *counts]), counts)):
+        order += range(start, start + count)
+        order += range(glob_at, glob_at + globals_of.get(i, 0))
+        glob_at += globals_of.get(i, 0)
+    return order
 
 
 def _tower_features(

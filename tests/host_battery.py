@@ -74,9 +74,13 @@ class HostCase:
     input_ids_key: str = "input_ids"
     generate: Callable[..., torch.Tensor] = lambda model, inputs, **kwargs: model.generate(**inputs, **kwargs)
     """How the host's ``generate`` takes the inputs."""
+    batch_of_two: Optional[Callable[[dict], tuple[dict, list[dict]]]] = None
+    """``(inputs of two one-image prompts of one size) -> (those inputs with the second image unlike the
+    first, the inputs of each prompt alone)``; None: the pixels are batch-first (the second image is
+    flipped) and every batch-first tensor is sliced."""
     not_applicable: dict = field(default_factory=dict)
-    """Check name ("mismatch", "image_features", "offload", "projector_offload", "left_padding",
-    "assignment_check") -> why the host has no such contract."""
+    """Check name ("mismatch", "image_features", "offload", "projector_offload", "offload_after_apply",
+    "left_padding", "assignment_check") -> why the host has no such contract."""
     plain_inputs: Optional[Callable[[Sequence[Size]], dict]] = None
     """Inputs for the never-adapted model, where its processor makes other ones (default: ``inputs``)."""
     identity_inputs: Optional[Callable[[nn.Module, dict], dict]] = None
@@ -259,6 +263,17 @@ class HostBattery:
             gate.g.fill_(0.5)
         assert not torch.allclose(logits(model, inputs), expected)
 
+    @pytest.mark.parametrize("dem_dtype", [torch.bfloat16, torch.float16])
+    def test_identity_is_bit_exact_with_the_dem_and_gate_in_lower_precision(self, dem_dtype):
+        """A float32 model whose DEM and gate are kept in half precision gives, under ``init="identity"``,
+        the plain float32 model's logits bit for bit: the host's features (the thumbnail's, or the
+        tiles') are never rounded to the DEM's dtype on the way to the gate."""
+        case, model = self.identity()
+        self.dem(case, model).to(dem_dtype)
+        self.gate(case, model).to(dem_dtype)
+        inputs, plain_inputs = self.plain_twin_inputs(case, model, case.sizes)
+        torch.testing.assert_close(logits(model, inputs), logits(case.build(), plain_inputs), rtol=0, atol=0)
+
     def test_identity_training_moves_the_gate_first_then_the_dem(self):
         """Step 0: the loss's gradient reaches the gate (``d out / d g = dem - host``) and not yet the
         DEM (``g = 0``); after one optimizer step the DEM's parameters get non-zero gradients and the
@@ -337,6 +352,36 @@ class HostBattery:
         _, twin = self.adapted()
         self.dem(case, twin).load_state_dict(replacement.state_dict())
         torch.testing.assert_close(logits(twin, inputs), after, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("init", ["released", "identity"])
+    def test_deleting_the_dem_or_gate_is_refused_as_assigning_none(self, init):
+        """``del parent.spatial_embed`` (and ``spatial_gate`` under ``init="identity"``) raises the
+        TypeError that assigning None raises, naming the submodule and ``unapply``; the DEM and gate
+        stay registered and the model runs as before. Under "released" a stray gate may be deleted
+        (what the missing-gate check tells users to do)."""
+        case = self.case()
+        model = case.adapter.apply(case.build(), **{**case.options, "init": init})
+        parent = case.dem_parent(model)
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        kept = {name: parent._modules[name] for name in ("spatial_embed", "spatial_gate") if name in parent._modules}
+        assert set(kept) == ({"spatial_embed", "spatial_gate"} if init == "identity" else {"spatial_embed"})
+        unapply = rf"the registered (DEM|gate) is kept.*dualview\.adapters\.{case.adapter.ADAPTER}\.unapply\(model\)"
+        for name in kept:
+            with pytest.raises(TypeError, match=rf"{name} must be .*got NoneType: {unapply}"):
+                setattr(parent, name, None)
+            with pytest.raises(TypeError, match=rf"{name} cannot be deleted: {unapply}"):
+                delattr(parent, name)
+        assert {name: parent._modules.get(name) for name in kept} == kept
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        if init == "released":  # a stray gate: refused by the forward, and deletable
+            parent.spatial_gate = DualViewGate(self.dem(case, model).dim).to(self.dem(case, model).ln_fuse.weight)
+            with pytest.raises(ValueError, match="delete spatial_gate"):
+                logits(model, inputs)
+            del parent.spatial_gate
+            torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        case.adapter.unapply(model)  # unapply itself removes them
+        assert not any(name in case.dem_parent(model)._modules for name in kept)
 
     def test_a_dem_the_host_cannot_use_is_refused_at_assignment(self, tmp_path):
         """A DEM of the wrong ``dim``, or an ``out_size`` the host cannot take (None under the
@@ -463,18 +508,52 @@ class HostBattery:
 
     # -- batching, padding, generation -----------------------------------------------------------------
 
-    def test_batched_equals_one_at_a_time(self):
-        case, model = self.adapted()
-        size = case.sizes[0]
-        both = case.inputs([size, size])
-        # two different images of one size: same prompt length, no padding
+    @staticmethod
+    def batch_and_samples(case: HostCase) -> tuple[dict, list[dict]]:
+        """Inputs of a batch of two prompts with two different images of one size (same prompt length,
+        no padding), and the inputs of each prompt alone."""
+        both = case.inputs([case.sizes[0]] * 2)
+        if case.batch_of_two is not None:
+            return case.batch_of_two(both)
         pixels_key = next(k for k in both if "pixel" in k or k == "images")
         both[pixels_key] = both[pixels_key].clone()
         both[pixels_key][1] = both[pixels_key][1].flip(-1)
+        return both, [{k: (v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v)
+                       for k, v in both.items()} for i in range(2)]
+
+    def test_batched_equals_one_at_a_time(self):
+        case, model = self.adapted()
+        both, ones = self.batch_and_samples(case)
         batched = logits(model, both)
-        for i in range(2):
-            one = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v) for k, v in both.items()}
+        for i, one in enumerate(ones):
             torch.testing.assert_close(batched[i : i + 1], logits(model, one), atol=1e-5, rtol=1e-4)
+
+    def test_every_returned_field_of_a_batch_is_what_its_prompts_return_alone(self):
+        """transformers' ``test_batching_equivalence``, in our words: with ``output_hidden_states`` and
+        ``output_attentions`` (eager attention; in the call and the config), every tensor the model returns (logits, the language
+        model's hidden states and attentions, the image outputs: features, the vision tower's hidden
+        states and attentions) holds for each prompt of a batch what the prompt alone returns: its row
+        of a per-prompt tensor, its consecutive rows of a per-image or per-crop one."""
+        case, model = self.adapted()
+        model.set_attn_implementation("eager")
+        # in the config too, as transformers' test sets them: the image hook reads them from there
+        model.config.output_hidden_states = model.config.output_attentions = True
+        both, ones = self.batch_and_samples(case)
+        kwargs = dict(output_hidden_states=True, output_attentions=True, use_cache=False, return_dict=True)
+        with torch.no_grad():
+            batched = model(**both, **kwargs)
+            alone = [model(**one, **kwargs) for one in ones]
+        compared = assert_batch_of(batched, alone)
+        # every field the plain host returns for one prompt was compared (the tower's own hidden
+        # states and attentions among the image outputs, where the host returns them)
+        plain = case.build()
+        plain.set_attn_implementation("eager")
+        plain.config.output_hidden_states = plain.config.output_attentions = True
+        _, plain_inputs = self.plain_twin_inputs(case, model, case.sizes[:1])
+        with torch.no_grad():
+            out = plain(**plain_inputs, **kwargs)
+        fields = assert_batch_of(out, [out])
+        assert "logits" in fields and set(fields) <= set(compared), sorted(set(fields) - set(compared))
 
     def test_left_padding_leaves_the_last_logits_unchanged(self):
         case, model = self.adapted()
@@ -712,6 +791,38 @@ class HostBattery:
         assert any(p.device.type == "meta" for p in case.vision_tower(offloaded).parameters())
         torch.testing.assert_close(logits(offloaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
 
+    @pytest.mark.parametrize("init", ["released", "identity"])
+    @pytest.mark.parametrize("how", ["cpu_offload", "dem_on_disk"])
+    def test_offloading_after_apply_gives_the_same_logits(self, tmp_path, how, init):
+        """accelerate's offloading of an adapted model in memory: ``cpu_offload(model)`` (every weight
+        on "meta", loaded at each call) or ``dispatch_model`` with the DEM on "disk": the forward runs
+        on the hooks' execution device and gives the logits of the model as it was."""
+        accelerate = pytest.importorskip("accelerate")
+        case = self.case()
+        if "offload_after_apply" in case.not_applicable:  # the plain host fails so too: checked, then skipped
+            plain = case.build()
+            accelerate.cpu_offload(plain, execution_device=torch.device("cpu"))
+            with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+                logits(plain, (case.plain_inputs or case.inputs)(case.sizes[:1]))
+            pytest.skip(case.not_applicable["offload_after_apply"])
+        model = case.adapter.apply(case.build(), **{**case.options, "init": init})
+        with torch.no_grad():  # a trained DEM and gate: the DEM's output reaches the logits
+            for p in self.dem(case, model).parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            if init == "identity":
+                self.gate(case, model).g.uniform_(-1, 1)
+        inputs = case.inputs(case.sizes[:1])
+        expected = logits(model, inputs)
+        dem = self.dem(case, model)
+        if how == "cpu_offload":
+            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        else:
+            dem_key = next(name for name, module in model.named_modules() if module is dem)
+            accelerate.dispatch_model(model, device_map=projector_offload_map(model, dem_key, "disk"),
+                                      main_device=torch.device("cpu"), offload_dir=str(tmp_path))
+        assert all(p.device.type == "meta" for p in dem.parameters())
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+
 
 # another value than the fixed one, per option: what a user might pass instead
 _OTHER_VALUES = {"grid": (2, 2), "out_size": (2, 2), "resample": "bilinear", "pinpoints": [[28, 28]]}
@@ -728,6 +839,31 @@ def another_value(name: str, fixed: Any) -> Any:
     other = _OTHER_VALUES[name]
     assert other != fixed, (name, fixed)
     return other
+
+
+def assert_batch_of(batched: Any, alone: Sequence[Any], path: str = "") -> list[str]:
+    """``batched`` (a model output, or a field of one) holds what each prompt ``alone`` returns: a
+    tensor their tensors one after the other on dim 0 (a prompt's row, or its image's crops), a
+    sequence of one length theirs item by item (e.g. per layer), a longer one their items one after
+    the other (e.g. per image); other values (a cache) are not compared. -> the paths compared."""
+    if isinstance(batched, torch.Tensor):
+        assert all(isinstance(a, torch.Tensor) for a in alone), path
+        assert batched.shape[0] == sum(a.shape[0] for a in alone), (path, batched.shape, [a.shape for a in alone])
+        torch.testing.assert_close(batched, torch.cat(list(alone)), atol=1e-5, rtol=1e-4, msg=lambda m: f"{path}: {m}")
+        return [path.rstrip(".")]
+    if isinstance(batched, dict):  # ModelOutput too: its fields that are set
+        keys = [k for k, v in batched.items() if v is not None]
+        assert all([k for k, v in a.items() if v is not None] == keys for a in alone), path
+        return [p for k in keys for p in assert_batch_of(batched[k], [a[k] for a in alone], f"{path}{k}.")]
+    if isinstance(batched, (list, tuple)):
+        if all(len(a) == len(batched) for a in alone):
+            parts = [[a[i] for a in alone] for i in range(len(batched))]
+        else:
+            items = [x for a in alone for x in a]
+            assert len(items) == len(batched), path
+            parts = [[x] for x in items]
+        return [p for i, (b, a) in enumerate(zip(batched, parts)) for p in assert_batch_of(b, a, f"{path}{i}.")]
+    return []
 
 
 def dem_settings(dem: DEM) -> tuple:

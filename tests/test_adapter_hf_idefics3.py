@@ -627,7 +627,9 @@ def _case(host):
         not_applicable={} if host == "smolvlm" else {
             "offload": "plain Idefics3Model.forward moves the text embeddings to `self.device`, the device of its "
                        "first parameter: with the vision tower offloaded that is 'meta' and the plain host fails "
-                       "(SmolVLMModel uses the input ids' device and runs)"},
+                       "(SmolVLMModel uses the input ids' device and runs)",
+            "offload_after_apply": "plain Idefics3Model.forward moves the text embeddings to `self.device`: 'meta' "
+                                   "once accelerate offloaded the model, and the plain host fails"},
     )
 
 

@@ -19,7 +19,7 @@ from dualview.adapters import hf_internvl as adapter
 from dualview.adapters import hf_internvl_processing as processing
 
 from . import internvl_models as M
-from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host, logits
+from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host
 
 S = M.S
 H = M.S // M.PATCH  # tokens per tile side before the pixel shuffle
@@ -487,6 +487,18 @@ def _battery_model():
     return model
 
 
+def _batch_of_two(both: dict) -> tuple[dict, list[dict]]:
+    """InternVL's pixel_values are (patches, 3, s, s) over the whole batch, not batch-first: the second
+    image's patches (all of them) are flipped, and each prompt takes its own."""
+    per_image = both["pixel_values"].shape[0] // 2
+    pixels = both["pixel_values"].clone()
+    pixels[per_image:] = pixels[per_image:].flip(-1)
+    ones = [{k: v[i:i + 1] for k, v in both.items() if k != "pixel_values"} for i in range(2)]
+    for i, one in enumerate(ones):
+        one["pixel_values"] = pixels[i * per_image:(i + 1) * per_image]
+    return dict(both, pixel_values=pixels), ones
+
+
 class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
@@ -502,6 +514,7 @@ class TestHostBattery(HostBattery):
                 last.unflatten(1, (H, H)), scale_factor=model.config.downsample_ratio).flatten(1, 2)),
             not_applicable={"offload": "the plain InternVL cannot be loaded with its vision tower on 'disk' "
                                        "(test_the_plain_host_cannot_be_offloaded_to_disk)"},
+            batch_of_two=_batch_of_two,
         )
 
     def test_the_plain_host_cannot_be_offloaded_to_disk(self, tmp_path):
@@ -514,21 +527,6 @@ class TestHostBattery(HostBattery):
             transformers.InternVLForConditionalGeneration.from_pretrained(
                 tmp_path / "plain", device_map={"model.vision_tower": "disk", "": "cpu"},
                 offload_folder=str(tmp_path / "offload"))
-
-    def test_batched_equals_one_at_a_time(self):
-        """InternVL's pixel_values are (patches, 3, s, s) over the whole batch, not batch-first:
-        the second image's patches (all of them) are flipped, and each prompt is sliced with its own."""
-        case, model = self.adapted()
-        both = case.inputs([case.sizes[0]] * 2)
-        per_image = adapter.patches_per_image(grid_of(case.sizes[0]))
-        pixels = both["pixel_values"].clone()
-        pixels[per_image:] = pixels[per_image:].flip(-1)
-        both["pixel_values"] = pixels
-        batched = logits(model, both)
-        for i in range(2):
-            one = {k: v[i:i + 1] for k, v in both.items() if k != "pixel_values"}
-            one["pixel_values"] = pixels[i * per_image:(i + 1) * per_image]
-            torch.testing.assert_close(batched[i:i + 1], logits(model, one), atol=1e-5, rtol=1e-4)
 
     def test_get_image_features_output_return_dict_false(self):
         """The host's pooler_output is one (patches, image_seq_length, text_dim) tensor, not a list; the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -346,6 +347,29 @@ def test_apply_errors(tower_28):
 
 
 
+@pytest.mark.parametrize("config, options, message", [
+    ({}, dict(num_heads=5), "divisible by num_heads"),  # the DEM cannot be built
+    ({}, dict(thumbnail_fusion="none", init="identity"), "init='identity'"),  # the encoder cannot be built
+    (dict(mm_hidden_size=48), {}, "mm_hidden_size=48"),  # the host's check
+])
+def test_a_failed_apply_leaves_a_delay_loaded_model_as_it_was(tower_28, config, options, message):
+    """llava builds its vision tower with delay_load=True; ``apply`` loads it. An ``apply`` that fails
+    leaves the model as it was: the same state-dict keys and values (no tower loaded), its class, no
+    config.dualview; it applies afterwards."""
+    model = tiny_model(tower_28, **config)
+    assert not model.get_vision_tower().is_loaded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llava15.apply(model, **options)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert type(model) is LlavaLlamaForCausalLM and not model.get_vision_tower().is_loaded
+    assert not hasattr(model.config, "dualview")
+    if not config:
+        llava15.apply(model)
+        assert model.get_vision_tower().is_loaded
+
+
 # -- the host battery ------------------------------------------------------------------------------
 
 
@@ -390,5 +414,7 @@ class TestHostBattery(HostBattery):
                 "image_features": "llava has no get_image_features (encode_images returns projected features)",
                 "offload": "llava loads its vision tower itself from mm_vision_tower, outside from_pretrained's device_map",
                 "projector_offload": "llava's from_pretrained loads the vision tower itself, outside the device_map",
+                "offload_after_apply": "llava's own forward fails once accelerate offloaded the model (its code moves "
+                                       "tensors to the device of its 'meta' weights)",
             },
         )

@@ -104,6 +104,22 @@ def test_identity_encoder_with_the_full_map_gives_the_tiles_map_and_trains_the_g
     assert all(p.grad is None or not p.grad.any() for p in encoder.dem.parameters())
 
 
+@pytest.mark.parametrize("dem_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_size, fusion", [((4, 4), "mean"), (None, "concat")])
+def test_identity_encoder_with_a_lower_precision_dem_keeps_the_hosts_tokens_unrounded(out_size, fusion, dem_dtype):
+    """A float32 tower beside a half-precision DEM and gate: under init="identity" the output is the
+    float32 encoder's, bit for bit (the thumbnail's or the tiles' tokens are not rounded to the DEM's
+    dtype on their way to the gate), while the DEM reads its own dtype."""
+    encoder, _ = _encoder(out_size, fusion)
+    images = torch.randn(2, 3, 37, 50)
+    with torch.no_grad():
+        expected = encoder(images)
+        encoder.dem.to(dem_dtype)
+        encoder.gate.to(dem_dtype)
+        out = encoder(images)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
 def test_identity_needs_a_plain_counterpart():
     with pytest.raises(ValueError, match="init='identity' needs a plain counterpart"):
         _encoder((4, 4), "concat")
