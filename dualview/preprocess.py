@@ -15,6 +15,8 @@ its ``image_mean`` / ``image_std`` (and only those: DCM does the resizing).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence, Union
 
 import torch
@@ -54,13 +56,17 @@ def mean_std(tower: Tower) -> Stats:
             f"processor with image_mean / image_std, got {tower!r}"
         )
     mean, std = (tuple(float(x) for x in v) for v in pair)
+    if not all(math.isfinite(x) for x in mean + std):  # a NaN mean or std makes every pixel NaN
+        raise ValueError(f"mean and std must be finite numbers, got mean={mean}, std={std}")
     if min(std) <= 0:
         raise ValueError(f"std must be positive, got {std}")
     return mean, std
 
 
 def _three_numbers(value: object) -> bool:
-    return isinstance(value, Sequence) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value)
+    return isinstance(value, Sequence) and len(value) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in value
+    )
 
 
 def to_unit_range(image: Any) -> torch.Tensor:
@@ -88,17 +94,27 @@ def to_unit_range(image: Any) -> torch.Tensor:
             raise ValueError(
                 f"a numpy image must be uint8 (H, W, 3), got {image.dtype} of shape {tuple(image.shape)}"
             )
+        _check_has_pixels(image.shape[:2], "a numpy image (H, W, 3)")
         return torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a PIL image, a uint8 numpy array or a tensor, got {type(image).__name__}")
     if image.ndim < 3 or image.shape[-3] != 3:
         raise ValueError(f"an image tensor must be (..., 3, H, W), got shape {tuple(image.shape)}")
+    _check_has_pixels(image.shape[-2:], "an image tensor (..., 3, H, W)")
+    if image.numel() == 0:  # a batch dimension of 0
+        raise ValueError(f"an image tensor must hold at least one image, got shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float().div_(255)
     if not image.is_floating_point():
         raise TypeError(f"an image tensor must be uint8 or floating point in [0, 1], got dtype {image.dtype}")
     _check_unit_range(image, "a float image tensor", "already normalised? pass it to the encoder as it is")
     return image.float()
+
+
+def _check_has_pixels(size: Sequence[int], what: str) -> None:
+    """A ValueError naming ``what`` when its (H, W) is empty."""
+    if 0 in tuple(size):
+        raise ValueError(f"{what} must have at least one pixel, got (H, W)={tuple(int(s) for s in size)}")
 
 
 def _check_unit_range(values: torch.Tensor, what: str, hint: str) -> None:
@@ -142,7 +158,10 @@ def _sixteen_bit(image: Any) -> torch.Tensor:
 def to_pixels(image: Any, tower: Tower = "clip", *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``image`` (see :func:`to_unit_range`) normalised for ``tower`` (see :func:`mean_std`):
     ``(x - mean) / std`` per channel, ``(3, H, W)`` (``(..., 3, H, W)`` for a batch) in ``dtype``.
-    Resizing is left to DCM."""
+    Resizing is left to DCM. ``dtype`` must be a floating-point dtype (normalised pixels are
+    negative and fractional: an integer dtype would wrap or truncate them)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     mean, std = mean_std(tower)
     pixels = to_unit_range(image)
     shape = (3, 1, 1)

@@ -140,3 +140,27 @@ def test_a_float_pil_image_in_the_unit_range_keeps_its_values():
     torch.testing.assert_close(to_pixels(image), (expected - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
     with pytest.raises(ValueError, match=r"mode 'F' must hold values in \[0, 1\], got \[0, 200\]: scale it"):
         to_unit_range(Image.fromarray(np.array([[0, 200]], np.float32), mode="F"))  # on [0, 255]: refused
+
+
+@pytest.mark.parametrize("image", [torch.rand(3, 0, 4), torch.rand(0, 3, 4, 4), torch.zeros(3, 4, 0, dtype=torch.uint8),
+                                   np.zeros((0, 4, 3), np.uint8), np.zeros((4, 0, 3), np.uint8)],
+                         ids=["float-no-rows", "empty-batch", "uint8-no-cols", "numpy-no-rows", "numpy-no-cols"])
+def test_an_image_without_pixels_is_refused_whatever_its_kind(image):
+    with pytest.raises(ValueError, match="at least one"):
+        to_pixels(image)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool, "float32"])
+def test_the_output_dtype_must_be_floating_point(dtype):
+    # normalised pixels are negative and fractional: uint8 wrapped -1.73 to 255, int64 truncated, bool gave True
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        to_pixels(torch.rand(3, 4, 4), dtype=dtype)
+    assert to_pixels(torch.rand(3, 4, 4), dtype=torch.float16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("pair", [((0.5, 0.5, float("nan")), (1, 1, 1)), ((0.5, 0.5, 0.5), (1, 1, float("nan"))),
+                                  ((0.5, 0.5, 0.5), (1, 1, float("inf"))), ((True, 0.5, 0.5), (1, 1, 1))],
+                         ids=["nan-mean", "nan-std", "inf-std", "bool-mean"])
+def test_mean_and_std_must_be_finite_numbers(pair):
+    with pytest.raises(ValueError, match="mean|std|tower"):
+        mean_std(pair)
