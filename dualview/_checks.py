@@ -90,7 +90,7 @@ def check_pinpoints(value: object, name: str = "pinpoints") -> list[tuple[int, i
 
 def check_tower_batch_size(value: object, name: str = "tower_batch_size") -> object:
     """None (automatic chunks), ``"all"`` (one call) or a positive int (crops per tower call)."""
-    if value is None or value == "all":
+    if value is None or (isinstance(value, str) and value == "all"):  # a numpy 0-d "all" compares equal too
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, None (automatic) or 'all', got {value!r}")
@@ -98,9 +98,17 @@ def check_tower_batch_size(value: object, name: str = "tower_batch_size") -> obj
 
 
 def check_choice(value: object, name: str, choices: Iterable[object]) -> None:
+    """``value`` must be one of ``choices`` and of its type: a numpy 0-d array ``array("squash")``
+    compares equal to ``"squash"`` but would be recorded (and fail to save) as an array."""
     choices = tuple(choices)
-    if value not in choices:
+    if not any(_same_kind(value, choice) and value == choice for choice in choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _same_kind(value: object, choice: object) -> bool:
+    if isinstance(value, bool) != isinstance(choice, bool):  # True is not the choice 1
+        return False
+    return isinstance(value, type(choice))
 
 
 def check_float_tensor(x: object, name: str, ndim: int, layout: str) -> torch.Tensor:

@@ -176,19 +176,19 @@ def test_encoder_takes_the_edges_of_every_range():
 
 OPTIONS_BAD = {
     "grid": [3, "3", (0, 3), (2, 33), (True, 2), (2.0, 3), None],
-    "fit": ["crop", None, True],
+    "fit": ["crop", None, True, np.array("squash")],  # a 0-d array equals "squash" but is no JSON string
     "max_tiles": NOT_A_POSITIVE_INT,
     "pinpoints": ["x", [], 5],
     "num_heads": NOT_A_POSITIVE_INT,
     "out_size": ["big", 0, -2, True, 2.5, (0, 2), (2,), (True, 2), [2, "2"]],
-    "directions": ["global", None, True],
-    "fusion": ["mul", None],
-    "resample": ["nearest", True, "none"],
-    "thumbnail_fusion": ["avg", None, False],
-    "tower_batch_size": [0, -1, 2.0, True, "4", "ALL"],
+    "directions": ["global", None, True, np.array("both")],
+    "fusion": ["mul", None, np.array("add")],
+    "resample": ["nearest", True, "none", np.array("bilinear")],
+    "thumbnail_fusion": ["avg", None, False, np.array("mean")],
+    "tower_batch_size": [0, -1, 2.0, True, "4", "ALL", np.array("all")],
     "ffn_hidden": [0, -1, 2.0, True, "8"],
     "eps": ["x", "1e-5", None, -1.0, 0, 0.0, NAN, INF, -INF, True, [1e-5]],
-    "init": ["zero", None, True],
+    "init": ["zero", None, True, np.array("identity")],
     "fast": ["no", "yes", "False", 1, 0, None],
 }
 
