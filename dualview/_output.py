@@ -114,9 +114,11 @@ def _write_new_file(path: Path, write: Callable[[Path], None]) -> None:
     os.chmod(path, mode)
 
 
-def write_files_atomically(folder: PathLike, files: Mapping[str, Callable[[Path], None]], *, name: str = "folder") -> Path:
-    """Write the files of ``folder`` that ``files`` names (file name -> ``write(path)``) all or none;
-    returns the folder. They are written in a new temporary folder (beside ``folder``, or inside it
+def write_files_atomically(
+    folder: PathLike, files: Mapping[str, Optional[Callable[[Path], None]]], *, name: str = "folder"
+) -> Path:
+    """Write the files of ``folder`` that ``files`` names (file name -> ``write(path)``; None: remove
+    that file of an existing folder, once the others are in place) all or none; returns the folder. They are written in a new temporary folder (beside ``folder``, or inside it
     when it exists), which is then renamed to ``folder``, or whose files replace (``os.replace``)
     those of the same names in it; other files of an existing folder are kept. A failed or
     interrupted write leaves no half folder and the old files. Every file gets the mode ``open()``
@@ -132,11 +134,14 @@ def write_files_atomically(folder: PathLike, files: Mapping[str, Callable[[Path]
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         try:
-            for file, write in files.items():
+            writes = {file: write for file, write in files.items() if write is not None}
+            for file, write in writes.items():
                 _write_new_file(tmp / file, write)
             if exists:
-                for file in files:
+                for file in writes:
                     os.replace(tmp / file, targets[file])
+                for file in files.keys() - writes.keys():
+                    targets[file].unlink(missing_ok=True)
             else:
                 tmp.rename(folder)
         finally:

@@ -17,6 +17,7 @@ here imports a host library before it is needed.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import pkgutil
@@ -29,6 +30,7 @@ from typing import Any, Callable, Optional, Union
 from torch import nn
 
 from . import _zero3
+from ._device import cpu_state_dict
 
 ADAPTER_WEIGHTS = "dualview_adapter.safetensors"
 """File name of the DEM (+ gate) weights written by :func:`save_adapter`."""
@@ -185,8 +187,8 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
     parts = {prefix: module for prefix, module in parts.items() if module is not None}
     with _zero3.gathered(*parts.values()):  # ZeRO-3: the full weights, not the empty local shards
-        tensors = {prefix + k: v.detach().to("cpu", copy=True).contiguous()
-                   for prefix, module in parts.items() for k, v in module.state_dict().items()}
+        # offloaded by accelerate: the weights its hooks hold, not the "meta" placeholders
+        tensors = {prefix + k: v for prefix, module in parts.items() for k, v in cpu_state_dict(module).items()}
     if _zero3.is_partitioned(dem) and not _is_rank_zero():  # every rank gathered; one writes
         return Path(folder)
     base = peft_base(model)
@@ -202,6 +204,7 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
             model.save_pretrained(peft_folder)
             files.update({f.name: partial(_copy_file, f) for f in Path(peft_folder).iterdir() if f.is_file()})
             meta["peft"] = True
+        files.update(_stale_peft_files(Path(folder), files))
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         files[ADAPTER_CONFIG] = lambda path: path.write_text(text)
         return write_files_atomically(folder, files, name="folder")
@@ -209,6 +212,32 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
 
 def _copy_file(source: Path, path: Path) -> None:
     path.write_bytes(source.read_bytes())
+
+
+PEFT_FILES = (PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
+"""The files of a PEFT adapter that ``PeftModel.from_pretrained`` reads from a folder."""
+
+
+def _stale_peft_files(folder: Path, written: dict) -> dict:
+    """PEFT files in ``folder`` that this save does not write, marked for removal (None) when an
+    earlier :func:`save_adapter` wrote them: left there, ``PeftModel.from_pretrained`` would load an
+    old LoRA beside the new DEM. Files dualview did not write are an error, never removed."""
+    from dualview._output import OutputError
+
+    stale = [name for name in PEFT_FILES if name not in written and (folder / name).exists()]
+    if not stale:
+        return {}
+    meta_path = folder / ADAPTER_CONFIG
+    try:
+        ours = json.loads(meta_path.read_text()).get("peft") is True
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise OutputError(
+            f"folder {str(folder)!r} holds PEFT's {stale}, which dualview.save_adapter did not write: a PEFT load of "
+            "the folder would mix them with this adapter; save to another folder or remove them"
+        )
+    return {name: None for name in stale}
 
 
 def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
@@ -239,6 +268,9 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
         raise FileNotFoundError(
             f"{str(meta_path)!r} was saved from a PEFT model, but PEFT's {str(folder / PEFT_CONFIG)!r} does not exist"
         )
+    if meta.get("peft"):  # PEFT reads these itself: they must not lead out of the folder either
+        for peft_file in PEFT_FILES:
+            check_resolves_inside(folder / peft_file, folder, what=f"PEFT's {peft_file} beside {str(meta_path)!r}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(meta_path)!r}: format {meta.get('format')!r} is not one this dualview reads ({FORMAT})")
     try:  # every saved option's type and range (a hand-edited eps "x"), before the model changes
@@ -270,6 +302,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     except Exception:
         _put_back(model.config, CONFIG_KEY, carried)
         raise
+    before = _peft_sensitive_state(model)
     try:
         _load_adapter_state(model, state, weights)
         if meta.get("peft"):
@@ -277,10 +310,45 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
 
             return peft.PeftModel.from_pretrained(model, str(folder))
     except Exception:
+        _undo_peft_injection(model, before)
         module.unapply(model)
         _put_back(model.config, CONFIG_KEY, carried)
         raise
     return model
+
+
+def _peft_sensitive_state(model: nn.Module) -> tuple[dict, dict, bool]:
+    """What ``PeftModel.from_pretrained`` changes besides injecting its layers: each parameter's
+    ``requires_grad``, each module's train mode, and whether the model has a ``peft_config``."""
+    return ({n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()}, hasattr(model, "peft_config"))
+
+
+def _undo_peft_injection(model: nn.Module, before: tuple[dict, dict, bool]) -> None:
+    """Take out what a failed ``PeftModel.from_pretrained`` left in ``model``: its tuner layers (back to
+    their base layers), its ``modules_to_save`` wrappers (back to the wrapped module), its config,
+    and the flags it set. Nothing to do when PEFT was not imported."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    wrappers = sys.modules.get("peft.utils.other")
+    if tuners is None or wrappers is None:
+        return
+    injected = (tuners.BaseTunerLayer, wrappers.AuxiliaryTrainingWrapper)
+    while True:  # one at a time: a replacement renames nothing, but the walk must see the new tree
+        name = next((n for n, m in model.named_modules() if isinstance(m, injected)), None)
+        if name is None:
+            break
+        layer = model.get_submodule(name)
+        plain = layer.original_module if isinstance(layer, wrappers.AuxiliaryTrainingWrapper) else layer.get_base_layer()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
+    grads, modes, had_config = before
+    if not had_config and hasattr(model, "peft_config"):
+        del model.peft_config
+    for n, p in model.named_parameters():
+        p.requires_grad_(grads.get(n, p.requires_grad))
+    for n, m in model.named_modules():
+        if n in modes:
+            m.training = modes[n]  # the flag alone: train() would also set every child
 
 
 _MISSING = object()
@@ -466,6 +534,8 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
         lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
     elif not isinstance(lora, peft.LoraConfig):
         raise TypeError(f"lora must be a peft.LoraConfig, got {type(lora).__name__}")
+    else:  # PEFT keeps the config object as the model's own: the caller's must not be edited
+        lora = copy.deepcopy(lora)
     lora.modules_to_save = sorted(set(lora.modules_to_save or []) | set(names))
     lora.exclude_modules = _exclude_dual_view(lora.exclude_modules)
     return peft.get_peft_model(model, lora)
