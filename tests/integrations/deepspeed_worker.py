@@ -223,7 +223,8 @@ def check_engine(host, stage, out, report):
     # check 3: what the engine saves
     engine.save_16bit_model(str(out / "model16"), "pytorch_model.bin")
     engine.save_checkpoint(str(out / "checkpoint"), tag="step2")
-    dualview.save_adapter(engine.module, out / "adapter")  # every rank calls it (it gathers under ZeRO-3)
+    if stage == 3 or rank == 0:  # ZeRO-3: every rank calls it (it gathers); else one writer (ranks would race)
+        dualview.save_adapter(engine.module, out / "adapter")
     dist.barrier()
     if rank == 0:
         from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
