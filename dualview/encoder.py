@@ -18,6 +18,7 @@ from .cropping import DCM, DualCrops
 from .enhance import DEM
 from .gate import GATE_INITS, DualViewGate
 from .tiled import TiledImage, encode_tiled
+from ._zero3 import grid_order, tie_unused
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 """Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
@@ -199,10 +200,6 @@ class DualViewEncoder(nn.Module):
             feats = self._run_tower_host_apart(parts, counts, [role == host for role in roles])
         if feats.shape[-1] != self.dem.dim:
             raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
-        # The tower may run in another precision than the DEM (a bf16 CLIP beside a float32 DEM, or the
-        # reverse): the DEM reads its own dtype; the host's features (the thumbnail, the plain tiles the
-        # gate reads) keep the tower's, so that the identity gate gives them back unrounded.
-        dem_dtype = self.dem.ln_fuse.weight.dtype
         feats = iter(feats.split(counts))
         local, glob, thumb = [], [], []
         for c in crops:
@@ -210,21 +207,36 @@ class DualViewEncoder(nn.Module):
             local.append(next(feats).unflatten(0, batch_crops))
             glob.append(next(feats).unflatten(0, batch_crops))
             thumb.append(None if c.thumbnail is None else next(feats))
-        # Inputs that share a grid form one batch for DEM.
+        # Inputs that share a grid form one batch for DEM (and one gate call).
         by_grid: dict[G.Grid, list[int]] = defaultdict(list)
         for i, c in enumerate(crops):
             by_grid[c.grid].append(i)
         out: list[Optional[torch.Tensor]] = [None] * len(crops)
-        for grid, idx in by_grid.items():
-            fused = self._step("dem")(torch.cat([local[i] for i in idx]).to(dem_dtype),
-                                      torch.cat([glob[i] for i in idx]).to(dem_dtype), grid)
+        unused = []
+        for grid in grid_order(self.dem, by_grid):
+            idx = by_grid.get(grid)
+            if idx is None:  # ZeRO-3: a grid only other ranks have, run on zeros (batch 1)
+                zeros = local[0].new_zeros(1, grid[0] * grid[1], *local[0].shape[2:])
+                unused.append(self._fuse_grid(zeros, zeros, None if thumb[0] is None else thumb[0].new_zeros(1, *thumb[0].shape[1:]), grid))
+                continue
+            thumbs = None if thumb[idx[0]] is None else torch.cat([thumb[i] for i in idx])
+            fused = self._fuse_grid(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), thumbs, grid)
             for i, tokens in zip(idx, fused.split([local[i].shape[0] for i in idx])):
-                if self.gate is not None and self.dem.out_size is None:  # full map: host = the plain tiles' map
-                    plain = local[i]  # (B, R*C, h*w, D) -> (B, R*h*C*w, D), the DEM's full-map order
-                    h, w = _square(plain.shape[2])
-                    tokens = self.gate(layout.windows_to_map(plain, *grid, h, w).flatten(1, 2), tokens)
-                out[i] = self._fuse_thumbnail(tokens, thumb[i])
+                out[i] = tokens
+        out[0] = tie_unused(out[0], unused)
         return out
+
+    def _fuse_grid(self, local: torch.Tensor, glob: torch.Tensor, thumb: Optional[torch.Tensor], grid: G.Grid) -> torch.Tensor:
+        """(B, R*C, h*w, D) local and global crops' features (and (B, t, D) thumbnails) of one grid -> the
+        DEM's tokens, gated / fused with the thumbnails. The DEM reads its own dtype; the host's features
+        (the thumbnail, the plain tiles the gate reads) keep the tower's, so that the identity gate gives
+        them back unrounded (the tower may run in another precision than the DEM)."""
+        dem_dtype = self.dem.ln_fuse.weight.dtype
+        tokens = self._step("dem")(local.to(dem_dtype), glob.to(dem_dtype), grid)
+        if self.gate is not None and self.dem.out_size is None:  # full map: host = the plain tiles' map
+            h, w = _square(local.shape[2])  # (B, R*C, h*w, D) -> (B, R*h*C*w, D), the DEM's full-map order
+            tokens = self.gate(layout.windows_to_map(local, *grid, h, w).flatten(1, 2), tokens)
+        return self._fuse_thumbnail(tokens, thumb)
 
     def encode_tiled(self, images: Sequence["TiledImage"]) -> list[torch.Tensor]:
         """Tiles cut by a host -> per image (P_i, h*w, D) features in the host's order, the tiles'

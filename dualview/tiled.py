@@ -36,6 +36,7 @@ import torch
 from . import grid as G
 from ._checks import check_grid
 from ._device import placement
+from ._zero3 import grid_order, tie_unused
 from . import layout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,18 +129,35 @@ def encode_tiled(encoder: "DualViewEncoder", images: Sequence[TiledImage]) -> li
     by_grid: dict[G.Grid, list[int]] = defaultdict(list)  # images that share a grid form one DEM batch
     for i in tiled:
         by_grid[tuple(images[i].grid)].append(i)
-    for (rows, cols), members in by_grid.items():
+    unused = []
+    for grid in grid_order(dem, by_grid):
+        members = by_grid.get(grid)
+        if members is None:  # ZeRO-3: a grid only other ranks have, run on zeros (batch 1)
+            zeros = feats.new_zeros(1, grid[0] * grid[1], h * w, feats.shape[-1])
+            unused.append(_fuse_grid(encoder, zeros, zeros, grid, (h, w), device, dtype))
+            continue
         local = torch.stack([per_image[i][images[i].tile_slice] for i in members])  # (B, R*C, h*w, D)
         glob_feats = torch.stack([globals_of[i] for i in members])
-        fused = dem(local.to(device=device, dtype=dtype), glob_feats.to(device=device, dtype=dtype),
-                    (rows, cols), (h, w)).to(feats)  # (B, R*h*C*w, D), the canvas map row-major
-        windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
-        if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
-            windows = encoder.gate(local, windows)
+        windows = _fuse_grid(encoder, local, glob_feats, grid, (h, w), device, dtype)
         for i, tiles in zip(members, windows):
             at = images[i].tile_slice
             per_image[i] = torch.cat((per_image[i][:at.start], tiles, per_image[i][at.stop:]))
+    if per_image:
+        per_image[0] = tie_unused(per_image[0], unused)
     return per_image
+
+
+def _fuse_grid(encoder: "DualViewEncoder", local: torch.Tensor, glob_feats: torch.Tensor, grid: G.Grid,
+               feat_size: G.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, R*C, h*w, D) twice, the local tiles' and the global crops' features of B images of one grid
+    -> (B, R*C, h*w, D) the DEM's map cut into tile windows (gated), in the features' precision."""
+    (rows, cols), (h, w) = grid, feat_size
+    fused = encoder.dem(local.to(device=device, dtype=dtype), glob_feats.to(device=device, dtype=dtype),
+                        (rows, cols), (h, w)).to(local)  # (B, R*h*C*w, D), the canvas map row-major
+    windows = layout.map_to_windows(fused.unflatten(1, (rows * h, cols * w)), rows, cols)  # (B, R*C, h*w, D)
+    if encoder.gate is not None:  # init="identity": the host's own tile features at g = 0
+        windows = encoder.gate(local, windows)
+    return windows
 
 
 def image_order(counts: Sequence[int], globals_of: dict[int, int]) -> list[int]:

@@ -91,12 +91,11 @@ class InternVL:
 
 
 HOSTS = {"llava_next": LlavaNext, "internvl": InternVL}
-# per rank its own images. ZeRO-3: of the same two grids on both ranks (LLaVA-NeXT 2x2 and 2x1, InternVL 2x3
-# and 2x1): the DEM runs once per grid, and ZeRO-3 gathers its parameters at every call, a collective that
-# every rank must make as often (docs/training.md, "DeepSpeed": ranks with different grid mixes desync).
-# ZeRO-2 gathers nothing in the forward: there rank 1 has two images of one grid (LLaVA-NeXT 2x2, InternVL 2x3)
-SIZES = {3: {0: [(40, 60), (60, 30)], 1: [(44, 62), (58, 29)]},
-         2: {0: [(40, 60), (60, 30)], 1: [(44, 62), (42, 61)]}}
+# per rank its own images, of different grid mixes: rank 0 two grids (LLaVA-NeXT 2x2 and 2x1, InternVL 2x3
+# and 2x1), rank 1 one (LLaVA-NeXT 2x2, InternVL 2x3). The DEM and the gate run once per grid, and ZeRO-3
+# gathers their weights at every call: the engines make every rank call them for the union of the grids
+# (dualview._zero3.grid_order), and the same sizes under ZeRO-2 give the losses ZeRO-3 must match.
+SIZES = {0: [(40, 60), (60, 30)], 1: [(44, 62), (42, 61)]}
 
 
 def labelled(batch, image_token_id):
@@ -190,7 +189,7 @@ def loss_of(engine, batch):
 def check_engine(host, stage, out, report):
     """Check 1 (engine) and 3 (saves)."""
     rank = dist.get_rank()
-    batch = labelled(host.batch(SIZES[stage][rank]), host.image_token_id)
+    batch = labelled(host.batch(SIZES[rank]), host.image_token_id)
     config = engine_config(stage)
 
     plain = forward_engine(host.model(), config)
@@ -206,9 +205,14 @@ def check_engine(host, stage, out, report):
     before = gathered(engine.module)
     local_sizes = {name: p.numel() for name, p in engine.module.named_parameters()}
     counts_in_engine = dualview.trainable_parameters(engine.module, print_fn=None)
-    losses = []
-    for _ in range(2):
+    losses, dem_calls = [], []
+    (dem,) = [m for name, m in engine.module.named_modules() if name.endswith("spatial_embed")]
+    hook = dem.register_forward_hook(lambda m, args, out: dem_calls.append(
+        [list(args[2]), args[0].shape[0], bool((args[0] == 0).all())]))  # grid, batch, a dummy of zeros
+    for step in range(2):
         loss = loss_of(engine, batch)
+        if step == 0:
+            hook.remove()
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
@@ -219,7 +223,8 @@ def check_engine(host, stage, out, report):
     # check 3: what the engine saves
     engine.save_16bit_model(str(out / "model16"), "pytorch_model.bin")
     engine.save_checkpoint(str(out / "checkpoint"), tag="step2")
-    dualview.save_adapter(engine.module, out / "adapter")  # every rank calls it (it gathers under ZeRO-3)
+    if stage == 3 or rank == 0:  # ZeRO-3: every rank calls it (it gathers); else one writer (ranks would race)
+        dualview.save_adapter(engine.module, out / "adapter")
     dist.barrier()
     if rank == 0:
         from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
@@ -235,6 +240,7 @@ def check_engine(host, stage, out, report):
         "plain_loss": on_all_ranks(plain_loss),
         "step0_loss": on_all_ranks(losses[0]),
         "losses": on_all_ranks(losses),
+        "dem_calls": on_all_ranks(dem_calls),
         "trained_loss": on_all_ranks(trained_loss),
         "max_change": max_change(before, after),
         "dual_view_names": sorted(dual_view_names(engine.module)),
@@ -292,7 +298,7 @@ def check_trainer(host, stage, out, report):
     before = gathered(model)
 
     class Samples(Dataset):  # one image per sample, the rank's sizes (the Trainer's sampler spreads them)
-        samples = [host.batch([s]) for s in SIZES[stage][0] + SIZES[stage][1]]
+        samples = [host.batch([s]) for s in SIZES[0] + SIZES[1]]
 
         def __len__(self):
             return len(self.samples)
