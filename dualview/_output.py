@@ -137,13 +137,18 @@ def write_files_atomically(
             writes = {file: write for file, write in files.items() if write is not None}
             for file, write in writes.items():
                 _write_new_file(tmp / file, write)
+            if not exists:
+                try:
+                    tmp.rename(folder)
+                except OSError:
+                    if not folder.is_dir():
+                        raise
+                    exists = True  # another writer (a second rank of the same job) made it first: join it
             if exists:
                 for file in writes:
                     os.replace(tmp / file, targets[file])
                 for file in files.keys() - writes.keys():
                     targets[file].unlink(missing_ok=True)
-            else:
-                tmp.rename(folder)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

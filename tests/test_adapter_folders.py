@@ -211,3 +211,35 @@ def test_a_failed_save_adapter_leaves_no_half_folder_and_keeps_the_old_files(sav
     dualview.save_adapter(other, old)
     assert (old / "notes.txt").read_text() == "mine" and sorted(p.name for p in old.iterdir()) == sorted(before)
     assert torch.equal(dualview.load(tiny_model(), old).model.spatial_gate.g, torch.zeros_like(other.model.spatial_gate.g))
+
+
+def test_a_folder_another_writer_made_meanwhile_is_joined_not_refused(tmp_path, monkeypatch):
+    # two ranks of a DDP / ZeRO-2 job saving the same adapter: the second finds the first's folder at
+    # its rename ("Directory not empty"); its files then replace those of the same names
+    from dualview import _output
+    from dualview._output import write_files_atomically
+
+    target = tmp_path / "dv"
+    real = _output._write_new_file
+
+    def and_another_writer(path, write):
+        real(path, write)
+        if not target.exists():
+            target.mkdir()
+            (target / "a.txt").write_text("the other rank's")
+            (target / "theirs.txt").write_text("kept")
+
+    monkeypatch.setattr(_output, "_write_new_file", and_another_writer)
+    write_files_atomically(target, {"a.txt": lambda p: p.write_text("mine"), "b.txt": lambda p: p.write_text("b")})
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "mine", "b.txt": "b", "theirs.txt": "kept"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dv"]  # no temporary folder left
+
+
+def test_a_file_given_as_none_is_removed_from_an_existing_folder_and_never_written(tmp_path):
+    from dualview._output import write_files_atomically
+
+    (tmp_path / "old.txt").write_text("stale")
+    write_files_atomically(tmp_path, {"new.txt": lambda p: p.write_text("n"), "old.txt": None, "absent.txt": None})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt"]
+    write_files_atomically(tmp_path / "fresh", {"new.txt": lambda p: p.write_text("n"), "old.txt": None})
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["new.txt"]

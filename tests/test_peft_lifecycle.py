@@ -165,3 +165,87 @@ def test_load_refuses_a_bad_peft_entry_and_a_missing_peft_adapter(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"was saved from a PEFT model, but PEFT's .*adapter_config\.json' does not"):
         dualview.load(plain, tmp_path)
     assert not any("spatial_" in n for n, _ in plain.named_modules())
+
+
+def snapshot(model):
+    """Everything a load could leave behind: module classes, tensors, flags, PEFT's config attribute."""
+    return ({n: type(m).__name__ for n, m in model.named_modules()},
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()}, hasattr(model, "peft_config"))
+
+
+def assert_same(before, after):
+    assert before[0] == after[0]
+    assert before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert before[2:] == after[2:]
+
+
+@pytest.mark.parametrize("damage", ["garbage-weights", "other-rank"])
+def test_a_failed_peft_load_leaves_the_model_as_it_was(tmp_path, damage):
+    # PEFT injects its layers before it reads the weights: a failure there must not leave LoRA layers behind
+    model, _ = lora_model()
+    dualview.save_adapter(model, tmp_path)
+    if damage == "garbage-weights":
+        (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    else:
+        config = json.loads((tmp_path / PEFT_CONFIG).read_text())
+        (tmp_path / PEFT_CONFIG).write_text(json.dumps({**config, "r": config["r"] * 2}))
+    plain = tiny_model().train()
+    plain.model.vision_tower.eval()  # a mix of train modes, as a user's model may hold
+    next(plain.parameters()).requires_grad_(False)
+    before = snapshot(plain)
+    with pytest.raises(Exception):  # noqa: B017 - PEFT's own error (safetensors' or torch's size mismatch)
+        dualview.load(plain, tmp_path)
+    assert_same(before, snapshot(plain))
+
+
+def test_load_refuses_peft_files_that_link_out_of_the_folder(tmp_path):
+    model, _ = lora_model()
+    folder, elsewhere = tmp_path / "dv", tmp_path / "elsewhere"
+    dualview.save_adapter(model, folder)
+    elsewhere.mkdir()
+    for name in (PEFT_CONFIG, "adapter_model.safetensors"):
+        (folder / name).rename(elsewhere / name)
+        (folder / name).symlink_to(elsewhere / name)
+        plain = tiny_model()
+        before = snapshot(plain)
+        with pytest.raises(ValueError, match=rf"PEFT's {name} beside .* is a link to .*outside the folder"):
+            dualview.load(plain, folder)
+        assert_same(before, snapshot(plain))
+        (folder / name).unlink()
+        (elsewhere / name).rename(folder / name)
+    assert isinstance(dualview.load(tiny_model(), folder), peft.PeftModel)  # put back: it loads
+
+
+def test_save_adapter_removes_the_peft_files_it_wrote_before_and_refuses_foreign_ones(tmp_path):
+    from dualview._output import OutputError
+
+    model, _ = lora_model()
+    dualview.save_adapter(model, tmp_path / "dv")  # with PEFT's files
+    plain_dv = dualview.apply(tiny_model(), **OPTIONS)
+    dualview.save_adapter(plain_dv, tmp_path / "dv")  # no LoRA now: the old one must not stay loadable
+    left = sorted(p.name for p in (tmp_path / "dv").iterdir() if p.name != "README.md")  # PEFT's card: read by no loader
+    assert left == sorted([ADAPTER_CONFIG, "dualview_adapter.safetensors"])
+    inputs = _inputs(((40, 70),))
+    loaded = dualview.load(tiny_model(), tmp_path / "dv")
+    torch.testing.assert_close(logits(loaded, inputs), logits(plain_dv, inputs), rtol=0, atol=0)
+
+    model.save_pretrained(tmp_path / "trainer")  # PEFT's files that dualview did not write
+    before = {p.name: p.read_bytes() for p in (tmp_path / "trainer").iterdir()}
+    with pytest.raises(OutputError, match=r"holds PEFT's \['adapter_config.json', 'adapter_model.safetensors'\], which "
+                                          r"dualview.save_adapter did not write"):
+        dualview.save_adapter(plain_dv, tmp_path / "trainer")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "trainer").iterdir()} == before
+
+
+def test_freeze_leaves_the_callers_lora_config_as_it_was():
+    # PEFT keeps the config object as the model's: editing the caller's would tie two models' configs
+    lora = peft.LoraConfig(r=2, target_modules=LORA_TARGETS, modules_to_save=["lm_head"])
+    first = dualview.freeze(dualview.apply(tiny_model(), **OPTIONS), "warm_start_lora", lora=lora)
+    second = dualview.freeze(dualview.apply(tiny_model(), **OPTIONS), "warm_start_lora", lora=lora)
+    assert lora.modules_to_save == ["lm_head"] and lora.exclude_modules is None
+    assert first.peft_config["default"] is not second.peft_config["default"]
+    dualview.unapply(first)
+    assert set(second.peft_config["default"].modules_to_save) == {"lm_head", "spatial_embed", "spatial_gate"}
