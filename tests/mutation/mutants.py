@@ -328,7 +328,8 @@ MUTANTS: list[Mutant] = [
        "the inf_llava preset pads instead of squashing"),
     _m("enc-budget-thumb", ENC, "thumbnail=self.dcm.thumbnail,", "thumbnail=True,",
        "budget() counts a thumbnail pass that DCM(thumbnail=False) does not run"),
-    _m("enc-dtype-cast", ENC, "torch.cat([local[i] for i in idx]).to(dem_dtype),", "torch.cat([local[i] for i in idx]),",
+    _m("enc-dtype-cast", ENC, "tokens = self._step(\"dem\")(local.to(dem_dtype), glob.to(dem_dtype), grid)",
+       "tokens = self._step(\"dem\")(local, glob, grid)",
        "the tower's output not cast to the DEM's dtype"),
     _m("enc-host-rounded", ENC, "        feats = iter(feats.split(counts))\n",
        "        feats = iter(feats.to(dem_dtype).split(counts))\n",
@@ -337,8 +338,8 @@ MUTANTS: list[Mutant] = [
                                  "            glob.append(next(feats).unflatten(0, batch_crops))",
        "            glob.append(next(feats).unflatten(0, batch_crops))\n"
        "            local.append(next(feats).unflatten(0, batch_crops))", "local and global features swapped"),
-    _m("enc-thumb-of-first", ENC, "out[i] = self._fuse_thumbnail(tokens, thumb[i])",
-       "out[i] = self._fuse_thumbnail(tokens, thumb[idx[0]])", "every image of a grid group gets the first thumbnail"),
+    _m("enc-thumb-of-first", ENC, "else torch.cat([thumb[i] for i in idx])",
+       "else torch.cat([thumb[idx[0]] for i in idx])", "every image of a grid group gets the first thumbnail"),
     _m("enc-mean-halved", ENC, "return (thumb + dem_tokens) / 2", "return thumb + dem_tokens", "mean fusion not halved"),
     _m("enc-concat-order", ENC, "return torch.cat((thumb.to(dtype), dem_tokens.to(dtype)), dim=1)",
        "return torch.cat((dem_tokens.to(dtype), thumb.to(dtype)), dim=1)",
@@ -351,8 +352,8 @@ MUTANTS: list[Mutant] = [
     _m("tiled-global-as-local", TILED, "return layout.split_global(layout.merge_local(tiles[None], *grid), *grid)[0]",
        "return layout.split_local(layout.merge_local(tiles[None], *grid), *grid)[0]",
        "the tiled engine's global crops are the tiles again"),
-    _m("tiled-views-swapped", TILED, "fused = dem(local.to(device=device, dtype=dtype), glob_feats.to(",
-       "fused = dem(glob_feats.to(device=device, dtype=dtype), local.to(",
+    _m("tiled-views-swapped", TILED, "fused = encoder.dem(local.to(device=device, dtype=dtype), glob_feats.to(",
+       "fused = encoder.dem(glob_feats.to(device=device, dtype=dtype), local.to(",
        "the tiled engine hands the DEM its views swapped"),
     _m("tiled-windows-as-groups", TILED, "windows = layout.map_to_windows(fused", "windows = layout.map_to_groups(fused",
        "the fused map cut into strided groups, not tile windows"),
@@ -522,6 +523,15 @@ GATE = "dualview/gate.py"
 BASE = "adapters/base.py"
 HOST = "adapters/_host.py"
 LIFE = "dualview/lifecycle.py"
+PEFT_TESTS = ("tests/test_peft_lifecycle.py",)
+FOLDER_TESTS = ("tests/test_adapter_folders.py",)
+OPTION_TESTS = ("tests/test_option_validation.py",)
+PREPROCESS_TESTS = ("tests/test_preprocess.py",)
+ZERO3_TESTS = ("tests/test_zero3_grids.py",)
+DEVICE = "dualview/_device.py"
+OUTPUT = "dualview/_output.py"
+PRE = "dualview/preprocess.py"
+ZERO3 = "dualview/_zero3.py"
 
 MUTANTS += [
     # gate.py
@@ -546,7 +556,7 @@ MUTANTS += [
     _m("tiled-tiles-at-negative", TILED, "if not (0 <= self.tiles_at and self.tiles_at + rows * cols",
        "if not (self.tiles_at + rows * cols", "TiledImage accepts tiles_at=-1 (the tiles wrap around)",
        tests=TILED_TESTS),
-    _m("tiled-dem-output-dtype", TILED, "(rows, cols), (h, w)).to(feats)", "(rows, cols), (h, w))",
+    _m("tiled-dem-output-dtype", TILED, "(rows, cols), (h, w)).to(local)", "(rows, cols), (h, w))",
        "the DEM's output is not cast back to the features' dtype", tests=TILED_TESTS),
     _m("tiled-gate-in-dem-dtype", TILED, "windows = encoder.gate(local, windows)",
        "windows = encoder.gate(local.to(ref.dtype), windows.to(ref.dtype))",
@@ -624,4 +634,45 @@ MUTANTS += [
     _m("life-dualview-architectures", LIFE, ' or by_name.get(arch.removeprefix("DualView"))', "",
        "dualview.from_pretrained does not resolve a saved DualView* architecture (the vLLM plug-in's, llava's)",
        tests=LIFECYCLE_TESTS + LLAVA15_TESTS),
+    # review fixes of issue 30 and the ZeRO-3 grid agreement (issue 36)
+    _m("life-peft-modes-kept", LIFE, "            m.training = modes[n]  # the flag alone", "            pass  # the flag alone",
+       "a failed PEFT load leaves the train modes PEFT set", tests=PEFT_TESTS),
+    _m("life-peft-config-kept", LIFE, "    if not had_config and hasattr(model, \"peft_config\"):", "    if False:",
+       "a failed PEFT load leaves PEFT's config on the model", tests=PEFT_TESTS),
+    _m("life-peft-wrapper-kept", LIFE, "injected = (tuners.BaseTunerLayer, wrappers.AuxiliaryTrainingWrapper)",
+       "injected = (tuners.BaseTunerLayer,)", "a failed PEFT load leaves the DEM in PEFT's modules_to_save wrapper",
+       tests=PEFT_TESTS),
+    _m("life-peft-links-followed", LIFE,
+       "            check_resolves_inside(folder / peft_file, folder, what=f\"PEFT's {peft_file} beside {str(meta_path)!r}\")",
+       "            pass", "PEFT's files may link out of the adapter folder", tests=PEFT_TESTS),
+    _m("life-stale-peft-foreign-removed", LIFE, "        ours = json.loads(meta_path.read_text()).get(\"peft\") is True",
+       "        ours = True", "save_adapter deletes PEFT files it did not write", tests=PEFT_TESTS),
+    _m("life-stale-peft-kept", LIFE, "    return {name: None for name in stale}", "    return {}",
+       "save_adapter leaves an old LoRA beside a new adapter without one", tests=PEFT_TESTS),
+    _m("life-lora-config-edited", LIFE, "        lora = copy.deepcopy(lora)", "        pass",
+       "freeze edits the caller's LoraConfig (two models share one)", tests=PEFT_TESTS),
+    _m("device-offloaded-state-unloaded", DEVICE, "        with align_module_device(sub, \"cpu\"):", "        if True:",
+       "save_adapter after offloading reads the meta placeholders", tests=HF_LLAVA_TESTS),
+    _m("output-rename-race-refused", OUTPUT, "                    exists = True  # another writer", "                    raise  # another writer",
+       "a folder another rank made meanwhile is an error", tests=FOLDER_TESTS),
+    _m("output-removal-skipped", OUTPUT, "                    targets[file].unlink(missing_ok=True)", "                    pass",
+       "a file marked for removal stays", tests=FOLDER_TESTS),
+    _m("checks-choice-any-type", CHECKS, "    return isinstance(value, type(choice))", "    return True",
+       "a numpy 0-d array equal to a choice is recorded", tests=OPTION_TESTS),
+    _m("checks-choice-bool-is-int", CHECKS, "    if isinstance(value, bool) != isinstance(choice, bool):", "    if False:",
+       "True taken for the choice 1", tests=OPTION_TESTS + ("tests/test_cropping.py", "tests/test_enhance.py")),
+    _m("pre-int-dtype", PRE, "    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:",
+       "    if not isinstance(dtype, torch.dtype):", "to_pixels wraps normalised pixels into an integer dtype",
+       tests=PREPROCESS_TESTS),
+    _m("pre-nan-stats", PRE, "    if not all(math.isfinite(x) for x in mean + std):", "    if False:",
+       "a NaN mean or std normalises every pixel to NaN", tests=PREPROCESS_TESTS),
+    _m("pre-numpy-empty", PRE, "        _check_has_pixels(image.shape[:2], \"a numpy image (H, W, 3)\")", "        pass",
+       "a numpy image without pixels accepted", tests=PREPROCESS_TESTS),
+    _m("zero3-local-grids", ZERO3, "    return sorted({tuple(grid) for rank in every for grid in rank})",
+       "    return grids", "ZeRO-3 ranks call the DEM for their own grids only (desync)", tests=ZERO3_TESTS),
+    _m("zero3-union-unsorted", ZERO3, "    return sorted({tuple(grid) for rank in every for grid in rank})",
+       "    return list(dict.fromkeys(tuple(grid) for rank in every for grid in rank))",
+       "ZeRO-3 ranks agree on the grids but not on their order", tests=ZERO3_TESTS),
+    _m("zero3-dummy-untied", ZERO3, "    return out + sum(u.mul(0).sum() for u in unused).to(out)", "    return out",
+       "dummy DEM calls left out of backward (ZeRO-3 gathers differ there)", tests=ZERO3_TESTS),
 ]
