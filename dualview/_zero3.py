@@ -4,8 +4,9 @@ Under ZeRO-3 every parameter's local tensor is empty (shape ``(0,)``): its real 
 and its values exist only inside ``deepspeed.zero.GatheredParameters``. What dual view reads outside a
 forward (parameter counts, the weights :func:`dualview.save_adapter` writes) goes through these
 helpers; for parameters DeepSpeed does not manage (no ``ds_id``) they are the plain reads, and
-deepspeed is not imported. :func:`grid_order` and :func:`tie_unused` keep the engines' per-grid DEM
-calls in step across ranks under ZeRO-3 (and cost nothing without it).
+deepspeed is not imported. :func:`grid_order`, :func:`call_count` and :func:`tie_unused` keep the
+engines' per-grid DEM calls and the chunked tower calls in step across ranks under ZeRO-3 (and cost
+nothing without it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ def gathered(*modules: nn.Module) -> Iterator[None]:
         yield
 
 
+def in_lockstep(module: object) -> bool:
+    """Whether ``module`` (an ``nn.Module``, else never) is ZeRO-3 partitioned over several initialised
+    ranks: then each of its calls is a collective, and every rank must call it equally often."""
+    return (isinstance(module, nn.Module) and is_partitioned(module) and dist.is_available()
+            and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def call_count(module: object, calls: int) -> int:
+    """How often to call ``module`` for a rank that needs ``calls`` calls: ``calls`` (no collective), or,
+    when :func:`in_lockstep`, the most any rank needs (one ``all_gather_object``: a collective)."""
+    if not in_lockstep(module):
+        return calls
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, int(calls))
+    return max(every)
+
+
 def grid_order(module: nn.Module, grids: Iterable[Grid]) -> list[Grid]:
     """The grids to call ``module`` (the DEM) for, in call order: this rank's own, as given (no
     collective) -- or, when ``module`` is ZeRO-3 partitioned over several ranks, the sorted union of
@@ -54,7 +72,7 @@ def grid_order(module: nn.Module, grids: Iterable[Grid]) -> list[Grid]:
     (and the gate) once per distinct grid of a batch, and each rank's batch has its own image shapes:
     a rank runs the grids it lacks on a dummy input (:func:`tie_unused` keeps them in its backward)."""
     grids = list(grids)
-    if not (is_partitioned(module) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not in_lockstep(module):
         return grids
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, sorted({(int(r), int(c)) for r, c in grids}))

@@ -18,7 +18,7 @@ from .cropping import DCM, DualCrops
 from .enhance import DEM
 from .gate import GATE_INITS, DualViewGate
 from .tiled import TiledImage, encode_tiled
-from ._zero3 import grid_order, tie_unused
+from ._zero3 import call_count, grid_order, in_lockstep, tie_unused
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 """Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
@@ -276,12 +276,23 @@ class DualViewEncoder(nn.Module):
 
     def run_tower(self, pixels: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, c, s, s) -> (N, T, D), in the calls :meth:`tower_chunks` gives. ``masks`` (N, s, s):
-        per-crop pixel masks for a tower that takes them, ``tower(pixels, masks)``, chunked alike."""
+        per-crop pixel masks for a tower that takes them, ``tower(pixels, masks)``, chunked alike.
+
+        Under ZeRO-3 over several ranks (the tower's weights partitioned) each tower call gathers them, a
+        collective: every rank makes the most calls any rank makes, its missing ones on one crop of zeros
+        (masks of ones) tied in at zero weight; no crops (N = 0) is allowed then, all its calls dummies."""
         tower = self._step("tower")
         chunks = self.tower_chunks(pixels.shape[0])
+        if pixels.shape[0] == 0 and in_lockstep(self.tower):
+            chunks = []
         inputs = (pixels,) if masks is None else (pixels, masks)
         calls = list(zip(*(x.split(chunks) for x in inputs)))  # per chunk its (pixels[, masks])
-        if len(chunks) == 1:
+        # ZeRO-3: the ranks agree on the count (no collective without it); at least one call gives the shape
+        missing = max(call_count(self.tower, len(chunks)), 1) - len(chunks)
+        dummies = [tower(*_dummy_crop(inputs)) for _ in range(missing)]
+        if not chunks:
+            feats = dummies[0][:0]
+        elif len(chunks) == 1:
             feats = tower(*inputs)
         elif torch.is_grad_enabled():
             feats = torch.cat([tower(*call) for call in calls])
@@ -296,7 +307,7 @@ class DualViewEncoder(nn.Module):
                 feats[start:start + chunk.shape[0]] = part
                 start += chunk.shape[0]
         _check_tower_output(feats, pixels.shape[0])
-        return feats
+        return tie_unused(feats, dummies) if torch.is_grad_enabled() else feats
 
     def _step(self, name: str) -> Callable:
         """The tower call or the DEM call, compiled when ``compile`` asks for it."""
@@ -406,6 +417,11 @@ def _check_tower_output(feats: object, crops: int) -> None:
     if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or feats.shape[0] != crops:
         got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
         raise ValueError(f"tower must return (N={crops}, h*w, D) patch tokens, got {got}")
+
+
+def _dummy_crop(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """One crop of zeros (and a mask of ones) shaped as ``inputs``' (pixels[, masks]): a ZeRO-3 dummy call."""
+    return tuple(x.new_full((1, *x.shape[1:]), 1 if i else 0) for i, x in enumerate(inputs))
 
 
 def _gather(parts: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 from . import grid as G
 from ._checks import check_grid
 from ._device import placement
-from ._zero3 import grid_order, tie_unused
+from ._zero3 import grid_order, in_lockstep, tie_unused
 from . import layout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,6 +184,8 @@ def _tower_features(
     parts = [encoder.run_tower(host, host_masks)]
     if glob:
         parts.append(encoder.run_tower(torch.cat(glob), None if glob_masks is None else torch.cat(glob_masks)))
+    elif in_lockstep(encoder.tower):  # ZeRO-3: other ranks may make this call; here on dummies only
+        parts.append(encoder.run_tower(host[:0], None if host_masks is None else host_masks[:0]))
     return torch.cat(parts)
 
 

@@ -20,8 +20,9 @@ S, P, D = 28, 14, 16  # crop, patch, channels: h = w = 2
 class FakeDist:
     """torch.distributed as a rank of two sees it: the other rank's grids come from ``other``."""
 
-    def __init__(self, other, world_size=2):
+    def __init__(self, other, world_size=2, other_calls=()):
         self.other, self.world_size, self.gathers = other, world_size, []
+        self.other_calls, self.counts = list(other_calls), []
 
     def is_available(self):
         return True
@@ -33,6 +34,10 @@ class FakeDist:
         return self.world_size
 
     def all_gather_object(self, out, obj):
+        if isinstance(obj, int):  # call_count: the other rank's tower calls, in order (default: as many)
+            self.counts.append(obj)
+            out[0], out[1] = obj, self.other_calls.pop(0) if self.other_calls else obj
+            return
         self.gathers.append(obj)
         out[0], out[1] = obj, [tuple(g) for g in self.other]
 
@@ -143,8 +148,64 @@ def test_without_partitioned_weights_over_several_ranks_no_collective_and_no_dum
     encoder = tiled_encoder()
     if marked:
         partition(encoder)
+    encoder.tower_batch_size = 2  # several chunks: still no agreement on their count
+    tower = tower_calls(encoder)
     _, _, calls, _ = run(encoder, tiled_images([(2, 3)]), "tiled")
-    assert fake.gathers == [] and [c[0] for c in calls] == [(2, 3)]
+    assert fake.gathers == [] and fake.counts == [] and [c[0] for c in calls] == [(2, 3)]
+    assert [n for n, _ in tower] == [2, 2, 2, 1] + [2, 2, 2]  # 7 patches, then 6 global crops
+
+
+def tower_calls(encoder):
+    """The list that the tower's calls append to: (crops, all-zero input) per call."""
+    calls = []
+    encoder.tower.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[0], bool((args[0] == 0).all()))))
+    return calls
+
+
+# the other rank's tower calls per run_tower call (host's crops, then the global crops): more than this
+# rank's (this rank makes the rest on one crop of zeros), and fewer (this rank makes its own only)
+@pytest.mark.parametrize("other_calls", [[9, 9], [0, 0]], ids=["more", "fewer"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tower_calls_are_the_most_of_any_rank_the_missing_on_one_zero_crop(monkeypatch, case, other_calls):
+    engine, make, inputs, mine, other = CASES[case]
+    plain = make()
+    plain.tower_batch_size = 2
+    plain_tower = tower_calls(plain)
+    plain_out, plain_grads, _, _ = run(plain, inputs(), engine)
+    assert len(plain_tower) > 2 and all(not zeros for _, zeros in plain_tower)
+
+    fake = FakeDist(other, other_calls=other_calls)
+    monkeypatch.setattr(_zero3, "dist", fake)
+    encoder = partition(make())
+    encoder.tower_batch_size = 2
+    tower = tower_calls(encoder)
+    out, grads, _, _ = run(encoder, inputs(), engine)
+    assert len(fake.counts) == 2 and sum(fake.counts) == len(plain_tower)  # one agreement per run_tower call
+    want = sum(max(own, theirs) for own, theirs in zip(fake.counts, other_calls))
+    assert len(tower) == want
+    assert [c for c in tower if c[1]] == [(1, True)] * (want - len(plain_tower))  # the dummies: one zero crop
+    assert [c for c in tower if not c[1]] == plain_tower
+    for got, wanted in zip(out, plain_out, strict=True):
+        assert torch.equal(got, wanted)
+    assert sorted(grads) == sorted(plain_grads)
+    for name, grad in plain_grads.items():
+        assert torch.equal(grads[name], grad), name  # the tower's too: the dummies add exact zeros
+
+
+@pytest.mark.parametrize("other_calls, want", [([1, 2], 2), ([1, 0], 1)], ids=["others-have-globals", "none-has"])
+def test_a_rank_without_global_crops_still_makes_their_tower_calls_on_zeros(monkeypatch, other_calls, want):
+    plain_out, _, _, _ = run(tiled_encoder(), tiled_images([None, None]), "tiled")
+    fake = FakeDist([(2, 3)], other_calls=other_calls)
+    monkeypatch.setattr(_zero3, "dist", fake)
+    encoder = partition(tiled_encoder())
+    tower = tower_calls(encoder)
+    out, grads, _, _ = run(encoder, tiled_images([None, None]), "tiled")
+    assert fake.counts == [1, 0]  # the host's patches in one call; no global crop here
+    # at least one call (its features' shape) even where no rank has global crops: all ranks alike
+    assert tower == [(2, False)] + [(1, True)] * want
+    for got, wanted in zip(out, plain_out, strict=True):
+        assert torch.equal(got, wanted)
+    assert grads["tower.proj.weight"] is not None
 
 
 def test_an_uninitialised_process_group_means_the_local_grids():
