@@ -96,6 +96,9 @@ HOSTS = {"llava_next": LlavaNext, "internvl": InternVL}
 # gathers their weights at every call: the engines make every rank call them for the union of the grids
 # (dualview._zero3.grid_order), and the same sizes under ZeRO-2 give the losses ZeRO-3 must match.
 SIZES = {0: [(40, 60), (60, 30)], 1: [(44, 62), (42, 61)]}
+# the tower's crops per call: the ranks' crop counts then need different numbers of tower calls (LLaVA-NeXT
+# 8 and 10 patches, 6 and 8 global crops), a gather each under ZeRO-3 (kept in step by DualViewEncoder.run_tower)
+TOWER_BATCH = 3
 
 
 def labelled(batch, image_token_id):
@@ -198,7 +201,7 @@ def check_engine(host, stage, out, report):
     del plain
 
     torch.manual_seed(1)  # the new DEM: the same on every rank
-    model = dualview.freeze(dualview.apply(host.model(), init="identity"), "warm_start")
+    model = dualview.freeze(dualview.apply(host.model(), init="identity", tower_batch_size=TOWER_BATCH), "warm_start")
     counts = dualview.trainable_parameters(model, print_fn=None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -209,10 +212,15 @@ def check_engine(host, stage, out, report):
     (dem,) = [m for name, m in engine.module.named_modules() if name.endswith("spatial_embed")]
     hook = dem.register_forward_hook(lambda m, args, out: dem_calls.append(
         [list(args[2]), args[0].shape[0], bool((args[0] == 0).all())]))  # grid, batch, a dummy of zeros
+    # the tower's patch convolution: called once per tower call, whatever module the encoder wraps
+    tower = next(m for name, m in engine.module.named_modules() if "vision" in name and isinstance(m, torch.nn.Conv2d))
+    tower_calls = []
+    tower_hook = tower.register_forward_hook(lambda m, args, out: tower_calls.append(1))
     for step in range(2):
         loss = loss_of(engine, batch)
         if step == 0:
             hook.remove()
+            tower_hook.remove()
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
@@ -241,6 +249,7 @@ def check_engine(host, stage, out, report):
         "step0_loss": on_all_ranks(losses[0]),
         "losses": on_all_ranks(losses),
         "dem_calls": on_all_ranks(dem_calls),
+        "tower_calls": on_all_ranks(len(tower_calls)),
         "trained_loss": on_all_ranks(trained_loss),
         "max_change": max_change(before, after),
         "dual_view_names": sorted(dual_view_names(engine.module)),
