@@ -317,14 +317,14 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     return model
 
 
-def _peft_sensitive_state(model: nn.Module) -> tuple[dict, dict, bool]:
-    """What ``PeftModel.from_pretrained`` changes besides injecting its layers: each parameter's
-    ``requires_grad``, each module's train mode, and whether the model has a ``peft_config``."""
-    return ({n: p.requires_grad for n, p in model.named_parameters()},
-            {n: m.training for n, m in model.named_modules()}, hasattr(model, "peft_config"))
+def _peft_sensitive_state(model: nn.Module) -> tuple[dict, bool]:
+    """What ``PeftModel.from_pretrained`` changes before it reads the weights, besides injecting its
+    layers: each parameter's ``requires_grad`` (it freezes the base model) and whether the model has a
+    ``peft_config`` (train modes change only once loading succeeded)."""
+    return {n: p.requires_grad for n, p in model.named_parameters()}, hasattr(model, "peft_config")
 
 
-def _undo_peft_injection(model: nn.Module, before: tuple[dict, dict, bool]) -> None:
+def _undo_peft_injection(model: nn.Module, before: tuple[dict, bool]) -> None:
     """Take out what a failed ``PeftModel.from_pretrained`` left in ``model``: its tuner layers (back to
     their base layers), its ``modules_to_save`` wrappers (back to the wrapped module), its config,
     and the flags it set. Nothing to do when PEFT was not imported."""
@@ -341,14 +341,11 @@ def _undo_peft_injection(model: nn.Module, before: tuple[dict, dict, bool]) -> N
         plain = layer.original_module if isinstance(layer, wrappers.AuxiliaryTrainingWrapper) else layer.get_base_layer()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, plain)
-    grads, modes, had_config = before
+    grads, had_config = before
     if not had_config and hasattr(model, "peft_config"):
         del model.peft_config
     for n, p in model.named_parameters():
         p.requires_grad_(grads.get(n, p.requires_grad))
-    for n, m in model.named_modules():
-        if n in modes:
-            m.training = modes[n]  # the flag alone: train() would also set every child
 
 
 _MISSING = object()

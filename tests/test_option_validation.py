@@ -304,3 +304,14 @@ def test_from_pretrained_refuses_a_hand_edited_option_in_config_json(tmp_path):
     with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got 'x'$"):
         hf_llava.from_pretrained(tmp_path)
 
+
+
+def test_a_choice_must_be_of_its_own_type():
+    # the shared validator: True is not the choice 1 (bool is an int), a 0-d array is not the string it equals
+    from dualview._checks import check_choice
+
+    check_choice(1, "n", (1, 2))
+    check_choice(np.str_("a"), "s", ("a", "b"))  # a str subclass: records as a JSON string
+    for value, choices in ((True, (1, 2)), (1, (True, False)), (np.array("a"), ("a", "b")), (np.int64(1), (1, 2))):
+        with pytest.raises(ValueError, match=r"must be one of"):
+            check_choice(value, "n", choices)

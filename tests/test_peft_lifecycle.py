@@ -169,7 +169,7 @@ def test_load_refuses_a_bad_peft_entry_and_a_missing_peft_adapter(tmp_path):
 
 def snapshot(model):
     """Everything a load could leave behind: module classes, tensors, flags, PEFT's config attribute."""
-    return ({n: type(m).__name__ for n, m in model.named_modules()},
+    return ({n: type(m).__name__ for n, m in model.named_modules()},  # module classes: no PEFT layer or wrapper
             {k: v.clone() for k, v in model.state_dict().items()},
             {n: p.requires_grad for n, p in model.named_parameters()},
             {n: m.training for n, m in model.named_modules()}, hasattr(model, "peft_config"))
@@ -183,9 +183,15 @@ def assert_same(before, after):
 
 
 @pytest.mark.parametrize("damage", ["garbage-weights", "other-rank"])
-def test_a_failed_peft_load_leaves_the_model_as_it_was(tmp_path, damage):
-    # PEFT injects its layers before it reads the weights: a failure there must not leave LoRA layers behind
-    model, _ = lora_model()
+@pytest.mark.parametrize("saved", ["dem-and-gate", "lm-head-too"])
+def test_a_failed_peft_load_leaves_the_model_as_it_was(tmp_path, damage, saved):
+    # PEFT injects its layers (and wraps its modules_to_save) before it reads the weights: a failure
+    # there must leave neither behind, also on a module of the host's own (lm_head)
+    if saved == "dem-and-gate":
+        model, _ = lora_model()
+    else:
+        lora = peft.LoraConfig(r=2, target_modules=LORA_TARGETS, modules_to_save=["lm_head"])
+        model = dualview.freeze(dualview.apply(tiny_model(), **OPTIONS), "warm_start_lora", lora=lora)
     dualview.save_adapter(model, tmp_path)
     if damage == "garbage-weights":
         (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
@@ -249,3 +255,4 @@ def test_freeze_leaves_the_callers_lora_config_as_it_was():
     assert first.peft_config["default"] is not second.peft_config["default"]
     dualview.unapply(first)
     assert set(second.peft_config["default"].modules_to_save) == {"lm_head", "spatial_embed", "spatial_gate"}
+

@@ -635,8 +635,6 @@ MUTANTS += [
        "dualview.from_pretrained does not resolve a saved DualView* architecture (the vLLM plug-in's, llava's)",
        tests=LIFECYCLE_TESTS + LLAVA15_TESTS),
     # review fixes of issue 30 and the ZeRO-3 grid agreement (issue 36)
-    _m("life-peft-modes-kept", LIFE, "            m.training = modes[n]  # the flag alone", "            pass  # the flag alone",
-       "a failed PEFT load leaves the train modes PEFT set", tests=PEFT_TESTS),
     _m("life-peft-config-kept", LIFE, "    if not had_config and hasattr(model, \"peft_config\"):", "    if False:",
        "a failed PEFT load leaves PEFT's config on the model", tests=PEFT_TESTS),
     _m("life-peft-wrapper-kept", LIFE, "injected = (tuners.BaseTunerLayer, wrappers.AuxiliaryTrainingWrapper)",
