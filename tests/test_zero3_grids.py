@@ -179,10 +179,12 @@ def test_tower_calls_are_the_most_of_any_rank_the_missing_on_one_zero_crop(monke
     encoder = partition(make())
     encoder.tower_batch_size = 2
     tower = tower_calls(encoder)
+    reached = []  # backward reaches each call's output (a dummy's too: ZeRO-3 gathers there again)
+    encoder.tower.register_forward_hook(lambda m, args, out: out.register_hook(lambda g: reached.append(g.shape[0])))
     out, grads, _, _ = run(encoder, inputs(), engine)
     assert len(fake.counts) == 2 and sum(fake.counts) == len(plain_tower)  # one agreement per run_tower call
     want = sum(max(own, theirs) for own, theirs in zip(fake.counts, other_calls))
-    assert len(tower) == want
+    assert len(tower) == want and len(reached) == want
     assert [c for c in tower if c[1]] == [(1, True)] * (want - len(plain_tower))  # the dummies: one zero crop
     assert [c for c in tower if not c[1]] == plain_tower
     for got, wanted in zip(out, plain_out, strict=True):
