@@ -180,7 +180,11 @@ def test_tower_calls_are_the_most_of_any_rank_the_missing_on_one_zero_crop(monke
     encoder.tower_batch_size = 2
     tower = tower_calls(encoder)
     reached = []  # backward reaches each call's output (a dummy's too: ZeRO-3 gathers there again)
-    encoder.tower.register_forward_hook(lambda m, args, out: out.register_hook(lambda g: reached.append(g.shape[0])))
+
+    def count_backward(module, args, out):  # returns None: the output stays as it is
+        out.register_hook(lambda grad: reached.append(grad.shape[0]))
+
+    encoder.tower.register_forward_hook(count_backward)
     out, grads, _, _ = run(encoder, inputs(), engine)
     assert len(fake.counts) == 2 and sum(fake.counts) == len(plain_tower)  # one agreement per run_tower call
     want = sum(max(own, theirs) for own, theirs in zip(fake.counts, other_calls))
