@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,7 +87,7 @@ def write_atomically(output: PathLike, write: Callable[[Path], None], *, name: s
     output = Path(output)
     target = target_path(output, name=name)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-    try:
+    with _as_output_error(f"{name} {str(output)!r}"):
         target.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: never someone else's file; 0o666 & ~umask: the mode open() gives a new file
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -96,12 +97,19 @@ def write_atomically(output: PathLike, write: Callable[[Path], None], *, name: s
         finally:
             if tmp.exists():
                 tmp.unlink()
+    return target
+
+
+@contextmanager
+def _as_output_error(what: str) -> Iterator[None]:
+    """An OSError inside becomes one :class:`OutputError`: "``what`` could not be written: <reason>"."""
+    try:
+        yield
     except OutputError:
         raise
     except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
-        raise OutputError(f"{name} {str(output)!r} could not be written: {reason}") from None
-    return target
+        raise OutputError(f"{what} could not be written: {reason}") from None
 
 
 def _write_new_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -130,7 +138,7 @@ def write_files_atomically(
     targets = {file: target_path(folder / file, name=f"{name} {str(folder)!r}: the file") for file in files}
     exists = folder.is_dir()
     tmp = (folder if exists else folder.absolute().parent) / f".{folder.name or 'folder'}.{secrets.token_hex(4)}.tmp"
-    try:
+    with _as_output_error(f"{name} {str(folder)!r}"):
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         try:
@@ -152,9 +160,4 @@ def write_files_atomically(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
-    except OutputError:
-        raise
-    except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise OutputError(f"{name} {str(folder)!r} could not be written: {reason}") from None
     return folder
