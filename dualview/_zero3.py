@@ -57,9 +57,7 @@ def call_count(module: object, calls: int) -> int:
     when :func:`in_lockstep`, the most any rank needs (one ``all_gather_object``: a collective)."""
     if not in_lockstep(module):
         return calls
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, int(calls))
-    return max(every)
+    return max(_from_every_rank(int(calls)))
 
 
 def grid_order(module: nn.Module, grids: Iterable[Grid]) -> list[Grid]:
@@ -74,9 +72,15 @@ def grid_order(module: nn.Module, grids: Iterable[Grid]) -> list[Grid]:
     grids = list(grids)
     if not in_lockstep(module):
         return grids
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, sorted({(int(r), int(c)) for r, c in grids}))
+    every = _from_every_rank(sorted({(int(r), int(c)) for r, c in grids}))
     return sorted({tuple(grid) for rank in every for grid in rank})
+
+
+def _from_every_rank(value: object) -> list:
+    """``value`` of every rank, in rank order (one ``all_gather_object``: a collective)."""
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    return every
 
 
 def tie_unused(out: torch.Tensor, unused: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -673,7 +673,7 @@ MUTANTS += [
        "ZeRO-3 ranks agree on the grids but not on their order", tests=ZERO3_TESTS),
     _m("zero3-dummy-untied", ZERO3, "    return out + sum(u.mul(0).sum() for u in unused).to(out)", "    return out",
        "dummy DEM calls left out of backward (ZeRO-3 gathers differ there)", tests=ZERO3_TESTS),
-    _m("zero3-tower-count-local", ZERO3, "    return max(every)", "    return calls",
+    _m("zero3-tower-count-local", ZERO3, "    return max(_from_every_rank(int(calls)))", "    return calls",
        "ZeRO-3 ranks make as many tower calls as their own crops need (desync)", tests=ZERO3_TESTS),
     _m("enc-tower-dummies-untied", ENC, "        return tie_unused(feats, dummies) if torch.is_grad_enabled() else feats",
        "        return feats", "dummy tower calls left out of backward", tests=ZERO3_TESTS),
