@@ -24,6 +24,11 @@ from dualview.gate import GATE_INITS, DualViewGate
 
 CONFIG_KEY = "dualview"
 """Attribute of the host model's config (and key of its config.json) holding the options."""
+DEM_ATTR = "spatial_embed"
+"""Name of the DEM submodule (INF-LLaVA's), on the module that holds the host's projector."""
+GATE_ATTR = "spatial_gate"
+"""Name of the :class:`~dualview.gate.DualViewGate` submodule under ``init="identity"``, beside the DEM
+(none under ``init="released"``: released checkpoints keep their keys)."""
 
 
 @dataclass
@@ -203,10 +208,11 @@ def check_device_map(device_map: Any) -> None:
             )
 
 
-def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "model.spatial_embed.", **kwargs: Any) -> nn.Module:
+def reload(cls: type, path: Union[str, Path], apply: Any, **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path)`` of a folder saved from an adapted model: the plain class, dual
-    view re-applied (``apply(model, **options)``) with the options in its config.json, the DEM
-    weights (``<dem_prefix>*``) restored strictly into the registered ``spatial_embed``."""
+    view re-applied (``apply(model, **options)``) with the options in its config.json, the DEM (and
+    gate) weights restored strictly into the registered ``spatial_embed`` (``spatial_gate``), read
+    under the names they have in the model."""
     check_device_map(kwargs.get("device_map"))
     folder, files = host_folder(path, kwargs)
     model = from_pretrained_without_dem(cls, path, **kwargs)
@@ -215,9 +221,9 @@ def reload(cls: type, path: Union[str, Path], apply: Any, dem_prefix: str = "mod
         raise ValueError(f"{str(path)!r} was not saved from a dual-view model: its config has no '{CONFIG_KEY}' entry")
     delattr(model.config, CONFIG_KEY)  # recorded again by apply (a plain host carrying it is warned about)
     apply(model, **options)
-    dem = model.get_submodule(dem_prefix.rstrip("."))
-    load_dem_weights(dem, folder, dem_prefix, **files)
+    holder = next(name for name, module in model.named_modules() if DEM_ATTR in module._modules)
+    prefix = f"{holder}." if holder else ""
+    load_dem_weights(model.get_submodule(prefix + DEM_ATTR), folder, f"{prefix}{DEM_ATTR}.", **files)
     if options.get("init", "released") == "identity":
-        gate_prefix = dem_prefix[: -len("spatial_embed.")] + "spatial_gate."
-        load_gate_weights(model.get_submodule(gate_prefix.rstrip(".")), folder, gate_prefix, **files)
+        load_gate_weights(model.get_submodule(prefix + GATE_ATTR), folder, f"{prefix}{GATE_ATTR}.", **files)
     return model

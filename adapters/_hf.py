@@ -159,33 +159,19 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
 
 
 class LlavaFamilyHost:
-    """What the LLaVA-style hosts' dual-view classes (LLaVA, LLaVA-NeXT, OneVision) share: the DEM's
-    expected input (the tower's hidden size times the layers of ``config.vision_feature_layer``, on its
-    square token grid) and the encoder of one ``get_image_features`` call."""
-
-    def dualview_expects(self) -> tuple[int, tuple[int, int]]:
-        geometry = LlavaFamilyAdapter.geometry(self.config)
-        return geometry.dim, geometry.feat_size
+    """What the LLaVA-style hosts' dual-view classes (LLaVA, LLaVA-NeXT, OneVision) share: the encoder of
+    one ``get_image_features`` call."""
 
     def dualview_call(
         self, vision_feature_layer: Optional[Layers], vision_feature_select_strategy: Optional[str], kwargs: dict
     ) -> tuple[DualViewEncoder, _host.RecordingTower, str]:
         """(encoder, tower, strategy) of one call: the call's feature layers and select strategy, else
         the config's; the tower records its own outputs when ``kwargs`` ask for them."""
-        config = self.config
-        layers = feature_layers(config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        tower = vision_tower_for(self, layers, strategy, kwargs)
-        vision = config.vision_config
-        return self.dualview_encoder(tower, crop_size=vision.image_size, patch_size=vision.patch_size), tower, strategy
-
-
-class AnyResHost(LlavaFamilyHost):
-    """The AnyRes hosts' dual-view classes (LLaVA-NeXT, OneVision): the full DEM map goes back into
-    the tiles; the grid follows ``config.image_grid_pinpoints`` at every call."""
-
-    dualview_full_map = True
-    dualview_live = {"pinpoints": "image_grid_pinpoints"}
+        call = {**kwargs, "vision_feature_layer": vision_feature_layer,
+                "vision_feature_select_strategy": vision_feature_select_strategy}
+        tower = type(self).dualview_adapter._make_tower(self, call)
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        return self.dualview_encoder(tower), tower, strategy
 
 
 class LlavaFamilyAdapter(HostAdapter):
@@ -193,19 +179,22 @@ class LlavaFamilyAdapter(HostAdapter):
     and apply-time check (the select strategy drops exactly the tower's prefix tokens)."""
 
     @classmethod
-    def geometry(cls, config: Any) -> Geometry:
+    def _measure(cls, module: nn.Module) -> Geometry:
+        config = module.config
         vision = config.vision_config
         return Geometry(dim=vision.hidden_size * len(feature_layers(config.vision_feature_layer)),
                         crop=vision.image_size, patch=vision.patch_size)
 
     @classmethod
-    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
         config = inner.config
-        return vision_tower_for(inner, feature_layers(config.vision_feature_layer),
-                                config.vision_feature_select_strategy, kwargs)
+        layer = call.get("vision_feature_layer")
+        layers = feature_layers(config.vision_feature_layer if layer is None else layer)
+        strategy = call.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        return vision_tower_for(inner, layers, strategy, call)
 
     @classmethod
-    def check_host(cls, model: nn.Module) -> None:
+    def _check_host(cls, model: nn.Module) -> None:
         feature_layers(model.config.vision_feature_layer)
         check_strategy(model.config.vision_feature_select_strategy, model.model.vision_tower)
 

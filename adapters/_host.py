@@ -1,12 +1,14 @@
 """How an adapter lives inside its host model, the way PEFT lives in a transformers model.
 
-``apply`` swaps the class of ONE host module (``LlavaModel``, a llava ``Llava*ForCausalLM``, ...)
-for a module-level subclass of it that overrides the one hook where images become features
-(``get_image_features``, ``encode_images``), registers the DEM as the real submodule
+``apply`` swaps the class of the host's inner module (``LlavaModel``, a llava ``Llava*ForCausalLM``, ...)
+for a module-level subclass of it (a :class:`DualViewHost`) that overrides the one hook where images
+become features (``get_image_features``, ``encode_images``), registers the DEM as the real submodule
 ``spatial_embed`` and records the options in ``config.dualview``. The hook looks everything up at
 call time (the DEM in the module tree, the options in the config), so a replaced or reloaded
 ``spatial_embed`` is what runs, and the model pickles, deep-copies and ``torch.save`` s like the
-plain one. :func:`unapply` swaps the plain class back and removes the DEM and the options.
+plain one. :func:`detach` swaps the plain classes back and removes the DEM and the options. What a
+host is (its projector, the options it fixes, its tower's geometry) is its adapter's
+(:class:`~dualview.adapters.base.HostAdapter`), which every dual-view class points at.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -24,42 +27,86 @@ from dualview import grid as G
 from dualview._device import placement  # noqa: F401 - the adapters' name for it
 from dualview.gate import DualViewGate
 
-from ._common import CONFIG_KEY, DualViewOptions, record_options, recorded_options
+from ._common import CONFIG_KEY, DEM_ATTR, GATE_ATTR, DualViewOptions, record_options, recorded_options
+from .registry import adapter_for_class
 from .towers import RecordsOutputs
 
-DEM_ATTR = "spatial_embed"
-"""Name of the DEM submodule (INF-LLaVA's), on the module whose class is swapped or its inner model."""
-GATE_ATTR = "spatial_gate"
-"""Name of the :class:`~dualview.gate.DualViewGate` submodule under ``init="identity"``, beside the DEM
-(none under ``init="released"``: released checkpoints keep their keys)."""
+@dataclass(frozen=True)
+class Geometry:
+    """What the host's tower hands the DEM: ``dim`` channels per token, crops of ``crop`` pixels cut
+    into ``patch``-pixel patches (``feat_size`` tokens)."""
+
+    dim: int
+    crop: int
+    patch: int
+
+    @property
+    def feat_size(self) -> G.Size:
+        return G.crop_tokens(self.crop, self.patch)
 
 
-class DualViewHost:
-    """First base of every dual-view subclass of a host module.
+@dataclass(frozen=True)
+class Placement:
+    """Where dual view lives in one host model: ``outer`` (the model ``apply`` was given), ``inner`` (the
+    module whose image hook becomes dual view) and ``dem_parent`` (the module that holds the projector,
+    and gets ``spatial_embed`` and ``spatial_gate``). They may be one module."""
 
-    A subclass names its adapter and the plain host class it extends; its hook reads
-    :attr:`dualview_options` and :attr:`dualview_dem` at every call.
-    """
+    outer: nn.Module
+    inner: nn.Module
+    dem_parent: nn.Module
 
-    dualview_adapter: ClassVar[str] = ""
-    """Module name under ``dualview.adapters`` (for messages)."""
+    def modules(self) -> list[nn.Module]:
+        """outer, inner, dem_parent, each once."""
+        out: list[nn.Module] = []
+        for module in (self.outer, self.inner, self.dem_parent):
+            if all(module is not m for m in out):
+                out.append(module)
+        return out
+
+
+class GuardsDualViewModules:
+    """Mixin of a dual-view class whose instance holds ``spatial_embed`` (and ``spatial_gate``): assigning
+    one is checked before it replaces the registered one (a DEM of the tower's width and token grid,
+    a gate of the DEM's width), and the new DEM's settings are recorded in ``config.dualview`` so that
+    what is saved describes what runs; deleting them, or assigning None, is refused
+    (:func:`check_kept`: ``unapply`` removes dual view). ``dualview_adapter`` is set when the adapter
+    that lists the class registers."""
+
+    dualview_adapter: ClassVar[type]  # the HostAdapter subclass
     dualview_plain: ClassVar[type]
-    """The host class this subclass extends: what :func:`unapply` restores."""
-    dualview_live: ClassVar[dict] = {}
-    """Option name -> host config attribute it always follows, read at every call (e.g. AnyRes's
-    ``pinpoints`` from ``config.image_grid_pinpoints``); such options are recorded as None."""
-    dualview_projector: ClassVar[str] = "multi_modal_projector"
-    """Name of the host's projector (connector) on the module holding ``spatial_embed``."""
-    dualview_full_map: ClassVar[bool] = False
-    """The host packs the DEM's full ``R*h x C*w`` map back into its tiles: ``out_size`` must be None."""
+    """The host class this subclass extends: what ``unapply`` restores."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        adapter = type(self).dualview_adapter.name
+        if name == DEM_ATTR and isinstance(value, nn.Module):
+            check_assigned_dem(self, unwrap_dem(value))
+        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
+            check_kept(self, name, value, adapter=adapter)
+        if name == GATE_ATTR and isinstance(value, nn.Module):
+            check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=adapter)
+        super().__setattr__(name, value)
+        if name == DEM_ATTR and isinstance(value, nn.Module):
+            record_dem_settings(self.config, unwrap_dem(value))
+
+    def __delattr__(self, name: str) -> None:
+        check_kept(self, name, adapter=type(self).dualview_adapter.name, deleting=True)
+        super().__delattr__(name)
+
+
+class DualViewHost(GuardsDualViewModules):
+    """First base of every dual-view subclass of a host's inner module.
+
+    A subclass names the plain host class it extends (``dualview_plain``) and overrides the host's image
+    hook, which reads :attr:`dualview_options`, :attr:`dualview_dem` and :attr:`dualview_gate` at every
+    call and builds its encoder with :meth:`dualview_encoder`; its adapter lists it in
+    ``dual_view_classes``.
+    """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         plain = cls.__dict__.get("dualview_plain")
         if plain is not None:
             _inherit_conversion_mapping(cls, plain)
-            if cls.dualview_adapter:
-                _ADAPTER_FOR[plain.__name__] = cls.dualview_adapter
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -68,45 +115,22 @@ class DualViewHost:
         plain = getattr(cls, "dualview_plain", None)
         return plain.is_custom_code() if plain is not None and hasattr(plain, "is_custom_code") else False
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == DEM_ATTR and isinstance(value, nn.Module):
-            self._dualview_check(unwrap_dem(value))  # a wrong DEM is refused before it replaces the right one
-        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
-            check_kept(self, name, value, adapter=self.dualview_adapter)
-        if name == GATE_ATTR and isinstance(value, nn.Module):
-            check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=self.dualview_adapter)
-        super().__setattr__(name, value)
-        if name == DEM_ATTR and DEM_ATTR in self._modules:
-            self.dualview_dem  # noqa: B018 - record the new DEM's settings in config.dualview
-
-    def __delattr__(self, name: str) -> None:
-        check_kept(self, name, adapter=self.dualview_adapter, deleting=True)
-        super().__delattr__(name)
-
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
-        self.dualview_dem  # noqa: B018 - the saved options describe the DEM that is saved
+        dem = self.dualview_dem
+        record_dem_settings(self.config, dem)  # the saved options describe the DEM that is saved
         return super().save_pretrained(*args, **kwargs)
 
     @property
     def dualview_options(self) -> DualViewOptions:
         """The options in ``config.dualview``, read now (a changed config is what runs)."""
-        recorded = recorded_options(self.config)
-        if recorded is None:
-            raise ValueError(
-                f"config.{CONFIG_KEY} is missing: the dual-view options of this {type(self).__name__} were removed; "
-                f"call dualview.adapters.{self.dualview_adapter}.unapply(model) and apply it again"
-            )
-        live = {name: getattr(self.config, attr) for name, attr in self.dualview_live.items()}
-        return DualViewOptions.from_kwargs(**{**recorded, **live})
+        return type(self).dualview_adapter.options_in(self.config)
 
     @property
     def dualview_dem(self) -> DEM:
         """The DEM registered in the module tree, looked up now (through wrappers that keep it:
-        ``torch.compile``, activation checkpointing, PEFT's ``modules_to_save``). Its settings are
-        written to ``config.dualview``, so what is saved describes the DEM that runs."""
+        ``torch.compile``, activation checkpointing, PEFT's ``modules_to_save``) and checked to fit."""
         dem = unwrap_dem(dem_of(self))
-        self._dualview_check(dem)
-        record_dem_settings(self.config, dem)
+        check_assigned_dem(dem_parent_of(self), dem)
         return dem
 
     @property
@@ -126,29 +150,34 @@ class DualViewHost:
         if gate is None:
             raise ValueError(f"config.{CONFIG_KEY}['init'] is 'identity' but the model has no {GATE_ATTR} submodule")
         gate = unwrap_dem(gate)
-        check_gate_fits(gate, dim=self.dualview_dem.dim, adapter=self.dualview_adapter)
+        check_gate_fits(gate, dim=self.dualview_dem.dim, adapter=type(self).dualview_adapter.name)
         return gate
-
-    def _dualview_check(self, dem: nn.Module) -> None:
-        if not isinstance(dem, DEM):
-            raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
-        recorded = recorded_options(self.config) or {}
-        # dualview_expects() -> (dim, (h, w)): the channels and token grid of one crop the host's tower
-        # hands the DEM, from the config; given by each adapter's subclass (a mixin after this class)
-        expects = self.dualview_expects() if hasattr(self, "dualview_expects") else None
-        check_dem_fits(dem, adapter=self.dualview_adapter, expects=expects,
-                       full_map=self.dualview_full_map, thumbnail_fusion=recorded.get("thumbnail_fusion"))
 
     def dualview_project(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats`` through the host's projector (connector), cast to its dtype first: a DEM kept in
         another precision than the model (a float32 DEM in bf16, or the reverse) hands it the model's."""
-        projector = getattr(dem_parent_of(self), self.dualview_projector)
+        projector = getattr(dem_parent_of(self), type(self).dualview_adapter.projector)
         return projector(to_dtype_of(feats, projector))
 
-    def dualview_encoder(self, tower: nn.Module, *, crop_size: int, patch_size: int) -> DualViewEncoder:
-        """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now."""
-        return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=crop_size, patch_size=patch_size,
-                            gate=self.dualview_gate)
+    def dualview_encoder(self, tower: nn.Module) -> DualViewEncoder:
+        """DCM (from the options) -> ``tower`` -> the registered DEM -> thumbnail fusion, built now; the
+        crop and patch are the adapter's geometry of this host."""
+        geometry = type(self).dualview_adapter.geometry(dem_parent_of(self))
+        return encoder_from(self.dualview_options, tower, self.dualview_dem, crop_size=geometry.crop,
+                            patch_size=geometry.patch, gate=self.dualview_gate)
+
+
+def check_assigned_dem(parent: nn.Module, dem: nn.Module) -> None:
+    """The one check that the host whose DEM holder is ``parent`` can use ``dem`` (at assignment to
+    ``spatial_embed``, at every call and before saving): a :class:`~dualview.DEM` that fits the
+    adapter's geometry (:func:`check_dem_fits`)."""
+    if not isinstance(dem, DEM):
+        raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
+    adapter = type(parent).dualview_adapter
+    geometry = adapter.geometry(parent)
+    recorded = recorded_options(parent.config) or {}
+    check_dem_fits(dem, adapter=adapter.name, expects=(geometry.dim, geometry.feat_size), full_map=adapter.full_map(),
+                   thumbnail_fusion=recorded.get("thumbnail_fusion"))
 
 
 def check_kept(parent: nn.Module, name: str, value: Any = None, *, adapter: str, deleting: bool = False) -> None:
@@ -247,18 +276,18 @@ def owners(module: nn.Module) -> list[nn.Module]:
 
 
 def dem_parent_of(host: nn.Module) -> nn.Module:
-    """The module holding ``spatial_embed`` (and ``spatial_gate``): ``host``, or where the host keeps
-    its language model's wrapper, its inner model."""
+    """The module holding ``spatial_embed`` (and ``spatial_gate``) for the dual-view ``host``: itself, or the
+    DEM holder its adapter places (llava's inner model, beside ``mm_projector``)."""
     if DEM_ATTR in host._modules:
         return host
-    inner = host.get_model() if hasattr(host, "get_model") else None
-    if inner is not None and DEM_ATTR in inner._modules:
-        return inner
+    parent = type(host).dualview_adapter._place(host).dem_parent
+    if DEM_ATTR in parent._modules:
+        return parent
     raise AttributeError(f"{type(host).__name__} has no {DEM_ATTR} submodule")
 
 
 def dem_of(host: nn.Module) -> nn.Module:
-    """``host.spatial_embed``, or where the host keeps its language model's wrapper, its inner model's."""
+    """The registered DEM of the dual-view ``host`` (on its DEM holder)."""
     return dem_parent_of(host)._modules[DEM_ATTR]
 
 
@@ -353,36 +382,39 @@ def new_dem(
     return dem
 
 
-def attach(
-    host: nn.Module,
-    subclass: type,
-    *,
-    options: DualViewOptions,
-    dem: DEM,
-    config: Any,
-    dem_parent: Optional[nn.Module] = None,
-) -> None:
-    """Swap ``host``'s class for ``subclass``, register ``dem`` as ``spatial_embed`` on ``dem_parent``
-    (default: ``host``), beside it the gate ``options.init`` asks for (``spatial_gate``, see
-    :func:`new_gate`), and record ``options`` in ``config``."""
-    plain = subclass.dualview_plain
-    check_not_applied(host)
+def attach(place: Placement, adapter: type, *, options: DualViewOptions, dem: DEM, config: Any) -> None:
+    """Swap the classes of ``place``'s modules for ``adapter``'s dual-view classes (the inner module's
+    must exist; the outer model's and the DEM holder's where the adapter has one), register ``dem`` as
+    ``spatial_embed`` on the DEM holder, beside it the gate ``options.init`` asks for (``spatial_gate``,
+    see :func:`new_gate`), and record ``options`` in ``config``. Nothing changes when a class is refused."""
+    dual_view = {cls.dualview_plain: cls for cls in adapter.dual_view_classes}
+    check_not_applied(place.inner)
+    swaps = []
+    for module in place.modules():
+        target = dual_view.get(type(module))
+        if target is not None:
+            swaps.append((module, target))
+            continue
+        base = next((plain for plain in dual_view if isinstance(module, plain)), None)
+        if base is not None:  # a user's subclass of a class dual view swaps: its own methods would be lost
+            raise TypeError(f"dualview.adapters.{adapter.name} adapts {base.__name__} models, got "
+                            f"{type(module).__name__}{subclass_refused(type(module), base)}")
+        if module is place.inner:
+            names = sorted(plain.__name__ for plain in dual_view)
+            fits = adapter_for_class(type(module))
+            hint = f": use {fits.__module__}.{fits.__qualname__}" if fits is not None and fits is not adapter else ""
+            raise TypeError(f"dualview.adapters.{adapter.name} adapts {' or '.join(names)} models, got "
+                            f"{type(module).__name__}{hint}")
     if recorded_options(config) is not None:
-        warn_dropped_dual_view(type(host).__name__)
-    if type(host) is not plain:
-        fits = adapter_for(type(host))
-        hint = f": use dualview.adapters.{fits}" if fits else ""
-        raise TypeError(
-            f"dualview.adapters.{subclass.dualview_adapter} adapts {plain.__name__} models, got "
-            f"{type(host).__name__}{hint or subclass_refused(type(host), plain)}"
-        )
-    swap_class(host, subclass)
-    parent = dem_parent if dem_parent is not None else host
-    parent.add_module(DEM_ATTR, dem)
+        warn_dropped_dual_view(type(place.inner).__name__)
+    for module, target in swaps:
+        swap_class(module, target)
+    place.dem_parent.add_module(DEM_ATTR, dem)
     gate = new_gate(options, dem)
     if gate is not None:
-        parent.add_module(GATE_ATTR, gate)
+        place.dem_parent.add_module(GATE_ATTR, gate)
     record_options(config, options)
+    record_dem_settings(config, dem)  # config.dualview describes the DEM that runs (its out_size, widths)
 
 
 def subclass_refused(cls: type, plain: type) -> str:
@@ -468,52 +500,38 @@ def check_not_applied(host: nn.Module) -> None:
     """A ValueError if ``host`` already carries dual view (``apply`` twice is a mistake, not a no-op:
     a second DEM would silently replace a trained one)."""
     if isinstance(host, DualViewHost):
-        adapter = type(host).dualview_adapter
+        adapter = type(host).dualview_adapter.name
         raise ValueError(
             f"dual view is already applied to this {type(host).dualview_plain.__name__} (by dualview.adapters."
             f"{adapter}); call dualview.adapters.{adapter}.unapply(model) first to apply it again"
         )
 
 
-def unapply(host: nn.Module, *, config: Any, dem_parent: Optional[nn.Module] = None, adapter: str = "") -> None:
-    """Undo :func:`attach`: the plain class back, the DEM and the recorded options removed."""
-    if not isinstance(host, DualViewHost):
-        raise ValueError(f"this {type(host).__name__} has no dual view applied: nothing to unapply")
-    if adapter:
-        adapted(host, adapter)
-    swap_class(host, type(host).dualview_plain)
-    parent = dem_parent if dem_parent is not None else host
+def detach(place: Placement, adapter: type, *, config: Any) -> None:
+    """Undo :func:`attach`: the plain classes back, the DEM, the gate and the recorded options removed."""
+    if not isinstance(place.inner, DualViewHost):
+        raise ValueError(f"this {type(place.inner).__name__} has no dual view applied: nothing to unapply")
+    adapted(place.inner, adapter)
+    for module in place.modules():
+        if type(module) in adapter.dual_view_classes:
+            swap_class(module, type(module).dualview_plain)
     for attr in (DEM_ATTR, GATE_ATTR):
-        parent._modules.pop(attr, None)  # past the refusal of check_kept (llava's inner model keeps its class)
+        place.dem_parent._modules.pop(attr, None)  # past the refusal of check_kept
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
 
 
-def adapted(host: nn.Module, adapter: str) -> DualViewHost:
+def adapted(host: nn.Module, adapter: type) -> DualViewHost:
     """``host`` if ``adapter`` installed dual view in it, else a ValueError saying what to call."""
     if not isinstance(host, DualViewHost):
-        raise ValueError(f"model has no dual view: call dualview.adapters.{adapter}.apply(model) first")
-    if type(host).dualview_adapter != adapter:
+        raise ValueError(f"model has no dual view: call dualview.adapters.{adapter.name}.apply(model) first")
+    installed = type(host).dualview_adapter
+    if installed is not adapter:
         raise ValueError(
-            f"dual view was applied to this model by dualview.adapters.{type(host).dualview_adapter}, not {adapter}: "
-            f"use dualview.adapters.{type(host).dualview_adapter}"
+            f"dual view was applied to this model by dualview.adapters.{installed.name}, not {adapter.name}: "
+            f"use dualview.adapters.{installed.name}"
         )
     return host
-
-
-_ADAPTER_FOR: dict[str, str] = {}
-"""Plain host class name -> the adapter that fits it, filled by defining a :class:`DualViewHost`
-subclass (for the "wrong adapter" message)."""
-
-
-def adapter_for(cls: type) -> Optional[str]:
-    """The adapter module that handles host class ``cls`` (by name), if any. The adapters whose host
-    library imports here are loaded the first time a name is not found."""
-    if cls.__name__ not in _ADAPTER_FOR:
-        from dualview.lifecycle import adapters
-
-        adapters()  # importing an adapter registers its hosts
-    return _ADAPTER_FOR.get(cls.__name__)
 
 
 # ---- the vision tower's own outputs, for get_image_features(output_hidden_states=..., output_attentions=...)

@@ -1,22 +1,25 @@
 """``HostAdapter``: what every host adapter does, written once (PEFT's ``BaseTuner`` pattern).
 
-A host is a subclass that declares what is specific to it and implements the host's hooks; the base
-owns the rest: ``apply`` (type check with the "use adapter X" hint, options with the host's fixed
-choices, the DEM in the projector's dtype and device, rollback when the built encoder fails),
-``unapply``, ``encoder_of``, ``budget``, ``from_pretrained`` and registration (defining the subclass
-registers it; the adapter module re-exports its methods as the module's functions).
+An adapter declares the facts of its host and implements its hooks; the base owns the user API:
+``apply`` (type check with the "use adapter X" hint, options with the host's fixed choices, the DEM
+in the projector's dtype and device, rollback when the built encoder fails), ``unapply``,
+``encoder_of``, ``budget``, ``from_pretrained``. Defining a subclass with a ``name`` registers it
+(:func:`~dualview.adapters.registry.register_adapter`): ``dualview.apply`` and the other entry points
+then find it from the model's class, wherever the subclass is defined.
 
     class LlavaAdapter(HostAdapter):
-        name = "hf_llava"                         # module under dualview.adapters
-        hosts = (LlavaForConditionalGeneration,)  # outer classes apply takes
-        dual_view_class = DualViewLlavaModel      # swapped in for model.model (a DualViewHost)
-        def geometry(cls, config): ...            # dim, crop, patch of the tower the DEM reads
-        def tower(cls, inner, kwargs): ...        # the patch-token tower of one call
+        name = "hf_llava"                          # how messages and saved adapters name it
+        hosts = (LlavaForConditionalGeneration,)   # the classes apply takes
+        dual_view_classes = (DualViewLlavaModel,)  # swapped in for the plain classes they extend
+        def _measure(cls, module): ...             # dim, crop, patch of the tower the DEM reads
+        def _make_tower(cls, inner, call): ...     # the patch-token tower of one image call
+
+Hooks (``_``-named, overridden by adapters) are verbs; the user API is not overridden except where a
+host's budget or loading differs (``budget``, ``from_pretrained``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Union
 
@@ -27,113 +30,82 @@ from dualview import grid as G
 from dualview.budget import Budget
 
 from . import _host
-from ._common import DualViewOptions, reload, with_fixed
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What the host's tower hands the DEM: ``dim`` channels per token, crops of ``crop`` pixels cut
-    into ``patch``-pixel patches (``feat_size`` tokens)."""
-
-    dim: int
-    crop: int
-    patch: int
-
-    @property
-    def feat_size(self) -> G.Size:
-        return G.crop_tokens(self.crop, self.patch)
+from ._host import Geometry, Placement
+from ._common import CONFIG_KEY, DualViewOptions, recorded_options, reload, with_fixed
+from .registry import adapter_for_class, register_adapter
 
 
 class HostAdapter:
-    """Base of the per-host adapters; subclasses are used as classes (all methods are classmethods)."""
+    """Base of the per-host adapters; used as classes (every method is a classmethod)."""
+
+    # ---- the host's facts (each declared once, here) -----------------------------------------------
 
     name: ClassVar[str] = ""
-    """The adapter's module name under ``dualview.adapters`` (for messages and the registry)."""
+    """How messages, the registry and saved adapters name the adapter (its module's name, for the package's)."""
     hosts: ClassVar[tuple[type, ...]] = ()
-    """The host classes :meth:`apply` takes (``dualview.apply`` picks the adapter for them)."""
-    dual_view_class: ClassVar[type]
-    """The :class:`~._host.DualViewHost` subclass swapped in for the host's inner model."""
+    """The host classes :meth:`apply` takes (a subclass of one too, where only inner modules are swapped)."""
+    dual_view_classes: ClassVar[tuple[type, ...]] = ()
+    """The dual-view classes swapped in at :meth:`apply`, each for the plain class it names as
+    ``dualview_plain``: the inner model's (a :class:`~._host.DualViewHost`), and where the host needs it
+    the outer model's or the DEM holder's."""
     projector: ClassVar[str] = "multi_modal_projector"
-    """The inner model's projector: the DEM is made in its dtype and on its device."""
+    """The projector's attribute on the DEM holder: the DEM is made in its dtype and on its device."""
     fixed: ClassVar[dict] = {}
-    """Options the host decides (passing the same value is allowed), and why (:attr:`fixed_why`)."""
+    """Options the host decides (passing the same value is allowed), and why (:attr:`fixed_why`).
+    ``fixed["out_size"] is None``: the host packs the DEM's full map back into its tiles."""
     fixed_why: ClassVar[str] = ""
     follows: ClassVar[dict[str, str]] = {}
     """Option -> host config attribute it follows at every call (recorded as None)."""
-
-    registry: ClassVar[dict[str, type["HostAdapter"]]] = {}
-    """Adapter name -> subclass, filled by defining a subclass."""
+    processor_tiles: ClassVar[bool] = False
+    """The host's processor picks the grid (InternVL, Idefics3): :meth:`budget` reads its settings."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
-            HostAdapter.registry[cls.name] = cls
+            register_adapter(cls)
 
     # ---- the host's hooks --------------------------------------------------------------------------
 
     @classmethod
-    def geometry(cls, config: Any) -> Geometry:
-        """The tower's channels (at the configured feature layers), crop and patch, from the config."""
+    def _place(cls, model: nn.Module) -> Placement:
+        """Where dual view goes in ``model`` (plain or adapted). Default: the inner model ``model.model``
+        is swapped and holds the DEM; a bare inner model is taken too."""
+        inner = getattr(model, "model", model)
+        return Placement(outer=model, inner=inner, dem_parent=inner)
+
+    @classmethod
+    def _measure(cls, module: nn.Module) -> Geometry:
+        """The tower's channels (at the configured feature layers), crop and patch, read from ``module``
+        (the DEM holder, or any module with the host's config)."""
         raise NotImplementedError
 
     @classmethod
-    def geometry_of(cls, inner: nn.Module) -> Geometry:
-        """:meth:`geometry` of the inner model's config (a host whose tower holds its own config overrides this)."""
-        return cls.geometry(inner.config)
-
-    @classmethod
-    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
-        """The patch-token tower of one call (``kwargs``: the call's, e.g. ``output_hidden_states``)."""
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
+        """The patch-token tower of one image call of ``inner`` (the dual-view inner model); ``call``: the
+        call's own settings (e.g. ``vision_feature_layer``, ``output_hidden_states``), the config's where absent."""
         raise NotImplementedError
 
     @classmethod
-    def check_host(cls, model: nn.Module) -> None:
+    def _check_host(cls, model: nn.Module) -> None:
         """Host checks at :meth:`apply`, before anything changes (e.g. the select strategy)."""
 
     @classmethod
-    def prepare_host(cls, model: nn.Module) -> Callable[[], None]:
-        """After :meth:`check_host`, what the host needs before dual view is installed (e.g. loading a
-        delay-loaded vision tower); returns how to undo it, called when :meth:`apply` fails after it
-        (default: nothing to do)."""
+    def _prepare_host(cls, model: nn.Module) -> Callable[[], None]:
+        """After :meth:`_check_host`, what the host needs before dual view is installed (e.g. loading a
+        delay-loaded vision tower); returns how to undo it, called when :meth:`apply` fails after it."""
         return lambda: None
 
-    @classmethod
-    def inner_of(cls, model: nn.Module) -> nn.Module:
-        """The module whose class is swapped (default: ``model.model``; the inner model itself is taken too)."""
-        return getattr(model, "model", model)
+    # ---- what the base owns ------------------------------------------------------------------------
 
     @classmethod
-    def dem_parent_of(cls, inner: nn.Module) -> nn.Module:
-        """The module that holds the DEM, the gate and the projector (default: the inner model)."""
-        return inner
+    def full_map(cls) -> bool:
+        """Whether the host packs the DEM's full ``R*h x C*w`` map into its tiles (``out_size`` fixed to None)."""
+        return "out_size" in cls.fixed and cls.fixed["out_size"] is None
 
     @classmethod
-    def dual_view_class_for(cls, inner: nn.Module) -> type:
-        """The dual-view class for ``inner`` (default: :attr:`dual_view_class`; a host family of
-        several classes picks by ``type(inner)``)."""
-        return cls.dual_view_class
-
-    @classmethod
-    def wrap(cls, model: nn.Module) -> None:
-        """After the inner model is adapted: anything the outer model needs (default: nothing)."""
-
-    @classmethod
-    def unwrap(cls, model: nn.Module) -> None:
-        """Undo :meth:`wrap` (default: nothing)."""
-
-    # ---- what the base owns -----------------------------------------------------------------------
-
-    @classmethod
-    def check_type(cls, model: nn.Module) -> None:
-        """A TypeError unless ``model`` is one of :attr:`hosts` or a subclass of one, naming the adapter
-        that fits. A subclass keeps its own class and methods: dual view swaps the class of its inner
-        model only, which must be the host's own (checked by :func:`._host.attach`)."""
-        if isinstance(model, cls.hosts):
-            return
-        other = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
-        hint = f"; use dualview.adapters.{other}" if other and other != cls.name else ""
-        names = " or ".join(host.__name__ for host in cls.hosts)
-        raise TypeError(f"model must be a transformers {names}, got {type(model).__name__}{hint}")
+    def geometry(cls, module: nn.Module) -> Geometry:
+        """What the tower of ``module`` (a host model, its DEM holder, or any module with its config) hands the DEM."""
+        return cls._measure(module)
 
     @classmethod
     def options(cls, config: Any, options: dict) -> DualViewOptions:
@@ -144,47 +116,65 @@ class HostAdapter:
         return with_fixed(options, cls.fixed, cls.fixed_why, follows=follows)
 
     @classmethod
+    def options_in(cls, config: Any) -> DualViewOptions:
+        """The options an adapted model runs with now: ``config.dualview`` (the host's fixed choices
+        checked) with the options the host's config decides (:attr:`follows`) read from it."""
+        recorded = recorded_options(config)
+        if recorded is None:
+            raise ValueError(
+                f"config.{CONFIG_KEY} is missing: the dual-view options of this model were removed; call "
+                f"dualview.unapply(model) and apply dual view again"
+            )
+        options = cls.options(config, dict(recorded))
+        live = {name: getattr(config, attr) for name, attr in cls.follows.items()}
+        return DualViewOptions.from_kwargs(**{**options.to_dict(), **live}) if live else options
+
+    @classmethod
+    def check_type(cls, model: nn.Module) -> None:
+        """A TypeError unless ``model`` is one of :attr:`hosts` or a subclass of one, naming the adapter
+        that fits. A subclass keeps its own class and methods where dual view swaps inner modules only;
+        a subclass of a class that is itself swapped is refused at :meth:`apply`, saying why."""
+        if isinstance(model, cls.hosts):
+            return
+        other = adapter_for_class(type(model)) or adapter_for_class(type(getattr(model, "model", model)))
+        hint = f"; use {other.__module__}.{other.__qualname__}" if other is not None and other is not cls else ""
+        names = " or ".join(host.__name__ for host in cls.hosts)
+        raise TypeError(f"model must be a {names}, got {type(model).__name__}{hint}")
+
+    @classmethod
     def apply(cls, model: nn.Module, **options: Any) -> nn.Module:
         """Install dual view in place; returns the model. A new DEM (the host's ``_init_weights``, the
         projector's dtype and device) and the gate ``init`` asks for are registered beside the
         projector; the options go to ``config.dualview``. Every option is checked now: an encoder that
-        cannot be built leaves the plain model behind (what :meth:`prepare_host` did undone)."""
+        cannot be built leaves the plain model behind (what :meth:`_prepare_host` did undone)."""
         cls.check_type(model)
-        inner, config = cls.inner_of(model), model.config
-        opts = cls.options(config, options)
-        _host.check_not_applied(inner)
-        cls.check_host(model)
-        undo = cls.prepare_host(model)
+        place = cls._place(model)
+        opts = cls.options(model.config, options)
+        _host.check_not_applied(place.inner)
+        cls._check_host(model)
+        undo = cls._prepare_host(model)
         try:
-            geometry = cls.geometry_of(inner)
-            parent = cls.dem_parent_of(inner)
-            dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(parent, cls.projector),
-                                init=inner._initialize_weights)
-            _host.attach(inner, cls.dual_view_class_for(inner), options=opts, dem=dem, config=config, dem_parent=parent)
-            cls.wrap(model)
+            geometry = cls._measure(place.dem_parent)
+            dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(place.dem_parent, cls.projector),
+                                init=place.inner._initialize_weights)
+            _host.attach(place, cls, options=opts, dem=dem, config=model.config)
             return _host.checked(model, cls.encoder_of, cls.unapply)
-        except BaseException:  # the plain model back, as it was before prepare_host
+        except BaseException:  # the plain model back, as it was before _prepare_host
             undo()
             raise
 
     @classmethod
     def unapply(cls, model: nn.Module) -> nn.Module:
-        """The plain model back (class, no DEM, no gate, no ``config.dualview``); returns it."""
-        inner = cls.inner_of(model)
-        _host.unapply(inner, config=model.config, dem_parent=cls.dem_parent_of(inner), adapter=cls.name)
-        cls.unwrap(model)
+        """The plain model back (classes, no DEM, no gate, no ``config.dualview``); returns it."""
+        _host.detach(cls._place(model), cls, config=model.config)
         return model
 
     @classmethod
     def encoder_of(cls, model: nn.Module) -> DualViewEncoder:
         """The DualViewEncoder that runs now: DCM from ``config.dualview``, the host's tower at its
         configured feature layers, the registered DEM (and gate)."""
-        inner = _host.adapted(cls.inner_of(model), cls.name)
-        geometry = cls.geometry_of(inner)
-        return inner.dualview_encoder(cls.tower(inner, {}), crop_size=geometry.crop, patch_size=geometry.patch)
-
-    processor_tiles: ClassVar[bool] = False
-    """The host's processor picks the grid (InternVL, Idefics3): :meth:`budget` reads its settings."""
+        inner = _host.adapted(cls._place(model).inner, cls)
+        return inner.dualview_encoder(cls._make_tower(inner, {}))
 
     @classmethod
     def budget(cls, model: nn.Module, image_size: G.Size, *, processor: Any = None) -> Budget:

@@ -36,7 +36,7 @@ from dualview.budget import Budget
 from dualview.tiled import TiledImage
 
 from . import _host
-from .base import Geometry, HostAdapter
+from .base import Geometry, HostAdapter, Placement
 from ._common import DualViewOptions, host_folder, reload
 from ._hf import ExtraInputHost, forward_naming, host_decorators
 from .towers import MaskedVisionTower
@@ -45,7 +45,6 @@ from .hf_idefics3_processing import (
     prepare_processor, processor_grid, read_image_grid, tile_and_tokens,
 )
 
-ADAPTER = "hf_idefics3"
 _, can_return_tuple = host_decorators()
 
 # --- the model: frames -> tiles, global crops, DEM ----------------------------------------------
@@ -73,9 +72,8 @@ def _dual_view_features(
         at = slice(first, first + frames_of(grid))
         images.append(TiledImage(frames[at], grid, tiles_at=0, masks=masks[at]) if grid[0]
                       else TiledImage(frames[at], masks=masks[at]))
-    patch = model.config.vision_config.patch_size
-    tower = MaskedVisionTower(model.vision_model, patch, kwargs)
-    encoder = model.dualview_encoder(tower, crop_size=frames.shape[-1], patch_size=patch)
+    tower = type(model).dualview_adapter._make_tower(model, kwargs)
+    encoder = model.dualview_encoder(tower)
     fused_frames = torch.cat(encoder.encode_tiled(images))  # (real frames, h*w, D)
     features = model.dualview_project(fused_frames)  # pixel shuffle + projection, per frame, as the host
     counts = real.view(batch, num).sum(1).tolist()
@@ -93,11 +91,6 @@ class _DualViewFrames(ExtraInputHost):
     """The dual-view hook of ``Idefics3Model`` / ``SmolVLMModel`` (mixed in before the host class)."""
 
     dualview_input = GRID_INPUT
-
-    def dualview_expects(self) -> tuple[int, G.Size]:
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return vision.hidden_size, (side, side)
 
     @can_return_tuple
     def get_image_features(
@@ -125,19 +118,13 @@ class _DualViewFrames(ExtraInputHost):
 class DualViewIdefics3Model(_host.DualViewHost, _DualViewFrames, Idefics3Model):
     """``Idefics3Model`` whose image features are dual view (see the module docstring)."""
 
-    dualview_adapter = ADAPTER
     dualview_plain = Idefics3Model
-    dualview_full_map = True
-    dualview_projector = "connector"
 
 
 class DualViewSmolVLMModel(_host.DualViewHost, _DualViewFrames, SmolVLMModel):
     """``SmolVLMModel`` whose image features are dual view (see the module docstring)."""
 
-    dualview_adapter = ADAPTER
     dualview_plain = SmolVLMModel
-    dualview_full_map = True
-    dualview_projector = "connector"
 
 
 class _GridInput:
@@ -161,13 +148,8 @@ class DualViewSmolVLMForConditionalGeneration(_GridInput, SmolVLMForConditionalG
 for _cls in (DualViewIdefics3ForConditionalGeneration, DualViewSmolVLMForConditionalGeneration):
     forward_naming(_cls, GRID_INPUT)
 
-_INNER = {Idefics3Model: DualViewIdefics3Model, SmolVLMModel: DualViewSmolVLMModel}
-_OUTER = {
-    Idefics3ForConditionalGeneration: DualViewIdefics3ForConditionalGeneration,
-    SmolVLMForConditionalGeneration: DualViewSmolVLMForConditionalGeneration,
-}
-HOSTS = (*_OUTER, *_INNER)
-"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
+OUTER = (Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration)
+INNER = (Idefics3Model, SmolVLMModel)
 
 # The processor tiles (DCM's tiling options keep their defaults) and the global image stays as it is:
 # the DEM's full map replaces the tiles' features.
@@ -175,77 +157,47 @@ FIXED = {**{name: getattr(DualViewOptions(), name) for name in ("fit", "max_tile
          "grid": "auto", "out_size": None, "resample": None, "thumbnail_fusion": "concat"}
 
 
-def _parts(model: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
-    """(outer or None, inner) of a host model, or a TypeError naming what fits."""
-    if type(model) in _OUTER or type(model) in _OUTER.values():
-        return model, model.model
-    if type(model) in _INNER or type(model) in _INNER.values():
-        return None, model
-    fits = _host.adapter_for(type(getattr(model, "model", model)))
-    hint = f"; use dualview.adapters.{fits}" if fits and fits != ADAPTER else ""
-    # a subclass: apply swaps the class of the model given (outer or bare inner), see subclass_refused
-    base = next((cls for cls in (*_OUTER, *_INNER) if isinstance(model, cls)), None)
-    raise TypeError(
-        "model must be a transformers Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, "
-        f"Idefics3Model or SmolVLMModel, got {type(model).__name__}{hint}"
-        + (_host.subclass_refused(type(model), base) if base is not None else "")
-    )
-
-
 def _check_bare(inner: nn.Module) -> None:
     """A ValueError when ``inner`` is the model of a ``...ForConditionalGeneration`` (whose ``generate``
     would refuse ``image_grid``: only :func:`apply` of the outer model makes its forward name it)."""
     for owner in _host.owners(inner):
-        if type(owner) in _OUTER and owner._modules.get("model") is inner:
+        if isinstance(owner, OUTER) and owner._modules.get("model") is inner:
             raise ValueError(
-                f"dualview.adapters.{ADAPTER}.apply got the inner model of a {type(owner).__name__} (its .model): "
+                f"dualview.adapters.hf_idefics3.apply got the inner model of a {type(owner).__name__} (its .model): "
                 f"apply the {type(owner).__name__} itself, apply(model) (its generate then takes image_grid; the "
                 f"inner model is adapted with it)"
             )
 
 
 class Idefics3Adapter(HostAdapter):
-    """The host's declarations: two families (Idefics3, SmolVLM), outer or bare inner model; the
-    processor tiles; ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``, ``init`` stay free."""
+    """The host's declarations: two families (Idefics3, SmolVLM), outer or bare inner model (the outer
+    model's class is swapped too, for ``image_grid``); the processor tiles; ``num_heads``, ``directions``,
+    ``fusion``, ``tower_batch_size``, ``init`` stay free."""
 
-    name, hosts, projector, fixed = ADAPTER, HOSTS, "connector", FIXED
+    name, hosts, projector, fixed = "hf_idefics3", (*OUTER, *INNER), "connector", FIXED
+    dual_view_classes = (DualViewIdefics3Model, DualViewSmolVLMModel, DualViewIdefics3ForConditionalGeneration,
+                         DualViewSmolVLMForConditionalGeneration)
     fixed_why = "for Idefics3 / SmolVLM (the image processor tiles: size, max_image_size; the full DEM map replaces the tiles)"
     processor_tiles = True
 
     @classmethod
-    def geometry(cls, config: Any) -> Geometry:
-        vision = config.vision_config
+    def _place(cls, model: nn.Module) -> Placement:
+        inner = model.model if isinstance(model, OUTER) else model
+        return Placement(outer=model, inner=inner, dem_parent=inner)
+
+    @classmethod
+    def _measure(cls, module: nn.Module) -> Geometry:
+        vision = module.config.vision_config
         return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
 
     @classmethod
-    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
-        return MaskedVisionTower(inner.vision_model, inner.config.vision_config.patch_size, kwargs)
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
+        return MaskedVisionTower(inner.vision_model, inner.config.vision_config.patch_size, call)
 
     @classmethod
-    def check_type(cls, model: nn.Module) -> None:
-        outer, inner = _parts(model)
-        if outer is None:
-            _check_bare(inner)
-
-    @classmethod
-    def inner_of(cls, model: nn.Module) -> nn.Module:
-        return _parts(model)[1]
-
-    @classmethod
-    def dual_view_class_for(cls, inner: nn.Module) -> type:
-        return _INNER[type(inner)]
-
-    @classmethod
-    def wrap(cls, model: nn.Module) -> None:
-        outer, _ = _parts(model)
-        if outer is not None:
-            _host.swap_class(outer, _OUTER[type(outer)])
-
-    @classmethod
-    def unwrap(cls, model: nn.Module) -> None:
-        outer, _ = _parts(model)
-        if outer is not None and isinstance(outer, _GridInput):
-            _host.swap_class(outer, type(outer).dualview_plain)
+    def _check_host(cls, model: nn.Module) -> None:
+        if not isinstance(model, OUTER):
+            _check_bare(model)
 
     @classmethod
     def budget(cls, model: nn.Module, image_size: G.Size, *, processor: Any = None) -> Budget:
@@ -254,7 +206,7 @@ class Idefics3Adapter(HostAdapter):
         checked to fit ``model``)."""
         check_model(model)
         if processor is None:
-            raise ValueError(f"processor is required for {ADAPTER}: the image processor picks the grid")
+            raise ValueError(f"processor is required for {cls.name}: the image processor picks the grid")
         check_fits(processor, model)
         images = processor.image_processor
         tile, tokens = tile_and_tokens(model.config)
@@ -277,9 +229,8 @@ class Idefics3Adapter(HostAdapter):
         if config.model_type not in hosts:
             raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")
         outer, inner = hosts[config.model_type]
-        if (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration"):
-            return reload(outer, path, cls.apply, **kwargs)
-        return reload(inner, path, cls.apply, dem_prefix=f"{_host.DEM_ATTR}.", **kwargs)
+        outer_model = (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration")
+        return reload(outer if outer_model else inner, path, cls.apply, **kwargs)
 
 
 apply, unapply, encoder_of, budget, from_pretrained = (

@@ -47,9 +47,6 @@ from .hf_internvl_processing import (
     prepare_processor, processor_tiling, tile_grid, tile_tokens,
 )
 
-ADAPTER = "hf_internvl"
-HOSTS = (InternVLForConditionalGeneration,)
-"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 # The processor picks the grid (min/max_patches), the canvas is squashed, the full DEM map
@@ -64,14 +61,8 @@ class DualViewInternVLModel(_host.DualViewHost, ExtraInputHost, InternVLModel):
     """``InternVLModel`` whose ``get_image_features`` is dual view (see the module docstring) and
     whose ``forward`` hands it ``image_sizes`` (the host's forward passes no grid on)."""
 
-    dualview_adapter = ADAPTER
     dualview_plain = InternVLModel
-    dualview_full_map = True
     dualview_input = "image_sizes"
-
-    def dualview_expects(self) -> tuple[int, G.Size]:
-        _, h, _ = tile_tokens(self.config)
-        return self.config.vision_config.hidden_size, (h, h)
 
     @merge_config_defaults
     @can_return_tuple
@@ -86,17 +77,16 @@ class DualViewInternVLModel(_host.DualViewHost, ExtraInputHost, InternVLModel):
         """pixel_values (P, 3, s, s), the patches of every image and video frame; image_sizes
         (V, 2), their canvases (:func:`prepare_processor`) -> output whose ``pooler_output`` is
         (P, image_seq_length, text_dim), as the host's."""
-        config = self.config
-        layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        config, adapter = self.config, type(self).dualview_adapter
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be (patches, 3, s, s), got {got}")
         grids = grids_from_image_sizes(image_sizes, pixel_values)
-        tower = _tower(self, layer, strategy, kwargs)
-        geometry = InternVLAdapter.geometry(config)
-        h = geometry.feat_size[0]
-        encoder = self.dualview_encoder(tower, crop_size=geometry.crop, patch_size=geometry.patch)
+        call = {**kwargs, "vision_feature_layer": vision_feature_layer,
+                "vision_feature_select_strategy": vision_feature_select_strategy}
+        tower = adapter._make_tower(self, call)
+        h = adapter.geometry(self).feat_size[0]
+        encoder = self.dualview_encoder(tower)
         feats = dual_view_patches(encoder, pixel_values.to(dtype=self.dtype), grids)  # (P, h*w, D)
         shuffled = self.pixel_shuffle(feats.unflatten(1, (h, h)), scale_factor=config.downsample_ratio)
         projected = self.dualview_project(shuffled.flatten(1, 2))
@@ -109,14 +99,6 @@ class DualViewInternVLModel(_host.DualViewHost, ExtraInputHost, InternVLModel):
             pixel_values=call["pixel_values"], image_sizes=extra, vision_feature_layer=call.get("vision_feature_layer"),
             vision_feature_select_strategy=call.get("vision_feature_select_strategy"), return_dict=True,
         )
-
-
-def _tower(inner: nn.Module, layer: Any, strategy: str, kwargs: dict) -> _host.RecordingTower:
-    """The patch-token tower at ``layer`` (-1: the vision model's own ``last_hidden_state``)."""
-    tower = vision_tower_for(inner, [_feature_layer(layer)], strategy, kwargs)
-    if layer == -1:
-        tower = _LastHiddenState(tower.tower, hidden_states=tower.hidden_states, attentions=tower.attentions)
-    return tower
 
 
 def _feature_layer(layer: Any) -> int:
@@ -161,21 +143,30 @@ class InternVLAdapter(HostAdapter):
     """The host's declarations: the processor picks the grid, the canvas is squashed, the full DEM map
     replaces the tiles; ``num_heads``, ``directions``, ``fusion``, ``tower_batch_size``, ``init`` stay free."""
 
-    name, hosts, dual_view_class, fixed = ADAPTER, HOSTS, DualViewInternVLModel, FIXED
+    name, hosts, dual_view_classes, fixed = "hf_internvl", (InternVLForConditionalGeneration,), (DualViewInternVLModel,), FIXED
     fixed_why = "by InternVL (the processor's min_patches / max_patches choose the grid; the full DEM map replaces the tiles)"
     processor_tiles = True
 
     @classmethod
-    def geometry(cls, config: Any) -> Geometry:
-        s, h, _ = tile_tokens(config)
-        return Geometry(dim=config.vision_config.hidden_size, crop=s, patch=s // h)
+    def _measure(cls, module: nn.Module) -> Geometry:
+        s, h, _ = tile_tokens(module.config)
+        return Geometry(dim=module.config.vision_config.hidden_size, crop=s, patch=s // h)
 
     @classmethod
-    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
-        return _tower(inner, inner.config.vision_feature_layer, inner.config.vision_feature_select_strategy, kwargs)
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
+        """The patch-token tower at the call's ``vision_feature_layer`` (-1: the vision model's own
+        ``last_hidden_state``), else the config's."""
+        config = inner.config
+        layer = call.get("vision_feature_layer")
+        layer = config.vision_feature_layer if layer is None else layer
+        strategy = call.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        tower = vision_tower_for(inner, [_feature_layer(layer)], strategy, call)
+        if layer == -1:
+            tower = _LastHiddenState(tower.tower, hidden_states=tower.hidden_states, attentions=tower.attentions)
+        return tower
 
     @classmethod
-    def check_host(cls, model: nn.Module) -> None:
+    def _check_host(cls, model: nn.Module) -> None:
         _feature_layer(model.config.vision_feature_layer)
         check_strategy(model.config.vision_feature_select_strategy, model.model.vision_tower)
 

@@ -26,16 +26,12 @@ from . import _host
 from ._hf import LlavaFamilyAdapter, LlavaFamilyHost, host_decorators
 from .hf_llava_processing import DualViewLlavaProcessor, prepare_processor
 
-ADAPTER = "hf_llava"
-HOSTS = (LlavaForConditionalGeneration,)
-"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
 class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
     """``LlavaModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
-    dualview_adapter = ADAPTER
     dualview_plain = LlavaModel
 
     @merge_config_defaults
@@ -67,7 +63,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
     """The host's declarations: its class, the dual-view class of its ``model.model``; every option
     is free (default: the released INF-LLaVA, 3x3 squashed, 576 tokens)."""
 
-    name, hosts, dual_view_class = ADAPTER, HOSTS, DualViewLlavaModel
+    name, hosts, dual_view_classes = "hf_llava", (LlavaForConditionalGeneration,), (DualViewLlavaModel,)
 
 
 apply, unapply, encoder_of, budget, from_pretrained = (

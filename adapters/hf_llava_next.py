@@ -30,18 +30,14 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import _host
-from ._hf import AnyResAdapter, AnyResHost, Layers, anyres_dual_view, host_decorators
+from ._hf import AnyResAdapter, Layers, LlavaFamilyHost, anyres_dual_view, host_decorators
 
-ADAPTER = "hf_llava_next"
-HOSTS = (LlavaNextForConditionalGeneration,)
-"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
-class DualViewLlavaNextModel(AnyResHost, _host.DualViewHost, LlavaNextModel):
+class DualViewLlavaNextModel(LlavaFamilyHost, _host.DualViewHost, LlavaNextModel):
     """``LlavaNextModel`` whose ``get_image_features`` is dual view (see the module docstring)."""
 
-    dualview_adapter = ADAPTER
     dualview_plain = LlavaNextModel
 
     @merge_config_defaults
@@ -74,7 +70,7 @@ class LlavaNextAdapter(AnyResAdapter):
     """The host's declarations (AnyRes fixes the grid, the canvas and the full DEM map; ``num_heads``,
     ``directions``, ``fusion``, ``tower_batch_size``, ``init`` stay free)."""
 
-    name, hosts, dual_view_class = ADAPTER, HOSTS, DualViewLlavaNextModel
+    name, hosts, dual_view_classes = "hf_llava_next", (LlavaNextForConditionalGeneration,), (DualViewLlavaNextModel,)
     fixed_why = "by LLaVA-NeXT's AnyRes"
 
 

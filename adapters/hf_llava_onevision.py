@@ -30,22 +30,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from dualview import grid as G
 
 from . import _host
-from ._hf import AnyResAdapter, AnyResHost, Layers, anyres_dual_view, host_decorators
+from ._hf import AnyResAdapter, Layers, LlavaFamilyHost, anyres_dual_view, host_decorators
 
-ADAPTER = "hf_llava_onevision"
-HOSTS = (LlavaOnevisionForConditionalGeneration,)
-"""The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 merge_config_defaults, can_return_tuple = host_decorators()
 
 
 ImageSizes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
-class DualViewLlavaOnevisionModel(AnyResHost, _host.DualViewHost, LlavaOnevisionModel):
+class DualViewLlavaOnevisionModel(LlavaFamilyHost, _host.DualViewHost, LlavaOnevisionModel):
     """``LlavaOnevisionModel`` whose ``get_image_features`` is dual view (see the module docstring);
     ``get_video_features`` is the host's."""
 
-    dualview_adapter = ADAPTER
     dualview_plain = LlavaOnevisionModel
 
     @merge_config_defaults
@@ -114,15 +110,15 @@ class OnevisionAdapter(AnyResAdapter):
     """The host's declarations (AnyRes fixes the grid, the canvas and the full DEM map); apply also
     checks the pinpoints and ``vision_aspect_ratio``."""
 
-    name, hosts, dual_view_class = ADAPTER, HOSTS, DualViewLlavaOnevisionModel
+    name, hosts, dual_view_classes = "hf_llava_onevision", (LlavaOnevisionForConditionalGeneration,), (DualViewLlavaOnevisionModel,)
     fixed_why = "by LLaVA-OneVision's AnyRes"
 
     @classmethod
-    def check_host(cls, model: nn.Module) -> None:
+    def _check_host(cls, model: nn.Module) -> None:
         config = model.config
         G.grids_from_pinpoints(config.image_grid_pinpoints, config.vision_config.image_size)  # tiles of the crop
         max_num_patches(config.vision_aspect_ratio)
-        super().check_host(model)
+        super()._check_host(model)
 
     @classmethod
     def max_patches(cls, config: Any) -> int:

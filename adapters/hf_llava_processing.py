@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlavaProcessor
 
 from .base import SavedAsPlain
+from .registry import adapter_named
 
 
 class DualViewLlavaProcessor(SavedAsPlain, LlavaProcessor):
@@ -39,9 +40,7 @@ def prepare_processor(processor: Any, model: nn.Module) -> Any:
     """
     if not isinstance(processor, LlavaProcessor):
         raise TypeError(f"processor must be a transformers LlavaProcessor, got {type(processor).__name__}")
-    from .hf_llava import encoder_of  # the modeling module imports this one
-
-    encoder = encoder_of(model)
+    encoder = adapter_named("hf_llava").encoder_of(model)  # the registry's: the modeling module imports this one
     grid = encoder.dcm.grid
     if grid == "auto":
         raise ValueError("prepare_processor needs a fixed grid, got grid='auto'")

@@ -57,12 +57,11 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from dualview import DEM
 from dualview import grid as G
 from dualview.checkpoints import read_tensors
 
 from . import _host
-from .base import Geometry, HostAdapter
+from .base import Geometry, HostAdapter, Placement
 from ._common import (
     CONFIG_KEY, check_device_map, from_pretrained_without_dem, host_folder, load_dem_weights,
     load_gate_weights, recorded_options,
@@ -105,12 +104,6 @@ class FrozenTower(nn.Module):
 
 class DualViewLlava(_host.DualViewHost):
     """What the dual-view subclasses of llava's ``Llava*ForCausalLM`` add (see the module docstring)."""
-
-    dualview_adapter = ADAPTER
-    dualview_projector = "mm_projector"
-
-    def dualview_expects(self) -> tuple[int, G.Size]:
-        return _expects(self.get_model())
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, tokens, hidden): dual view, then ``mm_projector``."""
@@ -163,38 +156,9 @@ class DualViewLlavaMpt(DualViewLlava):
         )
 
 
-def _expects(inner: nn.Module) -> tuple[int, G.Size]:
-    """``(dim, (h, w))`` the llava vision tower hands the DEM (``mm_hidden_size``, its token grid)."""
-    tower = inner.get_vision_tower()
-    side = tower.config.image_size // tower.config.patch_size
-    return int(getattr(inner.config, "mm_hidden_size", tower.hidden_size)), (side, side)
-
-
-class DualViewLlavaInner:
-    """llava's inner model (``get_model()``, where ``spatial_embed`` lives) with the checks of an
-    assigned DEM that :class:`~dualview.adapters._host.DualViewHost` gives the hosts it swaps: a DEM
-    the host cannot use is refused before it replaces the registered one, and the DEM (or the gate
-    of ``init="identity"``) is neither deleted nor set to None (:func:`~._host.check_kept`)."""
-
-    dualview_plain: type
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == _host.DEM_ATTR and isinstance(value, nn.Module):
-            dem = _host.unwrap_dem(value)
-            if not isinstance(dem, DEM):
-                raise TypeError(f"{_host.DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
-            recorded = recorded_options(self.config) or {}
-            _host.check_dem_fits(dem, adapter=ADAPTER, expects=_expects(self), full_map=False,
-                                 thumbnail_fusion=recorded.get("thumbnail_fusion"))
-        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
-            _host.check_kept(self, name, value, adapter=ADAPTER)
-        if name == _host.GATE_ATTR and isinstance(value, nn.Module):
-            _host.check_gate_fits(_host.unwrap_dem(value), dim=_host.unwrap_dem(self.spatial_embed).dim, adapter=ADAPTER)
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        _host.check_kept(self, name, adapter=ADAPTER, deleting=True)
-        super().__delattr__(name)
+class DualViewLlavaInner(_host.GuardsDualViewModules):
+    """llava's inner model (``get_model()``, which holds ``mm_projector`` and gets ``spatial_embed``):
+    an assigned DEM or gate is checked there as on the other hosts' inner models."""
 
 
 def _unload_tower(tower: nn.Module) -> None:
@@ -231,6 +195,7 @@ def _define_subclasses() -> dict[str, type]:
 INNER_SUBCLASSES: dict[type, type] = {}
 SUBCLASSES = _define_subclasses()
 HOSTS = tuple(sub.dualview_plain for sub in SUBCLASSES.values())
+DUAL_VIEW_CLASSES = (*SUBCLASSES.values(), *INNER_SUBCLASSES.values())
 """The host classes :func:`apply` takes (``dualview.apply`` picks this adapter for them)."""
 
 
@@ -262,39 +227,15 @@ class Llava15Adapter(HostAdapter):
 
     name = ADAPTER
     hosts = HOSTS
+    dual_view_classes = DUAL_VIEW_CLASSES
     projector = "mm_projector"
 
     @classmethod
-    def check_type(cls, model: nn.Module) -> None:
-        if not isinstance(model, LlavaMetaForCausalLM):
-            fits = _host.adapter_for(type(model)) or _host.adapter_for(type(getattr(model, "model", model)))
-            raise TypeError(
-                f"model must be a llava Llava*ForCausalLM (llava.model.language_model), got {type(model).__name__}"
-                + (f"; use dualview.adapters.{fits}" if fits else "")
-            )
+    def _place(cls, model: nn.Module) -> Placement:
+        return Placement(outer=model, inner=model, dem_parent=model.get_model())
 
     @classmethod
-    def inner_of(cls, model: nn.Module) -> nn.Module:
-        return model
-
-    @classmethod
-    def dem_parent_of(cls, inner: nn.Module) -> nn.Module:
-        return inner.get_model()
-
-    @classmethod
-    def dual_view_class_for(cls, inner: nn.Module) -> type:
-        subclass = SUBCLASSES.get(getattr(inner.config, "model_type", None))
-        if subclass is None or type(inner) is not subclass.dualview_plain:
-            raise TypeError(
-                f"dualview.adapters.llava15 adapts {sorted(c.dualview_plain.__name__ for c in SUBCLASSES.values())}, "
-                f"got {type(inner).__name__} (config.model_type={getattr(inner.config, 'model_type', None)!r})"
-                + (_host.subclass_refused(type(inner), subclass.dualview_plain) if subclass is not None else "")
-            )
-        return subclass
-
-    @classmethod
-    def check_host(cls, model: nn.Module) -> None:
-        cls.dual_view_class_for(model)
+    def _check_host(cls, model: nn.Module) -> None:
         _check_llava_config(model.config)
         tower = model.get_model().get_vision_tower()  # its config is read without loading it
         dim = int(getattr(model.config, "mm_hidden_size", tower.hidden_size))
@@ -302,7 +243,7 @@ class Llava15Adapter(HostAdapter):
             raise ValueError(f"config.mm_hidden_size={dim} differs from the vision tower's hidden_size={tower.hidden_size}")
 
     @classmethod
-    def prepare_host(cls, model: nn.Module) -> Callable[[], None]:
+    def _prepare_host(cls, model: nn.Module) -> Callable[[], None]:
         """llava builds the tower with delay_load=True: it is loaded (on the projector's device and in
         its dtype), and unloaded again if ``apply`` fails."""
         inner = model.get_model()
@@ -315,28 +256,17 @@ class Llava15Adapter(HostAdapter):
         return functools.partial(_unload_tower, tower)
 
     @classmethod
-    def geometry_of(cls, inner: nn.Module) -> Geometry:
-        tower = inner.get_vision_tower()
-        dim = int(getattr(inner.config, "mm_hidden_size", tower.hidden_size))
+    def _measure(cls, module: nn.Module) -> Geometry:
+        """``mm_hidden_size`` and the llava vision tower's crop and patch (``module``: the model or its inner model)."""
+        tower = module.get_vision_tower()
+        dim = int(getattr(module.config, "mm_hidden_size", tower.hidden_size))
         return Geometry(dim=dim, crop=tower.config.image_size, patch=tower.config.patch_size)
 
     @classmethod
-    def tower(cls, inner: nn.Module, kwargs: dict) -> nn.Module:
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
         """The frozen vision tower at ``mm_vision_select_layer``, patch tokens."""
         vision = inner.get_vision_tower()
         return FrozenTower(HFVisionTower(vision.vision_tower, layer=int(vision.select_layer), select="patch"))
-
-    @classmethod
-    def wrap(cls, model: nn.Module) -> None:
-        inner = model.get_model()
-        if type(inner) in INNER_SUBCLASSES:  # an assigned DEM is checked there
-            _host.swap_class(inner, INNER_SUBCLASSES[type(inner)])
-
-    @classmethod
-    def unwrap(cls, model: nn.Module) -> None:
-        inner = model.get_model()
-        if isinstance(inner, DualViewLlavaInner):
-            _host.swap_class(inner, type(inner).dualview_plain)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:

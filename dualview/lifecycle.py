@@ -10,17 +10,15 @@ checkpoints, trainable-parameter reports and freeze presets.
     plain = LlavaNextForConditionalGeneration.from_pretrained(...)
     model = dualview.load(plain, "dv")                   # the right adapter, those options, those weights
 
-The adapter table is built from the adapters themselves: every module of ``dualview.adapters``
-(those whose host library imports) names the host classes its ``apply`` takes in ``HOSTS``. Nothing
-here imports a host library before it is needed.
+The adapters come from the one registry (:mod:`dualview.adapters.registry`): the package's adapters
+whose host library imports, and any ``HostAdapter`` subclass defined elsewhere. Nothing here imports a
+host library before it is needed.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import pkgutil
 import sys
 import tempfile
 from functools import partial
@@ -56,48 +54,34 @@ DUAL_VIEW_EXCLUDED = (
 them whole), and PEFT's loader, given the adapter and a host without dual view, warns that it excluded
 nothing, quoting this text (a regex comment: parentheses inside would end it)."""
 
-_NOT_ADAPTERS = ("towers",)
-
-
 # ---- the adapter table ----------------------------------------------------------------------------
 
 
-def adapters() -> dict[str, Any]:
-    """Adapter name -> module, for every adapter whose host library imports here."""
-    from dualview import adapters as package
+def adapters() -> dict[str, type]:
+    """Adapter name -> adapter class (:class:`~dualview.adapters.base.HostAdapter`), every registered one."""
+    from dualview.adapters.registry import registered_adapters
 
-    found = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        name = info.name
-        if name.startswith("_") or name in _NOT_ADAPTERS:
-            continue
-        try:
-            module = importlib.import_module(f"{package.__name__}.{name}")
-        except ImportError:  # its host library is not installed: no model of its hosts can exist
-            continue
-        if hasattr(module, "HOSTS"):
-            found[name] = module
-    return found
+    return registered_adapters()
 
 
 def host_table() -> dict[type, str]:
-    """Host class -> adapter name, from each adapter's ``HOSTS``."""
-    return {cls: name for name, module in adapters().items() for cls in module.HOSTS}
+    """Host class -> adapter name, from each adapter's ``hosts``."""
+    return {cls: name for name, adapter in adapters().items() for cls in adapter.hosts}
 
 
-def adapter_for(model: nn.Module) -> tuple[str, Any]:
-    """(name, module) of the adapter whose hosts include ``model``'s class (or the nearest base class);
+def adapter_for(model: nn.Module) -> tuple[str, type]:
+    """(name, class) of the adapter whose hosts include ``model``'s class (or the nearest base class);
     a TypeError listing the supported host classes otherwise. A ``peft.PeftModel``: its base model's."""
+    from dualview.adapters.registry import adapter_for_class
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a vision-language host model), got {type(model).__name__}")
     base = peft_base(model)
     model = model if base is None else base
-    table = host_table()
-    for cls in type(model).__mro__:
-        if cls in table:
-            name = table[cls]
-            return name, adapters()[name]
-    supported = ", ".join(sorted(f"{cls.__name__} ({name})" for cls, name in table.items()))
+    adapter = adapter_for_class(type(model))
+    if adapter is not None and isinstance(model, adapter.hosts):
+        return adapter.name, adapter
+    supported = ", ".join(sorted(f"{cls.__name__} ({name})" for cls, name in host_table().items()))
     raise TypeError(
         f"dualview has no adapter for {type(model).__name__}: supported host classes are {supported} "
         "(adapters whose host library is not installed are not listed)"
@@ -106,12 +90,9 @@ def adapter_for(model: nn.Module) -> tuple[str, Any]:
 
 def dual_view_host(model: nn.Module) -> nn.Module:
     """The module of ``model`` (itself or a submodule) that carries dual view, or a ValueError."""
-    from dualview.adapters._host import DualViewHost
+    from dualview.adapters.interface import dual_view_host as find
 
-    for module in model.modules():
-        if isinstance(module, DualViewHost):
-            return module
-    raise ValueError(f"this {type(model).__name__} has no dual view: call dualview.apply(model) first")
+    return find(model)
 
 
 # ---- apply / unapply -------------------------------------------------------------------------------
@@ -119,10 +100,10 @@ def dual_view_host(model: nn.Module) -> nn.Module:
 
 def apply(model: nn.Module, **options: Any) -> nn.Module:
     """Install dual view with the adapter of ``model``'s class, in place; returns it. ``options``: the
-    adapter's (:class:`~dualview.adapters._common.DualViewOptions`, e.g. ``init="identity"``)."""
+    adapter's (:class:`~dualview.adapters.interface.DualViewOptions`, e.g. ``init="identity"``)."""
     _refuse_peft_wrapper(model, "apply")
-    _, module = adapter_for(model)
-    return module.apply(model, **options)
+    _, adapter = adapter_for(model)
+    return adapter.apply(model, **options)
 
 
 def unapply(model: nn.Module) -> nn.Module:
@@ -132,7 +113,7 @@ def unapply(model: nn.Module) -> nn.Module:
     base = peft_base(model)
     target = model if base is None else base
     host = dual_view_host(target)
-    importlib.import_module(f"dualview.adapters.{type(host).dualview_adapter}").unapply(target)
+    type(host).dualview_adapter.unapply(target)
     if base is not None:
         _forget_dual_view_in_peft(model)
     return model
@@ -180,10 +161,11 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
 
     from dualview import __version__
     from dualview._output import write_files_atomically
-    from dualview.adapters._common import recorded_options
+    from dualview.adapters.interface import record_dem_settings, recorded_options
 
     host = dual_view_host(model)
-    dem, gate = host.dualview_dem, host.dualview_gate  # records the DEM's settings in config.dualview
+    dem, gate = host.dualview_dem, host.dualview_gate
+    record_dem_settings(host.config, dem)  # the saved options describe the DEM that is saved
     parts = {DEM_PREFIX: dem, GATE_PREFIX: gate}
     parts = {prefix: module for prefix, module in parts.items() if module is not None}
     with _zero3.gathered(*parts.values()):  # ZeRO-3: the full weights, not the empty local shards
@@ -195,7 +177,7 @@ def save_adapter(model: nn.Module, folder: Union[str, Path]) -> Path:
     outer = type(model if base is None else base)
     plain = getattr(outer, "dualview_plain", outer)
     meta = {
-        "format": FORMAT, "adapter": type(host).dualview_adapter, "dualview_version": __version__,
+        "format": FORMAT, "adapter": type(host).dualview_adapter.name, "dualview_version": __version__,
         "host": plain.__name__, "weights": ADAPTER_WEIGHTS, "options": recorded_options(host.config),
     }
     files = {ADAPTER_WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"})}
@@ -249,7 +231,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     file); on any error the model is left as it was, ``config.dualview`` included. Returns the model;
     for a folder saved from a ``peft.PeftModel``, ``peft.PeftModel.from_pretrained(model, folder)`` of
     it (LoRA, DEM and gate as saved)."""
-    from dualview.adapters._common import CONFIG_KEY, DualViewOptions
+    from dualview.adapters.interface import CONFIG_KEY, DualViewOptions
     from dualview.checkpoints import _inside_folder, check_resolves_inside, read_tensors
 
     _refuse_peft_wrapper(model, "load")
@@ -277,7 +259,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
         DualViewOptions.from_kwargs(**meta["options"])
     except (TypeError, ValueError) as e:
         raise type(e)(f"{str(meta_path)!r}: 'options': {e}") from None
-    name, module = adapter_for(model)
+    name, adapter = adapter_for(model)
     if meta["adapter"] != name:
         raise ValueError(
             f"{str(meta_path)!r} holds a dualview.adapters.{meta['adapter']} adapter (saved from a {meta.get('host')}), "
@@ -298,7 +280,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     if carried is not _MISSING:
         delattr(model.config, CONFIG_KEY)
     try:
-        module.apply(model, **meta["options"])  # a failure leaves the plain model (apply rolls back)
+        adapter.apply(model, **meta["options"])  # a failure leaves the plain model (apply rolls back)
     except Exception:
         _put_back(model.config, CONFIG_KEY, carried)
         raise
@@ -311,7 +293,7 @@ def load(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
             return peft.PeftModel.from_pretrained(model, str(folder))
     except Exception:
         _undo_peft_injection(model, before)
-        module.unapply(model)
+        adapter.unapply(model)
         _put_back(model.config, CONFIG_KEY, carried)
         raise
     return model
@@ -442,18 +424,18 @@ def _exclude_dual_view(excluded: Any) -> Any:
 
 def dual_view_modules(model: nn.Module) -> list[nn.Module]:
     """The DEM and (with ``init="identity"``) the gate of ``model``, as registered (PEFT wrappers kept)."""
-    from dualview.adapters import _host
+    from dualview.adapters.interface import DEM_ATTR, GATE_ATTR, dem_parent_of
 
-    parent = _host.dem_parent_of(dual_view_host(model))
-    return [parent._modules[a] for a in (_host.DEM_ATTR, _host.GATE_ATTR) if a in parent._modules]
+    parent = dem_parent_of(dual_view_host(model))
+    return [parent._modules[a] for a in (DEM_ATTR, GATE_ATTR) if a in parent._modules]
 
 
 def projector_of(model: nn.Module) -> nn.Module:
     """The host's projector (connector), beside the DEM."""
-    from dualview.adapters import _host
+    from dualview.adapters.interface import dem_parent_of
 
     host = dual_view_host(model)
-    return getattr(_host.dem_parent_of(host), type(host).dualview_projector)
+    return getattr(dem_parent_of(host), type(host).dualview_adapter.projector)
 
 
 def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str], Any]] = print) -> dict[str, Any]:
@@ -470,7 +452,7 @@ def trainable_parameters(model: nn.Module, *, print_fn: Optional[Callable[[str],
         seen.add(id(param))
         total += _zero3.numel(param)
         trainable += _zero3.numel(param) if param.requires_grad else 0
-    from dualview.adapters._host import unwrap_dem
+    from dualview.adapters.interface import unwrap_dem
 
     try:
         own = {id(p): _zero3.numel(p) for m in dual_view_modules(model) for p in unwrap_dem(m).parameters()}
@@ -501,7 +483,7 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
     On a ``peft.PeftModel``, ``"stage1"`` and ``"warm_start"`` train PEFT's copies of the DEM and gate
     (its originals stay frozen) and freeze the LoRA. Returns the model to train (the PEFT model for
     ``"warm_start_lora"``)."""
-    from dualview.adapters._host import unwrap_dem
+    from dualview.adapters.interface import unwrap_dem
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
@@ -523,10 +505,10 @@ def freeze(model: nn.Module, preset: str, *, lora: Any = None) -> nn.Module:
         import peft
     except ImportError:
         raise ImportError("freeze(model, 'warm_start_lora') needs peft: pip install peft") from None
-    from dualview.adapters import _host
+    from dualview.adapters.interface import dem_parent_of
 
-    parent = _host.dem_parent_of(dual_view_host(model))
-    names = [n for n in (_host.DEM_ATTR, _host.GATE_ATTR) if n in parent._modules]
+    parent = dem_parent_of(dual_view_host(model))
+    names = [n for n in _DUAL_VIEW_NAMES if n in parent._modules]
     if lora is None:
         lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
     elif not isinstance(lora, peft.LoraConfig):

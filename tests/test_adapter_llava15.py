@@ -329,7 +329,7 @@ def test_mpt_variant_forward_and_save_load(tower_28, tmp_path):
 
 
 def test_apply_errors(tower_28):
-    with pytest.raises(TypeError, match="llava Llava\\*ForCausalLM.*got Linear"):
+    with pytest.raises(TypeError, match="model must be a LlavaLlamaForCausalLM or .*got Linear"):
         llava15.apply(torch.nn.Linear(2, 2))
     model = adapted(tower_28)
     with pytest.raises(ValueError, match="already applied"):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import threading
 from typing import Any, Iterator, Optional
 
@@ -82,7 +81,9 @@ class DualViewLoader:
             kwargs["dtype"] = torch_dtype  # transformers 5's name
         if device_map:  # lmms-eval's "" default: not passed (transformers 5 refuses it)
             kwargs["device_map"] = device_map
-        return importlib.import_module(f"dualview.adapters.{adapter}").from_pretrained(path, **kwargs)
+        from dualview.adapters.interface import adapter_named
+
+        return adapter_named(adapter).from_pretrained(path, **kwargs)
 
 
 # The loads open now: the map is patched by the first and restored by the last to end (in any order,

@@ -46,8 +46,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from dualview.adapters._common import CONFIG_KEY, DualViewOptions, recorded_options
-from dualview.adapters._host import DEM_ATTR, GATE_ATTR
+from dualview.adapters.interface import CONFIG_KEY, DEM_ATTR, GATE_ATTR, DualViewOptions, recorded_options
 
 LLAVA_NEXT = "DualViewLlavaNextForConditionalGeneration"
 ARCHITECTURES = {LLAVA_NEXT: "LlavaNextForConditionalGeneration"}
@@ -148,7 +147,7 @@ def save_pretrained(model: Any, folder: Union[str, Path], **kwargs: Any) -> Path
             "architecture; save, then upload the folder (huggingface_hub.upload_folder(folder_path=folder, ...))"
         )
     where = f"model ({type(model).__name__})"
-    from dualview.adapters._host import DualViewHost
+    from dualview.adapters.interface import DualViewHost
 
     inner = getattr(model, "model", None)
     config = getattr(model, "config", None)
@@ -239,17 +238,14 @@ def _check_dual_view_weight(name: str, target: str, shape: tuple, dual_view: Map
 def served_options(config: Any) -> DualViewOptions:
     """The options a served model runs with: its ``config.dualview`` (refused without one), AnyRes's
     fixed choices checked (a fixed option edited by hand is a ValueError), the pinpoints the config's."""
-    from dualview.adapters.hf_llava_next import DualViewLlavaNextModel, LlavaNextAdapter
+    from dualview.adapters.hf_llava_next import LlavaNextAdapter
 
-    recorded = recorded_options(config)
-    if recorded is None:
+    if recorded_options(config) is None:
         raise ValueError(
             f"{LLAVA_NEXT} serves models saved from dualview.adapters.hf_llava_next: this config has no "
             f"'{CONFIG_KEY}' entry"
         )
-    LlavaNextAdapter.options(config, dict(recorded))
-    live = {name: getattr(config, attr) for name, attr in DualViewLlavaNextModel.dualview_live.items()}
-    return DualViewOptions.from_kwargs(**{**recorded, **live})
+    return LlavaNextAdapter.options_in(config)
 
 
 def __getattr__(name: str) -> Any:
@@ -271,8 +267,8 @@ def _llava_next_class() -> type:
     from vllm.model_executor.models.utils import WeightsMapper
 
     from dualview import DualViewEncoder
-    from dualview.adapters import _host, hf_llava_next
-    from dualview.adapters._hf import feature_layers
+    from dualview.adapters import hf_llava_next
+    from dualview.adapters.interface import encoder_from, new_dem, new_gate
 
     plain_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper
 
@@ -290,16 +286,13 @@ def _llava_next_class() -> type:
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            config = self.config
             options = self.dualview_options
-            vision = config.vision_config
-            side = vision.image_size // vision.patch_size
-            dim = vision.hidden_size * len(feature_layers(config.vision_feature_layer))
+            geometry = hf_llava_next.LlavaNextAdapter.geometry(self)  # read from self.config
             towers = list(self._tower_model_names)
             with self._mark_tower_model(vllm_config, "image"):  # skipped with the tower when images are off
                 # with images off the projector is a StageMissingLayer: the DEM is made on "meta" beside it
-                dem = _host.new_dem(options, dim, (side, side), like=_stood_for(self.multi_modal_projector))
-                gate = _host.new_gate(options, dem)  # init="identity": the adapter's spatial_gate
+                dem = new_dem(options, geometry.dim, geometry.feat_size, like=_stood_for(self.multi_modal_projector))
+                gate = new_gate(options, dem)  # init="identity": the adapter's spatial_gate
                 self.spatial_embed = dem
                 if gate is not None:
                     self.spatial_gate = gate
@@ -312,8 +305,8 @@ def _llava_next_class() -> type:
 
         def dualview_encoder(self) -> DualViewEncoder:
             """DCM (from the options) -> vLLM's vision tower -> ``spatial_embed``, built now."""
-            vision = self.config.vision_config
-            tokens = (vision.image_size // vision.patch_size) ** 2
+            geometry = hf_llava_next.LlavaNextAdapter.geometry(self)
+            tokens = geometry.feat_size[0] * geometry.feat_size[1]
             strategy = self.config.vision_feature_select_strategy
 
             def tower(pixels: torch.Tensor) -> torch.Tensor:
@@ -326,9 +319,8 @@ def _llava_next_class() -> type:
                     )
                 return feats
 
-            return _host.encoder_from(self.dualview_options, tower, self.spatial_embed,
-                                      crop_size=vision.image_size, patch_size=vision.patch_size,
-                                      gate=getattr(self, GATE_ATTR, None))
+            return encoder_from(self.dualview_options, tower, self.spatial_embed, crop_size=geometry.crop,
+                                patch_size=geometry.patch, gate=getattr(self, GATE_ATTR, None))
 
         def _process_image_pixels(self, inputs: Any) -> tuple[torch.Tensor, ...]:
             """Per image (1 + R*C, h*w, text_dim): the base image's and the DEM-fused tiles' projected

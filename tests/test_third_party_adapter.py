@@ -1,0 +1,175 @@
+"""A host and its adapter defined outside the package (here, in this test module) work through every
+entry point: ``dualview.apply`` / ``unapply`` / ``save_adapter`` / ``load`` / ``from_pretrained``, with
+the facts declared once on the adapter. The registry that makes this possible is checked too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
+
+import dualview
+from dualview import DCM
+from dualview.adapters import Geometry, HostAdapter, register_adapter, registered_adapters
+from dualview.adapters.interface import DualViewHost, adapter_for_class, dual_view_host
+from dualview.adapters.towers import HFVisionTower
+
+
+class TinyVLMConfig(PretrainedConfig):
+    model_type = "dualview_test_tiny_vlm"
+    sub_configs = {"vision_config": CLIPVisionConfig}
+
+    def __init__(self, vision_config=None, text_dim: int = 12, classes: int = 5, initializer_range: float = 0.02,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(vision_config, dict) or vision_config is None:
+            vision_config = CLIPVisionConfig(**(vision_config or dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                patch_size=7,
+            )))
+        self.vision_config = vision_config
+        self.text_dim, self.classes, self.initializer_range = text_dim, classes, initializer_range
+
+
+class TinyVLMPreTrainedModel(PreTrainedModel):
+    config_class = TinyVLMConfig
+    base_model_prefix = "model"
+
+
+class TinyVLMModel(TinyVLMPreTrainedModel):
+    """The host's inner model: CLIP patch tokens -> projector (one crop of ``image_size`` per image)."""
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.multi_modal_projector = nn.Linear(config.vision_config.hidden_size, config.text_dim)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.multi_modal_projector(HFVisionTower(self.vision_tower, layer=-1)(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.get_image_features(pixel_values)
+
+
+class TinyVLM(TinyVLMPreTrainedModel):
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__(config)
+        self.model = TinyVLMModel(config)
+        self.head = nn.Linear(config.text_dim, config.classes)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model(pixel_values).mean(1))
+
+
+class DualViewTinyVLMModel(DualViewHost, TinyVLMModel):
+    """The recipe's step 1: the image hook, dual view."""
+
+    dualview_plain = TinyVLMModel
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tower = type(self).dualview_adapter._make_tower(self, {})
+        return self.dualview_project(self.dualview_encoder(tower)(pixel_values))
+
+
+class TinyVLMAdapter(HostAdapter):
+    """The recipe's step 2: the declarations and the two required hooks. Defining it registers it."""
+
+    name = "tiny_vlm_test"
+    hosts = (TinyVLM,)
+    dual_view_classes = (DualViewTinyVLMModel,)
+
+    @classmethod
+    def _measure(cls, module: nn.Module) -> Geometry:
+        vision = module.config.vision_config
+        return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+
+    @classmethod
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
+        return HFVisionTower(inner.vision_tower, layer=-1)
+
+
+def build(seed: int = 0) -> TinyVLM:
+    torch.manual_seed(seed)
+    return TinyVLM(TinyVLMConfig()).eval()
+
+
+def pixels(seed: int = 1, size: tuple[int, int] = (84, 56)) -> torch.Tensor:
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_defining_the_adapter_registers_it_for_its_host_class():
+    assert registered_adapters()["tiny_vlm_test"] is TinyVLMAdapter
+    assert adapter_for_class(TinyVLM) is TinyVLMAdapter
+    assert adapter_for_class(type("MyTinyVLM", (TinyVLM,), {})) is TinyVLMAdapter  # a user's subclass
+    assert adapter_for_class(TinyVLMModel) is TinyVLMAdapter  # the plain inner class, for "use X" hints
+    assert DualViewTinyVLMModel.dualview_adapter is TinyVLMAdapter
+
+
+def test_dualview_apply_installs_it_and_identity_init_gives_the_plain_model_on_the_thumbnail():
+    """Identity at g = 0 is the plain host on the thumbnail (thumbnail_fusion="mean"), bit for bit; the
+    released init is not; unapply gives the plain classes back."""
+    images = pixels()
+    plain = build()
+    thumbnail = DCM(28, (3, 3))(images).thumbnail
+    with torch.no_grad():
+        expected = plain(thumbnail)
+    model = dualview.apply(build(), init="identity")
+    assert type(model.model) is DualViewTinyVLMModel and type(model) is TinyVLM
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+    released = dualview.apply(build())
+    with torch.no_grad():
+        assert not torch.allclose(released(images), expected)
+    dualview.unapply(model)
+    assert type(model.model) is TinyVLMModel and "spatial_embed" not in model.model._modules
+    assert not hasattr(model.config, "dualview")
+
+
+def test_save_adapter_then_load_onto_a_fresh_plain_host_is_bit_exact(tmp_path):
+    model = dualview.apply(build(), init="identity")
+    with torch.no_grad():
+        model.model.spatial_gate.g.fill_(0.5)  # trained away from identity
+        expected = model(pixels())
+    dualview.save_adapter(model, tmp_path / "dv")
+    assert json.loads((tmp_path / "dv" / "dualview_adapter.json").read_text())["adapter"] == "tiny_vlm_test"
+    loaded = dualview.load(build(), tmp_path / "dv")
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels()), expected)
+
+
+def test_save_pretrained_then_dualview_from_pretrained_is_bit_exact(tmp_path):
+    model = dualview.apply(build(), num_heads=2, grid=(2, 3))
+    with torch.no_grad():
+        expected = model(pixels())
+    model.save_pretrained(tmp_path / "whole")
+    loaded = dualview.from_pretrained(tmp_path / "whole")
+    assert type(loaded) is TinyVLM and type(loaded.model) is DualViewTinyVLMModel
+    assert dual_view_host(loaded).dualview_options.grid == (2, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels()), expected)
+
+
+def test_a_dem_of_another_width_is_refused_at_assignment_by_the_adapters_geometry():
+    model = dualview.apply(build())
+    with pytest.raises(ValueError, match=r"tiny_vlm_test: the DEM at spatial_embed must have dim=16 .* got dim=8"):
+        model.model.spatial_embed = dualview.DEM(8, 2, out_size=(4, 4))
+
+
+def test_another_adapter_cannot_take_a_registered_name_or_host_class():
+    with pytest.raises(ValueError, match=r"host class\(es\) \['TinyVLM'\] are taken by adapter 'tiny_vlm_test'"):
+        register_adapter(type("OtherAdapter", (), {"name": "other_test", "hosts": (TinyVLM,), "dual_view_classes": ()}))
+    with pytest.raises(ValueError, match=r"adapter name 'hf_llava' is taken by dualview\.adapters\.hf_llava\.LlavaAdapter"):
+        register_adapter(type("Clash", (), {"name": "hf_llava", "hosts": (), "dual_view_classes": ()}))
+    assert "other_test" not in registered_adapters() and registered_adapters()["tiny_vlm_test"] is TinyVLMAdapter
+
+
+def test_a_builtin_adapter_given_this_host_names_the_adapter_that_takes_it():
+    from dualview.adapters import hf_llava
+
+    with pytest.raises(TypeError, match=r"got TinyVLM; use tests\.test_third_party_adapter\.TinyVLMAdapter"):
+        hf_llava.apply(build())
