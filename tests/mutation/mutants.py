@@ -680,3 +680,41 @@ MUTANTS += [
     _m("tiled-glob-call-skipped", TILED, "    elif in_lockstep(encoder.tower):", "    elif False:",
        "under ZeRO-3 a rank without global crops skips the tower call other ranks make", tests=ZERO3_TESTS),
 ]
+
+# ---- the adapter interface (issue 31): the registry, the placement, the facts read from the adapter
+REGISTRY = "adapters/registry.py"
+THIRD_PARTY_TESTS = ("tests/test_third_party_adapter.py",)
+SUBCLASS_TESTS = ("tests/test_host_subclasses.py",)
+LLAVA15_TESTS = ("tests/test_adapter_llava15.py",)
+MUTANTS += [
+    _m("reg-name-taken-twice", REGISTRY, "    if held is not None and not _same_class(held, adapter):", "    if False:",
+       "a second adapter class silently replaces a registered name", tests=THIRD_PARTY_TESTS),
+    _m("reg-host-claimed-twice", REGISTRY, "        if other.name != name and claimed:", "        if False:",
+       "two adapters take one host class (which one apply picks depends on the order)", tests=THIRD_PARTY_TESTS),
+    _m("reg-dual-view-untied", REGISTRY, "        cls.dualview_adapter = adapter", "        pass",
+       "the dual-view classes do not point at their adapter", tests=THIRD_PARTY_TESTS),
+    _m("reg-inner-class-unknown", REGISTRY,
+       "            if base in adapter.hosts or any(base in (c, c.dualview_plain) for c in adapter.dual_view_classes):",
+       "            if base in adapter.hosts:", "the wrong-adapter hint cannot name the adapter of an inner class",
+       tests=THIRD_PARTY_TESTS),
+    _m("base-live-options-ignored", BASE,
+       "        return DualViewOptions.from_kwargs(**{**options.to_dict(), **live}) if live else options",
+       "        return options", "AnyRes's pinpoints not read from the config at the call", tests=HF_LLAVA_NEXT_TESTS),
+    _m("base-hint-dropped", BASE,
+       '        hint = f"; use {other.__module__}.{other.__qualname__}" if other is not None and other is not cls else ""',
+       '        hint = ""', "a host given to the wrong adapter is not told which adapter takes it",
+       tests=THIRD_PARTY_TESTS),
+    _m("host-subclass-swapped", HOST, "        if base is not None:  # a user's subclass", "        if False:  # a user's subclass",
+       "a user's subclass of a swapped class loses its own methods", tests=SUBCLASS_TESTS),
+    _m("host-detach-classes-kept", HOST, "            swap_class(module, type(module).dualview_plain)", "            pass",
+       "unapply leaves the dual-view classes", tests=THIRD_PARTY_TESTS),
+    _m("host-attach-dem-settings-unrecorded", HOST,
+       "    record_dem_settings(config, dem)  # config.dualview describes the DEM that runs", "    pass",
+       "config.dualview keeps 'tower' instead of the DEM's out_size", tests=LLAVA15_TESTS),
+    _m("host-dem-parent-not-placed", HOST, "    parent = type(host).dualview_adapter._place(host).dem_parent",
+       "    parent = host", "the DEM of a host that keeps it on its inner model (llava) is not found",
+       tests=LLAVA15_TESTS),
+    _m("common-reload-prefix-fixed", "adapters/_common.py", '    prefix = f"{holder}." if holder else ""',
+       '    prefix = "model."', "a bare inner model's DEM read under the outer model's prefix",
+       tests=("tests/test_adapter_hf_idefics3.py",)),
+]
