@@ -85,8 +85,8 @@ class TinyVLMAdapter(HostAdapter):
 
     @classmethod
     def _measure(cls, module: nn.Module) -> Geometry:
-        vision = module.config.vision_config
-        return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+        tower = HFVisionTower(module.vision_tower)  # reads the tower's own config
+        return Geometry(dim=module.vision_tower.config.hidden_size, crop=tower.image_size, patch=tower.patch_size)
 
     @classmethod
     def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
