@@ -134,10 +134,6 @@ def test_generate_with_an_image_matches_greedy_decoding(tower_28, variant):
 
 
 def test_generate_fails_without_the_cache_shim(tower_28):
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4 hands the cache on as past_key_values: no shim needed")
     model = adapted(tower_28)
     plain = type(model).dualview_plain
     # the subclass minus its cache shim: llava's own prepare_inputs_for_generation
@@ -209,6 +205,28 @@ def test_from_pretrained_names_unexpected_keys(tower_28, tmp_path):
     save_file(state, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.extra.weight"):
         llava15.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_refuses_a_config_of_no_llava_class(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    expected = "config.model_type must be one of ['llava_llama', 'llava_mistral', 'llava_mpt'], got 'llama'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        llava15.from_pretrained(tmp_path)
+
+
+def test_the_host_classes_are_module_level_classes_of_the_adapter():
+    """Defined by ``class`` statements in llava15 (pickle finds them by name), one per llava class."""
+    names = {"llava_llama": "LlavaLlama", "llava_mistral": "LlavaMistral", "llava_mpt": "LlavaMpt"}
+    assert sorted(llava15.SUBCLASSES) == sorted(names)
+    for model_type, sub in llava15.SUBCLASSES.items():
+        assert sub is getattr(llava15, f"DualView{names[model_type]}ForCausalLM")
+        assert sub.__module__ == llava15.__name__ and sub.__qualname__ == sub.__name__
+        assert sub.dualview_plain.__name__ == f"{names[model_type]}ForCausalLM"
+        inner = getattr(llava15, f"DualView{names[model_type]}Model")
+        assert llava15.INNER_SUBCLASSES[inner.dualview_plain] is inner
+    assert llava15.HOSTS == tuple(sub.dualview_plain for sub in llava15.SUBCLASSES.values())
 
 
 def write_inf_llava_checkpoint(folder, tower: str) -> dict:
