@@ -133,6 +133,23 @@ def test_generate_with_an_image_matches_greedy_decoding(tower_28, variant):
     assert len(set(expected)) > 1
 
 
+def test_mpt_forward_continues_from_its_kv_cache(tower_28):
+    """llava's MPT forward, replaced (its own calls llava with an old signature), hands the cache on:
+    the last token over the cache of the others gives the full forward's last logits. (generate runs
+    llava's MPT without a cache, so only a direct call checks it.)"""
+    model = llava15.apply(mpt_model(tower_28))
+    with torch.no_grad():
+        *_, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            prompt_ids(), None, None, None, None, images(model, (28, 28))
+        )
+        full = model(inputs_embeds=embeds).logits[:, -1]
+        head = model(inputs_embeds=embeds[:, :-1], use_cache=True)
+        last = model(inputs_embeds=embeds[:, -1:], past_key_values=head.cache, use_cache=True).logits[:, -1]
+        alone = model(inputs_embeds=embeds[:, -1:]).logits[:, -1]
+    torch.testing.assert_close(last, full)
+    assert not torch.allclose(alone, full, atol=1e-3)  # the cache is what makes the difference
+
+
 def test_generate_fails_without_the_cache_shim(tower_28):
     model = adapted(tower_28)
     plain = type(model).dualview_plain

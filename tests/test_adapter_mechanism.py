@@ -13,7 +13,6 @@ import transformers
 
 from dualview import DEM
 from dualview.adapters import hf_llava, hf_llava_next
-from dualview.adapters._common import expecting_unexpected_keys
 from dualview.adapters import hf_llava_onevision as onevision_adapter
 
 from . import tiny_models as tiny
@@ -291,27 +290,3 @@ def test_every_adapter_has_one_budget_signature_and_refuses_a_processor_its_mode
     assert cost.tokens > 0 and cost.tower_passes >= 2
     with pytest.raises(ValueError, match=f"processor must be None for {adapter.__name__.rsplit('.', 1)[1]}.*got object"):
         adapter.budget(model, (60, 90), processor=object())
-
-
-class _Host:
-    _keys_to_ignore_on_load_unexpected = [r"^own\."]
-
-
-class _Inheriting(_Host):
-    pass
-
-
-def test_expecting_unexpected_keys_adds_the_patterns_for_the_block_only():
-    """The class's own patterns stay first; on exit (also by an exception) the class is as before:
-    its own list back, an inherited one not shadowed by a copy."""
-    own = _Host._keys_to_ignore_on_load_unexpected
-    with expecting_unexpected_keys(_Host, "a", "b"):
-        assert _Host._keys_to_ignore_on_load_unexpected == [r"^own\.", "a", "b"]
-    assert _Host.__dict__["_keys_to_ignore_on_load_unexpected"] is own == [r"^own\."]
-    with pytest.raises(KeyError), expecting_unexpected_keys(_Inheriting, "c"):
-        assert _Inheriting._keys_to_ignore_on_load_unexpected == [r"^own\.", "c"]
-        raise KeyError("inside")
-    assert "_keys_to_ignore_on_load_unexpected" not in _Inheriting.__dict__
-    with expecting_unexpected_keys(transformers.PreTrainedModel, "d"):
-        assert transformers.PreTrainedModel._keys_to_ignore_on_load_unexpected == ["d"]
-    assert transformers.PreTrainedModel.__dict__["_keys_to_ignore_on_load_unexpected"] is None
