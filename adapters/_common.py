@@ -5,9 +5,10 @@ lives in its host is :mod:`._host`."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -180,20 +181,26 @@ def host_folder(path: Union[str, Path], kwargs: dict) -> tuple[Path, dict]:
 
 def from_pretrained_without_dem(cls: type, path: Union[str, Path], **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path)`` of the plain host class, told that the DEM keys it does not
-    know (``*spatial_embed.*``) are expected: they are loaded afterwards by :func:`load_dem_weights`.
-
-    The ignore pattern is set on the class only for the duration of the call."""
-    pattern = r"(^|\.)spatial_(embed|gate)\."
-    had = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
-    old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
-    cls._keys_to_ignore_on_load_unexpected = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []) + [pattern]
-    try:
+    know (``*spatial_embed.*``) are expected: they are loaded afterwards by :func:`load_dem_weights`."""
+    with expecting_unexpected_keys(cls, r"(^|\.)spatial_(embed|gate)\."):
         return cls.from_pretrained(path, **kwargs)
+
+
+@contextmanager
+def expecting_unexpected_keys(cls: type, *patterns: str) -> Iterator[None]:
+    """Inside the block, ``cls.from_pretrained`` takes checkpoint keys matching ``patterns`` (regexes)
+    as expected (``_keys_to_ignore_on_load_unexpected``, after those the class has): keys that
+    dualview loads itself afterwards. The class attribute is restored on exit (deleted if it was inherited)."""
+    attr = "_keys_to_ignore_on_load_unexpected"
+    had, old = attr in cls.__dict__, cls.__dict__.get(attr)
+    setattr(cls, attr, list(getattr(cls, attr, None) or []) + list(patterns))
+    try:
+        yield
     finally:
         if had:
-            cls._keys_to_ignore_on_load_unexpected = old
+            setattr(cls, attr, old)
         else:
-            del cls._keys_to_ignore_on_load_unexpected
+            delattr(cls, attr)
 
 
 def check_device_map(device_map: Any) -> None:

@@ -19,6 +19,7 @@ import transformers
 
 import dualview
 from dualview._output import OutputError
+from dualview.adapters._common import expecting_unexpected_keys
 from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 from .llava_models import tiny_model
@@ -243,3 +244,27 @@ def test_a_file_given_as_none_is_removed_from_an_existing_folder_and_never_writt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt"]
     write_files_atomically(tmp_path / "fresh", {"new.txt": lambda p: p.write_text("n"), "old.txt": None})
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["new.txt"]
+
+
+class _Host:
+    _keys_to_ignore_on_load_unexpected = [r"^own\."]
+
+
+class _Inheriting(_Host):
+    pass
+
+
+def test_expecting_unexpected_keys_adds_the_patterns_for_the_block_only():
+    """The class's own patterns stay first; on exit (also by an exception) the class is as before:
+    its own list back, an inherited one not shadowed by a copy."""
+    own = _Host._keys_to_ignore_on_load_unexpected
+    with expecting_unexpected_keys(_Host, "a", "b"):
+        assert _Host._keys_to_ignore_on_load_unexpected == [r"^own\.", "a", "b"]
+    assert _Host.__dict__["_keys_to_ignore_on_load_unexpected"] is own == [r"^own\."]
+    with pytest.raises(KeyError), expecting_unexpected_keys(_Inheriting, "c"):
+        assert _Inheriting._keys_to_ignore_on_load_unexpected == [r"^own\.", "c"]
+        raise KeyError("inside")
+    assert "_keys_to_ignore_on_load_unexpected" not in _Inheriting.__dict__
+    with expecting_unexpected_keys(transformers.PreTrainedModel, "d"):
+        assert transformers.PreTrainedModel._keys_to_ignore_on_load_unexpected == ["d"]
+    assert transformers.PreTrainedModel.__dict__["_keys_to_ignore_on_load_unexpected"] is None

@@ -133,11 +133,24 @@ def test_generate_with_an_image_matches_greedy_decoding(tower_28, variant):
     assert len(set(expected)) > 1
 
 
-def test_generate_fails_without_the_cache_shim(tower_28):
-    import transformers
+def test_mpt_forward_continues_from_its_kv_cache(tower_28):
+    """llava's MPT forward, replaced (its own calls llava with an old signature), hands the cache on:
+    the last token over the cache of the others gives the full forward's last logits. (generate runs
+    llava's MPT without a cache, so only a direct call checks it.)"""
+    model = llava15.apply(mpt_model(tower_28))
+    with torch.no_grad():
+        *_, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            prompt_ids(), None, None, None, None, images(model, (28, 28))
+        )
+        full = model(inputs_embeds=embeds).logits[:, -1]
+        head = model(inputs_embeds=embeds[:, :-1], use_cache=True)
+        last = model(inputs_embeds=embeds[:, -1:], past_key_values=head.cache, use_cache=True).logits[:, -1]
+        alone = model(inputs_embeds=embeds[:, -1:]).logits[:, -1]
+    torch.testing.assert_close(last, full)
+    assert not torch.allclose(alone, full, atol=1e-3)  # the cache is what makes the difference
 
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4 hands the cache on as past_key_values: no shim needed")
+
+def test_generate_fails_without_the_cache_shim(tower_28):
     model = adapted(tower_28)
     plain = type(model).dualview_plain
     # the subclass minus its cache shim: llava's own prepare_inputs_for_generation
@@ -209,6 +222,29 @@ def test_from_pretrained_names_unexpected_keys(tower_28, tmp_path):
     save_file(state, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.extra.weight"):
         llava15.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_refuses_a_config_of_no_llava_class(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    expected = "config.model_type must be one of ['llava_llama', 'llava_mistral', 'llava_mpt'], got 'llama'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        llava15.from_pretrained(tmp_path)
+
+
+def test_the_host_classes_are_module_level_classes_of_the_adapter():
+    """Defined by ``class`` statements in llava15 (pickle finds them by name), one per llava class, each
+    listed by the adapter beside the inner model's."""
+    names = ("LlavaLlama", "LlavaMistral", "LlavaMpt")
+    adapter = llava15.Llava15Adapter
+    assert [cls.__name__ for cls in adapter.hosts] == [f"{name}ForCausalLM" for name in names]
+    for name in names:
+        for suffix in ("ForCausalLM", "Model"):
+            sub = getattr(llava15, f"DualView{name}{suffix}")
+            assert sub.__module__ == llava15.__name__ and sub.__qualname__ == sub.__name__
+            assert sub.dualview_plain.__name__ == f"{name}{suffix}" and sub in adapter.dual_view_classes
+            assert sub.dualview_adapter is adapter
 
 
 def write_inf_llava_checkpoint(folder, tower: str) -> dict:

@@ -78,7 +78,10 @@ DEM_ = "dualview/enhance.py"
 ENC = "dualview/encoder.py"
 TILED = "dualview/tiled.py"
 CKPT = "dualview/checkpoints.py"
-L15 = "adapters/llava15.py"
+L15P = "adapters/llava15_processing.py"
+L15C = "adapters/llava15_checkpoints.py"
+L15X = "adapters/llava15_compat.py"
+COMMON = "adapters/_common.py"
 HFL = "adapters/hf_llava.py"
 OV = "adapters/hf_llava_onevision.py"
 IVL = "adapters/hf_internvl.py"
@@ -396,8 +399,26 @@ MUTANTS: list[Mutant] = [
     _m("next-budget-grid", "adapters/_hf.py", "plain = anyres_budget(size, grid, encoder.dcm.crop_size, encoder.feat_size,",
        "plain = anyres_budget(size, grid[::-1], encoder.dcm.crop_size, encoder.feat_size,",
        "AnyRes adapters' budget on the transposed grid", tests=HF_LLAVA_NEXT_TESTS + ONEVISION_TESTS),
-    _m("l15-canvas-side", L15, "side = max(dcm.grid) * dcm.crop_size", "side = min(dcm.grid) * dcm.crop_size",
+    _m("l15-canvas-side", L15P, "side = max(dcm.grid) * dcm.crop_size", "side = min(dcm.grid) * dcm.crop_size",
        "LLaVA-1.5 adapter's canvas side from the shorter grid side", tests=LLAVA15_TESTS),
+    # LLaVA-1.5 (llava-torch): its shims under transformers 5, whole checkpoints
+    _m("l15-cache-not-renamed", L15X, 'if "cache" in inputs:', "if False:",
+       "llava's generate gets the KV cache as cache= (its forward knows past_key_values=)", tests=LLAVA15_TESTS),
+    _m("l15-mpt-cache-dropped", L15X, "cache=past_key_values,", "cache=None,",
+       "llava's MPT forward drops the KV cache (generate recomputes from the last token alone)",
+       tests=LLAVA15_TESTS),
+    _m("l15-saved-tower-unexpected", L15C, "with expecting_unexpected_keys(cls, SAVED_TOWER):",
+       "with expecting_unexpected_keys(cls):", "llava15.from_pretrained takes the saved vision tower as unexpected",
+       tests=LLAVA15_TESTS),
+    _m("l15-model-type-unchecked", L15C, "    if model_type not in classes:\n        raise",
+       "    if False:\n        raise", "llava15.from_pretrained of a non-llava config gives a KeyError",
+       tests=LLAVA15_TESTS),
+    _m("common-expect-keys-replace", COMMON, "list(getattr(cls, attr, None) or []) + list(patterns)",
+       "list(patterns)", "from_pretrained without the host class's own ignore patterns",
+       tests=("tests/test_adapter_folders.py",)),
+    _m("common-expect-keys-left", COMMON, "            delattr(cls, attr)", "            pass",
+       "the ignore patterns stay on a host class that only inherited them",
+       tests=("tests/test_adapter_folders.py",) + HF_LLAVA_TESTS),
     _m("next-base-after-tiles", "adapters/_hf.py", "TiledImage(p, g, tiles_at=1) if g",
        "TiledImage(p, g, tiles_at=0) if g", "AnyRes: the base image taken as the first tile (it comes first)",
        tests=HF_LLAVA_NEXT_TESTS + ONEVISION_TESTS),
