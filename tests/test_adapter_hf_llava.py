@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration
 from dualview.adapters import hf_llava
 
 from . import tiny_models as tiny
-from .host_battery import HostBattery, HostCase
+from .host_battery import HostBattery, HostCase, get_image_features
 from .llava_models import tiny_model, tiny_processor
 
 
@@ -221,7 +221,7 @@ class TestHostBattery(HostBattery):
             image_token_id=tiny.IMAGE_TOKEN_ID,
             option_sets=(dict(BATTERY_OPTIONS, directions="global_to_local", fusion="conv3x3"),),
             not_applicable={"fixed_options": "LLaVA-1.5 fixes no option (the processor is prepared for the grid)"},
-            image_features=lambda model, inputs, **kw: model.model.get_image_features(inputs["pixel_values"], **kw),
+            image_features=get_image_features,
             pooler_from_last=lambda model, last, inputs: list(model.model.multi_modal_projector(last)),
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
                          "model.language_model": "cpu", "lm_head": "cpu"}, plain_inputs=_plain_inputs,
