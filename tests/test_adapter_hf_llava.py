@@ -167,6 +167,14 @@ def test_input_not_at_the_adapted_resolution_is_refused_naming_prepare_processor
         assert torch.isfinite(model(**inputs).logits).all()
 
 
+def test_a_list_of_images_as_pixel_values_gets_a_clear_error_naming_pixel_values():
+    """A list of images as ``pixel_values`` is refused with one error naming pixel_values, not torch's
+    "AttributeError: 'list' object has no attribute 'to'" from inside the encoder."""
+    model, _ = adapted()
+    with pytest.raises((TypeError, ValueError), match="pixel_values"):
+        model.model.get_image_features(pixel_values=[torch.randn(3, 84, 84)])
+
+
 def test_the_training_doc_prepares_the_processor():
     """docs/training.md's Trainer snippet builds its inputs with the prepared processor."""
     from pathlib import Path
