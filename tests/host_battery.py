@@ -136,6 +136,38 @@ def labelled(inputs: dict, image_token_id: int) -> torch.Tensor:
     return labels
 
 
+def frozen_tower(model: nn.Module, tower: str = "vision_tower") -> nn.Module:
+    """``model`` with its vision tower (``model.model.<tower>``) frozen, as the battery's hosts are built."""
+    getattr(model.model, tower).requires_grad_(False)
+    return model
+
+
+def assert_a_training_step_reaches_the_dem_and_projector(model: nn.Module, inputs: dict, image_token_id: int) -> None:
+    """One training step of ``model`` on ``inputs`` (:func:`labelled`), its vision tower frozen: a finite
+    scalar loss whose gradients reach every parameter of the DEM and the projector, none of the tower."""
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    out = model(**inputs, labels=labelled(inputs, image_token_id))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    inner = model.model
+    for name, p in [*inner.spatial_embed.named_parameters(), *inner.multi_modal_projector.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in inner.vision_tower.parameters())
+
+
+ANYRES_OFFLOAD_MAP = {"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
+                      "model.language_model": "cpu", "lm_head": "cpu"}
+"""The AnyRes hosts' (LLaVA-NeXT, OneVision) ``offload_map``: the vision tower on "disk"."""
+
+
+def anyres_projected_patches(adapter: Any, model: nn.Module, last: torch.Tensor, inputs: dict) -> list[torch.Tensor]:
+    """An AnyRes host's projector over ``last_hidden_state``, split per image (its base image and the
+    tiles of the grid ``adapter.budget`` gives): what the host's ``pack_image_features`` takes."""
+    grids = (adapter.budget(model, tuple(size.tolist())).grid for size in inputs["image_sizes"])
+    return list(model.model.multi_modal_projector(last).split([1 + rows * cols for rows, cols in grids]))
+
+
 def logits(model: nn.Module, inputs: dict, **kwargs: Any) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **kwargs).logits

@@ -17,8 +17,10 @@ from dualview.adapters import hf_idefics3 as adapter
 from dualview.adapters._common import recorded_options
 
 from .host_battery import (
-    HostBattery, assert_token_counts_follow_the_host, get_image_features, image_features, plain_and_adapted, tower_calls,
+    HostBattery, assert_token_counts_follow_the_host, frozen_tower, get_image_features, image_features,
+    plain_and_adapted, tower_calls,
 )
+from .tiny_models import global_crops
 from .idefics3_models import (
     HOSTS, IMAGE_TOKEN_ID, LONGEST, PATCH, PROMPT, S, SEQ, batch, config_model, image, image_processor, tiny_model,
     tiny_processor,
@@ -217,14 +219,8 @@ def reference_image_features(inner, frames, masks, grid):
     rows, cols = grid
     n = rows * cols
 
-    def canvas_of(x):
-        return torch.cat([torch.cat(list(x[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-
-    def strided(canvas):
-        return torch.stack([canvas[..., a::rows, b::cols] for a in range(rows) for b in range(cols)])
-
-    pixels = torch.cat((frames, strided(canvas_of(frames[:n]))))
-    pixel_masks = torch.cat((masks, strided(canvas_of(masks[:n]))))
+    pixels = torch.cat((frames, global_crops(frames[:n], grid)))
+    pixel_masks = torch.cat((masks, global_crops(masks[:n], grid)))
     patch_mask = pixel_masks.view(-1, H, PATCH, W, PATCH).sum(dim=(2, 4)) > 0
     with torch.no_grad():
         hidden = inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
@@ -578,11 +574,6 @@ def _case(host):
 
     processor = adapter.prepare_processor(tiny_processor(host), config_model(host))
 
-    def build():
-        model = tiny_model(host)
-        model.model.vision_model.requires_grad_(False)
-        return model
-
     def inputs(sizes):
         return batch(processor, [[s] for s in sizes])
 
@@ -591,7 +582,7 @@ def _case(host):
 
     return HostCase(
         adapter=adapter,
-        build=build,
+        build=lambda: frozen_tower(tiny_model(host), "vision_model"),
         inputs=inputs,
         plain_inputs=plain_inputs,
         options={"num_heads": 2},

@@ -18,8 +18,10 @@ from dualview.adapters import hf_internvl as adapter
 from dualview.adapters import hf_internvl_processing as processing
 
 from . import internvl_models as M
+from .tiny_models import global_crops
 from .host_battery import (
-    HostBattery, HostCase, assert_token_counts_follow_the_host, get_image_features, image_features, labelled,
+    HostBattery, HostCase, assert_token_counts_follow_the_host,
+    assert_a_training_step_reaches_the_dem_and_projector, frozen_tower, get_image_features, image_features,
     plain_and_adapted, tower_calls,
 )
 
@@ -62,8 +64,7 @@ def reference_tile_features(model, tiles, grid, layer=-1):
     projector. tiles (R*C, 3, s, s) -> (R*C, image_seq_length, text_dim)."""
     inner = model.model
     rows, cols = grid
-    canvas = torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    strided = global_crops(tiles, (rows, cols))
     with torch.no_grad():
         local, global_ = host_tower(inner, torch.cat((tiles, strided)), layer).split(rows * cols)
         fused = inner.spatial_embed(local[None], global_[None], grid)[0].view(rows * H, cols * H, -1)
@@ -382,16 +383,8 @@ def test_image_sizes_that_do_not_fit_pixel_values_are_refused():
 
 def test_a_mixed_batch_trains_and_gradients_reach_the_dem_and_projector_not_the_frozen_tower():
     _, model = plain_and_adapted(adapter, M.tiny_model())
-    model.train()
-    model.model.vision_tower.requires_grad_(False)
     inputs = M.batch(prepared(), [(40, 90), (100, 100), (28, 28), (300, 40)])
-    out = model(**inputs, labels=labelled(inputs, M.IMAGE_TOKEN_ID))
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    out.loss.backward()
-    inner = model.model
-    for name, p in [*inner.spatial_embed.named_parameters(), *inner.multi_modal_projector.named_parameters()]:
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert_a_training_step_reaches_the_dem_and_projector(model, inputs, M.IMAGE_TOKEN_ID)
 
 
 def test_generate_greedy_and_beam_on_a_mixed_batch():
@@ -453,9 +446,7 @@ def test_a_tile_the_pixel_shuffle_cannot_take_is_refused():
 
 
 def _battery_model():
-    model = M.tiny_model()
-    model.model.vision_tower.requires_grad_(False)
-    return model
+    return frozen_tower(M.tiny_model())
 
 
 def _batch_of_two(both: dict) -> tuple[dict, list[dict]]:

@@ -30,8 +30,11 @@ from .llava_onevision_models import (
     ASPECT, IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, image, multi_image_batch, tiny_model, tiny_processor, video,
     video_batch,
 )
+from .tiny_models import global_crops
 from .host_battery import (
-    HostBattery, HostCase, get_image_features, image_features, labelled, plain_and_adapted, tower_calls,
+    ANYRES_OFFLOAD_MAP, HostBattery, HostCase, anyres_projected_patches,
+    assert_a_training_step_reaches_the_dem_and_projector, frozen_tower, get_image_features, image_features,
+    plain_and_adapted, tower_calls,
 )
 
 # 1:3 to 3:1 and beyond (40:1), smaller than one tile, exactly a pinpoint, odd sizes; with
@@ -56,8 +59,7 @@ def reference_tile_tokens(model, patches, image_size, layers, *, prefix=0, max_p
     inner = model.model
     rows, cols = host_grid(image_size)
     tiles = patches[1 : 1 + rows * cols]
-    canvas = torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    strided = global_crops(tiles, (rows, cols))
     with torch.no_grad():
         hidden = inner.vision_tower(pixel_values=torch.cat((tiles, strided)), output_hidden_states=True).hidden_states
         feats = torch.cat([hidden[i] for i in layers], dim=-1)[:, prefix:]
@@ -258,17 +260,8 @@ def test_video_goes_through_the_plain_path_unchanged():
 
 def test_mixed_size_batch_trains_with_a_finite_loss_and_gradients_reach_dem_and_projector():
     _, model = plain_and_adapted(adapter, tiny_model())
-    model.train()
-    model.model.vision_tower.requires_grad_(False)
     inputs = batch([(35, 105), (105, 105), (105, 35), (12, 30)])
-    out = model(**inputs, labels=labelled(inputs, IMAGE_TOKEN_ID))
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    out.loss.backward()
-    for name, p in model.model.spatial_embed.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for name, p in model.model.multi_modal_projector.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert_a_training_step_reaches_the_dem_and_projector(model, inputs, IMAGE_TOKEN_ID)
 
 
 def test_generate_produces_tokens_for_a_mixed_batch():
@@ -337,30 +330,22 @@ def test_bad_inputs_are_refused_with_the_argument_named():
 
 
 
-def _battery_model():
-    model = tiny_model()
-    model.model.vision_tower.requires_grad_(False)
-    return model
-
-
 def _pooler_from_last(model, last, inputs):
     """The host's projector and packing over the per-image patches of ``last_hidden_state``."""
-    counts = [1 + r * c for r, c in (adapter.budget(model, tuple(s.tolist())).grid for s in inputs["image_sizes"])]
-    projected = model.model.multi_modal_projector(last).split(counts)
-    return model.model.pack_image_features(list(projected), inputs["image_sizes"], image_newline=model.model.image_newline,
-                                           vision_aspect_ratio=model.config.vision_aspect_ratio)[0]
+    return model.model.pack_image_features(
+        anyres_projected_patches(adapter, model, last, inputs), inputs["image_sizes"],
+        image_newline=model.model.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio)[0]
 
 
 class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
         return HostCase(
-            adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
+            adapter=adapter, build=lambda: frozen_tower(tiny_model()), inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
             sizes=((35, 105), (70, 70)), image_token_id=IMAGE_TOKEN_ID,
             option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
             fixed={**ANYRES_FIXED, "pinpoints": PINPOINTS}, fixed_why="LLaVA-OneVision's AnyRes",
             image_features=get_image_features,
             pooler_from_last=_pooler_from_last,
-            offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
-                         "model.language_model": "cpu", "lm_head": "cpu"},
+            offload_map=ANYRES_OFFLOAD_MAP,
         )

@@ -17,9 +17,20 @@ from dualview.testing import (  # noqa: F401  (re-exported)
     seeded,
 )
 
+import torch
+
 from .word_tokenizer import word_tokenizer
 
 
 def tokenizer():
     """A word-level tokenizer over :data:`WORDS` with an ``<image>`` token (right padding)."""
     return word_tokenizer(WORDS, extra_special_tokens={"image_token": "<image>"})
+
+
+def global_crops(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The global crops from their definition, independent of dualview: the canvas put together from
+    the R*C row-major ``tiles`` (R*C, ..., s, s) by concatenation, then ``canvas[..., a::R, b::C]`` for
+    every (a, b), row-major. -> (R*C, ..., s, s): pixels, or pixel masks alike."""
+    rows, cols = grid
+    canvas = torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
+    return torch.stack([canvas[..., a::rows, b::cols] for a in range(rows) for b in range(cols)])
