@@ -40,8 +40,6 @@ REQUIRES: dict[str, dict[str, str]] = {
     "test_grid.py": {"transformers": HF},
     "test_lifecycle.py": {"transformers": HF},
     "test_preprocess.py": {"PIL": PIL},
-    "test_review_findings.py": {"transformers": HF},
-    "test_review_fixes.py": {"transformers": HF},
     "integrations/test_integrations.py": {"transformers": HF},
     "integrations/test_vllm_lane.py": {"vllm": "vllm: the vLLM lane runs in .venv-vllm: bash run.sh test-vllm"},
     "integrations/test_deepspeed_lane.py": {

@@ -97,6 +97,77 @@ def dual_view_host_or_none(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
+def plain_and_adapted(adapter: Any, plain: nn.Module, **options: Any) -> tuple[nn.Module, nn.Module]:
+    """``plain`` and a dual-view copy of it: ``adapter.apply`` with ``num_heads=2`` unless ``options``
+    say otherwise (the same random weights twice: the plain host beside dual view)."""
+    return plain, adapter.apply(copy.deepcopy(plain), **{"num_heads": 2, **options})
+
+
+def tower_calls(tower: nn.Module) -> list[int]:
+    """The crop count of every call of ``tower`` from now on (a hook on its embeddings: every run starts
+    there, also a layer-truncated one that skips the tower's own forward)."""
+    embeddings = next(m for n, m in tower.named_modules() if n.endswith("embeddings"))
+    calls: list[int] = []
+    embeddings.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    return calls
+
+
+IMAGE_INPUTS = ("image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid")
+"""The processors' inputs besides the pixels that the hosts' ``get_image_features`` take, by name."""
+
+
+def get_image_features(model: nn.Module, inputs: dict, **kwargs: Any) -> Any:
+    """The host's ``model.model.get_image_features`` on ``inputs``' pixels and those of
+    :data:`IMAGE_INPUTS` that ``inputs`` holds, without gradients: its whole output."""
+    extra = {name: inputs[name] for name in IMAGE_INPUTS if name in inputs}
+    with torch.no_grad():
+        return model.model.get_image_features(inputs["pixel_values"], **extra, **kwargs)
+
+
+def image_features(model: nn.Module, inputs: dict, **kwargs: Any) -> Any:
+    """:func:`get_image_features`' ``pooler_output``: what the language model reads."""
+    return get_image_features(model, inputs, **kwargs).pooler_output
+
+
+def labelled(inputs: dict, image_token_id: int) -> torch.Tensor:
+    """Labels of a training batch: the prompt ids, the image tokens and the padding left out (-100)."""
+    labels = inputs["input_ids"].clone()
+    labels[(labels == image_token_id) | (inputs["attention_mask"] == 0)] = -100
+    return labels
+
+
+def frozen_tower(model: nn.Module, tower: str = "vision_tower") -> nn.Module:
+    """``model`` with its vision tower (``model.model.<tower>``) frozen, as the battery's hosts are built."""
+    getattr(model.model, tower).requires_grad_(False)
+    return model
+
+
+def assert_a_training_step_reaches_the_dem_and_projector(model: nn.Module, inputs: dict, image_token_id: int) -> None:
+    """One training step of ``model`` on ``inputs`` (:func:`labelled`), its vision tower frozen: a finite
+    scalar loss whose gradients reach every parameter of the DEM and the projector, none of the tower."""
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    out = model(**inputs, labels=labelled(inputs, image_token_id))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    inner = model.model
+    for name, p in [*inner.spatial_embed.named_parameters(), *inner.multi_modal_projector.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in inner.vision_tower.parameters())
+
+
+ANYRES_OFFLOAD_MAP = {"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
+                      "model.language_model": "cpu", "lm_head": "cpu"}
+"""The AnyRes hosts' (LLaVA-NeXT, OneVision) ``offload_map``: the vision tower on "disk"."""
+
+
+def anyres_projected_patches(adapter: Any, model: nn.Module, last: torch.Tensor, inputs: dict) -> list[torch.Tensor]:
+    """An AnyRes host's projector over ``last_hidden_state``, split per image (its base image and the
+    tiles of the grid ``adapter.budget`` gives): what the host's ``pack_image_features`` takes."""
+    grids = (adapter.budget(model, tuple(size.tolist())).grid for size in inputs["image_sizes"])
+    return list(model.model.multi_modal_projector(last).split([1 + rows * cols for rows, cols in grids]))
+
+
 def logits(model: nn.Module, inputs: dict, **kwargs: Any) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **kwargs).logits
@@ -167,12 +238,8 @@ class HostBattery:
 
     @staticmethod
     def tower_calls(case: HostCase, model: nn.Module) -> list[int]:
-        """The crop count of every vision-tower call from now on (a hook on the tower's embeddings:
-        every run starts there, also a layer-truncated one that skips the tower's own forward)."""
-        embeddings = next(m for n, m in case.vision_tower(model).named_modules() if n.endswith("embeddings"))
-        calls: list[int] = []
-        embeddings.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
-        return calls
+        """The crop count of every vision-tower call from now on (:func:`tower_calls`)."""
+        return tower_calls(case.vision_tower(model))
 
     # -- options: the fixed ones, bad ones, tower_batch_size ---------------------------------------------
 

@@ -51,22 +51,6 @@ def tiny_model(host: str = "idefics3", *, seed: int = 0, hidden: int = 32):
     return model_cls(config).eval()
 
 
-def tokenizer() -> "transformers.PreTrainedTokenizerFast":
-    from tokenizers import Regex, pre_tokenizers
-
-    # spaces separate words; every newline is a token of its own ("\n\n" is two, as in tiny vocabularies)
-    newlines_apart = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-        pre_tokenizers.Split("\n", behavior="isolated"),
-    ])
-    return word_tokenizer(
-        WORDS, pre_tokenizer=newlines_apart, pad_token="<pad>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", additional_special_tokens=SPECIAL + ROW_COL, padding_side="left",
-        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
-    )
-
-
 def image_processor(host: str = "idefics3", *, backend: str = "torchvision", longest: int = LONGEST, tile: int = S,
                     **kwargs):
     """The unchanged ``Idefics3ImageProcessor`` / ``SmolVLMImageProcessor`` (or its ``Pil`` twin)
@@ -83,10 +67,16 @@ def image_processor(host: str = "idefics3", *, backend: str = "torchvision", lon
 def tiny_processor(host: str = "idefics3", *, backend: str = "torchvision", longest: int = LONGEST, **kwargs):
     """The unchanged ``Idefics3Processor`` / ``SmolVLMProcessor`` (with ``SmolVLMVideoProcessor``)."""
     images = image_processor(host, backend=backend, longest=longest, **kwargs)
+    tokenizer = word_tokenizer(
+        WORDS, split="lines", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+        additional_special_tokens=SPECIAL + ROW_COL, padding_side="left",
+        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+    )
     if host == "idefics3":
-        return transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer(), image_seq_len=SEQ)
+        return transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=SEQ)
     video = transformers.SmolVLMVideoProcessor(size={"longest_edge": longest}, max_image_size={"longest_edge": S})
-    return transformers.SmolVLMProcessor(image_processor=images, tokenizer=tokenizer(), video_processor=video,
+    return transformers.SmolVLMProcessor(image_processor=images, tokenizer=tokenizer, video_processor=video,
                                          image_seq_len=SEQ)
 
 

@@ -58,15 +58,6 @@ def tiny_model(
     return model
 
 
-def tokenizer() -> "transformers.PreTrainedTokenizerFast":
-    return word_tokenizer(
-        WORDS, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": IMAGE_TOKEN, "video_token": "<video>"},
-        padding_side="left",
-    )
-
-
 def tiny_processor(*, backend: str = "torchvision", max_patches: int = MAX_PATCHES) -> "transformers.InternVLProcessor":
     """The unchanged ``InternVLProcessor``: ``GotOcr2ImageProcessor`` (``backend="torchvision"``) or
     ``GotOcr2ImageProcessorPil`` (``"pil"``) cropping to ``S x S`` tiles, ``InternVLVideoProcessor``."""
@@ -75,7 +66,11 @@ def tiny_processor(*, backend: str = "torchvision", max_patches: int = MAX_PATCH
     return transformers.InternVLProcessor(
         image_processor=image_cls(size={"height": S, "width": S}, crop_to_patches=True, min_patches=MIN_PATCHES,
                                   max_patches=max_patches),
-        tokenizer=tokenizer(),
+        tokenizer=word_tokenizer(
+            WORDS, padding_side="left",
+            extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                  "context_image_token": IMAGE_TOKEN, "video_token": "<video>"},
+        ),
         video_processor=transformers.InternVLVideoProcessor(size={"height": S, "width": S}),
         image_seq_length=SEQ,
     )

@@ -38,12 +38,8 @@ def tiny_model(vision_feature_layer=-2, tower="clip", strategy="default", seed=0
 
 def tiny_processor(strategy="default", extra_tokens=1):
     """The unchanged ``LlavaNextProcessor``, left padding."""
-    from tokenizers import pre_tokenizers
-
-    tokenizer = word_tokenizer(
-        WORDS, pre_tokenizer=pre_tokenizers.Whitespace(), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
-    )
+    tokenizer = word_tokenizer(WORDS, split="punctuation", extra_special_tokens={"image_token": "<image>"},
+                               padding_side="left")
     image_processor = transformers.LlavaNextImageProcessor(
         size={"shortest_edge": S}, crop_size={"height": S, "width": S}, image_grid_pinpoints=PINPOINTS,
     )

@@ -53,12 +53,8 @@ def tiny_processor(*, strategy: str = "full", aspect: str = ASPECT, pinpoints=PI
     """The unchanged ``LlavaOnevisionProcessor`` with a word-level tokenizer holding the host's
     special tokens. ``num_image_tokens`` counts the tower's tokens per crop (CLS included with
     ``"default"``, which the processor then subtracts)."""
-    from tokenizers import pre_tokenizers
-
-    tokenizer = word_tokenizer(
-        WORDS, pre_tokenizer=pre_tokenizers.Whitespace(), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, padding_side="left",
-    )
+    tokenizer = word_tokenizer(WORDS, split="punctuation", padding_side="left",
+                               extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
     return transformers.LlavaOnevisionProcessor(
         image_processor=transformers.LlavaOnevisionImageProcessor(size={"height": S, "width": S}, image_grid_pinpoints=pinpoints),
         video_processor=transformers.LlavaOnevisionVideoProcessor(size={"height": S, "width": S}),

@@ -1,6 +1,6 @@
 """What ``apply`` makes and what it refuses, beside the per-host battery (tests/host_battery.py): the
 host class itself (not a subclass, where the adapter says so), the DEM and gate in the model's
-precision, a gate the host cannot train, a processor where the model decides the budget, a
+precision, a gate the host cannot train, a DEM set to None, a processor where the model decides the budget, a
 processor preparation that cannot work."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dualview.gate import DualViewGate
 
 from . import llava_models as llava
 from . import tiny_models as tiny
+from .test_adapter_hf_llava import adapted
 
 
 def _prompt_inputs(model, size=(40, 70)):
@@ -40,6 +41,16 @@ def test_a_gate_the_host_cannot_train_is_refused_at_assignment():
     with pytest.raises(ValueError, match=rf"spatial_gate must have dim={dim} \(the DEM's\), got dim={dim + 1}"):
         model.model.spatial_gate = DualViewGate(dim + 1)
     assert model.model.spatial_gate is gate
+
+
+def test_a_refused_none_assignment_leaves_the_registered_dem_in_place():
+    """``spatial_embed = None`` is refused before it replaces the DEM (as every wrong DEM is): the
+    registered DEM stays, and the model keeps working."""
+    model, _ = adapted()
+    dem = model.model.spatial_embed
+    with pytest.raises((TypeError, ValueError), match="spatial_embed"):
+        model.model.spatial_embed = None
+    assert model.model._modules.get("spatial_embed") is dem
 
 
 def test_prepare_processor_needs_a_fixed_grid_and_leaves_the_processor_plain():

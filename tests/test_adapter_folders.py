@@ -2,7 +2,9 @@
 (``dualview.from_pretrained``) on the tiny transformers Llava: which files ``load`` follows (links out
 of the folder are refused, the Hugging Face cache's own layout is followed), ``load`` onto a host that
 the plain class loaded from a whole dual-view folder, a failed ``load`` that changes nothing, the
-``subfolder`` of ``from_pretrained``, and ``save_adapter``'s all-or-nothing writes."""
+``subfolder`` of ``from_pretrained``, and ``save_adapter``'s all-or-nothing writes. An adapter's own
+``from_pretrained`` reads the DEM from the files the host's weights come from (``subfolder``,
+``variant``, ``use_safetensors``) and refuses what it cannot honour (a hub id, ``state_dict``)."""
 
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ import transformers
 
 import dualview
 from dualview._output import OutputError
+from dualview.adapters import hf_llava
 from dualview.adapters._common import expecting_unexpected_keys
 from dualview.lifecycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 from .llava_models import tiny_model
-from .test_adapter_hf_llava import _inputs
+from .test_adapter_hf_llava import _inputs, adapted
 from .test_lifecycle import OPTIONS, logits, trained
 
 
@@ -268,3 +271,77 @@ def test_expecting_unexpected_keys_adds_the_patterns_for_the_block_only():
     with expecting_unexpected_keys(transformers.PreTrainedModel, "d"):
         assert transformers.PreTrainedModel._keys_to_ignore_on_load_unexpected == ["d"]
     assert transformers.PreTrainedModel.__dict__["_keys_to_ignore_on_load_unexpected"] is None
+
+
+# ---- an adapter's from_pretrained: the DEM from the files the host's weights come from -------------
+
+
+def _dem_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _two_adapted_models():
+    """Two adapted hf_llava models that differ only in their DEM weights (b = a + 1)."""
+    a, _ = adapted()
+    b, _ = adapted()
+    with torch.no_grad():
+        for pa, pb in zip(a.model.spatial_embed.parameters(), b.model.spatial_embed.parameters()):
+            pb.copy_(pa + 1.0)
+    return a, b
+
+
+def test_from_pretrained_with_subfolder_restores_the_dem_of_that_subfolder(tmp_path):
+    """``subfolder``: the DEM comes from the subfolder the host's weights come from, not from the parent
+    folder's checkpoint (a run folder with its final model and checkpoint-N/ subfolders)."""
+    a, b = _two_adapted_models()
+    a.save_pretrained(tmp_path)  # e.g. the final model
+    b.save_pretrained(tmp_path / "checkpoint-500")  # an intermediate checkpoint
+    loaded = hf_llava.from_pretrained(tmp_path, subfolder="checkpoint-500")
+    same = _dem_equal(loaded.model.spatial_embed, b.model.spatial_embed)
+    assert same, "the DEM came from the parent folder, not from subfolder='checkpoint-500'"
+
+
+def test_from_pretrained_with_variant_restores_the_dem_of_that_variant(tmp_path):
+    """``variant="ema"``: the DEM comes from ``model.ema.safetensors`` as the host's weights do, not from
+    ``model.safetensors`` (no silent mix of two checkpoints)."""
+    a, b = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    b.save_pretrained(tmp_path, variant="ema")
+    loaded = hf_llava.from_pretrained(tmp_path, variant="ema")
+    same = _dem_equal(loaded.model.spatial_embed, b.model.spatial_embed)
+    assert same, "the DEM came from model.safetensors, not from variant='ema' (model.ema.safetensors)"
+
+
+def test_from_pretrained_with_use_safetensors_false_restores_the_dem_of_the_bin_file(tmp_path):
+    """A folder with both model.safetensors and pytorch_model.bin: ``use_safetensors=False`` loads the
+    host from the .bin, and the DEM must come from the .bin too."""
+    a, b = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    torch.save({k: v.clone() for k, v in b.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    loaded = hf_llava.from_pretrained(tmp_path, use_safetensors=False)
+    assert _dem_equal(loaded.model.spatial_embed, b.model.spatial_embed)
+    assert _dem_equal(hf_llava.from_pretrained(tmp_path).model.spatial_embed, a.model.spatial_embed)
+
+
+def test_from_pretrained_refuses_a_hub_id_before_loading_anything(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("the host's from_pretrained ran (it would download the whole model)")
+
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", no_download)
+    with pytest.raises(ValueError, match="path must be a local folder.*'llava-hf/llava-1.5-7b-hf'"):
+        hf_llava.from_pretrained("llava-hf/llava-1.5-7b-hf")
+
+
+def test_from_pretrained_refuses_a_state_dict_the_dem_would_not_come_from(tmp_path):
+    a, _ = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"\['state_dict'\]"):
+        hf_llava.from_pretrained(tmp_path, state_dict=a.state_dict())
+
+
+def test_a_missing_variant_names_the_variant(tmp_path):
+    a, _ = _two_adapted_models()
+    a.save_pretrained(tmp_path)
+    with pytest.raises((OSError, ValueError), match="ema"):
+        hf_llava.from_pretrained(tmp_path, variant="ema")

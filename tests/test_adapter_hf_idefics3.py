@@ -16,7 +16,11 @@ import transformers
 from dualview.adapters import hf_idefics3 as adapter
 from dualview.adapters._common import recorded_options
 
-from .host_battery import HostBattery, assert_token_counts_follow_the_host
+from .host_battery import (
+    HostBattery, assert_token_counts_follow_the_host, frozen_tower, get_image_features, image_features,
+    plain_and_adapted, tower_calls,
+)
+from .tiny_models import global_crops
 from .idefics3_models import (
     HOSTS, IMAGE_TOKEN_ID, LONGEST, PATCH, PROMPT, S, SEQ, batch, config_model, image, image_processor, tiny_model,
     tiny_processor,
@@ -29,12 +33,6 @@ SIZES = [(10, 200), (200, 10), (20, 12), (32, 32), (128, 64), (64, 128), (256, 2
          (33, 97)]
 
 
-def plain_and_adapted(host, **options):
-    plain = tiny_model(host)
-    adapted = adapter.apply(copy.deepcopy(plain), **{"num_heads": 2, **options})
-    return plain, adapted
-
-
 @pytest.fixture(scope="module", params=HOSTS)
 def host(request):
     return request.param
@@ -42,7 +40,7 @@ def host(request):
 
 @pytest.fixture(scope="module")
 def models(host):
-    return plain_and_adapted(host)
+    return plain_and_adapted(adapter, tiny_model(host))
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +50,6 @@ def processor(host):
 
 def image_counts(inputs):
     return (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist()
-
-
-def features(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.model.get_image_features(
-            inputs["pixel_values"], inputs["pixel_attention_mask"], image_grid=inputs["image_grid"], **kwargs
-        )
 
 
 # --- the host's tiling, as arithmetic --------------------------------------------------------------
@@ -189,7 +180,7 @@ def test_mixed_batch_multi_image_and_unsplit_images(models, host):
     inputs = batch(processor, samples)
     grids = inputs["image_grid"].tolist()
     assert grids[0][:2] == [[0, 0], [2, 3]] and grids[1][0] == [0, 0] and grids[2][:3] == [[4, 2], [0, 0], [2, 2]]
-    out = features(adapted, inputs)
+    out = get_image_features(adapted, inputs)
     assert [p.shape[0] for p in out.pooler_output] == image_counts(inputs)
     reference = plain_features(plain, inputs)
     # unsplit images are the plain host's; split images' global frames too
@@ -228,14 +219,8 @@ def reference_image_features(inner, frames, masks, grid):
     rows, cols = grid
     n = rows * cols
 
-    def canvas_of(x):
-        return torch.cat([torch.cat(list(x[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-
-    def strided(canvas):
-        return torch.stack([canvas[..., a::rows, b::cols] for a in range(rows) for b in range(cols)])
-
-    pixels = torch.cat((frames, strided(canvas_of(frames[:n]))))
-    pixel_masks = torch.cat((masks, strided(canvas_of(masks[:n]))))
+    pixels = torch.cat((frames, global_crops(frames[:n], grid)))
+    pixel_masks = torch.cat((masks, global_crops(masks[:n], grid)))
     patch_mask = pixel_masks.view(-1, H, PATCH, W, PATCH).sum(dim=(2, 4)) > 0
     with torch.no_grad():
         hidden = inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
@@ -255,7 +240,7 @@ def test_features_match_the_reference(models, processor, size):
     frames = inputs["pixel_values"][0, : rows * cols + 1]
     masks = inputs["pixel_attention_mask"][0, : rows * cols + 1]
     want = reference_image_features(adapted.model, frames, masks, (rows, cols))
-    torch.testing.assert_close(features(adapted, inputs).pooler_output[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_features(adapted, inputs)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it(models, host):
@@ -270,7 +255,7 @@ def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it(models, h
     frames = inputs["pixel_values"][0, : 2 * 35 + 1]
     masks = inputs["pixel_attention_mask"][0, : 2 * 35 + 1]
     want = reference_image_features(adapted.model, frames, masks, (2, 35))
-    torch.testing.assert_close(features(adapted, inputs).pooler_output[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_features(adapted, inputs)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_global_crops_are_strided_samples_of_the_image(models, host):
@@ -284,7 +269,7 @@ def test_global_crops_are_strided_samples_of_the_image(models, host):
     hook = adapted.model.vision_model.register_forward_hook(
         lambda module, args, kwargs, out: seen.append(kwargs["pixel_values"]), with_kwargs=True)
     try:
-        features(adapted, inputs)
+        get_image_features(adapted, inputs)
     finally:
         hook.remove()
     normalised = (torch.from_numpy(picture).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
@@ -301,7 +286,7 @@ def test_one_tower_call_over_frames_and_global_crops(models, processor, host):
     hook = adapted.model.vision_model.register_forward_hook(
         lambda module, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
     try:
-        features(adapted, inputs)
+        get_image_features(adapted, inputs)
     finally:
         hook.remove()
     grids = [adapter.processor_grid(s, tile=S, longest_edge=LONGEST) for sample in sizes for s in sample]
@@ -311,11 +296,11 @@ def test_one_tower_call_over_frames_and_global_crops(models, processor, host):
 
 
 def test_tower_batch_size_chunks_the_call_with_the_same_result(host, processor):
-    plain, adapted = plain_and_adapted(host, tower_batch_size=5)
-    _, whole = plain_and_adapted(host)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(host), tower_batch_size=5)
+    _, whole = plain_and_adapted(adapter, tiny_model(host))
     inputs = batch(processor, [[(90, 50)]])
-    got = features(adapted, inputs, output_hidden_states=True)
-    want = features(whole, inputs, output_hidden_states=True)
+    got = get_image_features(adapted, inputs, output_hidden_states=True)
+    want = get_image_features(whole, inputs, output_hidden_states=True)
     torch.testing.assert_close(got.pooler_output[0], want.pooler_output[0], rtol=1e-5, atol=1e-5)
     assert len(got.hidden_states) == len(want.hidden_states) == 3  # embeddings + 2 layers
     rows, cols = adapter.processor_grid((90, 50), tile=S, longest_edge=LONGEST)
@@ -336,11 +321,9 @@ def test_tower_batch_size_none_is_the_encoders_automatic_chunking(host, processo
     monkeypatch.setattr(encoder_module, "AUTO_CHUNK_TOKENS", 4 * tokens)  # at most 4 crops per call
     outputs, calls = {}, {}
     for size in (None, "all", 1, 3):
-        _, model = plain_and_adapted(host, tower_batch_size=size)
-        seen = []
-        model.model.vision_model.embeddings.register_forward_hook(
-            lambda module, args, kwargs, out, seen=seen: seen.append(out.shape[0]), with_kwargs=True)
-        outputs[size] = features(model, inputs).pooler_output[0]
+        _, model = plain_and_adapted(adapter, tiny_model(host), tower_batch_size=size)
+        seen = tower_calls(model.model.vision_model)
+        outputs[size] = image_features(model, inputs)[0]
         calls[size] = seen
     assert calls[None] == encoder_module.even_chunks(crops, tokens, 4 * tokens) and len(calls[None]) > 1
     assert calls["all"] == [crops] and calls[1] == [1] * crops and sum(calls[3]) == crops
@@ -361,7 +344,7 @@ def test_pixel_masks_are_used_as_the_host_uses_them(models, host):
         masks[0, frame, h:] = 0
         masks[0, frame, :, w:] = 0
     inputs = {**inputs, "pixel_values": pixels, "pixel_attention_mask": masks}
-    got = features(adapted, inputs).pooler_output[0].view(-1, SEQ, 32)
+    got = image_features(adapted, inputs)[0].view(-1, SEQ, 32)
     want = reference_image_features(adapted.model, pixels[0, :5], masks[0, :5], (2, 2)).view(-1, SEQ, 32)
     torch.testing.assert_close(got[:5], want, rtol=1e-5, atol=1e-5)
     plain_out = plain_features(plain, inputs)[0].view(-1, SEQ, 32)
@@ -382,7 +365,7 @@ def test_no_split_image_runs_the_plain_host(models, host):
 def test_smolvlm_video_frames_run_the_plain_host():
     from transformers.video_utils import VideoMetadata
 
-    plain, adapted = plain_and_adapted("smolvlm")
+    plain, adapted = plain_and_adapted(adapter, tiny_model("smolvlm"))
     processor = adapter.prepare_processor(tiny_processor("smolvlm"), config_model("smolvlm"))
     videos = [np.random.default_rng(n).integers(0, 256, (n, 40, 60, 3), dtype=np.uint8) for n in (3, 2)]
     metadata = [VideoMetadata(total_num_frames=n, fps=1, frames_indices=list(range(n))) for n in (3, 2)]
@@ -467,7 +450,7 @@ def test_a_kv_cache_is_used_under_every_name_the_host_takes(models, processor, i
 
 
 def test_training_step_reaches_the_dem_only(host, processor):
-    plain, adapted = plain_and_adapted(host)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(host))
     adapted.train()
     adapted.model.vision_model.requires_grad_(False)
     inputs = batch(processor, [[(90, 50)]])
@@ -481,7 +464,7 @@ def test_training_step_reaches_the_dem_only(host, processor):
 
 @pytest.mark.parametrize("inner", [False, True])
 def test_save_and_load_round_trip(host, processor, tmp_path, inner):
-    plain, adapted = plain_and_adapted(host)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(host))
     model = adapted.model if inner else adapted
     with torch.no_grad():
         for p in adapted.model.spatial_embed.parameters():
@@ -500,7 +483,7 @@ def test_save_and_load_round_trip(host, processor, tmp_path, inner):
 
 
 def test_unapply_gives_the_plain_model_back(host, processor):
-    plain, adapted = plain_and_adapted(host)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(host))
     adapter.unapply(adapted)
     assert type(adapted) is type(plain) and type(adapted.model) is type(plain.model)
     assert not hasattr(adapted.model, "spatial_embed") and recorded_options(adapted.config) is None
@@ -539,7 +522,7 @@ def test_apply_to_the_inner_model_of_a_for_conditional_generation_is_refused_nam
 
 
 def test_apply_errors(host):
-    plain, adapted = plain_and_adapted(host)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(host))
     with pytest.raises(ValueError, match="already applied"):
         adapter.apply(adapted)
     with pytest.raises(ValueError, match=r"option fit is fixed for Idefics3 / SmolVLM \(the image processor tiles"):
@@ -591,16 +574,6 @@ def _case(host):
 
     processor = adapter.prepare_processor(tiny_processor(host), config_model(host))
 
-    def build():
-        model = tiny_model(host)
-        model.model.vision_model.requires_grad_(False)
-        return model
-
-    def image_features(model, inputs, **kwargs):
-        return model.model.get_image_features(
-            inputs["pixel_values"], inputs["pixel_attention_mask"], image_grid=inputs["image_grid"], **kwargs
-        )
-
     def inputs(sizes):
         return batch(processor, [[s] for s in sizes])
 
@@ -609,7 +582,7 @@ def _case(host):
 
     return HostCase(
         adapter=adapter,
-        build=build,
+        build=lambda: frozen_tower(tiny_model(host), "vision_model"),
         inputs=inputs,
         plain_inputs=plain_inputs,
         options={"num_heads": 2},
@@ -619,7 +592,7 @@ def _case(host):
         vision_tower=lambda model: model.model.vision_model,
         projector=lambda model: model.model.connector,
         projector_key="model.connector",
-        image_features=image_features,
+        image_features=get_image_features,
         pooler_from_last=lambda model, last, inputs: [model.model.connector(last).flatten(0, 1)],
         image_token_id=IMAGE_TOKEN_ID,
         offload_map={"model.vision_model": "disk", "model.connector": "cpu", "model.text_model": "cpu",

@@ -6,7 +6,6 @@ generation, save / load, misuse."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -19,7 +18,12 @@ from dualview.adapters import hf_internvl as adapter
 from dualview.adapters import hf_internvl_processing as processing
 
 from . import internvl_models as M
-from .host_battery import HostBattery, HostCase, assert_token_counts_follow_the_host
+from .tiny_models import global_crops
+from .host_battery import (
+    HostBattery, HostCase, assert_token_counts_follow_the_host,
+    assert_a_training_step_reaches_the_dem_and_projector, frozen_tower, get_image_features, image_features,
+    plain_and_adapted, tower_calls,
+)
 
 S = M.S
 H = M.S // M.PATCH  # tokens per tile side before the pixel shuffle
@@ -34,20 +38,8 @@ def grid_of(size):
     return adapter.tile_grid(size, **SETTINGS)
 
 
-def plain_and_adapted(**model_kwargs):
-    """The same random model twice: plain InternVL, and dual view (num_heads 2 over 16 channels)."""
-    plain = M.tiny_model(**model_kwargs)
-    return plain, adapter.apply(copy.deepcopy(plain), num_heads=2)
-
-
 def prepared(**kwargs):
     return adapter.prepare_processor(M.tiny_processor(**kwargs), M.config_model())
-
-
-def image_features(model, inputs, **kwargs):
-    extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-    with torch.no_grad():
-        return model.model.get_image_features(inputs["pixel_values"], **extra, **kwargs).pooler_output
 
 
 def patch_slices(grids):
@@ -55,19 +47,6 @@ def patch_slices(grids):
     counts = [adapter.patches_per_image(g) for g in grids]
     starts = np.cumsum([0] + counts)
     return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-
-
-class TowerCalls:
-    """Forward hook on the vision tower's embeddings (every tower run starts there, also a
-    layer-truncated one): the batch size of every call."""
-
-    def __init__(self, model):
-        self.sizes: list[int] = []
-        model.model.vision_tower.embeddings.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output):
-        pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
-        self.sizes.append(pixels.shape[0])
 
 
 def host_tower(inner, pixels, layer):
@@ -85,8 +64,7 @@ def reference_tile_features(model, tiles, grid, layer=-1):
     projector. tiles (R*C, 3, s, s) -> (R*C, image_seq_length, text_dim)."""
     inner = model.model
     rows, cols = grid
-    canvas = torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    strided = global_crops(tiles, (rows, cols))
     with torch.no_grad():
         local, global_ = host_tower(inner, torch.cat((tiles, strided)), layer).split(rows * cols)
         fused = inner.spatial_embed(local[None], global_[None], grid)[0].view(rows * H, cols * H, -1)
@@ -225,7 +203,7 @@ def test_the_chat_template_path_returns_image_sizes_too():
     out = prepared().apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
                                          return_tensors="pt")
     assert out["image_sizes"].tolist() == [[r * S, c * S] for r, c in map(grid_of, [(40, 90), (300, 40)])]
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     with torch.no_grad():  # the outer model's get_image_features passes image_sizes on
         outer = model.get_image_features(out["pixel_values"], image_sizes=out["image_sizes"]).pooler_output
     torch.testing.assert_close(outer, image_features(model, out), atol=0, rtol=0)
@@ -294,21 +272,21 @@ def test_budget_reads_the_tiling_the_processor_runs_with_not_only_its_image_proc
     ids=["internvit", "internvit-final-norm", "internvit-penultimate", "siglip", "clip-penultimate"],
 )
 def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_hosts(tower, strategy, layer, mean_pooling):
-    plain, adapted = plain_and_adapted(tower=tower, strategy=strategy, vision_feature_layer=layer,
-                                       use_mean_pooling=mean_pooling)
+    plain = M.tiny_model(tower=tower, strategy=strategy, vision_feature_layer=layer, use_mean_pooling=mean_pooling)
+    plain, adapted = plain_and_adapted(adapter, plain)
     sizes = [(40, 90), (28, 28), (300, 40), (10, 13), (20, 20), (84, 56)]
     text = [f"user : {M.IMAGE_TOKEN} {M.IMAGE_TOKEN} <video> ?", f"user : {M.IMAGE_TOKEN} ?",
             f"user : {M.IMAGE_TOKEN} {M.IMAGE_TOKEN} {M.IMAGE_TOKEN} ?"]
     inputs = prepared()(images=[[M.image(s) for s in sizes[:2]], [M.image(sizes[2])], [M.image(s) for s in sizes[3:]]],
                         text=text, videos=[M.video(2)], return_tensors="pt", padding=True)
     grids = [grid_of(s) for s in sizes[:2]] + [(1, 1)] * 2 + [grid_of(s) for s in sizes[2:]]  # frames: one patch
-    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    plain_calls, dual_calls = tower_calls(plain.model.vision_tower), tower_calls(adapted.model.vision_tower)
     host = image_features(plain, {"pixel_values": inputs["pixel_values"]})
     dual = image_features(adapted, inputs)
     assert dual.shape == host.shape == (inputs["pixel_values"].shape[0], M.SEQ, 32)
     tiles = sum(r * c for r, c in grids if r * c > 1)
-    assert plain_calls.sizes == [inputs["pixel_values"].shape[0]]
-    assert dual_calls.sizes == [inputs["pixel_values"].shape[0] + tiles]  # every patch + global crops: ONE call
+    assert plain_calls == [inputs["pixel_values"].shape[0]]
+    assert dual_calls == [inputs["pixel_values"].shape[0] + tiles]  # every patch + global crops: ONE call
     for grid, where in zip(grids, patch_slices(grids)):
         n = grid[0] * grid[1]
         if n == 1:  # one patch (image or video frame): the host's plain features
@@ -323,7 +301,7 @@ def test_tiles_are_dem_fused_and_thumbnails_single_tiles_and_frames_are_the_host
 def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it():
     """max_patches=40 and a 100x3400 image: the host cuts it into 1x34 tiles (plus the thumbnail); the
     adapted model takes that grid (no limit of its own) and fuses the tiles as for any grid."""
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, M.tiny_model())
     processor = prepared(max_patches=40)
     inputs = M.batch(processor, [(100, 3400)])
     assert adapter.tile_grid((100, 3400), tile_size=(S, S), min_patches=1, max_patches=40) == (1, 34)
@@ -336,19 +314,19 @@ def test_a_grid_of_more_than_32_tiles_a_side_runs_as_the_host_makes_it():
 
 
 def test_a_batch_of_only_single_tiles_is_exactly_the_host():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(max_patches=1), [(40, 90), (300, 40), (28, 28)])
     assert inputs["image_sizes"].tolist() == [[S, S]] * 3
-    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    plain_calls, dual_calls = tower_calls(plain.model.vision_tower), tower_calls(adapted.model.vision_tower)
     with torch.no_grad():
         ref = plain(**{k: v for k, v in inputs.items() if k != "image_sizes"}).logits
         out = adapted(**inputs).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert plain_calls.sizes == dual_calls.sizes == [3]
+    assert plain_calls == dual_calls == [3]
 
 
 def test_a_replaced_spatial_embed_is_the_dem_used():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(), [(57, 41)])
     before = image_features(model, inputs)
     torch.manual_seed(1)
@@ -361,7 +339,7 @@ def test_a_replaced_spatial_embed_is_the_dem_used():
 
 
 def test_every_size_runs_through_the_model_and_fills_exactly_its_prompt_tokens():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(), SIZES)
     with torch.no_grad():
         out = model(**inputs)
@@ -375,7 +353,7 @@ def test_every_size_runs_through_the_model_and_fills_exactly_its_prompt_tokens()
 
 
 def test_the_plain_processor_output_is_refused_with_the_way_out():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(M.tiny_processor(), [(40, 90)])
     with pytest.raises(ValueError, match="prepare_processor"):
         model(**inputs)
@@ -384,7 +362,7 @@ def test_the_plain_processor_output_is_refused_with_the_way_out():
 
 
 def test_image_sizes_that_do_not_fit_pixel_values_are_refused():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(), [(40, 90), (100, 100)])
     with pytest.raises(ValueError, match="pixel_values has shape"):
         image_features(model, {**inputs, "image_sizes": inputs["image_sizes"][:1]})
@@ -403,28 +381,14 @@ def test_image_sizes_that_do_not_fit_pixel_values_are_refused():
 # ---- training, generation, save / load ----------------------------------------------------------
 
 
-def labelled(inputs):
-    labels = inputs["input_ids"].clone()
-    labels[(labels == M.IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0)] = -100
-    return labels
-
-
 def test_a_mixed_batch_trains_and_gradients_reach_the_dem_and_projector_not_the_frozen_tower():
-    _, model = plain_and_adapted()
-    model.train()
-    model.model.vision_tower.requires_grad_(False)
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(), [(40, 90), (100, 100), (28, 28), (300, 40)])
-    out = model(**inputs, labels=labelled(inputs))
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    out.loss.backward()
-    inner = model.model
-    for name, p in [*inner.spatial_embed.named_parameters(), *inner.multi_modal_projector.named_parameters()]:
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert_a_training_step_reaches_the_dem_and_projector(model, inputs, M.IMAGE_TOKEN_ID)
 
 
 def test_generate_greedy_and_beam_on_a_mixed_batch():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(), [(41, 57), (28, 168), (20, 20)])
     with torch.no_grad():
         greedy = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -459,7 +423,7 @@ def test_the_strategy_must_drop_the_towers_prefix_and_one_feature_layer_is_requi
     model.config.vision_feature_layer = [-2, -1]
     with pytest.raises(ValueError, match="one int"):
         adapter.apply(model)
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, M.tiny_model())
     inputs = M.batch(prepared(), [(40, 90)])
     with pytest.raises(ValueError, match="'default'"):
         image_features(model, inputs, vision_feature_select_strategy="full")
@@ -482,9 +446,7 @@ def test_a_tile_the_pixel_shuffle_cannot_take_is_refused():
 
 
 def _battery_model():
-    model = M.tiny_model()
-    model.model.vision_tower.requires_grad_(False)
-    return model
+    return frozen_tower(M.tiny_model())
 
 
 def _batch_of_two(both: dict) -> tuple[dict, list[dict]]:
@@ -508,8 +470,7 @@ class TestHostBattery(HostBattery):
             options=dict(num_heads=2), sizes=((40, 90), (100, 100)), image_token_id=M.IMAGE_TOKEN_ID,
             option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
             fixed=adapter.FIXED, fixed_why="min_patches / max_patches",
-            image_features=lambda model, inputs, **kw: model.model.get_image_features(
-                inputs["pixel_values"], image_sizes=inputs["image_sizes"], **kw),
+            image_features=get_image_features,
             pooler_from_last=lambda model, last, inputs: model.model.multi_modal_projector(model.model.pixel_shuffle(
                 last.unflatten(1, (H, H)), scale_factor=model.config.downsample_ratio).flatten(1, 2)),
             not_applicable={"offload": "the plain InternVL cannot be loaded with its vision tower on 'disk' "

@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration
 from dualview.adapters import hf_llava
 
 from . import tiny_models as tiny
-from .host_battery import HostBattery, HostCase
+from .host_battery import HostBattery, HostCase, get_image_features
 from .llava_models import tiny_model, tiny_processor
 
 
@@ -167,6 +167,14 @@ def test_input_not_at_the_adapted_resolution_is_refused_naming_prepare_processor
         assert torch.isfinite(model(**inputs).logits).all()
 
 
+def test_a_list_of_images_as_pixel_values_gets_a_clear_error_naming_pixel_values():
+    """A list of images as ``pixel_values`` is refused with one error naming pixel_values, not torch's
+    "AttributeError: 'list' object has no attribute 'to'" from inside the encoder."""
+    model, _ = adapted()
+    with pytest.raises((TypeError, ValueError), match="pixel_values"):
+        model.model.get_image_features(pixel_values=[torch.randn(3, 84, 84)])
+
+
 def test_the_training_doc_prepares_the_processor():
     """docs/training.md's Trainer snippet builds its inputs with the prepared processor."""
     from pathlib import Path
@@ -221,7 +229,7 @@ class TestHostBattery(HostBattery):
             image_token_id=tiny.IMAGE_TOKEN_ID,
             option_sets=(dict(BATTERY_OPTIONS, directions="global_to_local", fusion="conv3x3"),),
             not_applicable={"fixed_options": "LLaVA-1.5 fixes no option (the processor is prepared for the grid)"},
-            image_features=lambda model, inputs, **kw: model.model.get_image_features(inputs["pixel_values"], **kw),
+            image_features=get_image_features,
             pooler_from_last=lambda model, last, inputs: list(model.model.multi_modal_projector(last)),
             offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
                          "model.language_model": "cpu", "lm_head": "cpu"}, plain_inputs=_plain_inputs,

@@ -3,7 +3,6 @@ plain AnyRes's token counts, one tower call, DEM-fused tiles, training, generati
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -16,42 +15,20 @@ from dualview.adapters import hf_llava_next as adapter
 from dualview.adapters._common import recorded_options
 from dualview.adapters._hf import ANYRES_FIXED
 
-from .host_battery import HostBattery, HostCase
+from .host_battery import (
+    ANYRES_OFFLOAD_MAP, HostBattery, HostCase, anyres_projected_patches,
+    assert_a_training_step_reaches_the_dem_and_projector, frozen_tower, get_image_features, image_features,
+    plain_and_adapted, tower_calls,
+)
+from .tiny_models import global_crops
 from .llava_next_models import IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, tiny_model, tiny_processor
 
 # 1:3 to 3:1, exact and odd sizes: every grid of PINPOINTS occurs.
 SIZES = [(28, 84), (84, 28), (30, 90), (90, 31), (57, 41), (41, 57), (100, 100), (13, 37), (45, 23), (201, 67), (56, 57)]
 
 
-def plain_and_adapted(**model_kwargs):
-    """The same random model twice: plain AnyRes, and dual view (DEM weights randomised too)."""
-    plain = tiny_model(**model_kwargs)
-    adapted = adapter.apply(copy.deepcopy(plain), num_heads=2)
-    return plain, adapted
-
-
 def grid_of(size):
     return G.select_grid(size, S, G.grids_from_pinpoints(PINPOINTS, S))
-
-
-class TowerCalls:
-    """Forward hook on the vision tower's embeddings (every tower run starts there, also a
-    layer-truncated one that skips the tower's own forward): the batch size of every call."""
-
-    def __init__(self, model):
-        self.sizes: list[int] = []
-        embeddings = next(m for name, m in model.model.vision_tower.named_modules() if name.endswith("embeddings"))
-        embeddings.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output):
-        pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
-        self.sizes.append(pixels.shape[0])
-
-
-def image_features(model, inputs, **kwargs):
-    with torch.no_grad():
-        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **kwargs)
-    return out.pooler_output
 
 
 def reference_tile_features(model, pixel_values, image_size, layers):
@@ -61,8 +38,7 @@ def reference_tile_features(model, pixel_values, image_size, layers):
     inner = model.model
     rows, cols = grid_of(image_size)
     tiles = pixel_values[1 : 1 + rows * cols]
-    canvas = torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    strided = global_crops(tiles, (rows, cols))
     with torch.no_grad():
         hidden = inner.vision_tower(pixel_values=torch.cat((tiles, strided)), output_hidden_states=True).hidden_states
         feats = torch.cat([hidden[i] for i in layers], dim=-1)[:, 1:]  # CLS dropped
@@ -79,7 +55,7 @@ def reference_tile_features(model, pixel_values, image_size, layers):
 
 
 def test_token_counts_equal_plain_anyres_and_the_processor_for_every_size():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, tiny_model())
     inputs = batch(SIZES)
     dual = image_features(adapted, inputs)
     anyres = image_features(plain, inputs)
@@ -100,7 +76,7 @@ def test_token_counts_equal_plain_anyres_and_the_processor_for_every_size():
 
 
 def test_single_images_and_stacked_pixel_values_give_the_same_features():
-    _, adapted = plain_and_adapted()
+    _, adapted = plain_and_adapted(adapter, tiny_model())
     sizes = [SIZES[6], SIZES[0], SIZES[4], SIZES[1]]
     inputs = batch(sizes)
     together = image_features(adapted, inputs)
@@ -119,16 +95,16 @@ def test_single_images_and_stacked_pixel_values_give_the_same_features():
 
 @pytest.mark.parametrize("layers", [-2, [-2, -1]], ids=["layer-2", "layers-2,-1"])
 def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
-    plain, adapted = plain_and_adapted(vision_feature_layer=layers)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(vision_feature_layer=layers))
     assert adapted.model.spatial_embed.dim == 16 * len(layers if isinstance(layers, list) else [layers])
     sizes = [(30, 90), (57, 41), (201, 67)]
     inputs = batch(sizes)
-    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    plain_calls, dual_calls = tower_calls(plain.model.vision_tower), tower_calls(adapted.model.vision_tower)
     anyres = image_features(plain, inputs)
     dual = image_features(adapted, inputs)
     grids = [grid_of(s) for s in sizes]
-    assert plain_calls.sizes == [sum(1 + r * c for r, c in grids)]
-    assert dual_calls.sizes == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
+    assert plain_calls == [sum(1 + r * c for r, c in grids)]
+    assert dual_calls == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
     layer_list = layers if isinstance(layers, list) else [layers]
     for i, size in enumerate(sizes):
         base, tiles = dual[i][: H * W], dual[i][H * W :]
@@ -139,7 +115,7 @@ def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
 
 
 def test_dem_is_the_only_new_state_and_the_tower_is_not_duplicated():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, tiny_model())
     new = set(adapted.state_dict()) - set(plain.state_dict())
     assert new and all(k.startswith("model.spatial_embed.") for k in new)
     assert set(plain.state_dict()) <= set(adapted.state_dict())
@@ -152,7 +128,7 @@ def test_dem_is_the_only_new_state_and_the_tower_is_not_duplicated():
 
 
 def test_a_replaced_spatial_embed_is_the_dem_used():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(57, 41)])
     before = image_features(model, inputs)[0]
     torch.manual_seed(1)
@@ -167,30 +143,15 @@ def test_a_replaced_spatial_embed_is_the_dem_used():
 # (b) forward with labels, (c) generate, (d) gradients -------------------------------------------
 
 
-def labelled(inputs):
-    labels = inputs["input_ids"].clone()
-    labels[(labels == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0)] = -100
-    return labels
-
-
 def test_mixed_size_batch_trains_with_a_finite_loss_and_gradients_reach_dem_and_projector():
-    _, model = plain_and_adapted()
-    model.train()
-    model.model.vision_tower.requires_grad_(False)
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(30, 90), (100, 100), (90, 31), (13, 37)])
     assert len({grid_of(tuple(s)) for s in inputs["image_sizes"].tolist()}) == 4
-    out = model(**inputs, labels=labelled(inputs))
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    out.loss.backward()
-    for name, p in model.model.spatial_embed.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for name, p in model.model.multi_modal_projector.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert_a_training_step_reaches_the_dem_and_projector(model, inputs, IMAGE_TOKEN_ID)
 
 
 def test_generate_produces_tokens_for_a_mixed_batch():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(41, 57), (201, 67)])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -213,13 +174,13 @@ def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):
 def test_full_strategy_with_a_cls_tower_is_refused():
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
         adapter.apply(tiny_model(strategy="full"))
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
         image_features(model, batch([(30, 90)]), vision_feature_select_strategy="full")
 
 
 def test_full_strategy_with_siglip_matches_plain_anyres():
-    plain, adapted = plain_and_adapted(tower="siglip", strategy="full")
+    plain, adapted = plain_and_adapted(adapter, tiny_model(tower="siglip", strategy="full"))
     sizes = [(30, 90), (57, 41)]
     inputs = batch(sizes, tiny_processor(strategy="full", extra_tokens=0))
     anyres, dual = image_features(plain, inputs), image_features(adapted, inputs)
@@ -232,7 +193,7 @@ def test_full_strategy_with_siglip_matches_plain_anyres():
 
 
 def test_per_call_layers_must_fit_the_dem():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(30, 90)])
     same_width = image_features(model, inputs, vision_feature_layer=-1)  # honoured: 16 channels as built
     assert (same_width[0] - image_features(model, inputs)[0]).abs().max() > 1e-3
@@ -256,32 +217,22 @@ def test_misuse_is_refused_naming_what_fits():
 
 
 
-def _battery_model():
-    model = tiny_model()
-    model.model.vision_tower.requires_grad_(False)
-    return model
-
-
 def _pooler_from_last(model, last, inputs):
     """The host's projector and packing over the per-image patches of ``last_hidden_state``."""
-    counts = [1 + r * c for r, c in (adapter.budget(model, tuple(s.tolist())).grid for s in inputs["image_sizes"])]
-    projected = model.model.multi_modal_projector(last).split(counts)
     return model.model.pack_image_features(
-        list(projected), inputs["image_sizes"], model.config.vision_feature_select_strategy,
-        image_newline=model.model.image_newline)[0]
+        anyres_projected_patches(adapter, model, last, inputs), inputs["image_sizes"],
+        model.config.vision_feature_select_strategy, image_newline=model.model.image_newline)[0]
 
 
 class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
         return HostCase(
-            adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
+            adapter=adapter, build=lambda: frozen_tower(tiny_model()), inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
             sizes=((30, 90), (57, 41)), image_token_id=IMAGE_TOKEN_ID,
             option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
             fixed={**ANYRES_FIXED, "pinpoints": PINPOINTS}, fixed_why="LLaVA-NeXT's AnyRes",
-            image_features=lambda model, inputs, **kw: model.model.get_image_features(
-                inputs["pixel_values"], inputs["image_sizes"], **kw),
+            image_features=get_image_features,
             pooler_from_last=_pooler_from_last,
-            offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
-                         "model.language_model": "cpu", "lm_head": "cpu"},
+            offload_map=ANYRES_OFFLOAD_MAP,
         )

@@ -30,7 +30,12 @@ from .llava_onevision_models import (
     ASPECT, IMAGE_TOKEN_ID, PINPOINTS, H, S, W, batch, image, multi_image_batch, tiny_model, tiny_processor, video,
     video_batch,
 )
-from .host_battery import HostBattery, HostCase
+from .tiny_models import global_crops
+from .host_battery import (
+    ANYRES_OFFLOAD_MAP, HostBattery, HostCase, anyres_projected_patches,
+    assert_a_training_step_reaches_the_dem_and_projector, frozen_tower, get_image_features, image_features,
+    plain_and_adapted, tower_calls,
+)
 
 # 1:3 to 3:1 and beyond (40:1), smaller than one tile, exactly a pinpoint, odd sizes; with
 # anyres_max_2 the 2x2 and larger grids are downscaled by the host, 1x2 / 2x1 / 1x3 / 3x1 are not.
@@ -45,32 +50,6 @@ def host_grid(size):
     return best[0] // S, best[1] // S
 
 
-def plain_and_adapted(**model_kwargs):
-    """The same random model twice: plain OneVision, and dual view (DEM randomised by its init)."""
-    plain = tiny_model(**model_kwargs)
-    return plain, adapter.apply(copy.deepcopy(plain), num_heads=2)
-
-
-def image_features(model, inputs, **kwargs):
-    extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
-    with torch.no_grad():
-        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra, **kwargs)
-    return out.pooler_output
-
-
-class TowerCalls:
-    """Forward hook on the vision tower's embeddings (every tower run starts there, also a
-    layer-truncated one that skips the tower's own forward): the batch size of every call."""
-
-    def __init__(self, model):
-        self.sizes: list[int] = []
-        model.model.vision_tower.embeddings.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output):
-        pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
-        self.sizes.append(pixels.shape[0])
-
-
 def reference_tile_tokens(model, patches, image_size, layers, *, prefix=0, max_patches=MAX_PATCHES):
     """What the tile part of one image's tokens must be, from the definitions and independent of the
     adapter: the canvas by concatenating the tiles, the global crops by strided slicing, the tower's
@@ -80,8 +59,7 @@ def reference_tile_tokens(model, patches, image_size, layers, *, prefix=0, max_p
     inner = model.model
     rows, cols = host_grid(image_size)
     tiles = patches[1 : 1 + rows * cols]
-    canvas = torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    strided = global_crops(tiles, (rows, cols))
     with torch.no_grad():
         hidden = inner.vision_tower(pixel_values=torch.cat((tiles, strided)), output_hidden_states=True).hidden_states
         feats = torch.cat([hidden[i] for i in layers], dim=-1)[:, prefix:]
@@ -165,16 +143,16 @@ def test_token_counts_equal_the_processor_and_plain_onevision_for_every_size(asp
 
 @pytest.mark.parametrize("layers", [-1, [-2, -1]], ids=["layer-1", "layers-2,-1"])
 def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
-    plain, adapted = plain_and_adapted(vision_feature_layer=layers)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(vision_feature_layer=layers))
     n_layers = 1 if isinstance(layers, int) else len(layers)
     assert adapted.model.spatial_embed.dim == 16 * n_layers
     sizes = [(35, 105), (70, 70), (101, 99), (20, 20), (400, 10)]
     inputs = batch(sizes)
-    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    plain_calls, dual_calls = tower_calls(plain.model.vision_tower), tower_calls(adapted.model.vision_tower)
     host, dual = image_features(plain, inputs), image_features(adapted, inputs)
     grids = [host_grid(s) for s in sizes]
-    assert plain_calls.sizes == [sum(1 + r * c for r, c in grids)]
-    assert dual_calls.sizes == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
+    assert plain_calls == [sum(1 + r * c for r, c in grids)]
+    assert dual_calls == [sum(1 + 2 * r * c for r, c in grids)]  # base + local + global, ONE call
     for i, size in enumerate(sizes):
         # the base image, plain: the same tower in a batch of another size (CPU matmul kernels may block
         # a batch differently, ~1e-8 here on some machines), so float32 rounding, not bit equality
@@ -185,7 +163,7 @@ def test_tiles_become_dem_fused_local_global_features_in_one_tower_call(layers):
 
 
 def test_clip_tower_with_default_strategy_matches_the_processor():
-    plain, adapted = plain_and_adapted(tower="clip", strategy="default", vision_feature_layer=-2)
+    plain, adapted = plain_and_adapted(adapter, tiny_model(tower="clip", strategy="default", vision_feature_layer=-2))
     sizes = [(35, 105), (70, 70), (12, 30)]
     inputs = batch(sizes, strategy="default")
     host, dual = image_features(plain, inputs), image_features(adapted, inputs)
@@ -198,7 +176,7 @@ def test_clip_tower_with_default_strategy_matches_the_processor():
 
 
 def test_single_images_and_stacked_pixel_values_give_the_same_features():
-    _, adapted = plain_and_adapted()
+    _, adapted = plain_and_adapted(adapter, tiny_model())
     sizes = [SIZES[8], SIZES[4], SIZES[0], SIZES[1], SIZES[2]]
     inputs = batch(sizes)
     together = image_features(adapted, inputs)
@@ -212,7 +190,7 @@ def test_single_images_and_stacked_pixel_values_give_the_same_features():
 
 
 def test_a_replaced_spatial_embed_is_the_dem_used():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(70, 105)])
     before = image_features(model, inputs)[0]
     torch.manual_seed(1)
@@ -227,14 +205,14 @@ def test_a_replaced_spatial_embed_is_the_dem_used():
 
 
 def test_multi_image_prompts_keep_their_images_plain_and_single_images_are_dual_view():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, tiny_model())
     samples = [[(35, 105), (50, 50), (12, 30)], [(70, 105)]]  # a 3-image prompt, then a single image
     inputs = multi_image_batch(samples)
     assert inputs["batch_num_images"].tolist() == [3, 1]
-    plain_calls, dual_calls = TowerCalls(plain), TowerCalls(adapted)
+    plain_calls, dual_calls = tower_calls(plain.model.vision_tower), tower_calls(adapted.model.vision_tower)
     host, dual = image_features(plain, inputs), image_features(adapted, inputs)
     rows, cols = host_grid((70, 105))
-    assert plain_calls.sizes == [3 + 1 + rows * cols] and dual_calls.sizes == [3 + 1 + 2 * rows * cols]
+    assert plain_calls == [3 + 1 + rows * cols] and dual_calls == [3 + 1 + 2 * rows * cols]
     for i in range(3):  # one square crop + one newline each, exactly the host's
         assert dual[i].shape == (H * W + 1, 32)
         torch.testing.assert_close(dual[i], host[i], atol=0, rtol=0)
@@ -250,14 +228,14 @@ def test_multi_image_prompts_keep_their_images_plain_and_single_images_are_dual_
 
 
 def test_a_batch_of_multi_image_prompts_only_is_exactly_the_plain_model():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, tiny_model())
     inputs = multi_image_batch([[(35, 105), (50, 50)], [(12, 30), (105, 35)]])
     with torch.no_grad():
         torch.testing.assert_close(adapted(**inputs).logits, plain(**inputs).logits, atol=0, rtol=0)
 
 
 def test_video_goes_through_the_plain_path_unchanged():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, tiny_model())
     inputs = video_batch()
     with torch.no_grad():
         host = plain.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
@@ -280,29 +258,14 @@ def test_video_goes_through_the_plain_path_unchanged():
 # (d) training, generation ------------------------------------------------------------------------
 
 
-def labelled(inputs):
-    labels = inputs["input_ids"].clone()
-    labels[(labels == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0)] = -100
-    return labels
-
-
 def test_mixed_size_batch_trains_with_a_finite_loss_and_gradients_reach_dem_and_projector():
-    _, model = plain_and_adapted()
-    model.train()
-    model.model.vision_tower.requires_grad_(False)
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(35, 105), (105, 105), (105, 35), (12, 30)])
-    out = model(**inputs, labels=labelled(inputs))
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    out.loss.backward()
-    for name, p in model.model.spatial_embed.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for name, p in model.model.multi_modal_projector.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert_a_training_step_reaches_the_dem_and_projector(model, inputs, IMAGE_TOKEN_ID)
 
 
 def test_generate_produces_tokens_for_a_mixed_batch():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(57, 41), (400, 10), (70, 70)])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -314,7 +277,7 @@ def test_generate_produces_tokens_for_a_mixed_batch():
 
 
 def test_unapply_gives_back_the_plain_model():
-    plain, adapted = plain_and_adapted()
+    plain, adapted = plain_and_adapted(adapter, tiny_model())
     adapter.unapply(adapted)
     assert type(adapted.model) is transformers.LlavaOnevisionModel
     assert set(adapted.state_dict()) == set(plain.state_dict()) and not hasattr(adapted.config, "dualview")
@@ -351,7 +314,7 @@ def test_wrong_models_and_second_apply_are_refused():
 
 
 def test_bad_inputs_are_refused_with_the_argument_named():
-    _, model = plain_and_adapted()
+    _, model = plain_and_adapted(adapter, tiny_model())
     inputs = batch([(35, 105), (105, 105)])
     with pytest.raises(ValueError, match="pixel_values"):
         image_features(model, {"pixel_values": inputs["pixel_values"][:, :3], "image_sizes": inputs["image_sizes"]})
@@ -367,31 +330,22 @@ def test_bad_inputs_are_refused_with_the_argument_named():
 
 
 
-def _battery_model():
-    model = tiny_model()
-    model.model.vision_tower.requires_grad_(False)
-    return model
-
-
 def _pooler_from_last(model, last, inputs):
     """The host's projector and packing over the per-image patches of ``last_hidden_state``."""
-    counts = [1 + r * c for r, c in (adapter.budget(model, tuple(s.tolist())).grid for s in inputs["image_sizes"])]
-    projected = model.model.multi_modal_projector(last).split(counts)
-    return model.model.pack_image_features(list(projected), inputs["image_sizes"], image_newline=model.model.image_newline,
-                                           vision_aspect_ratio=model.config.vision_aspect_ratio)[0]
+    return model.model.pack_image_features(
+        anyres_projected_patches(adapter, model, last, inputs), inputs["image_sizes"],
+        image_newline=model.model.image_newline, vision_aspect_ratio=model.config.vision_aspect_ratio)[0]
 
 
 class TestHostBattery(HostBattery):
     @staticmethod
     def case() -> HostCase:
         return HostCase(
-            adapter=adapter, build=_battery_model, inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
+            adapter=adapter, build=lambda: frozen_tower(tiny_model()), inputs=lambda sizes: dict(batch(sizes)), options=dict(num_heads=2),
             sizes=((35, 105), (70, 70)), image_token_id=IMAGE_TOKEN_ID,
             option_sets=(dict(num_heads=2, directions="global_to_local", fusion="conv3x3"),),
             fixed={**ANYRES_FIXED, "pinpoints": PINPOINTS}, fixed_why="LLaVA-OneVision's AnyRes",
-            image_features=lambda model, inputs, **kw: model.model.get_image_features(
-                inputs["pixel_values"], inputs["image_sizes"], **kw),
+            image_features=get_image_features,
             pooler_from_last=_pooler_from_last,
-            offload_map={"model.vision_tower": "disk", "model.multi_modal_projector": "cpu", "model.image_newline": "cpu",
-                         "model.language_model": "cpu", "lm_head": "cpu"},
+            offload_map=ANYRES_OFFLOAD_MAP,
         )

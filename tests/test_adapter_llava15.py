@@ -23,7 +23,7 @@ from dualview.adapters._common import DualViewOptions, recorded_options
 
 from . import tiny_models as tiny
 from .conftest import FIXTURES
-from .host_battery import HostBattery, HostCase
+from .host_battery import HostBattery, HostCase, tower_calls
 from .llava15_models import images, llava_settings, mpt_model, prompt_ids, save_tower, tiny_model
 
 # llava's own forward passes `past_key_values`, which transformers 5 deprecates: not ours to fix
@@ -66,10 +66,7 @@ def test_forward_with_labels_gives_a_finite_loss(tower_28):
 def test_image_tokens_equal_the_encoder_budget_and_one_tower_call(tower_28):
     model = adapted(tower_28)
     ids = prompt_ids()
-    calls = []
-    # every tower run starts at the CLIP embeddings (the layer-truncated run skips the tower's forward)
-    embeddings = next(m for n, m in model.get_vision_tower().named_modules() if n.endswith("embeddings"))
-    embeddings.register_forward_hook(lambda m, args, kwargs, out: calls.append(args[0].shape[0]), with_kwargs=True)
+    calls = tower_calls(model.get_vision_tower())
     length = llm_input_length(model, input_ids=ids, images=images(model, (50, 50), (30, 90)))
     tokens = llava15.encoder_of(model).budget((84, 84)).tokens
     assert tokens == llava15.num_image_tokens(model) == 4  # DEM at the tower's 2x2 grid, mean with the thumbnail

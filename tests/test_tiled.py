@@ -11,6 +11,7 @@ from dualview import DCM, DEM, DualViewEncoder
 from dualview.tiled import TiledImage
 
 from .conftest import PatchTower
+from .tiny_models import global_crops
 
 S, P, D = 28, 14, 16  # crop, patch, channels: h = w = 2
 H = W = S // P
@@ -40,8 +41,7 @@ def reference(encoder, im):
             return torch.stack(feats)
         rows, cols = im.grid
         tiles = im.patches[im.tiles_at:im.tiles_at + rows * cols]
-        canvas = torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-        strided = [canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)]
+        strided = global_crops(tiles, (rows, cols))
         local = torch.stack([tower(t[None])[0] for t in tiles])
         glob = torch.stack([tower(g[None])[0] for g in strided])
         fmap = dem(local[None], glob[None], (rows, cols))[0].view(rows * H, cols * W, D)

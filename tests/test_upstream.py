@@ -458,8 +458,7 @@ def reference_dual_view_features(model, patches: torch.Tensor, grid) -> torch.Te
     rows, cols = grid
     inner = model.get_model()
     tiles = patches[1:]
-    canvas = torch.cat([torch.cat(list(tiles[r * cols : (r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
-    strided = torch.stack([canvas[:, a::rows, b::cols] for a in range(rows) for b in range(cols)])
+    strided = tiny.global_crops(tiles, (rows, cols))
     with torch.no_grad():
         tower = inner.get_vision_tower()
         base, local, global_ = tower(patches[:1]), tower(tiles), tower(strided)

@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import stat
+import sys
+import threading
 import tomllib
+import types
 from pathlib import Path
 
 import pytest
@@ -188,3 +192,116 @@ def test_a_dual_view_config_naming_the_plain_architecture_is_refused_with_the_fi
         vllm_plugin.check_plain_config(config, "LlavaNextForConditionalGeneration")
     del config.dualview
     vllm_plugin.check_plain_config(config, "LlavaNextForConditionalGeneration")  # a plain model passes
+
+
+# ---- vLLM: what save_pretrained / mark_for_vllm refuse and how they write ---------------------------
+
+
+def test_vllm_save_pretrained_refuses_a_plain_model_before_writing_anything(tmp_path):
+    """``vllm_plugin.save_pretrained`` checks before it writes: a plain (not adapted) LLaVA-NeXT is
+    refused and the folder (here: a good dual-view save) is left as it was."""
+    folder = tmp_path / "served"
+    vllm_plugin.save_pretrained(tiny.model(seed=0), folder)  # a good dual-view folder
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="dual-view"):
+        vllm_plugin.save_pretrained(tiny.model(dual_view=False), folder)
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    same = after == before
+    assert same, "the refused plain model overwrote the dual-view folder before the refusal"
+
+
+def test_mark_for_vllm_refuses_a_folder_whose_dualview_entry_is_null(tmp_path):
+    """``"dualview": null`` in config.json (config.dualview set to None, e.g. by hand to switch dual view
+    off) is no dual-view folder: ``mark_for_vllm`` refuses it rather than mark it for the plug-in."""
+    model = tiny.model(dual_view=False)
+    model.config.dualview = None
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dualview"] is None
+    with pytest.raises(ValueError, match="dualview"):
+        vllm_plugin.mark_for_vllm(tmp_path)
+
+
+def test_vllm_save_pretrained_refuses_push_to_hub_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="push_to_hub"):
+        vllm_plugin.save_pretrained(tiny.model(seed=0), tmp_path / "out", push_to_hub=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mark_for_vllm_keeps_the_config_readable_and_leaves_no_temporary_file(tmp_path):
+    tiny.model(seed=0).save_pretrained(tmp_path)
+    mode = stat.S_IMODE((tmp_path / "config.json").stat().st_mode)
+    vllm_plugin.mark_for_vllm(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [vllm_plugin.LLAVA_NEXT]
+    assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == mode
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".config.")]
+
+
+def test_mark_for_vllm_refuses_unknown_dual_view_options(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlavaNextForConditionalGeneration"],
+                                                      "dualview": {"gird": [3, 3]}}))
+    with pytest.raises(ValueError, match="'dualview' entry is not valid dual-view options.*gird"):
+        vllm_plugin.mark_for_vllm(tmp_path)
+
+
+def test_a_tower_weight_under_both_layouts_is_refused_not_overwritten():
+    one = torch.zeros(1)
+    plain = [("vision_tower.vision_model.embeddings.patch_embedding.weight", one),
+             ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", one), ("model.spatial_embed.ln_fuse.weight", one)]
+    assert [n for n, _ in vllm_plugin.checked_weights(iter(plain), {"spatial_embed.ln_fuse.weight": (1,)})] == [n for n, _ in plain]
+    both = plain + [("model.vision_tower.embeddings.patch_embedding.weight", one)]
+    with pytest.raises(ValueError, match="vision_tower.vision_model.embeddings.patch_embedding.weight' twice"):
+        list(vllm_plugin.checked_weights(iter(both), {"spatial_embed.ln_fuse.weight": (1,)}))
+
+
+# ---- lmms-eval: the loader's patch of llava_hf.model_map ------------------------------------------
+
+
+def _fake_llava_hf(monkeypatch):
+    names = ["lmms_eval", "lmms_eval.models", "lmms_eval.models.simple", "lmms_eval.models.simple.llava_hf"]
+    modules = [types.ModuleType(n) for n in names]
+    for parent, child, name in zip(modules, modules[1:], names[1:]):
+        setattr(parent, name.rsplit(".", 1)[1], child)
+    for name, module in zip(names, modules):
+        monkeypatch.setitem(sys.modules, name, module)
+    modules[-1].model_map = {"llava": "plain LlavaForConditionalGeneration"}
+    return modules[-1]
+
+
+def test_the_model_map_patch_is_undone_when_two_loads_overlap(monkeypatch):
+    """``dual_view_loading`` leaves llava_hf's module-level map as it found it also when two loads
+    overlap (two threads, or two evaluators built in one process) and end in the other order: a map
+    left patched would send every later plain ``--model llava_hf`` through DualViewLoader (which
+    refuses a plain checkpoint: 'was not saved from a dual-view model')."""
+    llava_hf = _fake_llava_hf(monkeypatch)
+    original = dict(llava_hf.model_map)
+    first = lmms_eval_models.dual_view_loading("dualview_llava_next")
+    second = lmms_eval_models.dual_view_loading("dualview_llava_onevision")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first load ends while the second still runs
+    second.__exit__(None, None, None)
+    assert llava_hf.model_map == original, f"llava_hf.model_map left patched: {llava_hf.model_map}"
+
+
+def test_overlapping_loads_in_two_threads_each_load_their_own_model_id(monkeypatch, tmp_path):
+    llava_hf = _fake_llava_hf(monkeypatch)
+    original = dict(llava_hf.model_map)
+    inside, release, errors = threading.Event(), threading.Event(), {}
+
+    def other_load():
+        with lmms_eval_models.dual_view_loading("dualview_llava_onevision"):
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_load)
+    thread.start()
+    assert inside.wait(30)
+    with lmms_eval_models.dual_view_loading("dualview_llava_next"):
+        release.set()
+        thread.join(30)
+        try:  # the map's loader, in this thread: the next model id, whatever the other thread opened
+            llava_hf.model_map["llava_onevision"].from_pretrained(tmp_path)
+        except ValueError as e:
+            errors["here"] = str(e)
+    assert "--model dualview_llava_next evaluates llava_next models" in errors["here"]
+    assert llava_hf.model_map == original

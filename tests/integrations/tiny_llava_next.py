@@ -75,10 +75,7 @@ def louder_dem(model) -> None:
 def processor():
     """LlavaNextProcessor over an in-memory word-level tokenizer (nothing downloaded)."""
     import transformers
-    tokenizer = word_tokenizer(
-        WORDS, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, chat_template=CHAT_TEMPLATE,
-    )
+    tokenizer = word_tokenizer(WORDS, extra_special_tokens={"image_token": IMAGE_TOKEN}, chat_template=CHAT_TEMPLATE)
     image_processor = transformers.LlavaNextImageProcessor(
         size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS,
     )
