@@ -119,6 +119,9 @@ def test_the_adapter_table_names_functions_the_adapters_have():
         # module functions that alias a HostAdapter's methods: `apply, budget = (Adapter.apply, Adapter.budget)`
         targets = [t for node in body if isinstance(node, ast.Assign) for t in node.targets]
         defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        # and what it re-exports from its own modules (llava15's processing and checkpoint helpers)
+        defined |= {a.asname or a.name for node in body if isinstance(node, ast.ImportFrom) and node.level
+                    for a in node.names}
         for name in re.findall(r"\(`(\w+)`\)", cell):  # "576 (`num_image_tokens`)": the function that says it
             assert name in defined, f"README's {module} row names `{name}`, which adapters/{module}.py does not define"
 
