@@ -77,13 +77,13 @@ class HostAdapter:
     def _measure(cls, module: nn.Module) -> Geometry:
         """The tower's channels (at the configured feature layers), crop and patch, read from ``module``
         (the DEM holder, or any module with the host's config)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__qualname__} must implement _measure(module) -> Geometry")
 
     @classmethod
     def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
         """The patch-token tower of one image call of ``inner`` (the dual-view inner model); ``call``: the
         call's own settings (e.g. ``vision_feature_layer``, ``output_hidden_states``), the config's where absent."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__qualname__} must implement _make_tower(inner, call) -> the tower")
 
     @classmethod
     def _check_host(cls, model: nn.Module) -> None:
@@ -151,6 +151,7 @@ class HostAdapter:
         place = cls._place(model)
         opts = cls.options(model.config, options)
         _host.check_not_applied(place.inner)
+        _host.check_dem_parent_inside(place, cls)
         cls._check_host(model)
         undo = cls._prepare_host(model)
         try:
