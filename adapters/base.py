@@ -20,6 +20,7 @@ host's budget or loading differs (``budget``, ``from_pretrained``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Union
 
@@ -31,7 +32,7 @@ from dualview.budget import Budget
 
 from . import _host
 from ._host import Geometry, Placement
-from ._common import CONFIG_KEY, DualViewOptions, recorded_options, reload, with_fixed
+from ._common import CONFIG_KEY, DualViewOptions, host_folder, recorded_options, reload, with_fixed
 from .registry import adapter_for_class, register_adapter
 
 
@@ -198,8 +199,28 @@ class HostAdapter:
     def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:
         """Load a model saved from an adapted one: the plain class (told that the DEM keys are
         expected), dual view re-applied with the options in its config.json, the DEM (and gate)
-        weights restored strictly. ``kwargs`` go to the host's ``from_pretrained``."""
-        return reload(cls.hosts[0], path, cls.apply, **kwargs)
+        weights restored strictly, into the host class its config.json names (``architectures``) where
+        the adapter takes more than one. ``kwargs`` go to the host's ``from_pretrained``."""
+        return reload(cls._saved_host(path, kwargs), path, cls.apply, **kwargs)
+
+    @classmethod
+    def _saved_host(cls, path: Union[str, Path], kwargs: dict) -> type:
+        """The class of :attr:`hosts` that loads the folder ``path`` (``kwargs``: ``from_pretrained``'s): the
+        one the folder's config.json names in ``architectures`` (its dual-view class's plain one), or the
+        adapter's only host class."""
+        if len(cls.hosts) == 1:
+            return cls.hosts[0]
+        folder, _ = host_folder(path, kwargs)
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        named = {host.__name__: host for host in cls.hosts}
+        for arch in archs:
+            host = named.get(arch) or named.get(arch.removeprefix("DualView"))
+            if host is not None:
+                return host
+        raise ValueError(
+            f"{str(path)!r}: config.json names architectures {archs}, none of the {cls.name} adapter's host classes "
+            f"{sorted(named)}"
+        )
 
 
 class SavedAsPlain:

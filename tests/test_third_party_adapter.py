@@ -184,9 +184,12 @@ def scratch_registry():
     from dualview.adapters import registry
 
     before = dict(registry._REGISTRY)
+    ties = {cls: adapter for adapter in before.values() for cls in adapter.dual_view_classes}
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(before)
+    for cls, adapter in ties.items():
+        cls.dualview_adapter = adapter
 
 
 def own_host() -> tuple[type, type]:
@@ -323,3 +326,68 @@ def test_a_placement_of_the_dem_outside_the_inner_model_is_refused_before_anythi
         dualview.apply(model)
     assert type(model.model) is TinyVLMModel and "spatial_embed" not in model._modules
     assert not hasattr(model.config, "dualview")
+
+
+def test_an_adapter_cannot_take_another_adapters_dual_view_class(scratch_registry):
+    """Registering ties each dual-view class to its adapter: a second adapter listing hf_llava's class would
+    re-tie it, and every hf_llava model would then refuse its own adapter."""
+    from transformers import LlavaForConditionalGeneration
+
+    from dualview.adapters.hf_llava import DualViewLlavaModel, LlavaAdapter
+
+    class MyLlava(LlavaForConditionalGeneration):
+        pass
+
+    with pytest.raises(ValueError, match=r"dual-view class DualViewLlavaModel is taken by adapter 'hf_llava' "
+                                         r"\(dualview\.adapters\.hf_llava\.LlavaAdapter\); .*MyLlavaAdapter needs its own"):
+        class MyLlavaAdapter(LlavaAdapter):
+            name, hosts, dual_view_classes = "my_llava_test", (MyLlava,), (DualViewLlavaModel,)
+    assert DualViewLlavaModel.dualview_adapter is LlavaAdapter and "my_llava_test" not in registered_adapters()
+
+
+def test_an_adapter_with_no_host_or_a_dual_view_class_without_its_plain_class_is_refused(scratch_registry):
+    """Each is one error at the class statement; registered, the second would break every adapter look-up
+    (``dualview.apply`` of any model)."""
+    host, dual_view = own_host()
+
+    class NoPlain(DualViewHost, TinyVLMModel):
+        pass
+
+    with pytest.raises(TypeError, match=r"NoHostAdapter\.hosts must be a non-empty tuple of host classes, got \(\)"):
+        class NoHostAdapter(HostAdapter):
+            name, hosts, dual_view_classes = "no_host_test", (), (dual_view,)
+    with pytest.raises(TypeError, match=r"ListAdapter\.dual_view_classes must be a tuple of dual-view classes, got \["):
+        class ListAdapter(HostAdapter):
+            name, hosts, dual_view_classes = "list_test", (host,), [dual_view]
+    with pytest.raises(TypeError, match=r"NoPlainAdapter\.dual_view_classes: NoPlain must set dualview_plain to "
+                                        r"the host class it extends \(one of its bases\), got None"):
+        class NoPlainAdapter(HostAdapter):
+            name, hosts, dual_view_classes = "no_plain_test", (host,), (NoPlain,)
+    assert not {"no_host_test", "list_test", "no_plain_test"} & registered_adapters().keys()
+    with pytest.raises(TypeError, match=r"dualview has no adapter for Linear"):
+        dualview.apply(nn.Linear(2, 2))
+
+
+def test_dualview_from_pretrained_gives_back_the_host_class_that_was_saved_of_an_adapter_with_two(
+    scratch_registry, tmp_path,
+):
+    """An adapter taking two host classes: the folder's ``architectures`` says which one to load."""
+    first, dual_view = own_host()
+
+    class SecondTinyVLM(TinyVLM):
+        pass
+
+    class TwoHostAdapter(HostAdapter):
+        name, hosts, dual_view_classes = "two_hosts_test", (first, SecondTinyVLM), (dual_view,)
+        _measure, _make_tower = TinyVLMAdapter.__dict__["_measure"], TinyVLMAdapter.__dict__["_make_tower"]
+
+    torch.manual_seed(0)
+    model = dualview.apply(SecondTinyVLM(TinyVLMConfig()).eval(), num_heads=2)
+    with torch.no_grad():
+        expected = model(pixels())
+    model.save_pretrained(tmp_path / "whole")
+    for load in (dualview.from_pretrained, TwoHostAdapter.from_pretrained):
+        loaded = load(tmp_path / "whole")
+        assert type(loaded) is SecondTinyVLM
+        with torch.no_grad():
+            assert torch.equal(loaded(pixels()), expected)
