@@ -78,8 +78,10 @@ class GuardsDualViewModules:
 
     def __setattr__(self, name: str, value: Any) -> None:
         adapter = type(self).dualview_adapter.name
+        if name in (DEM_ATTR, GATE_ATTR) and isinstance(value, nn.Module):
+            check_holds_dem(self, name)
         if name == DEM_ATTR and isinstance(value, nn.Module):
-            check_assigned_dem(self, unwrap_dem(value))
+            check_assigned_dem(self, unwrap_dem(value), type(self).dualview_adapter)
         elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
             check_kept(self, name, value, adapter=adapter)
         if name == GATE_ATTR and isinstance(value, nn.Module):
@@ -130,7 +132,7 @@ class DualViewHost(GuardsDualViewModules):
         """The DEM registered in the module tree, looked up now (through wrappers that keep it:
         ``torch.compile``, activation checkpointing, PEFT's ``modules_to_save``) and checked to fit."""
         dem = unwrap_dem(dem_of(self))
-        check_assigned_dem(dem_parent_of(self), dem)
+        check_assigned_dem(dem_parent_of(self), dem, type(self).dualview_adapter)
         return dem
 
     @property
@@ -167,17 +169,30 @@ class DualViewHost(GuardsDualViewModules):
                             patch_size=geometry.patch, gate=self.dualview_gate)
 
 
-def check_assigned_dem(parent: nn.Module, dem: nn.Module) -> None:
+def check_assigned_dem(parent: nn.Module, dem: nn.Module, adapter: type) -> None:
     """The one check that the host whose DEM holder is ``parent`` can use ``dem`` (at assignment to
     ``spatial_embed``, at every call and before saving): a :class:`~dualview.DEM` that fits the
-    adapter's geometry (:func:`check_dem_fits`)."""
+    ``adapter``'s geometry (:func:`check_dem_fits`). ``parent`` need not be a dual-view class."""
     if not isinstance(dem, DEM):
         raise TypeError(f"{DEM_ATTR} must be a dualview.DEM, got {type(dem).__name__}")
-    adapter = type(parent).dualview_adapter
     geometry = adapter.geometry(parent)
     recorded = recorded_options(parent.config) or {}
     check_dem_fits(dem, adapter=adapter.name, expects=(geometry.dim, geometry.feat_size), full_map=adapter.full_map(),
                    thumbnail_fusion=recorded.get("thumbnail_fusion"))
+
+
+def check_holds_dem(module: nn.Module, name: str) -> None:
+    """A TypeError when ``name`` (``spatial_embed`` / ``spatial_gate``) is assigned on a dual-view module that
+    does not hold the DEM (llava's outer model: its DEM lives on ``get_model()``): there it would shadow
+    the DEM that runs, and be saved beside it. The message names the submodule that holds it."""
+    if DEM_ATTR in module._modules:
+        return
+    holder = next((path for path, m in module.named_modules() if DEM_ATTR in m._modules), None)
+    where = f"its submodule {holder!r}" if holder is not None else "the module the adapter's placement names"
+    raise TypeError(
+        f"{name} cannot be assigned on this {type(module).__name__}: dual view's DEM and gate live on {where}; "
+        "assign it there"
+    )
 
 
 def check_kept(parent: nn.Module, name: str, value: Any = None, *, adapter: str, deleting: bool = False) -> None:
@@ -277,12 +292,12 @@ def owners(module: nn.Module) -> list[nn.Module]:
 
 def dem_parent_of(host: nn.Module) -> nn.Module:
     """The module holding ``spatial_embed`` (and ``spatial_gate``) for the dual-view ``host``: itself, or the
-    DEM holder its adapter places (llava's inner model, beside ``mm_projector``)."""
-    if DEM_ATTR in host._modules:
-        return host
-    parent = type(host).dualview_adapter._place(host).dem_parent
-    if DEM_ATTR in parent._modules:
-        return parent
+    submodule its adapter's placement put the DEM on (llava's inner model, beside ``mm_projector``). It is
+    looked up in ``host``'s own tree (:func:`attach` places it there): the adapter's ``_place`` reads the
+    model ``apply`` was given, which the host cannot reach."""
+    for module in host.modules():
+        if DEM_ATTR in module._modules:
+            return module
     raise AttributeError(f"{type(host).__name__} has no {DEM_ATTR} submodule")
 
 
@@ -417,6 +432,18 @@ def attach(place: Placement, adapter: type, *, options: DualViewOptions, dem: DE
     record_dem_settings(config, dem)  # config.dualview describes the DEM that runs (its out_size, widths)
 
 
+def check_dem_parent_inside(place: Placement, adapter: type) -> None:
+    """A TypeError unless the DEM holder is the inner module or one of its submodules: the inner module's
+    image hook finds the DEM only in its own tree (:func:`dem_parent_of`)."""
+    if any(module is place.dem_parent for module in place.inner.modules()):
+        return
+    raise TypeError(
+        f"{adapter.__module__}.{adapter.__qualname__}._place must put the DEM holder (dem_parent) on the inner module "
+        f"or a submodule of it (its image hook looks for the DEM there), got a {type(place.dem_parent).__name__} "
+        f"outside the {type(place.inner).__name__}"
+    )
+
+
 def subclass_refused(cls: type, plain: type) -> str:
     """Why a subclass ``cls`` of the host class ``plain`` is refused where dual view swaps that module's
     own class (``""`` when ``cls`` is no subclass of it)."""
@@ -487,10 +514,11 @@ def _recordable_outputs() -> Optional[dict]:
 
 def checked(model: nn.Module, build: Callable[[nn.Module], Any], unapply: Callable[[nn.Module], Any]) -> nn.Module:
     """``model`` once ``build(model)`` (its encoder) works: every option is checked at ``apply``,
-    not at the first forward; a failure leaves the plain model behind."""
+    not at the first forward; any failure (a bad option, or an adapter's hook that raises) leaves the
+    plain model behind."""
     try:
         build(model)
-    except (TypeError, ValueError):
+    except BaseException:
         unapply(model)
         raise
     return model

@@ -20,6 +20,7 @@ host's budget or loading differs (``budget``, ``from_pretrained``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Union
 
@@ -31,7 +32,7 @@ from dualview.budget import Budget
 
 from . import _host
 from ._host import Geometry, Placement
-from ._common import CONFIG_KEY, DualViewOptions, recorded_options, reload, with_fixed
+from ._common import CONFIG_KEY, DualViewOptions, host_folder, recorded_options, reload, with_fixed
 from .registry import adapter_for_class, register_adapter
 
 
@@ -77,13 +78,13 @@ class HostAdapter:
     def _measure(cls, module: nn.Module) -> Geometry:
         """The tower's channels (at the configured feature layers), crop and patch, read from ``module``
         (the DEM holder, or any module with the host's config)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__qualname__} must implement _measure(module) -> Geometry")
 
     @classmethod
     def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
         """The patch-token tower of one image call of ``inner`` (the dual-view inner model); ``call``: the
         call's own settings (e.g. ``vision_feature_layer``, ``output_hidden_states``), the config's where absent."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__qualname__} must implement _make_tower(inner, call) -> the tower")
 
     @classmethod
     def _check_host(cls, model: nn.Module) -> None:
@@ -151,6 +152,7 @@ class HostAdapter:
         place = cls._place(model)
         opts = cls.options(model.config, options)
         _host.check_not_applied(place.inner)
+        _host.check_dem_parent_inside(place, cls)
         cls._check_host(model)
         undo = cls._prepare_host(model)
         try:
@@ -197,8 +199,28 @@ class HostAdapter:
     def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:
         """Load a model saved from an adapted one: the plain class (told that the DEM keys are
         expected), dual view re-applied with the options in its config.json, the DEM (and gate)
-        weights restored strictly. ``kwargs`` go to the host's ``from_pretrained``."""
-        return reload(cls.hosts[0], path, cls.apply, **kwargs)
+        weights restored strictly, into the host class its config.json names (``architectures``) where
+        the adapter takes more than one. ``kwargs`` go to the host's ``from_pretrained``."""
+        return reload(cls._saved_host(path, kwargs), path, cls.apply, **kwargs)
+
+    @classmethod
+    def _saved_host(cls, path: Union[str, Path], kwargs: dict) -> type:
+        """The class of :attr:`hosts` that loads the folder ``path`` (``kwargs``: ``from_pretrained``'s): the
+        one the folder's config.json names in ``architectures`` (its dual-view class's plain one), or the
+        adapter's only host class."""
+        if len(cls.hosts) == 1:
+            return cls.hosts[0]
+        folder, _ = host_folder(path, kwargs)
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        named = {host.__name__: host for host in cls.hosts}
+        for arch in archs:
+            host = named.get(arch) or named.get(arch.removeprefix("DualView"))
+            if host is not None:
+                return host
+        raise ValueError(
+            f"{str(path)!r}: config.json names architectures {archs}, none of the {cls.name} adapter's host classes "
+            f"{sorted(named)}"
+        )
 
 
 class SavedAsPlain:

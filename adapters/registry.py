@@ -24,28 +24,52 @@ def register_adapter(adapter: type) -> type:
     """Register ``adapter`` under its ``name`` for the host classes in its ``hosts``, and tie each of its
     dual-view classes to it (``dualview_adapter``). Returns it (usable as a class decorator).
 
-    A ValueError for a name or a host class another adapter class already holds (the same class
-    defined again, as a reloaded module does, replaces its earlier self)."""
+    A ValueError for a name, a host class or a dual-view class another adapter class already holds (the
+    same class defined again, as a reloaded module does, replaces its earlier self); a TypeError for
+    ``hosts`` / ``dual_view_classes`` of the wrong shape. Nothing changes when it is refused."""
     name = adapter.__dict__.get("name")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"adapter name must be an identifier (a module-like name), got {name!r} on {adapter.__qualname__}")
-    hosts = adapter.hosts
-    if not isinstance(hosts, tuple) or not all(isinstance(h, type) for h in hosts):
-        raise TypeError(f"{adapter.__qualname__}.hosts must be a tuple of host classes, got {hosts!r}")
     held = _REGISTRY.get(name)
     if held is not None and not _same_class(held, adapter):
         raise ValueError(f"adapter name {name!r} is taken by {_where(held)}; {_where(adapter)} needs another name")
+    hosts, classes = adapter.hosts, adapter.dual_view_classes
+    if not isinstance(hosts, tuple) or not hosts or not all(isinstance(h, type) for h in hosts):
+        raise TypeError(f"{adapter.__qualname__}.hosts must be a non-empty tuple of host classes, got {hosts!r}")
+    _check_dual_view_classes(adapter, classes)
     for other in _REGISTRY.values():
+        if other.name == name:
+            continue
         claimed = set(other.hosts) & set(hosts)
-        if other.name != name and claimed:
+        if claimed:
             raise ValueError(
                 f"host class(es) {sorted(c.__name__ for c in claimed)} are taken by adapter {other.name!r} "
                 f"({_where(other)}); {_where(adapter)} cannot take them too"
             )
-    for cls in adapter.dual_view_classes:
+        shared = [c for c in classes if c in other.dual_view_classes]
+        if shared:  # re-tying it would make the other adapter's models refuse their own adapter
+            raise ValueError(
+                f"dual-view class {shared[0].__name__} is taken by adapter {other.name!r} ({_where(other)}); "
+                f"{_where(adapter)} needs its own (a subclass of it, with its own dualview_plain)"
+            )
+    for cls in classes:
         cls.dualview_adapter = adapter
     _REGISTRY[name] = adapter
     return adapter
+
+
+def _check_dual_view_classes(adapter: type, classes: object) -> None:
+    """A TypeError unless ``classes`` is a tuple of classes, each naming the host class it extends
+    (``dualview_plain``, one of its bases): what ``apply`` swaps and ``unapply`` restores."""
+    if not isinstance(classes, tuple) or not all(isinstance(c, type) for c in classes):
+        raise TypeError(f"{adapter.__qualname__}.dual_view_classes must be a tuple of dual-view classes, got {classes!r}")
+    for cls in classes:
+        plain = getattr(cls, "dualview_plain", None)
+        if not isinstance(plain, type) or plain is cls or not issubclass(cls, plain):
+            raise TypeError(
+                f"{adapter.__qualname__}.dual_view_classes: {cls.__name__} must set dualview_plain to the host class "
+                f"it extends (one of its bases), got {plain!r}"
+            )
 
 
 def registered_adapters() -> dict[str, type]:

@@ -67,3 +67,24 @@ def test_budget_refuses_a_processor_where_the_model_decides_the_grid():
     assert hf_llava.budget(model, (40, 70)) == hf_llava.encoder_of(model).budget((40, 70))
     with pytest.raises(ValueError, match="processor must be None for hf_llava: the model's options and config decide"):
         hf_llava.budget(model, (40, 70), processor=llava.tiny_processor())
+
+
+def test_a_dem_or_gate_assigned_where_the_dem_does_not_live_is_refused_naming_where_it_does(tmp_path):
+    """llava-torch's outer model is a dual-view class too, but the DEM and gate live on ``get_model()``: a DEM
+    assigned on the outer model would shadow the one there (it is the first the image hook finds) and be
+    saved beside it."""
+    pytest.importorskip("llava")
+    import copy
+
+    from dualview.adapters import llava15
+
+    from .llava15_models import save_tower, tiny_model
+
+    model = llava15.apply(tiny_model(save_tower(tmp_path, 28)), init="identity")
+    dem, gate = model.get_model().spatial_embed, model.get_model().spatial_gate
+    for name, module in (("spatial_embed", dem), ("spatial_gate", gate)):
+        with pytest.raises(TypeError, match=rf"{name} cannot be assigned on this DualViewLlavaLlamaForCausalLM: dual "
+                                            r"view's DEM and gate live on its submodule 'model'; assign it there"):
+            setattr(model, name, copy.deepcopy(module))
+    assert not {"spatial_embed", "spatial_gate"} & model._modules.keys()
+    assert model.get_model().spatial_embed is dem and model.get_model().spatial_gate is gate

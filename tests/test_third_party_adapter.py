@@ -13,7 +13,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, Pr
 
 import dualview
 from dualview import DCM
-from dualview.adapters import Geometry, HostAdapter, register_adapter, registered_adapters
+from dualview.adapters import Geometry, HostAdapter, Placement, register_adapter, registered_adapters
 from dualview.adapters.interface import DualViewHost, adapter_for_class, dual_view_host
 from dualview.adapters.towers import HFVisionTower
 
@@ -173,3 +173,221 @@ def test_a_builtin_adapter_given_this_host_names_the_adapter_that_takes_it():
 
     with pytest.raises(TypeError, match=r"got TinyVLM; use tests\.test_third_party_adapter\.TinyVLMAdapter"):
         hf_llava.apply(build())
+
+
+# ---- what a third-party author gets wrong, or does differently, and what dualview then does ---------------
+
+
+@pytest.fixture
+def scratch_registry():
+    """Adapters a test defines leave the registry afterwards (the tied dual-view classes are the test's own)."""
+    from dualview.adapters import registry
+
+    before = dict(registry._REGISTRY)
+    ties = {cls: adapter for adapter in before.values() for cls in adapter.dual_view_classes}
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+    for cls, adapter in ties.items():
+        cls.dualview_adapter = adapter
+
+
+def own_host() -> tuple[type, type]:
+    """A host class of a test's own (a TinyVLM) and a dual-view class of its inner model, for an adapter
+    that must not take TinyVLMAdapter's classes."""
+
+    class OwnTinyVLM(TinyVLM):
+        pass
+
+    class DualViewOwnTinyVLMModel(DualViewHost, TinyVLMModel):
+        dualview_plain = TinyVLMModel
+        get_image_features = DualViewTinyVLMModel.get_image_features
+
+    return OwnTinyVLM, DualViewOwnTinyVLMModel
+
+
+def test_an_adapter_without_a_tower_hook_says_so_and_apply_leaves_the_plain_model(scratch_registry):
+    """A failure of the encoder built at apply (here: the required hook ``_make_tower`` left out) leaves
+    the plain model: no dual-view class, DEM, gate or config.dualview stay behind."""
+    host, dual_view = own_host()
+
+    class NoTowerAdapter(HostAdapter):
+        name, hosts, dual_view_classes = "no_tower_test", (host,), (dual_view,)
+        _measure = TinyVLMAdapter.__dict__["_measure"]
+
+    torch.manual_seed(0)
+    model = host(TinyVLMConfig()).eval()
+    with pytest.raises(NotImplementedError, match=r"NoTowerAdapter must implement _make_tower\(inner, call\)"):
+        dualview.apply(model, init="identity")
+    assert type(model.model) is TinyVLMModel and not hasattr(model.config, "dualview")
+    assert "spatial_embed" not in model.model._modules and "spatial_gate" not in model.model._modules
+
+
+class Connector(nn.Module):
+    """A host's projector inside a submodule of the inner model (where the DEM goes too); it keeps the
+    host's config, from which the adapter measures the tower."""
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.multi_modal_projector = nn.Linear(config.vision_config.hidden_size, config.text_dim)
+
+
+class ConnectorVLMModel(TinyVLMPreTrainedModel):
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.connector = Connector(config)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.connector.multi_modal_projector(HFVisionTower(self.vision_tower, layer=-1)(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.get_image_features(pixel_values)
+
+
+class ConnectorVLM(TinyVLMPreTrainedModel):
+    def __init__(self, config: TinyVLMConfig) -> None:
+        super().__init__(config)
+        self.model = ConnectorVLMModel(config)
+        self.head = nn.Linear(config.text_dim, config.classes)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model(pixel_values).mean(1))
+
+
+class DualViewConnectorVLMModel(DualViewHost, ConnectorVLMModel):
+    dualview_plain = ConnectorVLMModel
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tower = type(self).dualview_adapter._make_tower(self, {})
+        return self.dualview_project(self.dualview_encoder(tower)(pixel_values))
+
+
+class ConnectorVLMAdapter(HostAdapter):
+    """``_place`` puts the DEM beside the projector, on a submodule of the inner model (written, as the
+    hook's docstring says, for the model ``apply`` is given)."""
+
+    name, hosts, dual_view_classes = "connector_vlm_test", (ConnectorVLM,), (DualViewConnectorVLMModel,)
+
+    @classmethod
+    def _place(cls, model: nn.Module) -> Placement:
+        return Placement(outer=model, inner=model.model, dem_parent=model.model.connector)
+
+    @classmethod
+    def _measure(cls, module: nn.Module) -> Geometry:
+        vision = module.config.vision_config
+        return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+
+    @classmethod
+    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
+        return HFVisionTower(inner.vision_tower, layer=-1)
+
+
+def test_a_dem_placed_on_a_submodule_of_the_inner_model_runs_and_round_trips(tmp_path):
+    images = pixels()
+    torch.manual_seed(0)
+    plain = ConnectorVLM(TinyVLMConfig()).eval()
+    with torch.no_grad():
+        expected = plain(DCM(28, (3, 3))(images).thumbnail)
+    torch.manual_seed(0)
+    model = dualview.apply(ConnectorVLM(TinyVLMConfig()).eval(), init="identity")
+    assert "spatial_embed" in model.model.connector._modules and "spatial_embed" not in model.model._modules
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)  # identity at g = 0
+        model.model.connector.spatial_gate.g.fill_(0.5)
+        moved = model(images)
+    assert not torch.allclose(moved, expected)
+    dualview.save_adapter(model, tmp_path / "dv")
+    torch.manual_seed(0)
+    loaded = dualview.load(ConnectorVLM(TinyVLMConfig()).eval(), tmp_path / "dv")
+    with torch.no_grad():
+        assert torch.equal(loaded(images), moved)
+    dualview.unapply(loaded)
+    assert type(loaded.model) is ConnectorVLMModel and not loaded.model.connector._modules.keys() - {"multi_modal_projector"}
+
+
+def test_a_placement_of_the_dem_outside_the_inner_model_is_refused_before_anything_changes(scratch_registry):
+    host, dual_view = own_host()
+
+    class OutsideAdapter(HostAdapter):
+        name, hosts, dual_view_classes = "outside_test", (host,), (dual_view,)
+        _measure, _make_tower = TinyVLMAdapter.__dict__["_measure"], TinyVLMAdapter.__dict__["_make_tower"]
+
+        @classmethod
+        def _place(cls, model: nn.Module) -> Placement:
+            return Placement(outer=model, inner=model.model, dem_parent=model)
+
+    model = host(TinyVLMConfig())
+    with pytest.raises(TypeError, match=r"OutsideAdapter\._place must put the DEM holder \(dem_parent\) on the inner "
+                                        r"module or a submodule of it .*got a OwnTinyVLM outside the TinyVLMModel"):
+        dualview.apply(model)
+    assert type(model.model) is TinyVLMModel and "spatial_embed" not in model._modules
+    assert not hasattr(model.config, "dualview")
+
+
+def test_an_adapter_cannot_take_another_adapters_dual_view_class(scratch_registry):
+    """Registering ties each dual-view class to its adapter: a second adapter listing hf_llava's class would
+    re-tie it, and every hf_llava model would then refuse its own adapter."""
+    from transformers import LlavaForConditionalGeneration
+
+    from dualview.adapters.hf_llava import DualViewLlavaModel, LlavaAdapter
+
+    class MyLlava(LlavaForConditionalGeneration):
+        pass
+
+    with pytest.raises(ValueError, match=r"dual-view class DualViewLlavaModel is taken by adapter 'hf_llava' "
+                                         r"\(dualview\.adapters\.hf_llava\.LlavaAdapter\); .*MyLlavaAdapter needs its own"):
+        class MyLlavaAdapter(LlavaAdapter):
+            name, hosts, dual_view_classes = "my_llava_test", (MyLlava,), (DualViewLlavaModel,)
+    assert DualViewLlavaModel.dualview_adapter is LlavaAdapter and "my_llava_test" not in registered_adapters()
+
+
+def test_an_adapter_with_no_host_or_a_dual_view_class_without_its_plain_class_is_refused(scratch_registry):
+    """Each is one error at the class statement; registered, the second would break every adapter look-up
+    (``dualview.apply`` of any model)."""
+    host, dual_view = own_host()
+
+    class NoPlain(DualViewHost, TinyVLMModel):
+        pass
+
+    with pytest.raises(TypeError, match=r"NoHostAdapter\.hosts must be a non-empty tuple of host classes, got \(\)"):
+        class NoHostAdapter(HostAdapter):
+            name, hosts, dual_view_classes = "no_host_test", (), (dual_view,)
+    with pytest.raises(TypeError, match=r"ListAdapter\.dual_view_classes must be a tuple of dual-view classes, got \["):
+        class ListAdapter(HostAdapter):
+            name, hosts, dual_view_classes = "list_test", (host,), [dual_view]
+    with pytest.raises(TypeError, match=r"NoPlainAdapter\.dual_view_classes: NoPlain must set dualview_plain to "
+                                        r"the host class it extends \(one of its bases\), got None"):
+        class NoPlainAdapter(HostAdapter):
+            name, hosts, dual_view_classes = "no_plain_test", (host,), (NoPlain,)
+    assert not {"no_host_test", "list_test", "no_plain_test"} & registered_adapters().keys()
+    with pytest.raises(TypeError, match=r"dualview has no adapter for Linear"):
+        dualview.apply(nn.Linear(2, 2))
+
+
+def test_dualview_from_pretrained_gives_back_the_host_class_that_was_saved_of_an_adapter_with_two(
+    scratch_registry, tmp_path,
+):
+    """An adapter taking two host classes: the folder's ``architectures`` says which one to load."""
+    first, dual_view = own_host()
+
+    class SecondTinyVLM(TinyVLM):
+        pass
+
+    class TwoHostAdapter(HostAdapter):
+        name, hosts, dual_view_classes = "two_hosts_test", (first, SecondTinyVLM), (dual_view,)
+        _measure, _make_tower = TinyVLMAdapter.__dict__["_measure"], TinyVLMAdapter.__dict__["_make_tower"]
+
+    torch.manual_seed(0)
+    model = dualview.apply(SecondTinyVLM(TinyVLMConfig()).eval(), num_heads=2)
+    with torch.no_grad():
+        expected = model(pixels())
+    model.save_pretrained(tmp_path / "whole")
+    for load in (dualview.from_pretrained, TwoHostAdapter.from_pretrained):
+        loaded = load(tmp_path / "whole")
+        assert type(loaded) is SecondTinyVLM
+        with torch.no_grad():
+            assert torch.equal(loaded(pixels()), expected)
