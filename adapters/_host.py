@@ -77,18 +77,21 @@ class GuardsDualViewModules:
     """The host class this subclass extends: what ``unapply`` restores."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        adapter = type(self).dualview_adapter.name
-        if name in (DEM_ATTR, GATE_ATTR) and isinstance(value, nn.Module):
-            check_holds_dem(self, name)
-        if name == DEM_ATTR and isinstance(value, nn.Module):
-            check_assigned_dem(self, unwrap_dem(value), type(self).dualview_adapter)
-        elif not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
-            check_kept(self, name, value, adapter=adapter)
-        if name == GATE_ATTR and isinstance(value, nn.Module):
-            check_gate_fits(unwrap_dem(value), dim=unwrap_dem(dem_of(self)).dim, adapter=adapter)
+        if name not in (DEM_ATTR, GATE_ATTR):  # every other attribute (train(), accelerate's hooks) as usual
+            return super().__setattr__(name, value)
+        adapter = type(self).dualview_adapter
+        if not isinstance(value, nn.Module):  # None or another value would remove the DEM (or the gate)
+            check_kept(self, name, value, adapter=adapter.name)
+            return super().__setattr__(name, value)
+        check_holds_dem(self, name)
+        module = unwrap_dem(value)
+        if name == DEM_ATTR:  # a wrong DEM is refused before it replaces the right one
+            check_assigned_dem(self, module, adapter)
+        else:
+            check_gate_fits(module, dim=unwrap_dem(dem_of(self)).dim, adapter=adapter.name)
         super().__setattr__(name, value)
-        if name == DEM_ATTR and isinstance(value, nn.Module):
-            record_dem_settings(self.config, unwrap_dem(value))
+        if name == DEM_ATTR:
+            record_dem_settings(self.config, module)  # what is saved describes the DEM that runs
 
     def __delattr__(self, name: str) -> None:
         check_kept(self, name, adapter=type(self).dualview_adapter.name, deleting=True)
@@ -403,7 +406,6 @@ def attach(place: Placement, adapter: type, *, options: DualViewOptions, dem: DE
     ``spatial_embed`` on the DEM holder, beside it the gate ``options.init`` asks for (``spatial_gate``,
     see :func:`new_gate`), and record ``options`` in ``config``. Nothing changes when a class is refused."""
     dual_view = {cls.dualview_plain: cls for cls in adapter.dual_view_classes}
-    check_not_applied(place.inner)
     swaps = []
     for module in place.modules():
         target = dual_view.get(type(module))

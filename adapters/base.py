@@ -111,8 +111,6 @@ class HostAdapter:
     @classmethod
     def options(cls, config: Any, options: dict) -> DualViewOptions:
         """The user's options with the host's fixed choices; a conflicting one is a ValueError."""
-        if not cls.fixed and not cls.follows:
-            return DualViewOptions.from_kwargs(**options)
         follows = {name: getattr(config, attr) for name, attr in cls.follows.items()}
         return with_fixed(options, cls.fixed, cls.fixed_why, follows=follows)
 
@@ -126,7 +124,10 @@ class HostAdapter:
                 f"config.{CONFIG_KEY} is missing: the dual-view options of this model were removed; call "
                 f"dualview.unapply(model) and apply dual view again"
             )
-        options = cls.options(config, dict(recorded))
+        try:
+            options = cls.options(config, dict(recorded))
+        except (TypeError, ValueError) as e:  # a hand-edited config: say where the option comes from
+            raise type(e)(f"config.{CONFIG_KEY}: {e}") from None
         live = {name: getattr(config, attr) for name, attr in cls.follows.items()}
         return DualViewOptions.from_kwargs(**{**options.to_dict(), **live}) if live else options
 
@@ -156,7 +157,7 @@ class HostAdapter:
         cls._check_host(model)
         undo = cls._prepare_host(model)
         try:
-            geometry = cls._measure(place.dem_parent)
+            geometry = cls.geometry(place.dem_parent)
             dem = _host.new_dem(opts, geometry.dim, geometry.feat_size, like=getattr(place.dem_parent, cls.projector),
                                 init=place.inner._initialize_weights)
             _host.attach(place, cls, options=opts, dem=dem, config=model.config)

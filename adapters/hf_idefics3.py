@@ -21,8 +21,7 @@ may be adapted alone, not the ``.model`` of an outer one.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ from dualview.tiled import TiledImage
 
 from . import _host
 from .base import Geometry, HostAdapter, Placement
-from ._common import DualViewOptions, host_folder, reload
+from ._common import DualViewOptions
 from ._hf import ExtraInputHost, forward_naming, host_decorators
 from .towers import MaskedVisionTower
 from .hf_idefics3_processing import (
@@ -215,22 +214,6 @@ class Idefics3Adapter(HostAdapter):
         canvas = (rows * tile, cols * tile) if rows else (tile, tile)
         passes = 2 * rows * cols + 1 if rows else 1
         return Budget("dual_view_idefics3", grid, canvas, passes, frames_of(grid) * tokens)
-
-    @classmethod
-    def from_pretrained(cls, path: Union[str, Path], **kwargs: Any) -> nn.Module:
-        """The base's :meth:`~HostAdapter.from_pretrained` with the plain class its config names (Idefics3 /
-        SmolVLM, outer or inner model)."""
-        from transformers import AutoConfig
-
-        folder, _ = host_folder(path, kwargs)  # a local folder (and its subfolder), checked before reading its config
-        config = AutoConfig.from_pretrained(folder)
-        hosts = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Model),
-                 "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMModel)}
-        if config.model_type not in hosts:
-            raise ValueError(f"{str(path)!r} holds a {config.model_type!r} model, not idefics3 / smolvlm")
-        outer, inner = hosts[config.model_type]
-        outer_model = (config.architectures or ["ForConditionalGeneration"])[0].endswith("ForConditionalGeneration")
-        return reload(outer if outer_model else inner, path, cls.apply, **kwargs)
 
 
 apply, unapply, encoder_of, budget, from_pretrained = (

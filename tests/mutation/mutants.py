@@ -486,7 +486,7 @@ MUTANTS: list[Mutant] = [
        "the host's forward drops the grid input (image_sizes / image_grid) before the image hook",
        tests=INTERNVL_TESTS + IDEFICS3_TESTS),
     _m("vllm-served-fixed-unchecked", "adapters/base.py",
-       "        options = cls.options(config, dict(recorded))\n", "        options = DualViewOptions.from_kwargs(**recorded)\n",
+       "            options = cls.options(config, dict(recorded))\n", "            options = DualViewOptions.from_kwargs(**recorded)\n",
        "the vLLM plug-in serves a config whose AnyRes-fixed option was edited by hand",
        tests=("tests/integrations/test_integrations.py",)),
     # the vLLM plug-in's weight names and checks (pure functions, tested without vLLM)
@@ -754,7 +754,7 @@ MUTANTS += [
        "    if any(module is place.dem_parent for module in place.inner.modules()):\n        return",
        "    if True:\n        return", "a DEM placed outside the inner module (its hook cannot find it) is accepted",
        tests=THIRD_PARTY_TESTS),
-    _m("host-holds-dem-unchecked", HOST, "            check_holds_dem(self, name)", "            pass",
+    _m("host-holds-dem-unchecked", HOST, "        check_holds_dem(self, name)\n", "",
        "a DEM assigned on llava's outer model shadows the one on get_model()", tests=APPLY_TESTS),
     _m("base-saved-host-first", BASE, "        return reload(cls._saved_host(path, kwargs),",
        "        return reload(cls.hosts[0],", "from_pretrained loads a saved second host class as the first",
