@@ -46,7 +46,6 @@ every checkpoint and of the paired differences (``DIFFERENCES``); ``REPORT.md`` 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -69,7 +68,7 @@ from .runner import ExperimentConfig, World, build_model, common_parser, config_
 from .stats import Interval, bootstrap_mean, paired_difference, resample_weights
 from .store import RunStore, atomic_target, write_atomic
 from .task import NUM_CLASSES
-from .tower import pretrained_tower
+from .tower import check_towers, pretrained_tower, tower_record as make_tower_record
 from .variants import VARIANTS, Arm, VariantModel, make_dem
 
 HOST = Arm("anyres")  # the plain AnyRes host
@@ -95,8 +94,8 @@ class WarmStartConfig(ExperimentConfig):
     checkpoints: tuple[float, ...] = (0.0, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # fractions of the fine-tuning budget
 
     def digest(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "arms", "bootstrap_resamples")}
-        return hashlib.sha256(json.dumps(dict(fields, experiment="warm_start"), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(dict(self.hashed_fields(), experiment="warm_start"),
+                                         sort_keys=True).encode()).hexdigest()[:16]
 
     def check(self) -> None:
         if tuple(self.arms) != (HOST.name, DUAL.name):
@@ -287,7 +286,7 @@ def run_seed(cfg: WarmStartConfig, seed: int, tower, evaluation: list, store: Ru
 def experiment(cfg: WarmStartConfig, args, store: RunStore) -> int:
     """Train every unfinished (arm, seed), seed by seed. Returns the number of runs trained."""
     tower, info = pretrained_tower(cfg.tower(), args.tower_cache)
-    tower_record = {k: info[k] for k in ("digest", "glyph_accuracy", "mark_accuracy", "held_out")}
+    tower_record = make_tower_record(info)
     total = len(ARMS) * len(cfg.seeds)
     done = sum(store.load(a, s) is not None for a in ARMS for s in cfg.seeds)
     if done == total:
@@ -627,13 +626,14 @@ def write_report(cfg: WarmStartConfig, args, store: RunStore) -> dict | None:
     if analysis is None:
         print(f"[warm-start] no seed finished in {store.folder}: nothing to report", file=sys.stderr)
         return None
+    check_towers([r for v in runs.values() for r in v.values()], str(store.folder))
     towers = {json.dumps(r["tower"], sort_keys=True) for v in runs.values() for r in v.values()}
-    if len(towers) != 1:
+    if len(towers) != 1:  # one tower config per experiment: cannot happen under one config digest
         raise ValueError(f"the runs in {store.folder} used {len(towers)} different towers: {sorted(towers)}")
     log = args.out / "sessions.jsonl"
     sessions = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     total = len(ARMS) * len(cfg.seeds)
-    result = dict(config=dataclasses.asdict(cfg), config_digest=cfg.digest(), sessions=sessions,
+    result = dict(config=cfg.as_record(), config_digest=cfg.digest(), sessions=sessions,
                   tower=json.loads(towers.pop()), runs_total=total,
                   runs_missing=total - sum(len(v) for v in runs.values()), analysis=analysis)
     write_atomic(args.out / "warm_start.json", json.dumps(result, indent=1))
