@@ -11,7 +11,8 @@ from dualview.ablation.features import ViewFeatures, view_dcm
 from dualview.ablation.report import decide, decision_verdict, encode_correct, parse_decision
 from dualview.ablation.stats import Interval
 from dualview.ablation.task import (CORNERS, GLYPHS, NO_GLYPH, NUM_CLASSES, TaskConfig, _arrow, _paint_mark, make_batch, make_crops,
-                                    pointer_crop_mask, pointer_dots, pretext_marks)
+                                    pointed_region, pointer_crop_mask, pointer_dots, pretext_marks)
+from dualview.ablation.tower import TowerConfig, _pointed_targets, pretrain
 from dualview.ablation.variants import VARIANTS, VariantModel
 
 CONTEXT = TaskConfig(24, (4, 4), 1, "context", 6)
@@ -56,24 +57,23 @@ def test_the_pointer_is_read_off_the_global_crop_and_the_glyph_off_its_corner_ti
     assert set(labels.tolist()) == set(range(NUM_CLASSES))
 
 
-def test_one_dot_per_block_at_a_corner_so_the_thumbnail_does_not_show_the_pointer():
-    blocks = (CONTEXT.grid[0] - 2) * CONTEXT.crop_size // CONTEXT.grid[0]
+def test_a_checkerboard_per_block_so_the_thumbnail_does_not_show_the_pointer():
     thumbs, globals_ = [], []
     for corner in range(4):
-        dots = pointer_dots(CONTEXT, corner, torch.Generator().manual_seed(corner))
-        per_block = dots.reshape(blocks, 4, blocks, 4)
-        assert torch.equal(per_block.sum((1, 3)), torch.ones(blocks, blocks))  # one dot per 4 x 4 block ...
-        corners = per_block[:, [0, 0, 3, 3], :, [0, 3, 0, 3]]
-        assert torch.equal(corners.sum(0), torch.ones(blocks, blocks))  # ... at one of its corners
-        assert torch.equal(dots[0::4, 0::4], _arrow(blocks, corner))  # the top-left ones draw the arrow
+        ink = pointer_dots(CONTEXT, corner)
+        assert ink.shape == (48, 48) and torch.equal(ink.reshape(12, 4, 12, 4).sum((1, 3)), torch.full((12, 12), 8.0))
+        for a in range(4):  # every global crop shows the arrow (even a + b) or its negative (odd)
+            for b in range(4):
+                arrow = _arrow(12, corner)
+                assert torch.equal(ink[a::4, b::4], arrow if (a + b) % 2 == 0 else 1 - arrow)
         image = torch.full((1, 3, 96, 96), 0.4)  # no noise, no clamping: the thumbnail is exact up to rounding
-        _paint_mark(image[0, :, 24:72, 24:72], dots)
+        _paint_mark(image[0, :, 24:72, 24:72], ink)
         views = view_dcm(CONTEXT)(image)
         thumbs.append(views.thumbnail)
-        globals_.append(views.global_view[:, 0])
+        globals_.append(views.global_view)
     for k in range(1, 4):
         assert torch.allclose(thumbs[k], thumbs[0], atol=1e-6)  # the same thumbnail for every direction
-        assert (globals_[k] - globals_[0]).abs().max() > 0.4  # the global crop shows the direction
+        assert (globals_[k] - globals_[0]).abs().amax((0, 2, 3, 4)).min() > 0.4  # each global crop shows it
 
 
 def test_the_context_towers_pretext_names_the_pointers():
@@ -84,13 +84,34 @@ def test_the_context_towers_pretext_names_the_pointers():
     assert set(marks.tolist()) == set(range(10))
     for crop, glyph, mark in zip(crops, glyphs.tolist(), marks.tolist()):
         if mark >= 6 and glyph == NO_GLYPH:  # (a glyph, drawn last, may cover part of the pointer)
-            assert torch.equal(((crop[0] - crop[1]) > 0.5).float(), pointer_crop_mask(CONTEXT, mark - 6))
+            marked = ((crop[0] - crop[1]) > 0.5).float()
+            assert any(torch.equal(marked, pointer_crop_mask(CONTEXT, mark - 6, negative)) for negative in (False, True))
+    negative = pointer_crop_mask(CONTEXT, 0, True)
+    assert torch.equal(negative[6:18, 6:18], 1 - _arrow(12, 0)) and negative.sum() == 144 - _arrow(12, 0).sum()
+
+
+def test_the_context_tower_learns_which_tokens_are_pointed_at():
+    expected = {0: (0, 0), 1: (0, 3), 2: (3, 0), 3: (3, 3)}  # the corner tile is one 6-px patch of the global crop
+    for corner, (r, c) in expected.items():
+        region = pointed_region(CONTEXT, corner, 6)
+        assert region.shape == (4, 4) and region.sum() == 1 and bool(region[r, c])
+    marks = torch.tensor([0, 1, 5, 6, 7, 8, 9])  # none, frame, an arrow, then the four pointers
+    targets = _pointed_targets(CONTEXT, marks, 6)
+    assert targets[:3].sum() == 0
+    assert [int(t.nonzero()) for t in targets[3:]] == [0, 3, 12, 15]
+    cfg = TowerConfig(crop_size=24, patch_size=6, dim=16, layers=1, glyph_px=1, snap=6, steps=2, batch=8, lr=1e-3,
+                      seed=0, held_out=32, pointer_grid=(4, 4))
+    _, info = pretrain(cfg)
+    assert 0 <= info["pointed_accuracy"] <= 1
+    plain = TowerConfig(**dict(cfg.__dict__, pointer_grid=None))
+    assert "pointed_accuracy" not in pretrain(plain)[1] and plain.digest() != cfg.digest()
 
 
 @pytest.mark.parametrize("grid, crop, message", [
-    ((4, 3), 24, r"needs a square grid of at least 3x3 tiles .* got grid=\(4, 3\)"),
+    ((4, 3), 24, r"needs a square grid with an even side of at least 4 .* got grid=\(4, 3\)"),
     ((2, 2), 24, r"got grid=\(2, 2\)"),
-    ((5, 5), 24, "needs crop_size divisible by the grid side 5 .* got crop_size=24"),
+    ((5, 5), 25, r"got grid=\(5, 5\)"),
+    ((6, 6), 32, "needs crop_size divisible by the grid side 6 .* got crop_size=32"),
 ])
 def test_a_grid_the_context_task_cannot_use_is_refused(grid, crop, message):
     with pytest.raises(ValueError, match=message):

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from .store import atomic_target
-from .task import NUM_CLASSES, TaskConfig, make_crops, pretext_marks
+from .task import NUM_CLASSES, PRETEXT_MARKS, TaskConfig, make_crops, pointed_region, pretext_marks
 
 CACHE_FORMAT = 1  # bump when the pretext or the tower changes in a way the fields below do not show
 PRETEXT_EVAL_SEED = 20_000
@@ -78,6 +78,8 @@ class TowerConfig:
         fields = asdict(self)
         if self.pointer_grid is None:  # the towers made before the field existed keep their hash
             del fields["pointer_grid"]
+        else:
+            fields["pointer_pretext"] = 3  # 3: checkerboard pointers in both polarities, per-token read-out
         text = json.dumps(dict(fields, format=CACHE_FORMAT), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -86,18 +88,31 @@ class TowerConfig:
 
 
 class PretextModel(nn.Module):
-    """Tower + two linear read-outs of its mean token: glyph (classes + none) and mark."""
+    """Tower + two linear read-outs of its mean token: glyph (classes + none) and mark; with the
+    context task's pointers (``pointed=True``) also a per-token read-out: is this token in the tile
+    the pointer points at (what a tower that knows what an arrow points to in its own view has)."""
 
-    def __init__(self, tower: SmallViT, dim: int, marks: int):
+    def __init__(self, tower: SmallViT, dim: int, marks: int, pointed: bool = False):
         super().__init__()
         self.tower = tower
         self.norm = nn.LayerNorm(dim)
         self.glyph = nn.Linear(dim, NUM_CLASSES + 1)
         self.mark = nn.Linear(dim, marks)
+        self.pointed = nn.Linear(dim, 1) if pointed else None  # built last: the other weights start as before
 
-    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.norm(self.tower(crops)).mean(1)
-        return self.glyph(pooled), self.mark(pooled)
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tokens = self.norm(self.tower(crops))
+        pooled = tokens.mean(1)
+        pointed = self.pointed(tokens).squeeze(-1) if self.pointed is not None else None
+        return self.glyph(pooled), self.mark(pooled), pointed
+
+
+def _pointed_targets(task: TaskConfig, mark: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, tokens) float: 1 at the tokens in the pointed tile of a pointer crop, else 0."""
+    regions = torch.stack([pointed_region(task, k, patch_size).flatten() for k in range(4)]).float()
+    pointer = mark - len(PRETEXT_MARKS)  # the pointers come after the six plain marks
+    targets = regions[pointer.clamp(min=0)]
+    return targets * (pointer >= 0).float()[:, None]
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -132,15 +147,19 @@ def pretrain(cfg: TowerConfig) -> tuple[SmallViT, dict]:
 def _pretrain(cfg: TowerConfig) -> tuple[SmallViT, dict]:
     torch.manual_seed(cfg.seed)
     task = cfg.task()
-    model = PretextModel(cfg.build(), cfg.dim, len(pretext_marks(task)))
+    pointed = cfg.pointer_grid is not None
+    model = PretextModel(cfg.build(), cfg.dim, len(pretext_marks(task)), pointed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
     data = torch.Generator().manual_seed(cfg.seed)
     model.train()
     for _ in range(cfg.steps):
         crops, glyph, mark = make_crops(task, cfg.batch, data)
-        glyph_logits, mark_logits = model(crops)
+        glyph_logits, mark_logits, pointed_logits = model(crops)
         loss = nn.functional.cross_entropy(glyph_logits, glyph) + nn.functional.cross_entropy(mark_logits, mark)
+        if pointed:
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(
+                pointed_logits, _pointed_targets(task, mark, cfg.patch_size))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -148,9 +167,12 @@ def _pretrain(cfg: TowerConfig) -> tuple[SmallViT, dict]:
     model.eval()
     with torch.no_grad():
         crops, glyph, mark = make_crops(task, cfg.held_out, torch.Generator().manual_seed(PRETEXT_EVAL_SEED))
-        glyph_logits, mark_logits = model(crops)
+        glyph_logits, mark_logits, pointed_logits = model(crops)
     info = dict(glyph_accuracy=float((glyph_logits.argmax(-1) == glyph).float().mean()),
                 mark_accuracy=float((mark_logits.argmax(-1) == mark).float().mean()), held_out=cfg.held_out)
+    if pointed:  # every token of every held-out crop right
+        right = (pointed_logits > 0).float() == _pointed_targets(task, mark, cfg.patch_size)
+        info["pointed_accuracy"] = float(right.all(1).float().mean())
     return model.tower, info
 
 
