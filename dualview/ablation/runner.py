@@ -262,10 +262,11 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     p.add_argument("--arms", help="comma-separated VARIANT[/RESAMPLE][@MARK], e.g. dem_both,dem_both/bilinear,anyres@arrow")
     args = p.parse_args(argv)
     cfg = config_from_args(ExperimentConfig, p, args)
-    if args.arms:
-        cfg.arms = tuple(args.arms.split(","))
     try:
-        check_decisions(cfg)
+        check_decisions(cfg)  # against the config's own arms: --arms may run a part of them (the rest reads "missing")
+        if args.arms:
+            cfg.arms = tuple(args.arms.split(","))
+            cfg.parsed_arms()
     except ValueError as err:
         p.error(str(err))
     return cfg, args
