@@ -112,7 +112,7 @@ class ExperimentConfig:
         """What a finished run depends on: every field but the sweep's extent, the intervals and the
         decision rules, so a sweep can grow (more seeds, more arms) on top of the runs it already has.
         Fields added later are left out at their defaults, so older runs keep their hash."""
-        analysis_only = ("seeds", "arms", "bootstrap_resamples", "decisions", "alpha", "no_gain_margin")
+        analysis_only = ("seeds", "arms", "bootstrap_resamples") + tuple(self.NEW_ANALYSIS_FIELDS)
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in analysis_only and not (k in self.NEW_FIELDS and v == self.NEW_FIELDS[k])}
 
