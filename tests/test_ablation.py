@@ -95,7 +95,7 @@ def test_pretext_crops_are_reproducible_cover_every_label_and_are_readable():
 def test_bad_task_settings_name_the_argument():
     with pytest.raises(ValueError, match="glyph_px=4 makes 12-pixel glyphs"):
         make_crops(TaskConfig(16, glyph_px=4), 2, torch.Generator())
-    with pytest.raises(ValueError, match="mark must be 'frame' or 'arrow', got 'dot'"):
+    with pytest.raises(ValueError, match=r"mark must be one of \['frame', 'arrow', 'context'\], got 'dot'"):
         make_batch(TaskConfig(24, mark="dot"), 2, torch.Generator())
 
 
@@ -293,7 +293,7 @@ def test_arms_parse_and_name_round_trip_with_clear_errors():
         Arm.parse("dem_all")
     with pytest.raises(ValueError, match=r"resample \(after '/'\) must be one of \['avgpool', 'bilinear'\], got 'nearest'"):
         Arm.parse("dem_both/nearest")
-    with pytest.raises(ValueError, match=r"mark \(after '@'\) must be one of \['frame', 'arrow'\], got 'dot'"):
+    with pytest.raises(ValueError, match=r"mark \(after '@'\) must be one of \['frame', 'arrow', 'context'\], got 'dot'"):
         Arm.parse("dem_both@dot")
 
 

@@ -231,3 +231,24 @@ def test_the_committed_report_is_what_its_runs_give(tmp_path, folder, config):
     warm_start.main(["--config", str(EXAMPLES / "configs" / config), "--out", str(out), "--report-only", "--no-plot"])
     assert (out / "REPORT.md").read_text() == (committed / "REPORT.md").read_text()
     assert json.loads((out / "warm_start.json").read_text()) == json.loads((committed / "warm_start.json").read_text())
+
+
+def _gate_travel(lr: float, steps: int, weight_decay: float) -> float:
+    """How far AdamW under one-cycle moves a gate ``g`` from 0 when its gradient keeps one sign
+    (noisy in size: 1 two steps in three, 0.2 the third)."""
+    g = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([g], lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        g.grad = torch.tensor([-1.0 if step % 3 else -0.2])
+        optimizer.step()
+        schedule.step()
+    return float(g)
+
+
+def test_the_gate_learning_rate_rule_of_the_training_doc():
+    """docs/training.md: on the DEM's learning rate (200 steps at 2e-3) |g| stays within 0.2; at
+    lr_gate = 4 / steps it can reach 1 (200 and 400 steps)."""
+    assert 0.15 < _gate_travel(2e-3, 200, 0.01) <= 0.2
+    assert _gate_travel(4 / 200, 200, 0.0) > 1.0 and _gate_travel(4 / 400, 400, 0.0) > 1.0
+    assert _gate_travel(1 / 200, 200, 0.0) < 0.5  # half the rule's sum of learning rates falls short

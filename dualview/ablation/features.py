@@ -8,6 +8,7 @@ tower's forward pass and the image generation in all but the first variant of a 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -61,7 +62,9 @@ class FeatureStream:
     """One seed's training stream for one task: step ``i`` -> (ViewFeatures, labels (B,)).
 
     Steps are generated in order from ``data_seed`` and kept, so every variant replays the very same
-    batches. ``keep=False`` drops them after use (for a stream read by one variant only).
+    batches. ``keep=False`` drops them after use (for a stream read by one variant only). Each step's
+    images and labels are hashed as they are made: ``digest(n)`` names the first ``n`` steps, and
+    every run records it, so that runs of one seed can be checked to have seen one stream.
     """
 
     def __init__(self, task: TaskConfig, tower: SmallViT, *, data_seed: int, batch: int, keep: bool = True):
@@ -71,6 +74,7 @@ class FeatureStream:
         self._generator = torch.Generator().manual_seed(data_seed)
         self._steps: list[tuple[ViewFeatures, torch.Tensor]] = []
         self._made = 0
+        self._hashes: list[bytes] = []  # per step: sha256 of its images and labels
         self.made_s = 0.0  # seconds spent generating images and running the tower, for the cost report
 
     def __getitem__(self, step: int) -> tuple[ViewFeatures, torch.Tensor]:
@@ -80,12 +84,20 @@ class FeatureStream:
             raise IndexError(f"step must be the next one ({self._made}) or one already kept, got {step}")
         start = time.perf_counter()
         images, labels = make_batch(self.task, self.batch, self._generator)
+        self._hashes.append(hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).digest())
         item = (encode_views(self.tower, self.dcm, images), labels)
         self.made_s += time.perf_counter() - start
         self._made += 1
         if self.keep:
             self._steps.append(item)
         return item
+
+
+    def digest(self, steps: int) -> str:
+        """A hash of the images and labels of steps ``0 .. steps-1`` (all made already)."""
+        if steps > self._made:
+            raise ValueError(f"steps must be at most the {self._made} steps made so far, got {steps}")
+        return hashlib.sha256(b"".join(self._hashes[:steps])).hexdigest()[:16]
 
 
 def held_out(task: TaskConfig, tower: SmallViT, samples: int) -> list[tuple[ViewFeatures, torch.Tensor]]:

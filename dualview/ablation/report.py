@@ -65,6 +65,50 @@ def analyse(runs: dict[str, dict[int, dict]], arms: list[Arm], *, resamples: int
     return dict(summary=summary, comparisons=comparisons, level=level, resamples=resamples)
 
 
+def parse_decision(text: str) -> tuple[str, str]:
+    """``"ARM - REFERENCE"`` -> (arm, reference), both arm names (``Arm.parse``'s), with one clear error."""
+    parts = [p.strip() for p in text.split(" - ")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"a decision must read 'ARM - REFERENCE' (spaces around '-'), got {text!r}")
+    arm, reference = (Arm.parse(p) for p in parts)
+    if arm.mark != reference.mark:
+        raise ValueError(f"decision {text!r}: both arms must be on one task (mark), got {arm.mark!r} and {reference.mark!r}")
+    return arm.name, reference.name
+
+
+def decision_verdict(ci: Interval, margin: float) -> str:
+    """The pre-registered reading of one corrected interval of ``arm - reference``: "gain" (above 0),
+    "loss" (below 0), "no gain" (contains 0, but nothing as large as ``margin``), else "undecided"."""
+    if ci.low > 0:
+        return "gain"
+    if ci.high < 0:
+        return "loss"
+    return "no gain" if ci.high < margin else "undecided"
+
+
+def decide(runs: dict[str, dict[int, dict]], decisions, *, resamples: int, alpha: float, margin: float) -> dict:
+    """The pre-registered rules: each ``"ARM - REFERENCE"`` difference, paired over the seeds both
+    finished, with a Bonferroni-corrected interval (level ``1 - alpha / len(decisions)``: the family
+    of comparisons errs with probability at most ``alpha``), read by ``decision_verdict``."""
+    if not decisions:
+        raise ValueError("decisions must name at least one 'ARM - REFERENCE' difference, got none")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    level = 1 - alpha / len(decisions)
+    rows = []
+    for text in decisions:
+        arm, reference = parse_decision(text)
+        seeds = sorted(set(runs.get(arm, {})) & set(runs.get(reference, {})))
+        if not seeds:
+            rows.append(dict(decision=text, arm=arm, reference=reference, seeds=[], difference=None, verdict="missing"))
+            continue
+        ci = paired_difference(_scores(runs[arm], seeds), _scores(runs[reference], seeds), resamples=resamples,
+                               level=level, generator=_generator())
+        rows.append(dict(decision=text, arm=arm, reference=reference, seeds=seeds, difference=ci.as_dict(),
+                         verdict=decision_verdict(ci, margin)))
+    return dict(rules=rows, alpha=alpha, level=level, margin=margin, correction="bonferroni")
+
+
 def verdict(arm: str, reference: str, ci: Interval) -> str:
     if ci.low > 0:
         return f"{arm} better"
@@ -95,9 +139,8 @@ def markdown(result: dict) -> str:
         f"{result['run_s_total'] / 60:.1f} min.",
         "",
         f"Tower (frozen, shared): {cfg['tower_layers']}-layer ViT, dim {cfg['dim']}, {cfg['patch_size']}-px patches, "
-        f"pretrained {cfg['pretext_steps']} steps x {cfg['pretext_batch']} crops on the crop pretext; held-out "
-        f"glyph accuracy {_pct(result['tower']['glyph_accuracy'])}%, mark accuracy "
-        f"{_pct(result['tower']['mark_accuracy'])}% (cache `{result['tower']['digest']}`).",
+        f"pretrained {cfg['pretext_steps']} steps x {cfg['pretext_batch']} crops on the crop pretext; "
+        + "; ".join(_tower_line(t) for t in result.get("towers", [result["tower"]])) + ".",
         "",
         f"Task: {cfg['grid'][0]}x{cfg['grid'][1]} canvas of {cfg['crop_size']}-px crops, {cfg['glyph_px']}-px glyph bits, "
         f"{NUM_CLASSES} classes (chance {100 / NUM_CLASSES:.0f}%). Trained: projector + DEM + {cfg['head']} head, "
@@ -121,7 +164,28 @@ def markdown(result: dict) -> str:
         for c in rows:
             lines.append(f"| {c['arm']} | {c['reference']} | {_interval(c['difference'], signed=True)} | "
                          f"{len(c['seeds'])} | {'yes' if c['resolved'] else 'no'} | {c['verdict']} |")
+    if result.get("decisions"):
+        lines += decision_lines(result["decisions"])
     return "\n".join(lines) + "\n"
+
+
+def _tower_line(tower: dict) -> str:
+    weights = f", weights `{tower['weights']}`" if "weights" in tower else ""
+    return (f"held-out glyph accuracy {_pct(tower['glyph_accuracy'])}%, mark accuracy {_pct(tower['mark_accuracy'])}% "
+            f"(cache `{tower['digest']}`{weights})")
+
+
+def decision_lines(decisions: dict) -> list[str]:
+    """The pre-registered rules' table: each difference at its corrected level, and its verdict."""
+    level = 100 * decisions["level"]
+    lines = ["", f"Pre-registered decisions: {len(decisions['rules'])} paired differences, Bonferroni-corrected "
+             f"({level:.2f}% intervals, family error rate {100 * decisions['alpha']:.0f}%); \"no gain\": the interval "
+             f"contains 0 and stays below +{100 * decisions['margin']:.1f} points.", "",
+             f"| decision | seeds | difference [{level:.2f}% CI] | verdict |", "|---|---|---|---|"]
+    for r in decisions["rules"]:
+        diff = _interval(r["difference"], signed=True) if r["difference"] else "-"
+        lines.append(f"| {r['decision']} | {len(r['seeds'])} | {diff} | **{r['verdict']}** |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> bool:

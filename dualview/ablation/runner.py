@@ -35,10 +35,10 @@ from .features import FeatureStream, held_out
 from .progress import Progress
 from .store import RunStore, write_atomic
 from .task import NUM_CLASSES, TaskConfig
-from .tower import TowerConfig, pretrained_tower
+from .tower import TowerConfig, check_towers, pretrained_tower, tower_record
 from .variants import MARKS, VARIANTS, Arm, VariantModel
 
-DEFAULT_ARMS = tuple(VARIANTS) + ("dem_both/bilinear",) + tuple(
+DEFAULT_ARMS = tuple(v for v in VARIANTS if v != "s2") + ("dem_both/bilinear",) + tuple(
     f"{v}@arrow" for v in ("anyres", "local_only", "global_only", "local_plus_global", "dem_both"))
 
 
@@ -58,6 +58,8 @@ class ExperimentConfig:
     pretext_lr: float = 3e-3
     pretext_held_out: int = 1000
     tower_seed: int = 0
+    tower_seeds: tuple[int, ...] | None = None  # several towers: seed k trains on tower_seeds[k % len]
+    pretext_pointer: bool = False  # the tower's pretext also names the "context" task's pointer
     # what every arm trains (projector + DEM + head) and how it is scored
     head: str = "mean"  # the LLM stand-in: "mean" or "transformer"
     head_layers: int = 1
@@ -69,6 +71,20 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = tuple(range(8))
     arms: tuple[str, ...] = DEFAULT_ARMS
     bootstrap_resamples: int = 5000
+    # pre-registered decision rules (report.decide): "ARM - REFERENCE" differences, their family's
+    # error rate (Bonferroni: each interval at 1 - alpha / len(decisions)), and the "no gain" margin
+    decisions: tuple[str, ...] = ()
+    alpha: float = 0.05
+    no_gain_margin: float = 0.02
+
+    NEW_FIELDS = {"tower_seeds": None, "pretext_pointer": False}  # left out of the hash at these values
+    NEW_ANALYSIS_FIELDS = {"decisions": (), "alpha": 0.05, "no_gain_margin": 0.02}
+
+    def as_record(self) -> dict:
+        """The config as reports record it; fields added later are left out at their defaults, so a
+        report of older runs is rebuilt as it was."""
+        defaults = dict(self.NEW_FIELDS, **self.NEW_ANALYSIS_FIELDS)
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in defaults and v == defaults[k])}
 
     @classmethod
     def from_json(cls, path: Path) -> "ExperimentConfig":
@@ -81,16 +97,27 @@ class ExperimentConfig:
     def task(self, mark: str) -> TaskConfig:
         return TaskConfig(self.crop_size, tuple(self.grid), self.glyph_px, mark, self.snap)
 
-    def tower(self) -> TowerConfig:
+    def tower_seed_of(self, seed: int) -> int:
+        """The pretraining seed of the tower that run seed ``seed`` trains on."""
+        return self.tower_seed if not self.tower_seeds else self.tower_seeds[seed % len(self.tower_seeds)]
+
+    def tower(self, tower_seed: int | None = None) -> TowerConfig:
+        """The tower's config (``tower_seed`` by default; another pretraining seed if given)."""
         return TowerConfig(crop_size=self.crop_size, patch_size=self.patch_size, dim=self.dim, layers=self.tower_layers,
                            glyph_px=self.glyph_px, snap=self.snap, steps=self.pretext_steps, batch=self.pretext_batch,
-                           lr=self.pretext_lr, seed=self.tower_seed, held_out=self.pretext_held_out)
+                           lr=self.pretext_lr, seed=self.tower_seed if tower_seed is None else tower_seed,
+                           held_out=self.pretext_held_out, pointer_grid=tuple(self.grid) if self.pretext_pointer else None)
+
+    def hashed_fields(self) -> dict:
+        """What a finished run depends on: every field but the sweep's extent, the intervals and the
+        decision rules, so a sweep can grow (more seeds, more arms) on top of the runs it already has.
+        Fields added later are left out at their defaults, so older runs keep their hash."""
+        analysis_only = ("seeds", "arms", "bootstrap_resamples") + tuple(self.NEW_ANALYSIS_FIELDS)
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in analysis_only and not (k in self.NEW_FIELDS and v == self.NEW_FIELDS[k])}
 
     def digest(self) -> str:
-        """What a finished run depends on: every field but the sweep's extent and the intervals, so
-        a sweep can grow (more seeds, more arms) on top of the runs it already has."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "arms", "bootstrap_resamples")}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.hashed_fields(), sort_keys=True).encode()).hexdigest()[:16]
 
     def parsed_arms(self) -> list[Arm]:
         arms = [Arm.parse(a) for a in self.arms]
@@ -187,7 +214,8 @@ def train_one(cfg: ExperimentConfig, arm: Arm, seed: int, stream: FeatureStream,
                 accuracy=float(correct.double().mean()), correct=report.encode_correct(correct),
                 final_loss=losses[-1] if losses else None, loss_curve=losses[::every], train_s=train_s, data_s=data_s,
                 tower_passes=model.tower_passes(), tokens=model.h * model.w,
-                trainable_params=sum(p.numel() for p in model.parameters()))
+                trainable_params=sum(p.numel() for p in model.parameters()),
+                stream=stream.digest(cfg.steps), threads=torch.get_num_threads())
 
 
 def common_parser(prog: str, description: str, *, outputs: str = "ablation.png") -> argparse.ArgumentParser:
@@ -234,13 +262,23 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     p.add_argument("--arms", help="comma-separated VARIANT[/RESAMPLE][@MARK], e.g. dem_both,dem_both/bilinear,anyres@arrow")
     args = p.parse_args(argv)
     cfg = config_from_args(ExperimentConfig, p, args)
-    if args.arms:
-        cfg.arms = tuple(args.arms.split(","))
     try:
-        cfg.parsed_arms()
+        check_decisions(cfg)  # against the config's own arms: --arms may run a part of them (the rest reads "missing")
+        if args.arms:
+            cfg.arms = tuple(args.arms.split(","))
+            cfg.parsed_arms()
     except ValueError as err:
         p.error(str(err))
     return cfg, args
+
+
+def check_decisions(cfg: ExperimentConfig) -> None:
+    """The arms parse and are distinct, and every decision compares two arms of the sweep."""
+    names = {a.name for a in cfg.parsed_arms()}
+    for text in cfg.decisions:
+        missing = [a for a in report.parse_decision(text) if a not in names]
+        if missing:
+            raise ValueError(f"decision {text!r} names arms that are not in the sweep: {missing} (arms: {sorted(names)})")
 
 
 def _command(argv, world: World) -> str:
@@ -249,40 +287,54 @@ def _command(argv, world: World) -> str:
     return f"{prefix} -m dualview.ablation {args}".strip()
 
 
+def load_towers(cfg: ExperimentConfig, args, world: World) -> dict[int, tuple]:
+    """Every tower the sweep's seeds train on: tower seed -> (frozen tower, record). Rank 0 pretrains
+    (or reads) each first; the others wait and read the cache it wrote."""
+    towers = {}
+    for tower_seed in sorted({cfg.tower_seed_of(s) for s in cfg.seeds}):
+        if world.rank == 0:
+            towers[tower_seed] = pretrained_tower(cfg.tower(tower_seed), args.tower_cache)
+        world.barrier()
+        if world.rank != 0:
+            towers[tower_seed] = pretrained_tower(cfg.tower(tower_seed), args.tower_cache)
+    return {k: (tower, tower_record(info)) for k, (tower, info) in towers.items()}
+
+
 def sweep(cfg: ExperimentConfig, args: argparse.Namespace, world: World, store: RunStore) -> int:
     """Train every unfinished (arm, seed), seed by seed (so an interruption leaves whole seeds and the
     ETA is honest after the first seed). Returns the number of runs trained."""
     arms = cfg.parsed_arms()
-    if world.rank == 0:  # the others wait and read the cache it wrote
-        tower, info = pretrained_tower(cfg.tower(), args.tower_cache)
-    world.barrier()
-    if world.rank != 0:
-        tower, info = pretrained_tower(cfg.tower(), args.tower_cache)
-    tower_record = {k: info[k] for k in ("digest", "glyph_accuracy", "mark_accuracy", "held_out")}
+    towers = load_towers(cfg, args, world)
+    finished = [r for a in arms for s in cfg.seeds if (r := store.load(a.name, s)) is not None]
     todo = {(a.name, s) for a in arms for s in cfg.seeds if store.load(a.name, s) is None}
+    # a tower that is not the one the finished runs used is refused before any training
+    check_towers(finished + [dict(arm="(this session)", seed=s, tower=towers[cfg.tower_seed_of(s)][1])
+                             for s in sorted({s for _, s in todo})], str(store.folder))
     total = len(arms) * len(cfg.seeds)
     progress = Progress(total, total - len(todo), use_tqdm=False if args.no_tqdm else None) if world.rank == 0 else None
-    evaluation: dict[str, list] = {}
+    evaluation: dict[tuple[int, str], list] = {}
     ran = 0
     try:
         for seed in cfg.seeds:
+            tower_seed = cfg.tower_seed_of(seed)
+            tower, record = towers[tower_seed]
             for mark in MARKS:
                 pending = [a for a in arms if a.mark == mark and (a.name, seed) in todo]
                 if not pending:
                     continue
                 if args.max_runs is not None and ran >= args.max_runs:
                     return ran
-                if mark not in evaluation:
-                    evaluation[mark] = held_out(cfg.task(mark), tower, cfg.eval_samples)
+                if (tower_seed, mark) not in evaluation:
+                    evaluation[tower_seed, mark] = held_out(cfg.task(mark), tower, cfg.eval_samples)
                 stream = FeatureStream(cfg.task(mark), tower, data_seed=1_000 * seed + world.rank,
                                        batch=max(cfg.batch // world.size, 1), keep=len(pending) > 1)
                 for arm in pending:
                     if args.max_runs is not None and ran >= args.max_runs:
                         return ran
-                    run = train_one(cfg, arm, seed, stream, evaluation[mark], world)
+                    run = train_one(cfg, arm, seed, stream, evaluation[tower_seed, mark], world)
                     ran += 1
                     if world.rank == 0:
-                        store.save(dict(run, tower=tower_record))
+                        store.save(dict(run, tower=record))
                         progress.update(f"{arm.name} seed {seed}: accuracy {run['accuracy']:.3f} "
                                         f"(loss {run['final_loss']:.3f}, {run['train_s']:.1f} s)")
     finally:
@@ -326,22 +378,24 @@ def write_report(cfg: ExperimentConfig, args, world: World, store: RunStore, *, 
     if finished == 0:
         print(f"[ablation] no finished runs in {store.folder}: nothing to report", file=sys.stderr)
         return None
-    towers = {json.dumps(r["tower"], sort_keys=True) for v in runs.values() for r in v.values()}
-    if len(towers) != 1:  # cannot happen under one config digest, unless files were mixed by hand
-        raise ValueError(f"the runs in {store.folder} used {len(towers)} different towers: {sorted(towers)}")
+    check_towers([r for v in runs.values() for r in v.values()], str(store.folder))
+    towers = sorted({json.dumps(r["tower"], sort_keys=True) for v in runs.values() for r in v.values()})
     sessions = [json.loads(line) for line in (args.out / "sessions.jsonl").read_text().splitlines()] \
         if (args.out / "sessions.jsonl").exists() else []
     result = dict(
-        config=dataclasses.asdict(cfg), config_digest=cfg.digest(), command=command,
+        config=cfg.as_record(), config_digest=cfg.digest(), command=command,
         machine=f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
                 + (f"; {args.note}" if args.note else ""),
         threads=torch.get_num_threads(), world_size=world.size, elapsed_s=elapsed, runs_this_session=ran,
         runs_resumed=finished - ran, runs_missing=len(arms) * len(cfg.seeds) - finished,
         run_s_total=sum(r["train_s"] for v in runs.values() for r in v.values()),
         sessions=sessions, wall_s_all_sessions=sum(x["elapsed_s"] for x in sessions),
-        tower=json.loads(towers.pop()),
+        tower=json.loads(towers[0]), towers=[json.loads(t) for t in towers],
         analysis=report.analyse(runs, arms, resamples=cfg.bootstrap_resamples),
     )
+    if cfg.decisions:
+        result["decisions"] = report.decide(runs, cfg.decisions, resamples=cfg.bootstrap_resamples, alpha=cfg.alpha,
+                                            margin=cfg.no_gain_margin)
     out = args.out
     write_atomic(out / "ablation.json", json.dumps(result, indent=1))
     table = report.markdown(result)

@@ -8,7 +8,19 @@ place. One corner is marked, and the answer is the class of the glyph there. The
 - ``"frame"`` (default): a thick red frame around the marked corner tile: the model must find the
   marked region among four far-apart ones and read the small glyph inside it; or
 - ``"arrow"``: a large arrow in the centre tile pointing at the marked corner: the mark and the
-  glyph are far apart, a relation between regions (much harder to learn at small scale).
+  glyph are far apart, a relation between regions (much harder to learn at small scale); or
+- ``"context"``: a pointer that only the whole image shows, at full resolution. The central tiles
+  (all but the outer ring) are inked as a checkerboard in every ``R x R`` pixel block (``R`` the
+  grid side: the stride of the global crops and the thumbnail's shrink factor): the pixels of even
+  ``y + x`` inside a large arrow pointing at the marked corner tile, those of odd ``y + x`` outside
+  it. Every strided global crop ``canvas[a::R, b::R]`` shows the arrow as a solid shape (even
+  ``a + b``) or its negative (odd); the thumbnail (bicubic, sampling each block's centre, so
+  mirror-image pixels weigh the same, and with ``R`` even a mirror image swaps the checkerboard's
+  colours) shows the same uniform tint whatever the arrow's direction; the glyphs sit in the corner
+  tiles, which hold no ink of the pointer. With a tile map pooled tile by tile (``R`` tiles a side,
+  ``R`` dividing the tile's token side or a multiple of it), local tiles read without their
+  positions carry no information about the answer by construction: the four corners always hold
+  the four classes, in an order the pointer alone gives.
 
 Detail: a glyph is ``3*glyph_px`` pixels wide; squashed to one crop (the thumbnail, ``R`` times
 smaller) it shrinks to about ``3*glyph_px/R`` pixels, and as all classes have the same number of
@@ -45,7 +57,7 @@ class TaskConfig:
     crop_size: int = 32
     grid: tuple[int, int] = (3, 3)
     glyph_px: int = 2
-    mark: str = "frame"  # "frame" or "arrow"
+    mark: str = "frame"  # "frame", "arrow" or "context"
     snap: int = 1  # glyph corners on multiples of this many pixels (the tower's patch size: one glyph, one patch)
 
     @property
@@ -69,6 +81,64 @@ def _arrow(size: int, corner: int) -> torch.Tensor:
 
 def _border(s: int) -> int:
     return max(s // 8, 2)  # frame width; glyphs stay inside it
+
+
+MARK_KINDS = ("frame", "arrow", "context")
+
+
+def _check_context(cfg: TaskConfig) -> tuple[int, int]:
+    """(stride R, central side in blocks) of a ``"context"`` task, with one clear error for a grid it cannot use."""
+    rows, cols = cfg.grid
+    if rows != cols or rows < 4 or rows % 2:
+        raise ValueError(f"mark='context' needs a square grid with an even side of at least 4 (a central region "
+                         f"inside the corner tiles' ring; blocks whose mirror images swap the checkerboard's "
+                         f"colours), got grid={tuple(cfg.grid)}")
+    if cfg.crop_size % rows:
+        raise ValueError(f"mark='context' needs crop_size divisible by the grid side {rows} (whole blocks per tile), "
+                         f"got crop_size={cfg.crop_size}")
+    return rows, (rows - 2) * cfg.crop_size // rows
+
+
+def pointer_dots(cfg: TaskConfig, corner: int) -> torch.Tensor:
+    """The ``"context"`` task's ink mask of the central region, ``((R-2)*s, (R-2)*s)``: in every
+    ``R x R`` block, a checkerboard: the pixels ``(y, x)`` of even ``y + x`` inside
+    ``_arrow(blocks, corner)`` (upsampled ``R`` times), those of odd ``y + x`` outside it."""
+    stride, blocks = _check_context(cfg)
+    inside = _arrow(blocks, corner).repeat_interleave(stride, 0).repeat_interleave(stride, 1)
+    y, x = torch.meshgrid(torch.arange(blocks * stride), torch.arange(blocks * stride), indexing="ij")
+    even = ((y + x) % 2 == 0).float()
+    return inside * even + (1 - inside) * (1 - even)
+
+
+def pointer_crop_mask(cfg: TaskConfig, corner: int, negative: bool = False) -> torch.Tensor:
+    """(s, s): the pointer as a global crop ``canvas[a::R, b::C]`` shows it (for the tower's pretext):
+    the arrow for even ``a + b``, the central square but the arrow (``negative``) for odd ``a + b``."""
+    stride, blocks = _check_context(cfg)
+    mask = torch.zeros(cfg.crop_size, cfg.crop_size)
+    start = cfg.crop_size // stride
+    arrow = _arrow(blocks, corner)
+    mask[start:start + blocks, start:start + blocks] = 1 - arrow if negative else arrow
+    return mask
+
+
+def pointed_region(cfg: TaskConfig, corner: int, patch_size: int) -> torch.Tensor:
+    """((s/p), (s/p)) bool: the tokens of a global crop (patches of ``patch_size``) that lie in the
+    corner tile ``corner`` points at (that tile is ``s/R`` pixels of the global crop): the
+    per-token target of the context tower's pretext."""
+    stride, _ = _check_context(cfg)
+    side, span = cfg.crop_size // patch_size, cfg.crop_size // stride
+    starts = torch.arange(side) * patch_size
+    first = starts + patch_size <= span  # patches inside the first tile row / column
+    last = starts >= cfg.crop_size - span
+    r, c = CORNERS[corner]
+    return (first if r == 0 else last)[:, None] & (first if c == 0 else last)[None, :]
+
+
+def pretext_marks(cfg: TaskConfig) -> tuple[str, ...]:
+    """The pretext's mark labels: ``PRETEXT_MARKS``, and the context task's pointers for its tower."""
+    if cfg.mark != "context":
+        return PRETEXT_MARKS
+    return PRETEXT_MARKS + tuple(m.replace("arrow", "pointer") for m in PRETEXT_MARKS[2:])
 
 
 def _glyph_spots(cfg: TaskConfig) -> list[int]:
@@ -116,16 +186,20 @@ def make_crops(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
     """The tower's pretext task: single ``s x s`` crops drawn like the task's tiles.
 
     Returns (crops (B, 3, s, s) in [0, 1], glyph (B,) in ``0..NUM_CLASSES`` where ``NO_GLYPH`` means
-    none, mark (B,) indexing ``PRETEXT_MARKS``). A glyph is present with probability 3/4; the mark is
-    uniform over the six kinds. The glyph is drawn last, so an arrow never hides it.
+    none, mark (B,) indexing ``pretext_marks(cfg)``). A glyph is present with probability 3/4; the
+    mark is uniform over the kinds (six; ten with a ``"context"`` task's pointers, as its global crop
+    ``canvas[0::R, 0::R]`` shows them). The glyph is drawn last, so an arrow never hides it.
     """
     s, g = cfg.crop_size, 3 * cfg.glyph_px
     spots = _glyph_spots(cfg)
     crops = _background(batch, s, s, generator)
     glyph = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     glyph[torch.rand(batch, generator=generator) < 0.25] = NO_GLYPH
-    mark = torch.randint(0, len(PRETEXT_MARKS), (batch,), generator=generator)
+    mark = torch.randint(0, len(pretext_marks(cfg)), (batch,), generator=generator)
     masks = [torch.zeros(s, s), _frame(s)] + [_arrow(s, k) for k in range(4)]
+    if cfg.mark == "context":  # each pointer in one of the two polarities the global crops show
+        negative = torch.rand(4, generator=generator) < 0.5
+        masks += [pointer_crop_mask(cfg, k, bool(negative[k])) for k in range(4)]
     place = torch.randint(len(spots), (batch, 2), generator=generator)
     for i in range(batch):
         _paint_mark(crops[i], masks[int(mark[i])])
@@ -144,8 +218,10 @@ def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
     gp = cfg.glyph_px
     g = 3 * gp  # glyph side in pixels
     spots = _glyph_spots(cfg)
-    if cfg.mark not in ("frame", "arrow"):
-        raise ValueError(f"mark must be 'frame' or 'arrow', got {cfg.mark!r}")
+    if cfg.mark not in MARK_KINDS:
+        raise ValueError(f"mark must be one of {list(MARK_KINDS)}, got {cfg.mark!r}")
+    if cfg.mark == "context":
+        _check_context(cfg)
     height, width = cfg.canvas
     images = _background(batch, height, width, generator)
     pointed = torch.randint(0, 4, (batch,), generator=generator)
@@ -161,7 +237,10 @@ def make_batch(cfg: TaskConfig, batch: int, generator: torch.Generator) -> tuple
             images[i, :, top:top + g, left:left + g] = _glyph(int(classes[k]), gp)
         k = int(pointed[i])
         labels[i] = classes[k]
-        if cfg.mark == "arrow":
+        if cfg.mark == "context":  # the central tiles, inside the ring of border tiles
+            region = (slice(s, (rows - 1) * s), slice(s, (cols - 1) * s))
+            mask = pointer_dots(cfg, k)
+        elif cfg.mark == "arrow":
             region, mask = (slice(centre[0], centre[0] + s), slice(centre[1], centre[1] + s)), arrows[k]
         else:
             r, c = CORNERS[k]

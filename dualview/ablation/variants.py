@@ -14,8 +14,11 @@ paper's Tables 4-6 and the usual baselines):
 | dem_both (INF-LLaVA) | both | DEM, both directions, linear-concat fusion | yes |
 | dem_local_to_global / dem_global_to_local | both | DEM, one direction | yes |
 | dem_add / dem_conv3x3 | both | DEM, both directions, add / conv3x3 fusion | yes |
+| s2 (S2-style scales) | local tiles | tile map resampled, channel-concatenated with the thumbnail's | concat |
 
-"yes" thumbnail: the resampled tokens are averaged with the thumbnail's (INF-LLaVA's mean).
+"yes" thumbnail: the resampled tokens are averaged with the thumbnail's (INF-LLaVA's mean). "concat":
+each token carries both scales side by side (``2D`` channels; the projector maps them to ``D``), as
+S2 (Shi et al., "When Do We Not Need Larger Vision Models?") concatenates the scales' pooled maps.
 
 An *arm* of a sweep is a variant on a task with a resampling rule, written
 ``variant[/resample][@mark]``: ``dem_both`` (avgpool, frame mark), ``dem_both/bilinear`` (the
@@ -40,7 +43,7 @@ from .features import ViewFeatures
 class Variant:
     name: str
     views: str  # "thumbnail", "local", "global" or "both"
-    combine: str = "none"  # "none", "add" or "dem"
+    combine: str = "none"  # "none", "add", "dem" or "scales" (channel concat with the thumbnail)
     thumbnail: bool = True
     directions: str = "both"
     fusion: str = "linear_concat"
@@ -59,6 +62,7 @@ VARIANTS = {
         Variant("dem_global_to_local", "both", "dem", directions="global_to_local"),
         Variant("dem_add", "both", "dem", fusion="add"),
         Variant("dem_conv3x3", "both", "dem", fusion="conv3x3"),
+        Variant("s2", "local", "scales"),
     )
 }
 
@@ -96,7 +100,7 @@ class Head(nn.Module):
 BASE_RESAMPLE = "avgpool"
 BASE_MARK = "frame"
 RESAMPLES = ("avgpool", "bilinear")
-MARKS = ("frame", "arrow")
+MARKS = ("frame", "arrow", "context")
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ class VariantModel(nn.Module):
             raise ValueError(f"resample must be one of {list(RESAMPLES)}, got {resample!r}")
         self.variant, self.resample, self.grid = variant, resample, tuple(grid)
         self.h = self.w = tokens_side
-        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        width = 2 * dim if variant.combine == "scales" else dim  # S2: both scales' channels side by side
+        self.projector = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim))
         self.head = Head(self.h * self.w, dim, head_layers, classes, kind=head)
         self.dem = make_dem(variant, dim=dim, tokens_side=tokens_side, resample=resample) if variant.combine == "dem" else None
 
@@ -161,6 +166,8 @@ class VariantModel(nn.Module):
         if self.variant.views == "thumbnail":
             return feats.thumbnail
         out = self.combined(feats)
+        if self.variant.combine == "scales":
+            return torch.cat((feats.thumbnail, out), dim=-1)
         return (feats.thumbnail + out) / 2 if self.variant.thumbnail else out
 
     def combined(self, feats: ViewFeatures) -> torch.Tensor:

@@ -89,6 +89,13 @@ IDF = "adapters/hf_idefics3.py"
 IVLP = "adapters/hf_internvl_processing.py"
 IDFP = "adapters/hf_idefics3_processing.py"
 HFLP = "adapters/hf_llava_processing.py"
+ABL_TOWER = "dualview/ablation/tower.py"
+ABL_TASK = "dualview/ablation/task.py"
+ABL_RUN = "dualview/ablation/runner.py"
+ABL_REPORT = "dualview/ablation/report.py"
+ABL_FEATS = "dualview/ablation/features.py"
+ABL_VARIANTS = "dualview/ablation/variants.py"
+ABLATION_TESTS = ("tests/test_ablation_context.py", "tests/test_ablation_reproducibility.py")
 
 MUTANTS: list[Mutant] = [
     # ---- _checks.py: validation ------------------------------------------------------------------
@@ -700,6 +707,43 @@ MUTANTS += [
        "        return feats", "dummy tower calls left out of backward", tests=ZERO3_TESTS),
     _m("tiled-glob-call-skipped", TILED, "    elif in_lockstep(encoder.tower):", "    elif False:",
        "under ZeRO-3 a rank without global crops skips the tower call other ranks make", tests=ZERO3_TESTS),
+    # ---- ablation toolkit: reproducible runs, the context task, the decision rules ----------------
+    _m("abl-pretrain-threads", ABL_TOWER, "    with one_thread():\n        return _pretrain(cfg)", "    return _pretrain(cfg)",
+       "tower pretraining runs on the caller's thread count (weights depend on it)", tests=ABLATION_TESTS),
+    _m("abl-weights-hash-shapes-only", ABL_TOWER, 'sha.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")',
+       'sha.update(b"")', "the weights hash reads names and shapes, not the weights", tests=ABLATION_TESTS),
+    _m("abl-towers-per-seed-unchecked", ABL_TOWER,
+       'for kind, groups in (("tower config", by_config), ("seed", by_seed)):',
+       'for kind, groups in (("tower config", by_config),):',
+       "arms of one seed on different towers merge into one report", tests=ABLATION_TESTS),
+    _m("abl-towers-old-records", ABL_TOWER, 'weights = record.get("weights") or json.dumps(record, sort_keys=True)',
+       'weights = record.get("weights") or ""', "runs recorded before weight hashes merge whatever their tower",
+       tests=ABLATION_TESTS),
+    _m("abl-sweep-tower-unchecked", ABL_RUN, "    check_towers(finished + [", "    (finished + [",
+       "a sweep trains on a tower other than its finished runs'", tests=ABLATION_TESTS),
+    _m("abl-stream-seed", ABL_RUN, "data_seed=1_000 * seed + world.rank,", "data_seed=1_000 * seed + world.rank + 1,",
+       "the sweep's stream changes (another data seed)", tests=ABLATION_TESTS),
+    _m("abl-stream-hash-labels", ABL_FEATS, "hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes())",
+       "hashlib.sha256(labels.numpy().tobytes())", "the stream's hash ignores the images", tests=ABLATION_TESTS),
+    _m("abl-tower-seed-of", ABL_RUN, "self.tower_seeds[seed % len(self.tower_seeds)]", "self.tower_seeds[0]",
+       "every seed trains on the first tower", tests=ABLATION_TESTS),
+    _m("abl-context-stripes", ABL_TASK, "even = ((y + x) % 2 == 0).float()", "even = (y % 2 == 0).float()",
+       "stripes instead of a checkerboard: half the global crops show nothing", tests=ABLATION_TESTS),
+    _m("abl-context-arrow-only", ABL_TASK, "return inside * even + (1 - inside) * (1 - even)", "return inside * even",
+       "only the arrow inked: the thumbnail shows the pointer", tests=ABLATION_TESTS),
+    _m("abl-pointed-target-corner", ABL_TASK, "return (first if r == 0 else last)[:, None] & (first if c == 0 else last)[None, :]",
+       "return (first if r == 0 else last)[:, None] & (first if r == 0 else last)[None, :]",
+       "the tower learns the wrong tokens as pointed at", tests=ABLATION_TESTS),
+    _m("abl-bonferroni-missing", ABL_REPORT, "level = 1 - alpha / len(decisions)", "level = 1 - alpha",
+       "the decisions' intervals are not corrected for their number", tests=ABLATION_TESTS),
+    _m("abl-no-gain-margin", ABL_REPORT, 'return "no gain" if ci.high < margin else "undecided"',
+       'return "no gain" if ci.high <= margin else "undecided"', "an interval reaching the margin reads as no gain",
+       tests=ABLATION_TESTS),
+    _m("abl-decision-two-tasks", ABL_REPORT, "    if arm.mark != reference.mark:", "    if False:",
+       "a decision compares arms of two tasks", tests=ABLATION_TESTS),
+    _m("abl-s2-order", ABL_VARIANTS, "return torch.cat((feats.thumbnail, out), dim=-1)",
+       "return torch.cat((out, feats.thumbnail), dim=-1)", "S2 puts the scales' channels the other way round",
+       tests=ABLATION_TESTS),
 ]
 
 # ---- the adapter interface (issue 31): the registry, the placement, the facts read from the adapter
