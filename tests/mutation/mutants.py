@@ -561,7 +561,7 @@ MUTANTS += [
     _m("tiled-tiles-at-negative", TILED, "if not (0 <= self.tiles_at and self.tiles_at + rows * cols",
        "if not (self.tiles_at + rows * cols", "TiledImage accepts tiles_at=-1 (the tiles wrap around)",
        tests=TILED_TESTS),
-    _m("tiled-dem-output-dtype", TILED, "        tokens = tokens.to(local.dtype)\n", "",
+    _m("tiled-dem-output-dtype", TILED, "        tokens = tokens.to(local.dtype)\n", "        pass\n",
        "the DEM's output is not cast back to the features' dtype", tests=TILED_TESTS),
     _m("tiled-gate-in-dem-dtype", TILED, "return encoder.gate(layout.windows_to_map(local, *grid, *feat_size).flatten(1, 2), tokens)",
        "return encoder.gate(*(x.to(encoder.dem.ln_fuse.weight.dtype) for x in (layout.windows_to_map(local, *grid, *feat_size).flatten(1, 2), tokens)))",
