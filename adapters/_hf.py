@@ -18,7 +18,7 @@ from dualview.tiled import TiledImage
 
 from . import _host
 from .base import Geometry, HostAdapter
-from .towers import HFVisionTower
+from .towers import HFVisionTower, RecordingTower, output_flags
 
 Layers = Union[int, Sequence[int]]
 
@@ -141,7 +141,7 @@ def check_strategy(strategy: str, vision_model: nn.Module) -> None:
         )
 
 
-def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: dict) -> _host.RecordingTower:
+def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: dict) -> RecordingTower:
     """The patch-token tower of one ``get_image_features`` call on a transformers host: its
     ``vision_tower`` at ``layers`` (checked against the registered DEM's channels and against
     ``strategy``), recording the tower's own outputs when the call or the config asks for them."""
@@ -154,8 +154,8 @@ def vision_tower_for(host: nn.Module, layers: list[int], strategy: str, kwargs: 
             f"vision_feature_layer={layers} gives {dim} channels, but the DEM at spatial_embed has dim={dem_dim} "
             f"(built for config.vision_feature_layer={host.config.vision_feature_layer})"
         )
-    hidden, attentions = _host.output_flags(host.config, kwargs)
-    return _host.RecordingTower(tower, hidden_states=hidden, attentions=attentions)
+    hidden, attentions = output_flags(host.config, kwargs)
+    return RecordingTower(tower, hidden_states=hidden, attentions=attentions)
 
 
 class LlavaFamilyHost:
@@ -164,7 +164,7 @@ class LlavaFamilyHost:
 
     def dualview_call(
         self, vision_feature_layer: Optional[Layers], vision_feature_select_strategy: Optional[str], kwargs: dict
-    ) -> tuple[DualViewEncoder, _host.RecordingTower, str]:
+    ) -> tuple[DualViewEncoder, RecordingTower, str]:
         """(encoder, tower, strategy) of one call: the call's feature layers and select strategy, else
         the config's; the tower records its own outputs when ``kwargs`` ask for them."""
         call = {**kwargs, "vision_feature_layer": vision_feature_layer,

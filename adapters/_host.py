@@ -29,7 +29,6 @@ from dualview.gate import DualViewGate
 
 from ._common import CONFIG_KEY, DEM_ATTR, GATE_ATTR, DualViewOptions, record_options, recorded_options
 from .registry import adapter_for_class
-from .towers import RecordsOutputs
 
 @dataclass(frozen=True)
 class Geometry:
@@ -562,58 +561,3 @@ def adapted(host: nn.Module, adapter: type) -> DualViewHost:
             f"use dualview.adapters.{installed.name}"
         )
     return host
-
-
-# ---- the vision tower's own outputs, for get_image_features(output_hidden_states=..., output_attentions=...)
-
-
-class RecordingTower(RecordsOutputs, nn.Module):
-    """A patch-token tower (``HFVisionTower``) that, when asked, also keeps the transformers vision
-    model's ``hidden_states`` / ``attentions`` of every crop it ran (one entry per layer, crops of all
-    chunks concatenated in tower-batch order: the order :meth:`DualViewEncoder.encode_crops` gathers
-    them in; image by image where the tiled engine regroups them, :class:`~.towers.RecordsOutputs`).
-    Without a request it is the tower itself (layer-truncated where the tower does that)."""
-
-    def __init__(self, tower: nn.Module, *, hidden_states: bool = False, attentions: bool = False) -> None:
-        super().__init__()
-        self.tower = tower
-        self.hidden_states = hidden_states
-        self.attentions = attentions
-        self.recorded: list = []
-        self.patch_size = tower.patch_size
-
-    def outputs(self) -> dict:
-        """``hidden_states`` / ``attentions`` tuples over all recorded chunks (keys only when asked)."""
-        out = {}
-        for key, wanted in (("hidden_states", self.hidden_states), ("attentions", self.attentions)):
-            per_chunk = [getattr(o, key, None) for o in self.recorded]
-            if wanted and per_chunk and all(p is not None for p in per_chunk):
-                # an entry the tower left empty (None) stays None: nothing to join
-                out[key] = self.in_order(tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_chunk)))
-        return out
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not (self.hidden_states or self.attentions):
-            return self.tower(pixels)
-        tower = self.tower
-        dtype = next(tower.model.parameters()).dtype
-        out = tower.model(
-            pixel_values=pixels.to(dtype=dtype), output_hidden_states=True, output_attentions=self.attentions, return_dict=True
-        )
-        self.recorded.append(out)
-        feats = torch.cat([out.hidden_states[i] for i in tower.layers], dim=-1)
-        if getattr(tower, "select", "patch") == "patch":
-            feats = feats[:, tower.num_prefix_tokens:]
-        return feats.to(pixels.dtype)
-
-
-def output_flags(config: Any, kwargs: dict) -> tuple[bool, bool]:
-    """``output_hidden_states`` / ``output_attentions`` as the host reads them: the call's keyword,
-    else the config's. A list of indices for ``output_hidden_states`` counts as a request."""
-    flags = []
-    for key in ("output_hidden_states", "output_attentions"):
-        value = kwargs.get(key)
-        if value is None:
-            value = getattr(config, key, False)
-        flags.append(bool(value) if not isinstance(value, (list, tuple)) else True)
-    return flags[0], flags[1]

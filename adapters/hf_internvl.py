@@ -42,6 +42,7 @@ from . import _host
 from .base import Geometry, HostAdapter
 from ._common import DualViewOptions
 from ._hf import ExtraInputHost, check_strategy, host_decorators, vision_tower_for
+from .towers import RecordingTower
 from .hf_internvl_processing import (
     DEFAULT_TILING, DualViewInternVLProcessor, check_fits, grids_from_image_sizes, internvl_config, patches_per_image,
     prepare_processor, processor_tiling, tile_grid, tile_tokens,
@@ -110,7 +111,7 @@ def _feature_layer(layer: Any) -> int:
     return layer
 
 
-class _LastHiddenState(_host.RecordingTower):
+class _LastHiddenState(RecordingTower):
     """The host's ``vision_feature_layer=-1``: the vision model's own ``last_hidden_state`` (after a
     final norm where the tower has one: InternViT's ``layernorm``, SigLIP's ``post_layernorm``),
     prefix tokens dropped; every layer runs at -1 anyway."""

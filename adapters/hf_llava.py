@@ -54,9 +54,8 @@ class DualViewLlavaModel(_host.DualViewHost, LlavaFamilyHost, LlavaModel):
         feats = encoder(pixel_values)  # (B, tokens, D_vision)
         # a DEM kept in another precision than the model (e.g. float32 in bf16) hands back the model's
         projected = self.dualview_project(feats)
-        grid = encoder.dcm.grid_for(tuple(pixel_values.shape[-2:]))  # one size, one grid for the batch
-        outputs = {k: _per_image(v, grid, encoder.dcm.thumbnail, len(feats)) for k, v in tower.outputs().items()}
-        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **outputs)
+        # the engine regrouped the tower's outputs image by image (dualview.tiled.image_order)
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(projected), **tower.outputs())
 
 
 class LlavaAdapter(LlavaFamilyAdapter):
@@ -96,16 +95,5 @@ def check_resolution(encoder: DualViewEncoder, pixel_values: torch.Tensor) -> No
         )
 
 
-def _per_image(states: tuple, grid: tuple[int, int], thumbnail: bool, images: int) -> tuple:
-    """Tower outputs of one batch (all local tiles, all global crops, all thumbnails: the tower's
-    order) regrouped image by image: its R*C tiles, R*C global crops, then its thumbnail."""
-    tiles = grid[0] * grid[1]
-    index = []
-    for i in range(images):
-        index += [i * tiles + t for t in range(tiles)] + [(images + i) * tiles + t for t in range(tiles)]
-        if thumbnail:
-            index.append(2 * images * tiles + i)
-    order = torch.tensor(index)
-    return tuple(s if s is None else s.index_select(0, order.to(s.device)) for s in states)
 __all__ = ["apply", "unapply", "encoder_of", "budget", "from_pretrained", "prepare_processor", "DualViewLlavaProcessor",
            "LlavaAdapter", "check_resolution"]

@@ -15,9 +15,8 @@ embeddings (and CLIP's pre-layernorm) and the encoder layers up to the deepest s
 only the selected outputs. The result is bit for bit the plain forward's ``hidden_states[layer]``
 (tests/test_towers.py checks it with ``torch.equal``) for the families listed in ``_FAMILIES``:
 transformers CLIP, SigLIP, Idefics3 / SmolVLM (SigLIP-style) and InternVL vision models, as the
-model itself (transformers 5) or behind ``.vision_model`` (transformers 4, ``CLIPVisionModelWithProjection``,
-``CLIPModel``, ``SiglipModel``). Any other model class runs the plain forward (same output, all
-layers); so does a transformers-4 encoder doing its own gradient checkpointing in training.
+model itself or behind ``.vision_model`` (``CLIPVisionModelWithProjection``, ``CLIPModel``,
+``SiglipModel``). Any other model class runs the plain forward (same output, all layers).
 
 **Device rule.** Pixels go to the device and dtype of the model's patch-embedding weight; when that
 weight is on ``meta`` (accelerate's CPU / disk offloading), the pixels stay where they are and the
@@ -32,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -79,10 +78,8 @@ _IDEFICS3 = _Family(_embed_idefics3, "encoder.layers", 0)
 _INTERNVL = _Family(_embed_plain, "encoder.layer", 1)
 # Exact class names (a subclass may change forward): the module holding embeddings + encoder.
 _FAMILIES = {
-    "CLIPVisionModel": _CLIP,  # transformers 5: the model itself
-    "CLIPVisionTransformer": _CLIP,  # transformers 4: CLIPVisionModel.vision_model
+    "CLIPVisionModel": _CLIP,
     "SiglipVisionModel": _SIGLIP,
-    "SiglipVisionTransformer": _SIGLIP,
     "Idefics3VisionTransformer": _IDEFICS3,
     "SmolVLMVisionTransformer": _IDEFICS3,
     "InternVLVisionModel": _INTERNVL,
@@ -220,9 +217,8 @@ class HFVisionTower(nn.Module):
             module = module.vision_model
         self._skipped = (*chain, backbone, backbone.encoder, stack)
         self._weight_source = (model, backbone.embeddings)
-        params = inspect.signature(stack[0].forward).parameters
-        # transformers 4's CLIP layers also take causal_attention_mask (None for vision)
-        self._mask_args = [name for name in ("attention_mask", "causal_attention_mask") if name in params]
+        # InternVL's layers take no attention mask
+        self._takes_mask = "attention_mask" in inspect.signature(stack[0].forward).parameters
 
     @property
     def truncated(self) -> bool:
@@ -236,17 +232,9 @@ class HFVisionTower(nn.Module):
         return feats.to(pixels.dtype)
 
     def _can_truncate(self) -> bool:
-        if self._family is None:
-            return False
         # accelerate hooks on the modules the truncated run skips (the model, the backbone, its
         # encoder) would not run: fall back when one of them loads offloaded weights or moves inputs
-        if any(_skipped_hook_matters(m, top=m is self.model) for m in self._skipped):
-            return False
-        # transformers 4 checkpoints in the encoder's own loop (5 does it in each layer, which we call)
-        encoder = self._backbone[0].encoder
-        stack = _attr_path(self._backbone[0], self._family.layers)
-        return not (encoder.training and getattr(encoder, "gradient_checkpointing", False)
-                    and not hasattr(stack[0], "gradient_checkpointing"))
+        return self._family is not None and not any(_skipped_hook_matters(m, top=m is self.model) for m in self._skipped)
 
     def _run_layers(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings, then the layers up to the deepest selected one; only selected outputs kept."""
@@ -254,10 +242,9 @@ class HFVisionTower(nn.Module):
         hidden, mask = family.embed(backbone, x)
         wanted = set(self._resolved)
         kept = {0: hidden} if 0 in wanted else {}
-        mask_kwargs = {name: (mask if name == "attention_mask" else None) for name in self._mask_args}
+        mask_kwargs = {"attention_mask": mask} if self._takes_mask else {}
         for index, layer in enumerate(_attr_path(backbone, family.layers)[: max(wanted)], start=1):
-            out = layer(hidden, **mask_kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 layers return tuples
+            hidden = layer(hidden, **mask_kwargs)
             if index in wanted:
                 kept[index] = hidden
         return torch.cat([kept[i] for i in self._resolved], dim=-1)
@@ -326,10 +313,17 @@ def vision_tower(model: nn.Module, **options) -> nn.Module:
 
 class RecordsOutputs:
     """Mixin of a tower that keeps the vision model's own ``hidden_states`` / ``attentions`` of the crops it
-    runs (in tower-batch order): the tiled engine calls :meth:`regroup` with the order that gives them
-    back image by image (:func:`dualview.tiled.encode_tiled`), so a batch's rows slice like each image's."""
+    runs (in tower-batch order), one ``recorded`` model output per call: the engine calls :meth:`regroup`
+    with the order that gives them back image by image (:func:`dualview.tiled.encode_tiled`), so a batch's
+    rows slice like each image's.
+
+    The one :meth:`outputs` contract: a key only when asked (one of ``asked``) and returned by every call
+    (absent, never None, otherwise); its value, per layer, every call's crops joined (an entry the model
+    left None stays None)."""
 
     order: Optional[torch.Tensor] = None
+    asked: tuple[str, ...] = ()
+    recorded: list
 
     def regroup(self, order: Sequence[int]) -> None:
         """Give the recorded outputs back as ``rows[order]`` (indices into the tower batch)."""
@@ -340,6 +334,15 @@ class RecordsOutputs:
         if self.order is None:
             return states
         return tuple(s if s is None else s.index_select(0, self.order.to(s.device)) for s in states)
+
+    def outputs(self) -> dict:
+        """``hidden_states`` / ``attentions`` tuples over all recorded calls, by the contract above."""
+        out = {}
+        for key in self.asked:
+            per_call = [getattr(o, key, None) for o in self.recorded]
+            if per_call and all(p is not None for p in per_call):
+                out[key] = self.in_order(tuple(None if None in layer else torch.cat(layer) for layer in zip(*per_call)))
+        return out
 
 
 class MaskedVisionTower(RecordsOutputs, nn.Module):
@@ -353,20 +356,54 @@ class MaskedVisionTower(RecordsOutputs, nn.Module):
         self.vision = vision
         self.patch_size = patch_size
         self.kwargs = kwargs
-        self.recorded: list[dict] = []
+        self.asked = ("hidden_states", "attentions")  # asked by ``kwargs`` or the model's config: given when asked
+        self.recorded: list = []
 
     def forward(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         kept = masks.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
         out = self.vision(pixel_values=pixels, patch_attention_mask=kept, return_dict=True, **self.kwargs)
-        self.recorded.append({key: out.get(key) for key in ("hidden_states", "attentions")})
+        self.recorded.append(out)
         return out.last_hidden_state
 
-    def outputs(self) -> dict:
-        """``hidden_states`` / ``attentions``: per layer, every call's crops (None when not asked), image by image
-        where the tiled engine regrouped them (:class:`RecordsOutputs`), else in tower-batch order."""
-        joined = {}
-        for key in ("hidden_states", "attentions"):
-            parts = [call[key] for call in self.recorded]
-            joined[key] = None if not parts or parts[0] is None else self.in_order(tuple(map(torch.cat, zip(*parts))))
-        return joined
+
+class RecordingTower(RecordsOutputs, nn.Module):
+    """A patch-token tower (``HFVisionTower``) that, when asked, also keeps the transformers vision
+    model's ``hidden_states`` / ``attentions`` of every crop it ran (one entry per layer, crops of all
+    chunks concatenated, image by image as the engine regroups them, :class:`RecordsOutputs`).
+    Without a request it is the tower itself (layer-truncated where the tower does that)."""
+
+    def __init__(self, tower: nn.Module, *, hidden_states: bool = False, attentions: bool = False) -> None:
+        super().__init__()
+        self.tower = tower
+        self.hidden_states = hidden_states
+        self.attentions = attentions
+        self.asked = tuple(key for key, wanted in (("hidden_states", hidden_states), ("attentions", attentions)) if wanted)
+        self.recorded: list = []
+        self.patch_size = tower.patch_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not (self.hidden_states or self.attentions):
+            return self.tower(pixels)
+        tower = self.tower
+        dtype = next(tower.model.parameters()).dtype
+        out = tower.model(
+            pixel_values=pixels.to(dtype=dtype), output_hidden_states=True, output_attentions=self.attentions, return_dict=True
+        )
+        self.recorded.append(out)
+        feats = torch.cat([out.hidden_states[i] for i in tower.layers], dim=-1)
+        if getattr(tower, "select", "patch") == "patch":
+            feats = feats[:, tower.num_prefix_tokens:]
+        return feats.to(pixels.dtype)
+
+
+def output_flags(config: Any, kwargs: dict) -> tuple[bool, bool]:
+    """``output_hidden_states`` / ``output_attentions`` as the host reads them: the call's keyword,
+    else the config's. A list of indices for ``output_hidden_states`` counts as a request."""
+    flags = []
+    for key in ("output_hidden_states", "output_attentions"):
+        value = kwargs.get(key)
+        if value is None:
+            value = getattr(config, key, False)
+        flags.append(bool(value) if not isinstance(value, (list, tuple)) else True)
+    return flags[0], flags[1]

@@ -1,8 +1,9 @@
 """Token and tower-pass budgets: what one image costs under each tiling scheme, computed, never run.
 
 :class:`Budget` and the per-scheme formulas (dual view, AnyRes, resize, S2) live here, and
-:func:`compare` puts them side by side; its dual-view rows come from :meth:`DualViewEncoder.budget`
-itself, so this table, the CLI and the encoder can never disagree.
+:func:`compare` puts them side by side; its dual-view rows come from :func:`dual_view_budget`, the
+formula :meth:`DualViewEncoder.budget` itself returns, so this table, the CLI and the encoder can
+never disagree (this module imports no encoder: the encoder imports it).
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-import torch
-
 from ._checks import check_size
+from .cropping import DCM
 from .grid import Grid, GridSpec, Size, crop_tokens, unpad_box
 
 
@@ -113,10 +113,6 @@ def s2_budget(crop_size: int, feat_size: Size, scales: Sequence[int] = (1, 2)) -
     )
 
 
-def _no_tower(pixels: torch.Tensor) -> torch.Tensor:
-    raise RuntimeError("budget encoders never run their tower")
-
-
 def compare(
     image_size: Size,
     *,
@@ -127,23 +123,17 @@ def compare(
 ) -> list[Budget]:
     """Budgets of plain resize, S2 (scales 1, 2), AnyRes, dual view (DEM to one crop's tokens,
     averaged with the thumbnail) and dual view with the full map (+ thumbnail) for one image."""
-    # the encoder imports this module for its budget: its modules are imported when first needed
-    from .cropping import DCM
-    from .encoder import DualViewEncoder
-    from .enhance import DEM
-
     size = check_size(tuple(image_size), "image_size")
     feat = crop_tokens(crop_size, patch_size)
     dcm = DCM(crop_size, grid, max_tiles=max_tiles)
     chosen = dcm.grid_for(size)
-    dual = DualViewEncoder(_no_tower, dcm, DEM(8, 8, out_size=feat), patch_size=patch_size)
-    full = DualViewEncoder(_no_tower, dcm, DEM(8, 8, out_size=None), thumbnail_fusion="concat", patch_size=patch_size)
     return [
         resize_budget(crop_size, feat),
         s2_budget(crop_size, feat),
         anyres_budget(size, chosen, crop_size, feat),
-        dual.budget(size),
-        replace(full.budget(size), scheme="dual_view_full"),
+        dual_view_budget(chosen, crop_size, feat, out_size=feat, thumbnail=True, thumbnail_fusion="mean"),
+        replace(dual_view_budget(chosen, crop_size, feat, out_size=None, thumbnail=True, thumbnail_fusion="concat"),
+                scheme="dual_view_full"),
     ]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -12,13 +11,13 @@ from torch import nn
 from . import grid as G
 from .budget import Budget, dual_view_budget
 from ._checks import check_size
-from . import layout
+from ._device import placement
 from ._checks import check_choice, check_positive_int, check_tower_batch_size
 from .cropping import DCM, DualCrops
 from .enhance import DEM
 from .gate import GATE_INITS, DualViewGate
 from .tiled import TiledImage, encode_tiled
-from ._zero3 import call_count, grid_order, in_lockstep, tie_unused
+from ._zero3 import call_count, in_lockstep, tie_unused
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 """Any callable (N, 3, s, s) -> (N, h*w, D) patch tokens (no CLS token)."""
@@ -178,83 +177,34 @@ class DualViewEncoder(nn.Module):
         )
 
     def forward(self, images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """The paper's steps: DCM cuts each image into ``R*C`` local tiles (and a thumbnail), the engine
+        (:func:`dualview.tiled.encode_tiled`) cuts the ``R*C`` global crops from the same canvas, runs
+        every crop through the tower in one batch and the DEM once per grid, then fuses the thumbnail.
+
+        (B, c, H, W) -> (B, tokens, D); [(c, H_i, W_i), ...] -> [(tokens_i, D), ...]."""
         crops = self.dcm(images)
         if isinstance(crops, DualCrops):
             return self.encode_crops([crops])[0]
         return [tokens[0] for tokens in self.encode_crops(crops)]
 
     def encode_crops(self, crops: Sequence[DualCrops]) -> list[torch.Tensor]:
-        """Encode DCM outputs: one tower call for all of them, one DEM call per grid.
+        """Encode DCM outputs: one tower batch for all of them, one DEM call per grid.
 
-        -> one (B_i, tokens, D) tensor per element of ``crops``.
-        """
-        parts, roles = [], []
-        for c in crops:
-            parts += [c.local_view, c.global_view] + ([] if c.thumbnail is None else [c.thumbnail])
-            roles += ["local", "global"] + ([] if c.thumbnail is None else ["thumbnail"])
-        counts = [p.shape[0] * p.shape[1] if p.ndim == 5 else p.shape[0] for p in parts]
-        if self.gate is None:
-            feats = self.run_tower(_gather(parts, counts))
-        else:  # identity: the host's crops get a tower call of their own, batched as the plain model batches them
-            host = "thumbnail" if self.dem.out_size is not None else "local"
-            feats = self._run_tower_host_apart(parts, counts, [role == host for role in roles])
-        if feats.shape[-1] != self.dem.dim:
-            raise ValueError(f"tower returns D={feats.shape[-1]} channels, but the DEM has dim={self.dem.dim}")
-        feats = iter(feats.split(counts))
-        local, glob, thumb = [], [], []
-        for c in crops:
-            batch_crops = c.local_view.shape[:2]
-            local.append(next(feats).unflatten(0, batch_crops))
-            glob.append(next(feats).unflatten(0, batch_crops))
-            thumb.append(None if c.thumbnail is None else next(feats))
-        # Inputs that share a grid form one batch for DEM (and one gate call).
-        by_grid: dict[G.Grid, list[int]] = defaultdict(list)
-        for i, c in enumerate(crops):
-            by_grid[c.grid].append(i)
-        out: list[Optional[torch.Tensor]] = [None] * len(crops)
-        unused = []
-        for grid in grid_order(self.dem, by_grid):
-            idx = by_grid.get(grid)
-            if idx is None:  # ZeRO-3: a grid only other ranks have, run on zeros (batch 1)
-                zeros = local[0].new_zeros(1, grid[0] * grid[1], *local[0].shape[2:])
-                unused.append(self._fuse_grid(zeros, zeros, None if thumb[0] is None else thumb[0].new_zeros(1, *thumb[0].shape[1:]), grid))
-                continue
-            thumbs = None if thumb[idx[0]] is None else torch.cat([thumb[i] for i in idx])
-            fused = self._fuse_grid(torch.cat([local[i] for i in idx]), torch.cat([glob[i] for i in idx]), thumbs, grid)
-            for i, tokens in zip(idx, fused.split([local[i].shape[0] for i in idx])):
-                out[i] = tokens
-        out[0] = tie_unused(out[0], unused)
-        return out
-
-    def _fuse_grid(self, local: torch.Tensor, glob: torch.Tensor, thumb: Optional[torch.Tensor], grid: G.Grid) -> torch.Tensor:
-        """(B, R*C, h*w, D) local and global crops' features (and (B, t, D) thumbnails) of one grid -> the
-        DEM's tokens, gated / fused with the thumbnails. The DEM reads its own dtype; the host's features
-        (the thumbnail, the plain tiles the gate reads) keep the tower's, so that the identity gate gives
-        them back unrounded (the tower may run in another precision than the DEM)."""
-        dem_dtype = self.dem.ln_fuse.weight.dtype
-        tokens = self._step("dem")(local.to(dem_dtype), glob.to(dem_dtype), grid)
-        if self.gate is not None and self.dem.out_size is None:  # full map: host = the plain tiles' map
-            h, w = _square(local.shape[2])  # (B, R*C, h*w, D) -> (B, R*h*C*w, D), the DEM's full-map order
-            tokens = self.gate(layout.windows_to_map(local, *grid, h, w).flatten(1, 2), tokens)
-        return self._fuse_thumbnail(tokens, thumb)
+        -> one (B_i, tokens, D) tensor per element of ``crops``."""
+        tokens = iter(encode_tiled(self, [image for c in crops for image in dcm_images(c)], dem_map=True))
+        return [torch.stack([next(tokens) for _ in range(c.local_view.shape[0])]) for c in crops]
 
     def encode_tiled(self, images: Sequence["TiledImage"]) -> list[torch.Tensor]:
         """Tiles cut by a host -> per image (P_i, h*w, D) features in the host's order, the tiles'
         DEM-fused (:func:`dualview.tiled.encode_tiled`: one tower batch, one DEM call per grid)."""
         return encode_tiled(self, images)
 
-    def _run_tower_host_apart(self, parts: list[torch.Tensor], counts: list[int], is_host: list[bool]) -> torch.Tensor:
-        """The tower features of ``parts`` (in their order), the "host" parts (thumbnails under
-        ``"mean"``, local tiles under the full map) from a call of their own: a tower need not give a
-        crop bit-equal features in batches of different sizes, and identity means the plain model's."""
-        split = {}
-        for flag in (False, True):  # the host's crops last: the order of one call over all parts is kept
-            chosen = [i for i, f in enumerate(is_host) if f == flag]
-            if not chosen:
-                continue
-            feats = self.run_tower(_gather([parts[i] for i in chosen], [counts[i] for i in chosen]))
-            split.update(zip(chosen, feats.split([counts[i] for i in chosen])))
-        return torch.cat([split[i] for i in range(len(parts))])
+    def run_dem(self, local: torch.Tensor, glob: torch.Tensor, grid: G.Grid, feat_size: G.Size) -> torch.Tensor:
+        """(B, R*C, h*w, D) local and global crops' features of B images of one grid -> (B, tokens, D), the
+        DEM's output (compiled when ``compile`` asks for it), in the DEM's dtype, on the device it computes
+        on (:func:`dualview._device.placement`: its hooks' when accelerate offloaded it)."""
+        device, dtype = placement(self.dem), self.dem.ln_fuse.weight.dtype
+        return self._step("dem")(local.to(device=device, dtype=dtype), glob.to(device=device, dtype=dtype), grid, feat_size)
 
     def tower_chunks(self, crops: int) -> list[int]:
         """The crop count of each tower call for ``crops`` crops (see ``tower_batch_size``)."""
@@ -323,22 +273,6 @@ class DualViewEncoder(nn.Module):
         state["_compiled"] = {}  # compiled callables do not pickle; they are rebuilt on first use
         return state
 
-    def _fuse_thumbnail(self, dem_tokens: torch.Tensor, thumb: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.thumbnail_fusion == "none":
-            return dem_tokens
-        if self.thumbnail_fusion == "concat":  # in the wider of the tower's and the DEM's dtypes
-            dtype = torch.promote_types(thumb.dtype, dem_tokens.dtype)
-            return torch.cat((thumb.to(dtype), dem_tokens.to(dtype)), dim=1)
-        if thumb.shape != dem_tokens.shape:
-            raise ValueError(
-                f"thumbnail_fusion='mean' needs thumbnail tokens {tuple(thumb.shape)} and DEM tokens "
-                f"{tuple(dem_tokens.shape)} of one shape: set DEM out_size to the tower's (h, w)"
-            )
-        if self.gate is not None:  # identity init: host = the thumbnail's tokens
-            return self.gate(thumb, dem_tokens)
-        return (thumb + dem_tokens) / 2  # in the wider of the two dtypes (type promotion)
-
-
 
 AUTO_CHUNK_TOKENS = 65536
 """Tokens per tower call under ``tower_batch_size=None``; the activation memory of a call grows with
@@ -406,13 +340,6 @@ def _check_gate(init: str, gate: Optional[DualViewGate], dem: DEM, thumbnail_fus
     return gate
 
 
-def _square(tokens: int) -> G.Size:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"init='identity' with the full map needs square crops of h*w tokens, got {tokens} tokens")
-    return side, side
-
-
 def _check_tower_output(feats: object, crops: int) -> None:
     if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or feats.shape[0] != crops:
         got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
@@ -424,13 +351,12 @@ def _dummy_crop(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(x.new_full((1, *x.shape[1:]), 1 if i else 0) for i, x in enumerate(inputs))
 
 
-def _gather(parts: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
-    """All crops in one (N, c, s, s) batch for the tower, each view copied once, straight from its
-    strided layout (no intermediate contiguous copy, as flatten + cat would make)."""
-    first = parts[0]
-    out = first.new_empty((sum(counts), *first.shape[-3:]))
-    start = 0
-    for part, n in zip(parts, counts):
-        out[start:start + n].view(part.shape).copy_(part)
-        start += n
-    return out
+def dcm_images(crops: DualCrops) -> list[TiledImage]:
+    """The DCM as a producer for the engine: per image of ``crops`` (B images of one grid) a
+    :class:`~dualview.tiled.TiledImage` of its ``R*C`` local tiles (row-major, ``tiles_at=0``), then its
+    thumbnail if any. The DCM's global view is not passed: the engine cuts the same strided crops from
+    the tiles' canvas (:func:`dualview.tiled.global_crops`, bit for bit the DCM's ``global_view``)."""
+    tiles = crops.local_view  # (B, R*C, c, s, s)
+    if crops.thumbnail is not None:
+        tiles = torch.cat((tiles, crops.thumbnail[:, None]), dim=1)  # (B, R*C + 1, c, s, s)
+    return [TiledImage(patches, crops.grid) for patches in tiles]

@@ -105,10 +105,6 @@ class _IndexPlan(NamedTuple):
 _MAX_PLANS = 32  # plans remembered, all DEMs of the process together; more shapes rebuild past that
 
 
-def _is_compiling() -> bool:  # torch.compiler.is_compiling arrived in torch 2.3; the package allows 2.1
-    return getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
-
-
 def _build_index_plan(
     rows: int, cols: int, h: int, w: int, batch: int, device: torch.device,
     both: bool, strides: Optional[tuple[int, int]],
@@ -154,7 +150,7 @@ def _index_plan(
     in place, every call, under torch.compile, fake or symbolic tracing (make_fx, export) and on
     the meta device, where nothing may be kept."""
     device = like.device
-    if _is_compiling() or type(like) is not torch.Tensor or not isinstance(batch, int) or device.type == "meta":
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor or not isinstance(batch, int) or device.type == "meta":
         return _build_index_plan(rows, cols, h, w, batch, device, both, strides)
     return _cached_index_plan(rows, cols, h, w, batch, device, both, strides)
 

@@ -129,3 +129,16 @@ def test_identity_needs_a_plain_counterpart():
     with pytest.raises(ValueError, match=r"gate must have dim=16 \(the DEM's\), got dim=8"):
         DualViewEncoder(PatchTower(16, 4), DCM(16, (2, 2), thumbnail=True), DEM(16, 2, out_size=(4, 4)),
                         init="identity", gate=DualViewGate(8))
+
+
+@pytest.mark.parametrize("out_size, fusion, host_first", [((4, 4), "mean", 2), (None, "concat", 2 * (6 + 1))])
+def test_identity_runs_the_kept_crops_first_in_a_call_of_their_own(out_size, fusion, host_first):
+    """The one identity rule: the crops whose features the output keeps at g = 0 go through the tower first,
+    alone (the plain model's batch): the thumbnails when the DEM resamples, else every tile and thumbnail;
+    then the others (tiles under the mean, and the global crops), 2 images of 2x3 tiles."""
+    encoder, tower = _encoder(out_size, fusion)
+    sizes = []
+    tower.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        encoder(torch.randn(2, 3, 37, 50))
+    assert sizes == [host_first, 2 * (2 * 6 + 1) - host_first]

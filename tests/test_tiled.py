@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dualview import DCM, DEM, DualViewEncoder
-from dualview.tiled import TiledImage
+from dualview.tiled import TiledImage, encode_tiled
+from dualview.tiled import global_crops as engine_global_crops
 
 from .conftest import PatchTower
 from .tiny_models import global_crops
@@ -193,3 +194,19 @@ def test_bad_inputs_name_the_argument():
                              thumbnail_fusion="concat")
     with pytest.raises(ValueError, match="out_size=None"):
         pooled.encode_tiled([image((2, 2), 0, 0, 0)])
+
+
+def test_the_dcms_global_view_is_the_engines_global_crops_bit_for_bit():
+    """The DCM hands the engine its tiles only: the strided crops the engine cuts from the tiles'
+    canvas are the DCM's own global view, bit for bit."""
+    crops = DCM(S, (2, 3), fit="pad")(torch.randn(2, 3, 50, 90))
+    for local, glob in zip(crops.local_view, crops.global_view):
+        assert torch.equal(engine_global_crops(local, (2, 3)), glob)
+
+
+def test_dem_map_takes_tiles_then_a_thumbnail_only():
+    encoder = DualViewEncoder(PatchTower(dim=D, patch_size=P), DCM(S, (2, 2)), DEM(D, num_heads=2, out_size=(2, 2)))
+    for im, got in [(image((2, 2), 1, 1, 0), "tiles_at=1 and 5 patches"), (image((2, 2), 0, 2, 0), "tiles_at=0 and 6"),
+                    (image(None, 0, 1, 0), "grid=None")]:
+        with pytest.raises(ValueError, match=f"dem_map=True takes images of R\\*C tiles .*{got}"):
+            encode_tiled(encoder, [im], dem_map=True)
