@@ -18,4 +18,4 @@ __all__ = [
     "DCM", "DEM", "DualCrops", "DualViewEncoder", "DualViewGate", "Box", "Budget", "TiledImage",
     "apply", "freeze", "from_pretrained", "load", "save_adapter", "trainable_parameters", "unapply",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

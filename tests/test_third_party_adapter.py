@@ -391,3 +391,36 @@ def test_dualview_from_pretrained_gives_back_the_host_class_that_was_saved_of_an
         assert type(loaded) is SecondTinyVLM
         with torch.no_grad():
             assert torch.equal(loaded(pixels()), expected)
+
+
+def test_deep_copy_pickle_and_torch_save_keep_the_third_party_model_bit_exact(tmp_path):
+    import copy
+    import pickle
+
+    model = dualview.apply(build(), init="identity")
+    with torch.no_grad():
+        model.model.spatial_gate.g.fill_(0.25)
+        expected = model(pixels())
+    torch.save(model, tmp_path / "model.pt")
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                  torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert type(other.model) is DualViewTinyVLMModel
+        with torch.no_grad():
+            assert torch.equal(other(pixels()), expected)
+
+
+def test_peft_lora_over_the_third_party_host_saves_and_loads_through_dualview(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = dualview.freeze(dualview.apply(build(), init="identity"), "warm_start_lora",
+                            lora=peft.LoraConfig(r=2, target_modules=["head"]))
+    assert isinstance(model, peft.PeftModel)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # trained: the LoRA, the DEM and the gate (PEFT's copies)
+                param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+        expected = model(pixels())
+    dualview.save_adapter(model, tmp_path / "dv")
+    loaded = dualview.load(build(), tmp_path / "dv")
+    assert isinstance(loaded, peft.PeftModel)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels()), expected)
