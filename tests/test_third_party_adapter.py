@@ -66,6 +66,11 @@ class TinyVLM(TinyVLMPreTrainedModel):
         return self.head(self.model(pixel_values).mean(1))
 
 
+def clip_geometry(vision: CLIPVisionConfig) -> Geometry:
+    """What a CLIP tower of ``vision`` hands the DEM (its last layer, patch tokens)."""
+    return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+
+
 class DualViewTinyVLMModel(DualViewHost, TinyVLMModel):
     """The recipe's step 1: the image hook, dual view."""
 
@@ -85,8 +90,7 @@ class TinyVLMAdapter(HostAdapter):
 
     @classmethod
     def _measure(cls, module: nn.Module) -> Geometry:
-        tower = HFVisionTower(module.vision_tower)  # reads the tower's own config
-        return Geometry(dim=module.vision_tower.config.hidden_size, crop=tower.image_size, patch=tower.patch_size)
+        return clip_geometry(module.config.vision_config)
 
     @classmethod
     def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
@@ -276,14 +280,11 @@ class ConnectorVLMAdapter(HostAdapter):
     def _place(cls, model: nn.Module) -> Placement:
         return Placement(outer=model, inner=model.model, dem_parent=model.model.connector)
 
-    @classmethod
-    def _measure(cls, module: nn.Module) -> Geometry:
-        vision = module.config.vision_config
-        return Geometry(dim=vision.hidden_size, crop=vision.image_size, patch=vision.patch_size)
+    _make_tower = TinyVLMAdapter._make_tower
 
     @classmethod
-    def _make_tower(cls, inner: nn.Module, call: dict) -> nn.Module:
-        return HFVisionTower(inner.vision_tower, layer=-1)
+    def _measure(cls, module: nn.Module) -> Geometry:
+        return clip_geometry(module.config.vision_config)  # the connector keeps the host's config
 
 
 def test_a_dem_placed_on_a_submodule_of_the_inner_model_runs_and_round_trips(tmp_path):
