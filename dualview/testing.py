@@ -7,6 +7,8 @@ the randomly initialised LLaVA-style models the examples and the adapter tests r
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "what", "is", "small", "here?", "a", "dot"]
@@ -35,15 +37,32 @@ class PatchTower(torch.nn.Module):
 
 def tokenizer():
     """A word-level fast tokenizer over :data:`WORDS` with an ``<image>`` token, built in memory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    return word_tokenizer(WORDS, extra_special_tokens={"image_token": "<image>"})
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+
+def word_tokenizer(words: Sequence[str], *, split: str = "spaces", pad_token: str = "<pad>", bos_token: str = "<s>",
+                   eos_token: str = "</s>", **special: Any):
+    """A ``PreTrainedTokenizerFast`` over ``words`` (a word's id is its position; unknown words are
+    "<unk>", which ``words`` must hold). ``split``: "spaces" (words are what whitespace separates),
+    "punctuation" (punctuation apart from the words too) or "lines" (spaces separate words and every
+    newline is a token of its own, "\\n\\n" two, as in the tiny vocabularies of hosts whose prompts hold
+    newlines). ``special`` goes to ``PreTrainedTokenizerFast`` as is: the host's further special tokens
+    (``extra_special_tokens``, ...), ``padding_side``, ``chat_template``."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    splits = {
+        "spaces": pre_tokenizers.WhitespaceSplit,
+        "punctuation": pre_tokenizers.Whitespace,
+        "lines": lambda: pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+        ]),
+    }
+    vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocabulary.pre_tokenizer = splits[split]()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=vocabulary, unk_token="<unk>", pad_token=pad_token,
+                                                bos_token=bos_token, eos_token=eos_token, **special)
 
 
 def clip_config(image_size: int = 28, hidden: int = 32):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import transformers
 
-from .word_tokenizer import word_tokenizer
+from dualview.testing import word_tokenizer
 
 S, PATCH, SCALE = 32, 8, 2
 SEQ = (S // PATCH // SCALE) ** 2  # image tokens per frame after the pixel shuffle

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import transformers
 
-from .word_tokenizer import word_tokenizer
+from dualview.testing import word_tokenizer
 
 S, PATCH = 28, 7
 SEQ = (S // PATCH // 2) ** 2  # image tokens per tile after the pixel shuffle

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import transformers
 
-from .word_tokenizer import word_tokenizer
+from dualview.testing import word_tokenizer
 
 S, PATCH = 28, 14  # crop size and patch size: 2x2 tokens per crop
 H = W = S // PATCH

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import transformers
 
-from .word_tokenizer import word_tokenizer
+from dualview.testing import word_tokenizer
 
 S, PATCH = 35, 7
 H = W = S // PATCH

@@ -1,11 +1,12 @@
 """Tiny, randomly initialised models and an offline tokenizer for the adapter tests (no downloads).
 
 The model builders live in :mod:`dualview.testing` (the examples use them too, without reaching into
-``tests/``); this module keeps the tests' import path. The tokenizer is the tests' one builder's
-(:func:`tests.word_tokenizer.word_tokenizer`) over the same vocabulary and special tokens as
-:func:`dualview.testing.tokenizer`."""
+``tests/``); this module keeps the tests' import path. Every tokenizer of the tests and examples
+comes from one builder, :func:`dualview.testing.word_tokenizer`."""
 
 from __future__ import annotations
+
+import torch
 
 from dualview.testing import (  # noqa: F401  (re-exported)
     IMAGE_TOKEN_ID,
@@ -15,16 +16,8 @@ from dualview.testing import (  # noqa: F401  (re-exported)
     llama_config,
     pil_image,
     seeded,
+    tokenizer,
 )
-
-import torch
-
-from .word_tokenizer import word_tokenizer
-
-
-def tokenizer():
-    """A word-level tokenizer over :data:`WORDS` with an ``<image>`` token (right padding)."""
-    return word_tokenizer(WORDS, extra_special_tokens={"image_token": "<image>"})
 
 
 def global_crops(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
