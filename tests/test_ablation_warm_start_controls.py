@@ -149,6 +149,7 @@ def test_the_rules_are_read_off_the_runs_at_their_step_and_corrected_level():
 
 def test_a_run_of_the_new_arms_starts_at_the_host_and_its_report_rebuilds(tmp_path):
     cfg = dict(json.loads((EXAMPLES / "configs" / "warm_start_context.json").read_text()))
+    cfg["decisions"] = ["identity - identity_no_global", "identity - released @ 1"]  # quick mode: 3 steps
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     args = ["--config", str(tmp_path / "c.json"), "--quick", "--no-tqdm", "--no-plot", "--out", str(tmp_path / "out"),
             "--tower-cache", str(tmp_path / "towers")]
@@ -161,5 +162,6 @@ def test_a_run_of_the_new_arms_starts_at_the_host_and_its_report_rebuilds(tmp_pa
             step0 = json.loads((tmp_path / "out" / "runs" / arm / f"seed{seed}.json").read_text())["checkpoints"][0]
             assert step0["correct"] == host["correct"] and step0["agree_with_host"] == (1.0 if arm != "released" else step0["agree_with_host"])
     report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "| identity - released @ 1 | 1 | 2 |" in report and "97.50% intervals" in report
     warm_start.main(args + ["--report-only"])
     assert (tmp_path / "out" / "REPORT.md").read_text() == report
