@@ -38,6 +38,14 @@ Per seed, on the toolkit's task and frozen pretrained tower:
    the host itself is the reference at every step), and scored on the held-out set at the
    ``checkpoints`` (fractions of the budget; 0 = before the first update).
 
+With ``warm_arms`` in the config (``configs/warm_start_context.json``, ``warm_start_frame_controls.json``)
+the arms are chosen from ``WARM_ARMS``, which adds **identity_no_global** (the capacity control: the same
+DEM given the local tokens as its global input) and **identity_projector_head** (identity with the host's
+projector and head trainable: host_continued's like-for-like match); ``gate_lr`` puts ``g`` in its own
+AdamW group; seed ``k`` trains on tower ``tower_seed_of(k)``; the report (``arms_markdown``) holds every
+arm against the host at every checkpoint, the pre-registered ``decisions`` (Bonferroni) and the host's
+convergence check (``|host_continued - host| <= 0.5`` points at the end).
+
 Each finished (arm, seed) goes to ``OUT/runs/<arm>/seed<k>.json`` at once (the host's weights too,
 ``runs/host/seed<k>.pt``), atomically; a rerun skips it. ``REPORT.md`` and ``warm_start.json``
 hold bootstrap intervals (``stats.py``, over seeds and held-out samples) of every arm's accuracy at
