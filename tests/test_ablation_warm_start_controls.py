@@ -101,6 +101,8 @@ def test_the_config_names_the_arms_the_gate_lr_and_the_rules_or_says_what_is_wro
         WarmStartConfig(decisions=("identity - identity_no_global",)).check()  # not among the default arms
     with pytest.raises(ValueError, match=r"the step must be a checkpoint, one of \[0, 5, 10, 20, 50, 100, 150, 200\], got 7"):
         WarmStartConfig(decisions=("identity - host @ 7",)).check()
+    with pytest.raises(ValueError, match=r"the step after '@' must be a whole number, got 'end'"):
+        WarmStartConfig(decisions=("identity - host @ end",)).check()
     with pytest.raises(ValueError, match="must read 'ARM - REFERENCE'"):
         WarmStartConfig(decisions=("identity-host",)).check()
     # the task and the gate's learning rate change what a run computes: another hash; the arms set does not

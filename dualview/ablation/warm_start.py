@@ -171,6 +171,8 @@ def parse_rule(text: str, arms, steps: list[int]) -> tuple[str, str, int]:
     unknown = [p for p in parts if p not in arms]
     if unknown:
         raise ValueError(f"decision {text!r}: arms must be among {list(arms)}, got {unknown}")
+    if at.strip() and not at.strip().isdigit():
+        raise ValueError(f"decision {text!r}: the step after '@' must be a whole number, got {at.strip()!r}")
     step = int(at) if at.strip() else steps[-1]
     if step not in steps:
         raise ValueError(f"decision {text!r}: the step must be a checkpoint, one of {steps}, got {step}")
