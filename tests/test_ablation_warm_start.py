@@ -220,7 +220,9 @@ def test_intervals_from_weights_drawn_beforehand_are_those_from_the_generator():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("folder, config", [("results-warm-start", "warm_start.json"),
-                                            ("results-warm-start-budget400", "warm_start_budget400.json")])
+                                            ("results-warm-start-budget400", "warm_start_budget400.json"),
+                                            ("results-warm-start-context", "warm_start_context.json"),
+                                            ("results-warm-start-frame-controls", "warm_start_frame_controls.json")])
 def test_the_committed_report_is_what_its_runs_give(tmp_path, folder, config):
     """REPORT.md and warm_start.json are rebuilt byte for byte from runs/ and sessions.jsonl."""
     committed = EXAMPLES / folder

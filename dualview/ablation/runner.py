@@ -162,14 +162,19 @@ def build_model(cfg: ExperimentConfig, arm: Arm, seed: int) -> VariantModel:
 def fit(model: torch.nn.Module, params, stream: FeatureStream, *, steps: int, lr: float, world: World | None = None,
         on_step=None) -> list[float]:
     """AdamW + one-cycle at ``lr`` on ``params`` for ``steps`` batches of ``stream`` (steps 0..steps-1).
+    ``params`` may also be AdamW parameter groups (dicts, each with its own ``lr``, the one-cycle peak
+    of that group; e.g. a gate on its own learning rate).
 
     ``on_step(k)``, if given, is called after the ``k``-th update, and with 0 before the first (to
     score the model along training; the model is in train mode when it returns). Returns the losses.
     """
     world = world if world is not None else World()
     trainable = torch.nn.parallel.DistributedDataParallel(model) if world.ddp else model
+    params = list(params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    groups = params and isinstance(params[0], dict)
+    peak = [group["lr"] for group in optimizer.param_groups] if groups else lr  # each group's own peak
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
     losses = []
     if on_step is not None:

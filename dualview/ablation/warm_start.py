@@ -38,6 +38,14 @@ Per seed, on the toolkit's task and frozen pretrained tower:
    the host itself is the reference at every step), and scored on the held-out set at the
    ``checkpoints`` (fractions of the budget; 0 = before the first update).
 
+With ``warm_arms`` in the config (``configs/warm_start_context.json``, ``warm_start_frame_controls.json``)
+the arms are chosen from ``WARM_ARMS``, which adds **identity_no_global** (the capacity control: the same
+DEM given the local tokens as its global input) and **identity_projector_head** (identity with the host's
+projector and head trainable: host_continued's like-for-like match); ``gate_lr`` puts ``g`` in its own
+AdamW group; seed ``k`` trains on tower ``tower_seed_of(k)``; the report (``arms_markdown``) holds every
+arm against the host at every checkpoint, the pre-registered ``decisions`` (Bonferroni) and the host's
+convergence check (``|host_continued - host| <= 0.5`` points at the end).
+
 Each finished (arm, seed) goes to ``OUT/runs/<arm>/seed<k>.json`` at once (the host's weights too,
 ``runs/host/seed<k>.pt``), atomically; a rerun skips it. ``REPORT.md`` and ``warm_start.json``
 hold bootstrap intervals (``stats.py``, over seeds and held-out samples) of every arm's accuracy at
@@ -77,31 +85,73 @@ HOST = Arm("anyres")  # the plain AnyRes host
 DUAL = Arm("dem_both")  # whose DEM is added: both directions, linear-concat fusion, avgpool
 INITS = ("released", "released_gated", "identity", "rescale_only")  # dual view added (rescale_only: its gate alone)
 CONTINUED = "host_continued"
-PHASE2 = INITS + (CONTINUED,)  # the arms trained from the trained host
+PHASE2 = INITS + (CONTINUED,)  # the arms trained from the trained host (the committed reports' set)
 ARMS = ("host",) + PHASE2
+NO_GLOBAL = "identity_no_global"  # identity, the DEM given the local tokens as its global input: the capacity control
+PROJ_HEAD = "identity_projector_head"  # identity, the host's projector and head trainable too: host_continued's match
+DUAL_INITS = INITS + (NO_GLOBAL, PROJ_HEAD)  # every arm with dual view's DEM or gate
+WARM_ARMS = DUAL_INITS + (CONTINUED,)  # what ``warm_arms`` may name
+CONVERGED = 0.005  # the host counts as trained to convergence if |host_continued - host| <= 0.5 points at the end
 DIFFERENCES = (("released", "host"), ("identity", "host"), ("identity", "released"), ("identity", "released_gated"),
                ("released_gated", "released"), ("rescale_only", "host"), ("identity", "rescale_only"),
                ("host_continued", "host"), ("identity", "host_continued"))
-GATE_START = {"released_gated": 1.0, "identity": 0.0, "rescale_only": 0.0}  # the learnable gate's g at step 0
+GATE_START = {"released_gated": 1.0, "identity": 0.0, "rescale_only": 0.0, NO_GLOBAL: 0.0, PROJ_HEAD: 0.0}  # the learnable gate's g at step 0
 FINETUNE_STREAM = 500  # the fine-tuning stream of seed k has data seed 1000 k + 500: not the host's samples
 DEM_SEED = 100_000  # the DEM of seed k is built under torch.manual_seed(DEM_SEED + k), for every arm
 
 
 @dataclass
 class WarmStartConfig(ExperimentConfig):
-    """ExperimentConfig's task, tower, head, budget (``steps`` for the host and again for the
-    fine-tuning), seeds and intervals; ``arms`` is fixed (the host and the dual variant)."""
+    """ExperimentConfig's task, tower(s), head, budget (``steps`` for the host and again for the
+    fine-tuning), seeds and intervals; ``arms`` is fixed to the host and the dual variant, on one task
+    (``anyres@MARK, dem_both@MARK``). ``warm_arms``: the arms trained from the host (None: the committed
+    reports' ``PHASE2``); ``gate_lr``: the learnable gate's own learning rate (None: the DEM's);
+    ``decisions``: pre-registered ``"ARM - REFERENCE @ STEP"`` differences (Bonferroni over ``alpha``)."""
 
     arms: tuple[str, ...] = (HOST.name, DUAL.name)
     checkpoints: tuple[float, ...] = (0.0, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # fractions of the fine-tuning budget
+    warm_arms: tuple[str, ...] | None = None
+    gate_lr: float | None = None
+
+    NEW_FIELDS = dict(ExperimentConfig.NEW_FIELDS, gate_lr=None)
+    NEW_ANALYSIS_FIELDS = dict(ExperimentConfig.NEW_ANALYSIS_FIELDS, warm_arms=None)
+
+    @property
+    def host_arm(self) -> Arm:
+        return Arm.parse(self.arms[0])
+
+    @property
+    def dual_arm(self) -> Arm:
+        return Arm.parse(self.arms[1])
+
+    @property
+    def phase2(self) -> tuple[str, ...]:
+        """The arms trained from the trained host."""
+        return PHASE2 if self.warm_arms is None else tuple(self.warm_arms)
+
+    @property
+    def all_arms(self) -> tuple[str, ...]:
+        return ("host",) + self.phase2
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dict(self.hashed_fields(), experiment="warm_start"),
+        mark = {} if self.host_arm.mark == HOST.mark else dict(mark=self.host_arm.mark)  # older runs keep their hash
+        return hashlib.sha256(json.dumps(dict(self.hashed_fields(), experiment="warm_start", **mark),
                                          sort_keys=True).encode()).hexdigest()[:16]
 
     def check(self) -> None:
-        if tuple(self.arms) != (HOST.name, DUAL.name):
-            raise ValueError(f"arms are fixed in the warm-start experiment to {[HOST.name, DUAL.name]}, got {list(self.arms)}")
+        mark = self.arms[0].partition("@")[2] if self.arms else ""
+        fixed = tuple(f"{a.name}@{mark}" if mark else a.name for a in (HOST, DUAL))
+        if tuple(self.arms) != fixed:
+            raise ValueError(f"arms are fixed in the warm-start experiment to {[HOST.name, DUAL.name]} "
+                             f"(on one task, e.g. {[HOST.name + '@context', DUAL.name + '@context']}), got {list(self.arms)}")
+        if self.warm_arms is not None and (not self.warm_arms or len(set(self.warm_arms)) != len(self.warm_arms)
+                                           or not set(self.warm_arms) <= set(WARM_ARMS)):
+            raise ValueError(f"warm_arms must be distinct names among {list(WARM_ARMS)}, got {list(self.warm_arms)}")
+        if self.gate_lr is not None and not self.gate_lr > 0:
+            raise ValueError(f"gate_lr must be a positive learning rate or null (the DEM's), got {self.gate_lr}")
+        if self.decisions:
+            for text in self.decisions:
+                parse_rule(text, self.all_arms, self.checkpoint_steps())
         if not self.checkpoints or any(not 0 <= f <= 1 for f in self.checkpoints):
             raise ValueError(f"checkpoints must be fractions of the budget in [0, 1], got {list(self.checkpoints)}")
         if 0.0 not in self.checkpoints:
@@ -109,6 +159,24 @@ class WarmStartConfig(ExperimentConfig):
 
     def checkpoint_steps(self) -> list[int]:
         return sorted({round(f * self.steps) for f in self.checkpoints})
+
+
+def parse_rule(text: str, arms, steps: list[int]) -> tuple[str, str, int]:
+    """``"ARM - REFERENCE @ STEP"`` (``@ STEP`` optional: the last checkpoint) -> (arm, reference, step),
+    both among ``arms``, the step among the checkpoints ``steps``; one clear error otherwise."""
+    diff, _, at = text.partition("@")
+    parts = [p.strip() for p in diff.split(" - ")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"a decision must read 'ARM - REFERENCE' or 'ARM - REFERENCE @ STEP', got {text!r}")
+    unknown = [p for p in parts if p not in arms]
+    if unknown:
+        raise ValueError(f"decision {text!r}: arms must be among {list(arms)}, got {unknown}")
+    if at.strip() and not at.strip().isdigit():
+        raise ValueError(f"decision {text!r}: the step after '@' must be a whole number, got {at.strip()!r}")
+    step = int(at) if at.strip() else steps[-1]
+    if step not in steps:
+        raise ValueError(f"decision {text!r}: the step must be a checkpoint, one of {steps}, got {step}")
+    return parts[0], parts[1], step
 
 
 class DualViewModel(nn.Module):
@@ -119,7 +187,10 @@ class DualViewModel(nn.Module):
     tiles)``, ``g = 0`` at first, so the tokens, logits and predictions are the host's at step 0;
     ``init="released_gated"``: the same with ``g = 1`` at first (released, up to rounding);
     ``init="rescale_only"``: identity's gate towards zero instead of the DEM, ``(thumbnail + tiles +
-    g * (0 - tiles)) / 2``, only ``g`` trained (the DEM is built, for the seed's random stream, but unused).
+    g * (0 - tiles)) / 2``, only ``g`` trained (the DEM is built, for the seed's random stream, but unused);
+    ``init="identity_no_global"``: identity with the DEM given the local tokens as its global input too
+    (same DEM, same parameters, no global view: the capacity control);
+    ``init="identity_projector_head"``: identity with the host's projector and head trainable too.
     """
 
     def __init__(self, host: VariantModel, dem: nn.Module, init: str):
@@ -127,26 +198,39 @@ class DualViewModel(nn.Module):
         if host.variant.combine == "dem" or host.variant.views == "thumbnail" or not host.variant.thumbnail:
             raise ValueError(f"the host must combine its views without a DEM and average them with the thumbnail, "
                              f"got variant {host.variant.name!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        if init not in DUAL_INITS:
+            raise ValueError(f"init must be one of {list(DUAL_INITS)}, got {init!r}")
         self.host, self.dem, self.init = host, dem, init
         self.gate = DualViewGate(dem.dim, init="released" if init == "released" else "identity")
         if init in GATE_START:
             with torch.no_grad():
                 self.gate.g.fill_(GATE_START[init])
         for p in host.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(init == PROJ_HEAD)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The DEM's weights (not rescale_only's) and the learnable gate's ``g`` (not released's): what the
-        fine-tuning trains."""
-        return (list(self.dem.parameters()) if self.init != "rescale_only" else []) + list(self.gate.parameters())
+        """The DEM's weights (not rescale_only's), the learnable gate's ``g`` (not released's) and, for
+        identity_projector_head, the host's projector and head (all its parameters): what the fine-tuning trains."""
+        host = list(self.host.parameters()) if self.init == PROJ_HEAD else []
+        return host + (list(self.dem.parameters()) if self.init != "rescale_only" else []) + list(self.gate.parameters())
+
+    def parameter_groups(self, lr: float, gate_lr: float | None) -> list:
+        """What ``fit`` trains: the trainable parameters at ``lr``, or (``gate_lr`` given) the gate's ``g``
+        in its own group at ``gate_lr`` without weight decay (docs/training.md's rule)."""
+        params = self.trainable_parameters()
+        if gate_lr is None:
+            return params
+        gate = {id(p) for p in self.gate.parameters()}
+        groups = [dict(params=[p for p in params if id(p) not in gate], lr=lr),
+                  dict(params=list(self.gate.parameters()), lr=gate_lr, weight_decay=0.0)]
+        return [g for g in groups if g["params"]]
 
     def tokens(self, feats: ViewFeatures) -> torch.Tensor:
         if self.init == "rescale_only":
             tiles = self.host.combined(feats)
             return (feats.thumbnail + self.gate(tiles, torch.zeros_like(tiles))) / 2
-        dem = self.dem(feats.local, feats.glob, self.host.grid)
+        glob = feats.local if self.init == NO_GLOBAL else feats.glob  # the capacity control: no global view
+        dem = self.dem(feats.local, glob, self.host.grid)
         if self.init == "released":
             return self.gate(feats.thumbnail, dem)  # (thumbnail + DEM) / 2, as released
         return (feats.thumbnail + self.gate(self.host.combined(feats), dem)) / 2  # the host's own expression
@@ -187,10 +271,10 @@ def finetune(cfg: WarmStartConfig, host: VariantModel, init: str, seed: int, str
     ``init="host_continued"``: train a copy of the host itself (projector and head) instead."""
     if init == CONTINUED:
         model = copy.deepcopy(host).requires_grad_(True)
-        params = list(model.parameters())
+        params = trained = list(model.parameters())
     else:
         model = build_dual(cfg, host, init, seed)
-        params = model.trainable_parameters()
+        params, trained = model.parameter_groups(cfg.lr, cfg.gate_lr), model.trainable_parameters()
     labels = _labels(evaluation)
     at = set(cfg.checkpoint_steps())
     checkpoints, eval_s = [], 0.0
@@ -214,7 +298,7 @@ def finetune(cfg: WarmStartConfig, host: VariantModel, init: str, seed: int, str
     return dict(arm=init, seed=seed, init=init, checkpoints=checkpoints, accuracy=checkpoints[-1]["accuracy"],
                 final_loss=losses[-1] if losses else None, loss_curve=losses[::every],
                 train_s=time.perf_counter() - start - data_s - eval_s, eval_s=eval_s, data_s=data_s,
-                trainable_params=sum(p.numel() for p in params))
+                trainable_params=sum(p.numel() for p in trained))
 
 
 def _weights_path(store: RunStore, seed: int) -> Path:
@@ -246,17 +330,17 @@ class Budget:
 def run_seed(cfg: WarmStartConfig, seed: int, tower, evaluation: list, store: RunStore, tower_record: dict,
              progress: Progress | None, budget: Budget) -> None:
     """The host (trained, or loaded from its weights), then each unfinished init, for ``seed``."""
-    task = cfg.task(HOST.mark)
+    task = cfg.task(cfg.host_arm.mark)
     host_run = store.load("host", seed)
-    pending = [i for i in PHASE2 if store.load(i, seed) is None]
+    pending = [i for i in cfg.phase2 if store.load(i, seed) is None]
     if host_run is not None and not pending:
         return
-    host = build_model(cfg, HOST, seed)
+    host = build_model(cfg, cfg.host_arm, seed)
     if host_run is None or not _load_host(host, _weights_path(store, seed)):
         if budget.spent:
             return
         stream = FeatureStream(task, tower, data_seed=1_000 * seed, batch=cfg.batch, keep=False)
-        run = train_one(cfg, HOST, seed, stream, evaluation, World(), model=host)
+        run = train_one(cfg, cfg.host_arm, seed, stream, evaluation, World(), model=host)
         if host_run is not None and run["correct"] != host_run["correct"]:
             raise ValueError(f"seed {seed}: the host trained again does not answer as the recorded one "
                              f"({store.path('host', seed)}); delete that seed's runs to start it afresh")
@@ -286,21 +370,24 @@ def run_seed(cfg: WarmStartConfig, seed: int, tower, evaluation: list, store: Ru
 
 
 def experiment(cfg: WarmStartConfig, args, store: RunStore) -> int:
-    """Train every unfinished (arm, seed), seed by seed. Returns the number of runs trained."""
-    tower, info = pretrained_tower(cfg.tower(), args.tower_cache)
-    tower_record = make_tower_record(info)
-    total = len(ARMS) * len(cfg.seeds)
-    done = sum(store.load(a, s) is not None for a in ARMS for s in cfg.seeds)
+    """Train every unfinished (arm, seed), seed by seed (seed ``k`` on tower ``cfg.tower_seed_of(k)``).
+    Returns the number of runs trained."""
+    total = len(cfg.all_arms) * len(cfg.seeds)
+    done = sum(store.load(a, s) is not None for a in cfg.all_arms for s in cfg.seeds)
     if done == total:
         return 0
+    towers = {}  # tower seed -> (tower, its record, the held-out set through it)
+    for tower_seed in sorted({cfg.tower_seed_of(s) for s in cfg.seeds}, key=lambda t: t != cfg.tower_seed):
+        tower, info = pretrained_tower(cfg.tower(tower_seed), args.tower_cache)
+        towers[tower_seed] = (tower, make_tower_record(info), held_out(cfg.task(cfg.host_arm.mark), tower, cfg.eval_samples))
     progress = Progress(total, done, use_tqdm=False if args.no_tqdm else None)
-    evaluation = held_out(cfg.task(HOST.mark), tower, cfg.eval_samples)
     budget = Budget(args.max_runs)
     try:
         for seed in cfg.seeds:
             if budget.spent:
                 break
-            run_seed(cfg, seed, tower, evaluation, store, tower_record, progress, budget)
+            tower, record, evaluation = towers[cfg.tower_seed_of(seed)]
+            run_seed(cfg, seed, tower, evaluation, store, record, progress, budget)
     finally:
         progress.close()
     return budget.ran
@@ -582,6 +669,139 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- any set of arms, pre-registered rules
+
+ARM_TEXT = {
+    "released": "tokens `(thumbnail + DEM) / 2` (INF-LLaVA's fusion replaces the host's tile tokens)",
+    "identity": "tokens `(thumbnail + tiles + g * (DEM - tiles)) / 2`, `g` per channel, learnable, 0 at first "
+                "(the host's tokens at step 0)",
+    "released_gated": "identity's model with `g = 1` at first (released's tokens, up to rounding)",
+    "rescale_only": "tokens `(thumbnail + tiles + g * (0 - tiles)) / 2`, `g` alone trained: identity's gate "
+                    "without any dual view",
+    NO_GLOBAL: "identity with the same DEM given the local tokens as its global input too: the same parameters "
+               "and training, no global view (the capacity control)",
+    PROJ_HEAD: "identity with the host's projector and head trainable too: the like-for-like match for host_continued",
+    CONTINUED: "no dual view; the host's projector and head trained again for the same budget on the same stream",
+}
+
+
+def _index_matrix(runs: dict, arm: str, seeds: list[int], index: int) -> torch.Tensor:
+    return _matrix(runs[arm], seeds, None if arm == "host" else index)
+
+
+def analyse_arms(runs: dict[str, dict[int, dict]], arms: tuple[str, ...], decisions: tuple[str, ...] = (), *,
+                 resamples: int, alpha: float = 0.05, margin: float = 0.02, level: float = 0.95) -> dict | None:
+    """``runs[arm][seed]`` for ``arms`` (``"host"`` first) -> every arm's interval and every arm's difference
+    to the host at every checkpoint, the pre-registered ``decisions`` (``parse_rule``'s, each at level
+    ``1 - alpha / len(decisions)``, read by ``report.decision_verdict``) and the host's convergence check.
+    Over the seeds every arm finished; None if there is none."""
+    seeds = sorted(set.intersection(*(set(runs.get(a, {})) for a in arms)))
+    if not seeds:
+        return None
+    phase2 = [a for a in arms if a != "host"]
+    steps = [c["step"] for c in runs[phase2[0]][seeds[0]]["checkpoints"]]
+    for arm in phase2:
+        for s in seeds:
+            if [c["step"] for c in runs[arm][s]["checkpoints"]] != steps:
+                raise ValueError(f"{arm} seed {s} was scored at other checkpoints than {steps}")
+    samples = len(runs["host"][seeds[0]]["correct"])
+    weights = resample_weights(resamples, len(seeds), samples, torch.Generator().manual_seed(BOOTSTRAP_SEED))
+    rows = []
+    for i, step in enumerate(steps):
+        mats = {arm: _index_matrix(runs, arm, seeds, i) for arm in arms}
+        row = dict(step=step)
+        for arm in arms:
+            row[arm] = bootstrap_mean(mats[arm], resamples=resamples, level=level, weights=weights).as_dict()
+        for arm in phase2:
+            row[f"{arm}_minus_host"] = paired_difference(mats[arm], mats["host"], resamples=resamples, level=level,
+                                                         weights=weights).as_dict()
+        rows.append(row)
+    rules = []
+    corrected = 1 - alpha / max(len(decisions), 1)
+    for text in decisions:
+        arm, ref, step = parse_rule(text, arms, steps)
+        i = steps.index(step)
+        ci = paired_difference(_index_matrix(runs, arm, seeds, i), _index_matrix(runs, ref, seeds, i),
+                               resamples=resamples, level=corrected, weights=weights)
+        rules.append(dict(decision=text, arm=arm, reference=ref, step=step, difference=ci.as_dict(),
+                          verdict=report.decision_verdict(ci, margin)))
+    converged = None
+    if CONTINUED in arms:
+        end = rows[-1][f"{CONTINUED}_minus_host"]
+        converged = dict(difference=end, margin=CONVERGED, holds=abs(end["estimate"]) <= CONVERGED)
+    per_seed = [dict(seed=s, tower=runs["host"][s]["tower"].get("weights"), host=runs["host"][s]["accuracy"],
+                     **{arm: [c["accuracy"] for c in runs[arm][s]["checkpoints"]] for arm in phase2},
+                     agree_with_host_at_step0={arm: runs[arm][s]["checkpoints"][0]["agree_with_host"] for arm in phase2},
+                     gate_mean={arm: [c["gate"]["mean"] for c in runs[arm][s]["checkpoints"]]
+                                for arm in phase2 if arm in GATE_START},
+                     gate_mean_abs={arm: [c["gate"]["mean_abs"] for c in runs[arm][s]["checkpoints"]]
+                                    for arm in phase2 if arm in GATE_START})
+                for s in seeds]
+    return dict(seeds=seeds, steps=steps, arms=list(arms), rows=rows, per_seed=per_seed, level=level, resamples=resamples,
+                decisions=dict(rules=rules, alpha=alpha, level=corrected, margin=margin, correction="bonferroni"),
+                host_converged=converged,
+                train_s_mean={arm: sum(runs[arm][s]["train_s"] for s in seeds) / len(seeds) for arm in arms},
+                trainable_params={arm: runs[arm][seeds[0]]["trainable_params"] for arm in arms})
+
+
+def arms_markdown(result: dict) -> str:
+    """The report of a configured set of arms (``warm_arms``): numbers only from ``result``."""
+    cfg, a, sessions = result["config"], result["analysis"], result["sessions"]
+    arms, phase2 = a["arms"], [x for x in a["arms"] if x != "host"]
+    level, mark = round(100 * a["level"]), cfg["arms"][0].partition("@")[2] or "frame"
+    gate = f"its own learning rate {cfg['gate_lr']} (no weight decay)" if cfg.get("gate_lr") else "the DEM's learning rate"
+    lines = ["# Warm start with controls: dual view added to a trained AnyRes host", ""]
+    if result["runs_missing"]:
+        lines += [f"**Partial: {result['runs_missing']} of {result['runs_total']} runs missing** (rerun the same "
+                  "command to finish them).", ""]
+    lines += [
+        "Commands: " + "; ".join(sorted({f"`{s['command']}`" for s in sessions if s.get("command")})) + ".", "",
+        f"Machines: {'; '.join(sorted({s['machine'] for s in sessions if s.get('machine')}))}; torch threads "
+        f"{sorted({s['threads'] for s in sessions})}. {len(sessions)} session(s), "
+        f"{sum(s['elapsed_s'] for s in sessions) / 60:.1f} min wall-clock in all (summed; sessions may overlap).", "",
+        f"Towers (frozen): {cfg['tower_layers']}-layer ViT, dim {cfg['dim']}, {cfg['patch_size']}-px patches, pretrained "
+        f"{cfg['pretext_steps']} steps x {cfg['pretext_batch']} crops: "
+        + "; ".join(report._tower_line(t) for t in result["towers"]) + ".", "",
+        f"Task: `{mark}`, {cfg['grid'][0]}x{cfg['grid'][1]} canvas of {cfg['crop_size']}-px crops, {NUM_CLASSES} "
+        f"classes (chance {100 / NUM_CLASSES:.0f}%); {cfg['eval_samples']} held-out samples.", "",
+        f"Host: `anyres` (projector + {cfg['head']} head, {a['trainable_params']['host']:,} parameters), {cfg['steps']} "
+        f"steps of batch {cfg['batch']}, AdamW + one-cycle at lr {cfg['lr']}. Then each arm trains again {cfg['steps']} "
+        f"steps of batch {cfg['batch']} (fresh samples, the same stream and DEM initialisation for every arm of a seed) "
+        f"at lr {cfg['lr']}, the learnable gate `g` at {gate}. Trainable parameters: "
+        + ", ".join(f"{x} {a['trainable_params'][x]:,}" for x in phase2) + ". Training time per run (mean): "
+        + ", ".join(f"{x} {a['train_s_mean'][x]:.1f} s" for x in arms) + ".", "",
+        *[f"- **{x}**: {ARM_TEXT[x]};" for x in phase2], ""]
+    c = a["host_converged"]
+    if c is not None:
+        lines += [f"Host convergence check: host_continued - host at step {a['steps'][-1]} is "
+                  f"{_iv(c['difference'], True)} ({level}%); the host counts as converged if the estimate is within "
+                  f"+-{100 * c['margin']:.1f} points: **{'yes' if c['holds'] else 'no'}**.", ""]
+    d = a["decisions"]
+    if d["rules"]:
+        lines += [f"Pre-registered decisions: {len(d['rules'])} paired differences, Bonferroni-corrected "
+                  f"({100 * d['level']:.2f}% intervals, family error rate {100 * d['alpha']:.0f}%); \"no gain\": the "
+                  f"interval contains 0 and stays below +{100 * d['margin']:.1f} points.", "",
+                  f"| decision | step | seeds | difference [{100 * d['level']:.2f}% CI] | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {r['decision']} | {r['step']} | {len(a['seeds'])} | {_iv(r['difference'], True)} | **{r['verdict']}** |"
+                  for r in d["rules"]]
+        lines.append("")
+    lines += [f"Accuracy (%) at each checkpoint, {level}% paired bootstrap intervals over {len(a['seeds'])} seeds and "
+              f"the held-out samples ({a['resamples']} resamples), descriptive (uncorrected). The host is frozen; its "
+              "column is repeated.", "", "| step | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines += [f"| {r['step']} | " + " | ".join(_iv(r[x]) for x in arms) + " |" for r in a["rows"]]
+    lines += ["", f"Each arm minus the host (points), {level}% uncorrected intervals:", "",
+              "| step | " + " | ".join(f"{x} - host" for x in phase2) + " |", "|---" * (len(phase2) + 1) + "|"]
+    lines += [f"| {r['step']} | " + " | ".join(_iv(r[f'{x}_minus_host'], True) for x in phase2) + " |" for r in a["rows"]]
+    gated = [x for x in phase2 if x in GATE_START]
+    lines += ["", f"Per seed (accuracy %, at steps {', '.join(map(str, a['steps']))}; mean `g` of the gated arms "
+              "at the end):", "", "| seed | tower | host | " + " | ".join(phase2) + " | mean g |", "|---" * (len(phase2) + 4) + "|"]
+    for p in a["per_seed"]:
+        lines.append(f"| {p['seed']} | `{p['tower']}` | {_pct(p['host'])} | "
+                     + " | ".join(", ".join(_pct(v) for v in p[x]) for x in phase2) + " | "
+                     + ", ".join(f"{x} {p['gate_mean'][x][-1]:+.3f}" for x in gated) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -625,6 +845,8 @@ def main(argv=None) -> dict | None:
 
 
 def write_report(cfg: WarmStartConfig, args, store: RunStore) -> dict | None:
+    if cfg.warm_arms is not None:
+        return write_arms_report(cfg, args, store)
     runs = {arm: {s: r for s in cfg.seeds if (r := store.load(arm, s)) is not None} for arm in ARMS}
     analysis = analyse(runs, resamples=cfg.bootstrap_resamples)
     if analysis is None:
@@ -645,6 +867,29 @@ def write_report(cfg: WarmStartConfig, args, store: RunStore) -> dict | None:
     write_atomic(args.out / "REPORT.md", text)
     if not args.no_plot:
         plot(result, args.out / "warm_start.png")
+    print(text)
+    return result
+
+
+def write_arms_report(cfg: WarmStartConfig, args, store: RunStore) -> dict | None:
+    """``write_report`` for a configured set of arms: one or more towers, the pre-registered decisions."""
+    runs = {arm: {s: r for s in cfg.seeds if (r := store.load(arm, s)) is not None} for arm in cfg.all_arms}
+    analysis = analyse_arms(runs, cfg.all_arms, tuple(cfg.decisions), resamples=cfg.bootstrap_resamples,
+                            alpha=cfg.alpha, margin=cfg.no_gain_margin)
+    if analysis is None:
+        print(f"[warm-start] no seed finished in {store.folder}: nothing to report", file=sys.stderr)
+        return None
+    check_towers([r for v in runs.values() for r in v.values()], str(store.folder))
+    towers = {json.dumps(r["tower"], sort_keys=True) for v in runs.values() for r in v.values()}
+    log = args.out / "sessions.jsonl"
+    sessions = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    total = len(cfg.all_arms) * len(cfg.seeds)
+    result = dict(config=cfg.as_record(), config_digest=cfg.digest(), sessions=sessions,
+                  towers=[json.loads(t) for t in sorted(towers)], runs_total=total,
+                  runs_missing=total - sum(len(v) for v in runs.values()), analysis=analysis)
+    write_atomic(args.out / "warm_start.json", json.dumps(result, indent=1))
+    text = arms_markdown(result)
+    write_atomic(args.out / "REPORT.md", text)
     print(text)
     return result
 

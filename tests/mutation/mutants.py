@@ -96,6 +96,8 @@ ABL_REPORT = "dualview/ablation/report.py"
 ABL_FEATS = "dualview/ablation/features.py"
 ABL_VARIANTS = "dualview/ablation/variants.py"
 ABLATION_TESTS = ("tests/test_ablation_context.py", "tests/test_ablation_reproducibility.py")
+ABL_WS = "dualview/ablation/warm_start.py"
+WARM_TESTS = ("tests/test_ablation_warm_start_controls.py",)
 
 MUTANTS: list[Mutant] = [
     # ---- _checks.py: validation ------------------------------------------------------------------
@@ -759,6 +761,33 @@ MUTANTS += [
     _m("abl-s2-order", ABL_VARIANTS, "return torch.cat((feats.thumbnail, out), dim=-1)",
        "return torch.cat((out, feats.thumbnail), dim=-1)", "S2 puts the scales' channels the other way round",
        tests=ABLATION_TESTS),
+    # ---- warm start with its controls: the capacity control, the gate's own lr, identity + projector/head ----
+    _m("ws-no-global-reads-global", ABL_WS, "glob = feats.local if self.init == NO_GLOBAL else feats.glob",
+       "glob = feats.glob", "the capacity control's DEM reads the global view", tests=WARM_TESTS),
+    _m("ws-gate-lr-group", ABL_WS, "dict(params=list(self.gate.parameters()), lr=gate_lr, weight_decay=0.0)",
+       "dict(params=list(self.gate.parameters()), lr=lr, weight_decay=0.0)", "the gate on the DEM's learning rate",
+       tests=WARM_TESTS),
+    _m("ws-gate-weight-decay", ABL_WS, "lr=gate_lr, weight_decay=0.0)", "lr=gate_lr)",
+       "the gate's group decays its weights", tests=WARM_TESTS),
+    _m("ws-fit-one-peak", ABL_RUN, 'peak = [group["lr"] for group in optimizer.param_groups] if groups else lr',
+       "peak = lr", "one-cycle schedules every group at the DEM's peak", tests=WARM_TESTS),
+    _m("ws-proj-head-frozen", ABL_WS, "p.requires_grad_(init == PROJ_HEAD)", "p.requires_grad_(False)",
+       "identity_projector_head leaves the host's projector and head frozen", tests=WARM_TESTS),
+    _m("ws-proj-head-params", ABL_WS, "host = list(self.host.parameters()) if self.init == PROJ_HEAD else []",
+       "host = []", "identity_projector_head does not train the projector and head", tests=WARM_TESTS),
+    _m("ws-rule-step-ignored", ABL_WS, "step = int(at) if at.strip() else steps[-1]", "step = steps[-1]",
+       "a rule's '@ STEP' is read at the last checkpoint", tests=WARM_TESTS),
+    _m("ws-rules-uncorrected", ABL_WS, "corrected = 1 - alpha / max(len(decisions), 1)", "corrected = 1 - alpha",
+       "the warm-start rules are not Bonferroni-corrected", tests=WARM_TESTS),
+    _m("ws-converged-always", ABL_WS, 'holds=abs(end["estimate"]) <= CONVERGED', "holds=True",
+       "the host counts as converged whatever host_continued gains", tests=WARM_TESTS),
+    _m("ws-digest-no-mark", ABL_WS, "mark = {} if self.host_arm.mark == HOST.mark else dict(mark=self.host_arm.mark)",
+       "mark = {}", "runs of two tasks share one config hash", tests=WARM_TESTS),
+    _m("ws-one-tower", ABL_WS, "tower, record, evaluation = towers[cfg.tower_seed_of(seed)]",
+       "tower, record, evaluation = towers[cfg.tower_seed]", "every seed trains on the first tower", tests=WARM_TESTS),
+    _m("ws-arms-ignored", ABL_WS, "pending = [i for i in cfg.phase2 if store.load(i, seed) is None]",
+       "pending = [i for i in PHASE2 if store.load(i, seed) is None]", "the configured arms are not trained",
+       tests=WARM_TESTS),
 ]
 
 # ---- the adapter interface (issue 31): the registry, the placement, the facts read from the adapter
