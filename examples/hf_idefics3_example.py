@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 import torch
 
+from dualview import testing as tiny
 from dualview.adapters import hf_idefics3
 from dualview.sample import demo_image
 
@@ -36,7 +37,6 @@ def tiny_model_and_processor(host: str = "smolvlm"):
     own processor with the real settings scaled to the tile (longest edge 4 tiles), and an in-memory
     word-level tokenizer with the host's special tokens: nothing is downloaded."""
     import transformers
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     text = transformers.LlamaConfig(
         vocab_size=len(TINY_WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -55,14 +55,8 @@ def tiny_model_and_processor(host: str = "smolvlm"):
     torch.manual_seed(0)
     model = model_cls(config).eval()
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"), pre_tokenizers.Split("\n", behavior="isolated"),
-    ])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>", additional_special_tokens=SPECIAL + ROW_COL, padding_side="left",
-    )
+    tokenizer = tiny.word_tokenizer(TINY_WORDS, split="lines", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                    additional_special_tokens=SPECIAL + ROW_COL, padding_side="left")
     sizes = dict(size={"longest_edge": 4 * TILE}, max_image_size={"longest_edge": TILE})
     seq = (TILE // PATCH // 2) ** 2
     if host == "smolvlm":

@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 import torch
 
+from dualview import testing as tiny
 from dualview.adapters import hf_internvl
 from dualview.sample import demo_image
 
@@ -32,10 +33,9 @@ def tiny_model_and_processor(tile: int = 56):
     """A 2-layer InternViT (tile 56, patch 14: 4x4 tokens, 2x2 after the pixel shuffle) + 2-layer
     Qwen2 with random weights, InternVL's own processor with up to 12 tiles, and an in-memory
     word-level tokenizer holding its special tokens: nothing is downloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
-        InternVLVideoProcessor, InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config,
+        InternVLVideoProcessor, InternVLVisionConfig, Qwen2Config,
     )
 
     config = InternVLConfig(
@@ -49,13 +49,10 @@ def tiny_model_and_processor(tile: int = 56):
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(config).eval()
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
-    )
+    tokenizer = tiny.word_tokenizer(TINY_WORDS, extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    })
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(size={"height": tile, "width": tile}, crop_to_patches=True,
                                               min_patches=1, max_patches=12),

@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 import torch
 
+from dualview import testing as tiny
 from dualview.adapters import hf_llava_next
 from dualview.sample import demo_image
 
@@ -30,10 +31,9 @@ TINY_WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "user", "assistant", "
 def tiny_model_and_processor(crop: int = 56):
     """A 2-layer CLIP (crop 56, patch 14) + 2-layer Llama with random weights, the real model's
     pinpoints scaled to the crop, and an in-memory word-level tokenizer: nothing is downloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-        LlavaNextProcessor, PreTrainedTokenizerFast,
+        LlavaNextProcessor,
     )
 
     pinpoints = [[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop], [3 * crop, crop], [crop, 3 * crop]]
@@ -49,12 +49,7 @@ def tiny_model_and_processor(crop: int = 56):
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(config).eval()
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = tiny.word_tokenizer(TINY_WORDS, split="punctuation", extra_special_tokens={"image_token": "<image>"})
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints,
     )

@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 import torch
 
+from dualview import testing as tiny
 from dualview.adapters import hf_llava_onevision
 from dualview.budget import anyres_map_size
 from dualview.sample import demo_image
@@ -43,10 +44,9 @@ def tiny_model_and_processor(crop: int = 42, patch: int = 14):
     OneVision's pinpoints (every grid up to 6x6) cut to 3x3 at this crop, ``anyres_max_4`` (the real
     model: ``anyres_max_9``) so the host's downscale shows at this scale, and an in-memory word-level
     tokenizer: nothing is downloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, PreTrainedTokenizerFast, Qwen2Config,
+        LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2Config,
         SiglipVisionConfig,
     )
 
@@ -65,12 +65,8 @@ def tiny_model_and_processor(crop: int = 42, patch: int = 14):
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-    )
+    tokenizer = tiny.word_tokenizer(TINY_WORDS, split="punctuation",
+                                    extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
     # As llava-hf's OneVision processors: SigLIP has no CLS token, "full" keeps every patch token.
     processor = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints),
